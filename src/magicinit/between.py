@@ -1,0 +1,311 @@
+"""Part 2 of the method: between-layer scale adjustment (equal change rates).
+
+A layer's relative change rate is ``C_k = sqrt(E||dL/dW_k||^2 / ||W_k||^2)``
+under a random linear loss ``L = eta . output`` (Gaussian noise
+back-propagated from the top: no labels). It is estimated on small chunks of
+the init data, each with its own noise draw: the gradient of a chunk mixes
+its samples' contributions with random signs, so many small chunks give a far
+steadier estimate than a few large ones at the same cost. Rounds over the
+data (each chunk with fresh noise) repeat until the standard error of every
+``log C_k`` is below a target. The target is the rate *on the init data*, so
+the error counts only the noise: it is estimated from how much each chunk's
+squared gradient norm varies between rounds, not from differences between
+samples.
+
+The rescaling itself is the least-squares problem of ``graph.LayerGraph.solve``:
+one measurement, one solve, one application that keeps the network's function
+(checked on the init data; undone if the check fails), one verification.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import MagicInitError
+from .graph import LayerGraph, ScaleSolution
+from .inputs import Batch, ForwardFn, batch_size, floating_tensors, split_batch
+from .layers import adapter_for
+
+__all__ = [
+    "RateOptions",
+    "ChangeRates",
+    "measure_change_rates",
+    "BetweenResult",
+    "equalize_between",
+    "function_change",
+]
+
+
+@dataclass(frozen=True)
+class RateOptions:
+    """How change rates are estimated.
+
+    Attributes:
+        chunk_size: samples per noise draw. One sample per draw is the steadiest
+            for the cost: in a larger chunk the samples' gradients add up with
+            random signs, which adds variance (the reference used batches of 16).
+        precision: stop when the standard error of every ``log C_k`` is below this.
+        min_rounds: passes over the init data at least.
+        max_rounds: passes over the init data at most.
+    """
+
+    chunk_size: int = 1
+    precision: float = 0.02
+    min_rounds: int = 2  # the noise error needs two rounds
+    max_rounds: int = 16
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise MagicInitError(f"rate_chunk_size={self.chunk_size}: must be at least 1")
+        if not self.precision > 0:
+            raise MagicInitError(f"rate_precision={self.precision}: must be positive")
+        if not 2 <= self.min_rounds <= self.max_rounds:
+            raise MagicInitError(
+                f"rate rounds: need 2 <= min_rounds ({self.min_rounds}) <= max_rounds ({self.max_rounds})"
+            )
+
+
+@dataclass
+class ChangeRates:
+    """Estimated change rates of a set of layers.
+
+    Attributes:
+        rate: ``C_k`` per layer (0 where no gradient reaches the layer).
+        log_error: standard error of ``log C_k`` (the estimate's spread).
+        channel_rate: per output channel ``sqrt(E||dL/dW_i||^2 / ||W_i||^2)``.
+        draws: number of noise draws (chunks times rounds) averaged.
+        rounds: passes over the init data.
+    """
+
+    rate: dict[str, float]
+    log_error: dict[str, float]
+    channel_rate: dict[str, Tensor]
+    draws: int
+    rounds: int
+
+
+def _output_tensors(output: object) -> list[Tensor]:
+    tensors = [t for t in floating_tensors(output) if t.requires_grad]
+    if not tensors:
+        raise MagicInitError(
+            "the model's output does not depend on any initialized weight (no floating output "
+            "with a gradient); pass forward=... returning the network's output tensor"
+        )
+    return tensors
+
+
+def measure_change_rates(
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    layers: dict[str, nn.Module],
+    generator: torch.Generator | None,
+    options: RateOptions = RateOptions(),
+    progress: bool = False,
+    desc: str = "magicinit: change rates",
+) -> ChangeRates:
+    """Estimate the change rate of every layer in ``layers`` from back-propagated noise.
+
+    The model's parameters are not changed. Gradients are taken with
+    ``torch.autograd.grad`` (no ``.grad`` is written); the weights' ``requires_grad``
+    is switched on for the duration and the caller restores it.
+    """
+    names = list(layers)
+    weights = [layers[name].weight for name in names]
+    for weight in weights:
+        weight.requires_grad_(True)
+    n_samples = batch_size(batch)
+    starts = list(range(0, n_samples, options.chunk_size))
+    channel_sums = {name: torch.zeros(0, dtype=torch.float64) for name in names}
+    draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
+    bar = tqdm(total=options.max_rounds * len(starts), desc=desc, unit="draw") if progress else None
+    rounds = 0
+    try:
+        while rounds < options.max_rounds:
+            rounds += 1
+            for name in names:
+                draw_totals[name].append([])
+            for start in starts:
+                chunk = split_batch(batch, start, start + options.chunk_size)
+                with torch.enable_grad():
+                    outputs = _output_tensors(forward(model, chunk))
+                    noise = [
+                        torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t)
+                        for t in outputs
+                    ]
+                    grads = torch.autograd.grad(outputs, weights, grad_outputs=noise, allow_unused=True)
+                for name, grad in zip(names, grads):
+                    module = layers[name]
+                    adapter = adapter_for(module)
+                    assert adapter is not None
+                    if grad is None:
+                        per_channel = torch.zeros(adapter.out_channels(module), dtype=torch.float64)
+                    else:
+                        per_channel = adapter.to_filters(module, grad).double().square().sum(-1).flatten().cpu()
+                    if channel_sums[name].numel() == 0:
+                        channel_sums[name] = per_channel
+                    else:
+                        channel_sums[name] += per_channel
+                    draw_totals[name][-1].append(float(per_channel.sum()))
+                if bar is not None:
+                    bar.update(1)
+            if rounds >= options.min_rounds:
+                errors = _log_errors(draw_totals)
+                if all(e <= options.precision for e in errors.values()):
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    n_draws = len(starts) * rounds
+    rate, channel_rate = {}, {}
+    for name in names:
+        module = layers[name]
+        adapter = adapter_for(module)
+        assert adapter is not None
+        filters = adapter.to_filters(module).detach().double().cpu()
+        channel_norm_sq = filters.square().sum(-1).flatten()
+        mean_grad_sq = channel_sums[name] / n_draws
+        weight_norm_sq = float(channel_norm_sq.sum())
+        rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
+        channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
+    return ChangeRates(rate, _log_errors(draw_totals), channel_rate, n_draws, rounds)
+
+
+def _log_errors(draw_totals: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms.
+
+    Each chunk's noise variance is estimated across rounds; with one round
+    the error is unknown (inf).
+    """
+    errors = {}
+    for name, per_round in draw_totals.items():
+        values = torch.tensor(per_round, dtype=torch.float64)  # rounds x chunks
+        rounds = values.shape[0]
+        total = float(values.mean(0).sum())
+        if total <= 0 or rounds < 2:
+            errors[name] = math.inf
+            continue
+        noise_var_of_total = float(values.var(0, correction=1).sum()) / rounds
+        errors[name] = 0.5 * math.sqrt(noise_var_of_total) / total  # log C = 0.5 log C^2
+    return errors
+
+
+def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
+    """Relative change ``||y' - y|| / ||y||`` over all output tensors."""
+    diff = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(reference, current))
+    norm = sum(float(a.double().square().sum()) for a in reference)
+    return math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff)
+
+
+@dataclass
+class BetweenResult:
+    """What Part 2 measured and did.
+
+    Attributes:
+        before: rates before rescaling.
+        after: rates re-measured with fresh noise after rescaling (None if nothing changed).
+        solution: the log-scales applied (per layer input and output).
+        weight_factor: factor applied to each layer's weight.
+        equalized: layers whose rates entered the objective.
+        excluded: layers left out of the objective, with the reason.
+        function_change: relative output change caused by the rescaling, on the init data.
+        reverted: True if the rescaling changed the function and was undone.
+    """
+
+    before: ChangeRates
+    after: ChangeRates | None
+    solution: ScaleSolution
+    weight_factor: dict[str, float]
+    equalized: list[str]
+    excluded: dict[str, str] = field(default_factory=dict)
+    function_change: float = 0.0
+    reverted: bool = False
+
+
+def _apply_scales(layers: dict[str, nn.Module], solution: ScaleSolution) -> dict[str, float]:
+    factors = {}
+    with torch.no_grad():
+        for name, module in layers.items():
+            if name not in solution.rho_in:
+                continue
+            log_weight = solution.rho_out[name] - solution.rho_in[name]
+            factors[name] = math.exp(log_weight)
+            if log_weight != 0.0:
+                module.weight.mul_(math.exp(log_weight))
+            if module.bias is not None and solution.rho_out[name] != 0.0:
+                module.bias.mul_(math.exp(solution.rho_out[name]))
+    return factors
+
+
+def equalize_between(
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    layers: dict[str, nn.Module],
+    graph: LayerGraph,
+    fixed: set[str],
+    generator: torch.Generator | None,
+    options: RateOptions = RateOptions(),
+    progress: bool = False,
+) -> BetweenResult:
+    """Rescale ``layers`` so their change rates are as equal as the graph allows.
+
+    Layers in ``fixed`` keep their weights and biases. The function of the
+    network is kept: outputs on the init data before and after are compared,
+    and a rescaling that changed them by more than the dtype allows is undone
+    (with a warning) rather than kept.
+    """
+    called = {name: module for name, module in layers.items() if name in graph.sites}
+    before = measure_change_rates(model, batch, forward, called, generator, options, progress, "magicinit: rates before")
+    excluded: dict[str, str] = {}
+    log_rates: dict[str, float] = {}
+    for name in called:
+        rate = before.rate[name]
+        if name in fixed:
+            continue
+        if rate == 0.0:
+            excluded[name] = "no gradient reaches it from the output"
+        elif not math.isfinite(rate):
+            excluded[name] = "its weight is zero"
+        else:
+            log_rates[name] = math.log(rate)
+    solution = graph.solve(log_rates, fixed=fixed)
+    with torch.no_grad():
+        reference = [t.detach().clone() for t in floating_tensors(forward(model, batch))]
+    saved = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for name, m in called.items()}
+    factors = _apply_scales(called, solution)
+    with torch.no_grad():
+        current = [t.detach() for t in floating_tensors(forward(model, batch))]
+    change = function_change(reference, current)
+    dtype = next(iter(called.values())).weight.dtype
+    tolerance = max(1e-4, 20 * torch.finfo(dtype).eps)
+    result = BetweenResult(before, None, solution, factors, list(log_rates), excluded, change)
+    if change > tolerance:
+        with torch.no_grad():
+            for name, (weight, bias) in saved.items():
+                called[name].weight.copy_(weight)
+                if bias is not None:
+                    called[name].bias.copy_(bias)
+        warnings.warn(
+            f"magicinit: the between-layer rescaling changed the network's output by {change:.2e} "
+            f"(relative, tolerance {tolerance:.0e}); some operation's scale behaviour was not recognized, "
+            "so the rescaling was undone. Report the model to magicinit.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        result.reverted = True
+        result.weight_factor = {name: 1.0 for name in factors}
+        return result
+    if any(f != 1.0 for f in factors.values()):
+        result.after = measure_change_rates(
+            model, batch, forward, called, generator, options, progress, "magicinit: rates after"
+        )
+    else:
+        result.after = before
+    return result

@@ -1,0 +1,75 @@
+"""Part 4 of the method: diagnostics (the reference's ``measure_stat``), model untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .between import RateOptions, measure_change_rates
+from .inputs import Batch
+from .report import Diagnosis, LayerDiagnosis
+from .safety import guarded
+from .session import start_session
+from .stats import coefficient_of_variation
+from .within import channel_moments_of_layers
+
+__all__ = ["diagnose"]
+
+
+def diagnose(
+    model: nn.Module,
+    data: Tensor | Iterable[Batch],
+    *,
+    seed: int | None = 0,
+    samples: int = 256,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
+    skip: Iterable[str] = (),
+    progress: bool = False,
+    rate_chunk_size: int = RateOptions.chunk_size,
+    rate_precision: float = RateOptions.precision,
+    rate_max_rounds: int = RateOptions.max_rounds,
+) -> Diagnosis:
+    """Per-layer statistics of ``model`` on ``data``; the model is not changed.
+
+    For every affine layer that the forward pass calls: the mean and std of
+    each output channel, the coefficient of variation of those stds (output
+    CV, 0 when every channel has the same scale), the layer's change rate
+    ``C_k`` from back-propagated Gaussian noise with its standard error, and
+    the mean and coefficient of variation of the per-channel change rates.
+    A well-initialized network has output CV near 0 and equal rates.
+
+    Args:
+        model: any ``nn.Module``.
+        data: a batch or an iterable of batches, as for ``init_``.
+        seed: seed of the noise draws (default 0: repeatable, torch's global RNG untouched);
+            None uses torch's global RNG.
+        samples, forward, skip, progress, rate_*: as for ``init_``.
+
+    Example:
+        >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
+    """
+    options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
+    session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
+                            include_frozen=True)
+    with guarded(model):
+        moments = channel_moments_of_layers(model, session.batch, session.forward, session.layers)
+        called = {name: module for name, module in session.layers.items() if name in moments}
+        rates = measure_change_rates(model, session.batch, session.forward, called, session.generator,
+                                     options, progress, "magicinit: diagnose")
+    layers = []
+    for name, module in called.items():
+        channel_rate = rates.channel_rate[name]
+        layers.append(LayerDiagnosis(
+            name=name,
+            type=type(module).__name__,
+            channel_mean=moments[name].mean.tolist(),
+            channel_std=moments[name].std.tolist(),
+            output_cv=coefficient_of_variation(moments[name].std),
+            rate=rates.rate[name],
+            rate_log_error=rates.log_error[name],
+            rate_mean=float(channel_rate.double().mean()),
+            rate_cv=coefficient_of_variation(channel_rate),
+        ))
+    return Diagnosis(layers, rates.draws)

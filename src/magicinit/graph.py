@@ -1,0 +1,456 @@
+"""The layer graph and the scale freedom it leaves (the constraints of Part 2).
+
+Every floating tensor computed in a forward pass gets a log-scale ``rho``
+(METHOD.md, last section). Scaling affine layer k's weight by
+``exp(rho_out - rho_in)`` and its bias by ``exp(rho_out)`` keeps the network's
+function exactly if every other operation's scales agree:
+
+- homogeneous operations of degree 1 (ReLU, pooling, reshapes, sums, concatenations, ...)
+  *tie* their floating inputs and outputs to one scale;
+- products add scales (``rho_out = rho_a + rho_b``), powers multiply them;
+- everything else (sigmoid, tanh, GELU, normalizations, an added constant, an
+  operation this module does not know) *pins* its inputs and outputs to
+  ``rho = 0``, as do the model's inputs, its outputs and all constants.
+
+These relations are recorded by a probe forward pass under a
+``TorchFunctionMode`` (so arbitrary ``forward`` code works, with no tracing
+restrictions), then reduced with union-find to a few linear equations. Adding
+an operation is one entry in ``SCALE_RULES``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .inputs import Batch, ForwardFn, floating_tensors
+
+__all__ = ["LayerGraph", "trace_graph", "SCALE_RULES", "ScaleSolution"]
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """Canonical name of a torch function: ``Tensor.__iadd__`` and ``torch.add_`` become ``add``."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    dunder = name.startswith("__") and name.endswith("__")
+    name = name.strip("_")
+    if dunder and name[:1] in "ri" and name[1:] in _REFLECTED:
+        name = ("r" if name[0] == "r" else "") + name[1:]
+    return _ALIASES.get(name, name)
+
+
+# Operations without a floating output that still matter: an in-place write, and
+# values read into Python (whose later use the trace cannot see).
+_WRITES_OR_ESCAPES = {"setitem", "item", "tolist", "float", "int"}
+_REFLECTED = {"add", "sub", "mul", "div", "truediv", "matmul", "pow"}
+_ALIASES = {
+    "radd": "add", "rmul": "mul", "truediv": "div", "true_divide": "div", "divide": "div",
+    "rtruediv": "rdiv", "multiply": "mul", "subtract": "sub", "rmatmul": "matmul",
+    "concat": "cat", "concatenate": "cat", "clip": "clamp", "absolute": "abs", "negative": "neg",
+}
+
+
+class _Tracer(TorchFunctionMode):
+    """Records scale relations between the tensors of one forward pass."""
+
+    def __init__(self, layer_of_weight: dict[int, str]) -> None:
+        super().__init__()
+        self.layer_of_weight = layer_of_weight
+        self.parent: list[int] = []
+        self.pin_reason: dict[int, str] = {}
+        self.node_of: dict[int, int] = {}
+        self.alive: list[Tensor] = []  # keeps ids unique while tracing
+        self.equations: list[dict[int, float]] = []
+        self.sites: dict[str, list[tuple[int, int]]] = {}
+        self.scope: list[str] = []
+
+    # union-find over tensor nodes -------------------------------------------
+    def node(self, tensor: Tensor, reason_if_new: str = "a constant (parameter, buffer or literal)") -> int:
+        key = id(tensor)
+        if key not in self.node_of:
+            self.node_of[key] = len(self.parent)
+            self.parent.append(len(self.parent))
+            self.alive.append(tensor)
+            if reason_if_new:
+                self.pin(self.node_of[key], reason_if_new)
+        return self.node_of[key]
+
+    def find(self, index: int) -> int:
+        while self.parent[index] != index:
+            self.parent[index] = self.parent[self.parent[index]]
+            index = self.parent[index]
+        return index
+
+    def tie(self, nodes: Iterable[int]) -> None:
+        nodes = [self.find(n) for n in nodes]
+        for other in nodes[1:]:
+            root, other = self.find(nodes[0]), self.find(other)
+            if root != other:
+                self.parent[other] = root
+                if other in self.pin_reason and root not in self.pin_reason:
+                    self.pin_reason[root] = self.pin_reason[other]
+
+    def pin(self, index: int, reason: str) -> None:
+        self.pin_reason.setdefault(self.find(index), reason)
+
+    def where(self) -> str:
+        return f" in '{self.scope[-1]}'" if self.scope else ""
+
+    # the mode ----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = list(floating_tensors(out))
+        name = op_name(func)
+        if not outputs and name not in _WRITES_OR_ESCAPES:
+            return out  # sizes, shapes, comparisons: no floating data flows on
+        inputs = list(floating_tensors((args, kwargs)))
+        in_nodes = [self.node(t) for t in inputs]
+        out_nodes = [self.node(t, reason_if_new="") for t in outputs]
+        rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
+        rule(self, _Op(name, args, kwargs, inputs, in_nodes, out_nodes))
+        return out
+
+
+@dataclass
+class _Op:
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inputs: list[Tensor]
+    in_nodes: list[int]
+    out_nodes: list[int]
+
+
+ScaleRule = Callable[[_Tracer, _Op], None]
+
+
+def _pin(tracer: _Tracer, op: _Op) -> None:
+    reason = f"{op.name}{tracer.where()}"
+    for n in op.in_nodes + op.out_nodes:
+        tracer.pin(n, reason)
+
+
+def _tie(tracer: _Tracer, op: _Op) -> None:
+    tracer.tie(op.in_nodes + op.out_nodes)
+
+
+def _tie_first(tracer: _Tracer, op: _Op) -> None:
+    """Output scales with the first input; other inputs (shapes, weights) are constants."""
+    tracer.tie(op.in_nodes[:1] + op.out_nodes)
+
+
+def _numbers(op: _Op, skip: tuple[str, ...] = ()) -> list[float]:
+    values = [a for a in op.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
+    values += [v for k, v in op.kwargs.items() if k not in skip and isinstance(v, numbers.Number) and not isinstance(v, bool)]
+    return [float(v) for v in values]
+
+
+def _additive(tracer: _Tracer, op: _Op) -> None:
+    """Sums: all operands share one scale; a non-zero constant operand pins them."""
+    if any(v != 0 for v in _numbers(op, skip=("alpha",))):
+        _pin(tracer, op)
+    else:
+        _tie(tracer, op)
+
+
+def _product(sign_of_second: float) -> ScaleRule:
+    def rule(tracer: _Tracer, op: _Op) -> None:
+        if len(op.in_nodes) < 2:
+            _tie(tracer, op)
+            return
+        for out in op.out_nodes:
+            equation = {out: 1.0}
+            for position, n in enumerate(op.in_nodes):
+                coefficient = -1.0 if position == 0 else -sign_of_second
+                equation[n] = equation.get(n, 0.0) + coefficient
+            tracer.equations.append(equation)
+
+    return rule
+
+
+def _multilinear(tracer: _Tracer, op: _Op) -> None:
+    for out in op.out_nodes:
+        equation = {out: 1.0}
+        for n in op.in_nodes:
+            equation[n] = equation.get(n, 0.0) - 1.0
+        tracer.equations.append(equation)
+
+
+def _power(exponent: float | None) -> ScaleRule:
+    def rule(tracer: _Tracer, op: _Op) -> None:
+        values = _numbers(op) if exponent is None else [exponent]
+        if len(op.in_nodes) != 1 or len(values) != 1:
+            _pin(tracer, op)
+            return
+        for out in op.out_nodes:
+            tracer.equations.append({out: 1.0, op.in_nodes[0]: -values[0]})
+
+    return rule
+
+
+def _reciprocal(tracer: _Tracer, op: _Op) -> None:
+    """``c / x``: scale -rho."""
+    _power(-1.0)(tracer, op)
+
+
+def _clamp(tracer: _Tracer, op: _Op) -> None:
+    low = op.kwargs.get("min", op.args[1] if len(op.args) > 1 else None)
+    high = op.kwargs.get("max", op.args[2] if len(op.args) > 2 else None)
+    if high is None and (low is None or (isinstance(low, numbers.Number) and low == 0)):
+        _tie(tracer, op)
+    else:
+        _pin(tracer, op)
+
+
+def _pad(tracer: _Tracer, op: _Op) -> None:
+    value = op.kwargs.get("value", op.args[3] if len(op.args) > 3 else None)
+    (_tie if not value else _pin)(tracer, op)
+
+
+def _affine(tracer: _Tracer, op: _Op) -> None:
+    weight = op.kwargs.get("weight", op.args[1] if len(op.args) > 1 else None)
+    layer = tracer.layer_of_weight.get(id(weight)) if isinstance(weight, Tensor) else None
+    if layer is None or not op.in_nodes:
+        bias = op.kwargs.get("bias", op.args[2] if len(op.args) > 2 else None)
+        (_pin if isinstance(bias, Tensor) else _multilinear)(tracer, op)
+        return
+    tracer.sites.setdefault(layer, []).append((op.in_nodes[0], op.out_nodes[0]))
+
+
+SCALE_RULES: dict[str, ScaleRule] = {}
+for _names, _rule in [
+    (
+        "view reshape flatten unflatten permute transpose t T mT contiguous clone detach data squeeze unsqueeze "
+        "expand repeat tile flip roll narrow select getitem split chunk unbind movedim pixel_shuffle pixel_unshuffle "
+        "channel_shuffle unfold fold to float double half bfloat16 type cpu cuda cat stack hstack vstack dstack "
+        "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices "
+        "avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
+        "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices "
+        "adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_pool2d max_unpool1d "
+        "max_unpool2d max_unpool3d interpolate upsample upsample_nearest upsample_bilinear relu leaky_relu rrelu "
+        "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout abs neg positive maximum minimum "
+        "copy fmax fmin sum mean nansum nanmean amax amin max min median norm std cumsum trace diagonal",
+        _tie,
+    ),
+    ("prelu expand_as view_as reshape_as type_as", _tie_first),
+    ("add sub rsub where setitem", _additive),
+    ("mul", _product(+1.0)),
+    ("div", _product(-1.0)),
+    ("matmul mm bmm einsum outer inner dot bilinear kron", _multilinear),
+    ("pow", _power(None)),
+    ("sqrt", _power(0.5)),
+    ("rsqrt", _power(-0.5)),
+    ("square", _power(2.0)),
+    ("var", _power(2.0)),
+    ("rdiv reciprocal", _reciprocal),
+    ("clamp clamp_min", _clamp),
+    ("pad constant_pad_nd", _pad),
+    ("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear", _affine),
+]:
+    for _name in _names.split():
+        SCALE_RULES[_name] = _rule
+
+
+@dataclass
+class ScaleSolution:
+    """Log-scales of every layer's input and output, and the rates they predict."""
+
+    rho_in: dict[str, float]
+    rho_out: dict[str, float]
+    predicted_log_rate: dict[str, float]
+
+    def weight_factor(self, layer: str) -> float:
+        """Factor applied to the layer's weight, ``exp(rho_out - rho_in)``."""
+        return float(torch.tensor(self.rho_out[layer] - self.rho_in[layer]).exp())
+
+
+@dataclass
+class LayerGraph:
+    """What one probe forward pass revealed about the model.
+
+    Attributes:
+        order: affine layers in the order of their first call.
+        calls: how many times each affine layer was called in one forward.
+        sites: ``(input_node, output_node)`` of every call of every affine layer.
+        has_bias: whether each called layer has a bias.
+    """
+
+    order: list[str]
+    calls: dict[str, int]
+    sites: dict[str, list[tuple[int, int]]]
+    has_bias: dict[str, bool]
+    parent: list[int] = field(repr=False)
+    pin_reason: dict[int, str] = field(repr=False)
+    equations: list[dict[int, float]] = field(repr=False)
+
+    def _find(self, index: int) -> int:
+        while self.parent[index] != index:
+            index = self.parent[index]
+        return index
+
+    def pinned_by(self, layer: str) -> tuple[str | None, str | None]:
+        """Why the layer's input and output scales are fixed (None where free)."""
+        input_node, output_node = self.sites[layer][0]
+        return (self.pin_reason.get(self._find(input_node)), self.pin_reason.get(self._find(output_node)))
+
+    def solve(self, log_rates: dict[str, float], fixed: Iterable[str] = ()) -> ScaleSolution:
+        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
+
+        Minimizes the spread of ``log C_k + 2 (rho_in_k - rho_out_k)`` over the
+        layers in ``log_rates`` (a linear least-squares problem); layers in
+        ``fixed`` keep their weights and biases as they are. Among the best
+        solutions it takes the one with the smallest scale changes.
+        """
+        parent = list(self.parent)
+        pin_reason = dict(self.pin_reason)
+
+        def find(index: int) -> int:
+            while parent[index] != index:
+                index = parent[index]
+            return index
+
+        def tie(a: int, b: int) -> None:
+            a, b = find(a), find(b)
+            if a != b:
+                parent[b] = a
+                if b in pin_reason:
+                    pin_reason.setdefault(a, pin_reason[b])
+
+        equations = list(self.equations)
+        for layer in fixed:
+            for input_node, output_node in self.sites.get(layer, []):
+                tie(input_node, output_node)
+                if self.has_bias[layer]:
+                    pin_reason.setdefault(find(output_node), "fixed layer")
+        for layer, sites in self.sites.items():
+            first_in, first_out = sites[0]
+            for input_node, output_node in sites[1:]:
+                if self.has_bias[layer]:
+                    tie(first_out, output_node)
+                    tie(first_in, input_node)
+                else:
+                    equations.append({output_node: 1.0, input_node: -1.0, first_out: -1.0, first_in: 1.0})
+
+        def free(index: int) -> int | None:
+            root = find(index)
+            return None if root in pin_reason else root
+
+        columns: dict[int, int] = {}
+
+        def column(index: int) -> int | None:
+            root = free(index)
+            if root is None:
+                return None
+            return columns.setdefault(root, len(columns))
+
+        equation_rows = []
+        for equation in equations:
+            row: dict[int, float] = {}
+            for n, coefficient in equation.items():
+                c = column(n)
+                if c is not None:
+                    row[c] = row.get(c, 0.0) + coefficient
+            equation_rows.append(row)
+        layers = [layer for layer in log_rates if layer in self.sites]
+        objective_rows = []
+        for layer in layers:
+            input_node, output_node = self.sites[layer][0]
+            row = {}
+            for n, coefficient in ((input_node, 2.0), (output_node, -2.0)):
+                c = column(n)
+                if c is not None:
+                    row[c] = row.get(c, 0.0) + coefficient
+            objective_rows.append(row)
+
+        n_vars = len(columns)
+        rho = torch.zeros(n_vars, dtype=torch.float64)
+        if n_vars and layers:
+            constraint = torch.zeros(len(equation_rows), n_vars, dtype=torch.float64)
+            for i, row in enumerate(equation_rows):
+                for c, coefficient in row.items():
+                    constraint[i, c] += coefficient
+            null_space = _null_space(constraint)
+            design = torch.zeros(len(layers), n_vars, dtype=torch.float64)
+            for i, row in enumerate(objective_rows):
+                for c, coefficient in row.items():
+                    design[i, c] += coefficient
+            rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
+            centre = torch.eye(len(layers), dtype=torch.float64) - 1.0 / len(layers)
+            reduced = centre @ design @ null_space
+            z = -torch.linalg.pinv(reduced, rtol=1e-10) @ (centre @ rates)
+            rho = null_space @ z
+
+        def value(index: int) -> float:
+            root = free(index)
+            return 0.0 if root is None else float(rho[columns[root]])
+
+        rho_in = {layer: value(sites[0][0]) for layer, sites in self.sites.items()}
+        rho_out = {layer: value(sites[0][1]) for layer, sites in self.sites.items()}
+        predicted = {
+            layer: log_rates[layer] + 2.0 * (rho_in[layer] - rho_out[layer]) for layer in layers
+        }
+        return ScaleSolution(rho_in, rho_out, predicted)
+
+
+def _null_space(matrix: Tensor) -> Tensor:
+    """Orthonormal basis (columns) of the null space of ``matrix``."""
+    n_vars = matrix.shape[1]
+    if matrix.shape[0] == 0:
+        return torch.eye(n_vars, dtype=matrix.dtype)
+    _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
+    rank = int((singular > 1e-10 * max(float(singular.max()), 1.0)).sum())
+    return vh[rank:].T
+
+
+def trace_graph(
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    layers: dict[str, nn.Module],
+) -> LayerGraph:
+    """Run ``forward(model, batch)`` once under a tracing mode and record the scale relations.
+
+    The caller provides grad mode and eval mode; nothing in the model changes.
+    """
+    tracer = _Tracer({id(module.weight): name for name, module in layers.items()})
+    name_of = {module: name for name, module in model.named_modules()}
+    handles = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        tracer.scope.append(name_of.get(module, "?"))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if tracer.scope:
+            tracer.scope.pop()
+
+    try:
+        for module in name_of:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        for tensor in floating_tensors(batch):
+            tracer.node(tensor, reason_if_new="model input")
+        with tracer:
+            output = forward(model, batch)
+        for tensor in floating_tensors(output):
+            tracer.pin(tracer.node(tensor), "model output")
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = list(tracer.sites)
+    return LayerGraph(
+        order=order,
+        calls={layer: len(sites) for layer, sites in tracer.sites.items()},
+        sites=tracer.sites,
+        has_bias={layer: layers[layer].bias is not None for layer in order},
+        parent=tracer.parent,
+        pin_reason={tracer.find(n): r for n, r in tracer.pin_reason.items()},
+        equations=tracer.equations,
+    )

@@ -1,0 +1,240 @@
+"""The in-place entry points: ``init_`` (Parts 1 and 2) and ``rescale_`` (Part 2 only)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .between import BetweenResult, RateOptions, equalize_between
+from .errors import MagicInitError
+from .inputs import Batch, batch_size
+from .report import LayerReport, Report
+from .safety import guarded
+from .samplers import get_sampler
+from .session import Session, start_session
+from .within import WithinLayerResult, normalize_within
+
+__all__ = ["init_", "rescale_"]
+
+
+def init_(
+    model: nn.Module,
+    data: Tensor | Iterable[Batch],
+    *,
+    sampler: str = "gaussian",
+    within: bool = True,
+    between: bool = True,
+    beta: float = 0.0,
+    seed: int | None = None,
+    samples: int = 256,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
+    skip: Iterable[str] = (),
+    include_frozen: bool = False,
+    progress: bool = False,
+    rate_chunk_size: int = RateOptions.chunk_size,
+    rate_precision: float = RateOptions.precision,
+    rate_max_rounds: int = RateOptions.max_rounds,
+) -> Report:
+    r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
+
+    Part 1 (``within``) draws every affine layer's filters with ``sampler``
+    and sets, for every output channel i of the layer's output z on the init
+    data, :math:`W_i \leftarrow W_i / \sigma_i` and
+    :math:`b_i \leftarrow \beta - \mu_i / \sigma_i`, so each channel has mean
+    ``beta`` and std 1 (one forward pass in all). Part 2 (``between``) then
+    rescales layers, keeping the network's function, so that their relative
+    change rates :math:`C_k = \sqrt{E\|\nabla_{W_k} L\|^2 / \|W_k\|^2}` under
+    back-propagated Gaussian noise are as equal as the graph allows.
+
+    Args:
+        model: any ``nn.Module``; its conv, transposed conv and linear layers are initialized.
+        data: a batch (tensor, ``(inputs, targets)`` tuple, dict) or an iterable of batches.
+        sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"`` or ``"keep"``.
+        within: run Part 1.
+        between: run Part 2.
+        beta: target mean of every channel after Part 1 (the reference's ``-b``, 0.1 there).
+        seed: same seed, model and data give bit-identical weights; None uses torch's global RNG.
+        samples: at most this many samples of ``data`` are used.
+        forward: ``forward(model, batch) -> output`` for models with other inputs.
+        skip: qualified module names (or prefixes) whose layers are left as they are.
+        include_frozen: also initialize layers whose weight has ``requires_grad=False``.
+        progress: show tqdm progress bars.
+        rate_chunk_size: samples per noise draw when estimating change rates.
+        rate_precision: target standard error of each ``log C_k``.
+        rate_max_rounds: at most this many passes over the data per rate estimate.
+
+    Returns:
+        A ``Report``: ``print(report)`` shows a table, ``report.to_dict()`` is JSON-able.
+
+    Raises:
+        MagicInitError: bad arguments, data or model; the model is then exactly as before.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+        >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)  # doctest: +SKIP
+    """
+    if not math.isfinite(beta):
+        raise MagicInitError(f"beta={beta}: must be a finite number")
+    chosen_sampler = get_sampler(sampler)
+    options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
+    settings = {
+        "sampler": sampler, "within": within, "between": between, "beta": beta, "seed": seed,
+        "samples": samples, "rate_chunk_size": rate_chunk_size, "rate_precision": rate_precision,
+    }
+    session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
+                            include_frozen=include_frozen)
+    seconds: dict[str, float] = {}
+    within_results: dict[str, WithinLayerResult] = {}
+    between_result = None
+    with guarded(model):
+        if within:
+            start = time.perf_counter()
+            within_results = normalize_within(
+                model, session.batch, session.forward, session.layers, chosen_sampler, beta,
+                session.generator, progress,
+            )
+            seconds["within"] = time.perf_counter() - start
+        if between:
+            start = time.perf_counter()
+            between_result = _between(session, options, progress)
+            seconds["between"] = time.perf_counter() - start
+    settings["samples_used"] = batch_size(session.batch)
+    return _build_report(session, settings, within_results, between_result, seconds)
+
+
+def rescale_(
+    model: nn.Module,
+    data: Tensor | Iterable[Batch],
+    *,
+    seed: int | None = None,
+    samples: int = 256,
+    forward: Callable[[nn.Module, Batch], Any] | None = None,
+    skip: Iterable[str] = (),
+    include_frozen: bool = False,
+    progress: bool = False,
+    rate_chunk_size: int = RateOptions.chunk_size,
+    rate_precision: float = RateOptions.precision,
+    rate_max_rounds: int = RateOptions.max_rounds,
+) -> Report:
+    """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
+
+    For fine-tuning a pre-trained network: the layers are rescaled as in
+    ``init_(..., within=False)``; outputs stay the same up to rounding. The
+    arguments are those of ``init_``.
+
+    Example:
+        >>> report = magicinit.rescale_(pretrained, loader, seed=0)  # doctest: +SKIP
+        >>> print(report)  # doctest: +SKIP
+    """
+    return init_(
+        model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
+        include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
+        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds,
+    )
+
+
+def _between(session: Session, options: RateOptions, progress: bool) -> BetweenResult | None:
+    if session.graph is None:
+        return None
+    fixed = {name for name in session.all_layers if name not in session.layers}
+    return equalize_between(
+        session.model, session.batch, session.forward, session.all_layers, session.graph, fixed,
+        session.generator, options, progress,
+    )
+
+
+def _graph_notes(session: Session, name: str) -> list[str]:
+    graph = session.graph
+    if graph is None or name not in graph.sites:
+        return []
+    notes = []
+    if graph.calls[name] > 1:
+        notes.append(
+            f"called {graph.calls[name]} times per forward: Part 1 normalized its first call; "
+            "Part 2 scales all calls alike"
+        )
+    usual = {"model input", "model output"}
+    pinned_in, pinned_out = graph.pinned_by(name)
+    if pinned_in and pinned_in not in usual:
+        notes.append(f"input scale fixed by {pinned_in}")
+    if pinned_out and pinned_out not in usual:
+        notes.append(f"output scale fixed by {pinned_out}")
+    return notes
+
+
+def _build_report(
+    session: Session,
+    settings: dict[str, Any],
+    within_results: dict[str, WithinLayerResult],
+    between_result: BetweenResult | None,
+    seconds: dict[str, float],
+) -> Report:
+    layers = []
+    called = session.graph.calls if session.graph is not None else {}
+    for name, module in session.all_layers.items():
+        entry = LayerReport(
+            name=name,
+            type=type(module).__name__,
+            shape=tuple(module.weight.shape),
+            calls=called.get(name, 0),
+            status="excluded" if name in session.excluded else "",
+        )
+        if name in session.excluded:
+            entry.notes.append(session.excluded[name])
+        elif session.graph is not None and name not in session.graph.sites:
+            entry.status = "never called"
+            entry.notes.append("never called in forward: left as is")
+        result = within_results.get(name)
+        if result is not None:
+            entry.status = "initialized"
+            entry.channel_mean_before = result.before.mean.tolist()
+            entry.channel_std_before = result.before.std.tolist()
+            entry.channel_mean_after = result.after.mean.tolist()
+            entry.channel_std_after = result.after.std.tolist()
+            entry.zero_variance_channels = result.zero_variance
+            if result.zero_variance:
+                entry.notes.append(
+                    f"{len(result.zero_variance)} channel(s) constant on the init data "
+                    f"(first: {result.zero_variance[:8]}): given the layer's median scale and mean beta"
+                )
+            if not result.mean_set:
+                entry.notes.append("no bias: channel means are not set to beta (std is)")
+        entry.notes.extend(_graph_notes(session, name))
+        if between_result is not None and name in between_result.before.rate:
+            entry.rate_before = between_result.before.rate[name]
+            entry.rate_before_log_error = between_result.before.log_error[name]
+            if between_result.after is not None:
+                entry.rate_after = between_result.after.rate[name]
+                entry.rate_after_log_error = between_result.after.log_error[name]
+            entry.weight_scale = between_result.weight_factor.get(name)
+            if name in between_result.excluded:
+                entry.notes.append(f"not equalized: {between_result.excluded[name]}")
+            if entry.status == "" and not between_result.reverted:
+                entry.status = "rescaled"
+        layers.append(entry)
+    report = Report(layers, settings, list(session.notes), seconds)
+    if between_result is not None:
+        report.rate_spread_before = _spread(between_result.before.rate, between_result.equalized)
+        if between_result.after is not None:
+            report.rate_spread_after = _spread(between_result.after.rate, between_result.equalized)
+        report.notes.append(
+            f"change rates from {between_result.before.draws} noise draws "
+            f"(chunks of {settings['rate_chunk_size']} samples); output changed by "
+            f"{between_result.function_change:.1e} (relative) by the rescaling"
+        )
+        if between_result.reverted:
+            report.notes.append("between-layer rescaling was undone: it changed the network's output")
+    for layer in layers:
+        if layer.status == "":
+            layer.status = "measured"
+    return report
+
+
+def _spread(rates: dict[str, float], names: list[str]) -> float | None:
+    values = [rates[n] for n in names if n in rates and rates[n] > 0 and math.isfinite(rates[n])]
+    return max(values) / min(values) if values else None
+

@@ -1,0 +1,118 @@
+"""Adapters: how each family of affine layers exposes its filters and channels.
+
+Every step of the method works on *filters*: a tensor of shape
+``(groups, out_channels // groups, fan_in)`` with one row per output channel,
+in the order of the layer's output channels. An adapter converts a layer's
+weight to that view and back, and says where the output channels sit in the
+layer's output. Adding a layer family is one entry in ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AffineAdapter", "ADAPTERS", "adapter_for", "find_affine_layers", "fan_in", "as_float"]
+
+
+@dataclass(frozen=True)
+class AffineAdapter:
+    """Filter view and output-channel layout of one layer family.
+
+    Attributes:
+        family: short name used in reports ("conv", "conv_transpose", "linear").
+        transposed: the weight holds output channels on dimension 1 (transposed convolutions).
+        channels_last_in_output: output channels are the last dimension of the output
+            (``nn.Linear``) rather than dimension 1 (convolutions).
+    """
+
+    family: str
+    transposed: bool
+    channels_last_in_output: bool
+
+    def groups(self, module: nn.Module) -> int:
+        """Number of groups (1 for layers without groups)."""
+        return int(getattr(module, "groups", 1))
+
+    def out_channels(self, module: nn.Module) -> int:
+        """Number of output channels."""
+        weight = module.weight
+        if self.channels_last_in_output:
+            return weight.shape[0]
+        return weight.shape[1] * self.groups(module) if self.transposed else weight.shape[0]
+
+    def to_filters(self, module: nn.Module, weight: Tensor | None = None) -> Tensor:
+        """The weight as filters ``(groups, out_per_group, fan_in)`` (a view or a copy)."""
+        weight = module.weight if weight is None else weight
+        groups = self.groups(module)
+        if not self.transposed:
+            return weight.reshape(groups, weight.shape[0] // groups, -1)
+        in_per_group, out_per_group = weight.shape[0] // groups, weight.shape[1]
+        kernel = math.prod(weight.shape[2:])
+        grouped = weight.reshape(groups, in_per_group, out_per_group, kernel)
+        return grouped.permute(0, 2, 1, 3).reshape(groups, out_per_group, in_per_group * kernel)
+
+    def from_filters(self, module: nn.Module, filters: Tensor) -> Tensor:
+        """Inverse of ``to_filters``: a tensor shaped like the layer's weight."""
+        shape = module.weight.shape
+        if not self.transposed:
+            return filters.reshape(shape)
+        groups = self.groups(module)
+        in_per_group, out_per_group = shape[0] // groups, shape[1]
+        kernel = math.prod(shape[2:])
+        grouped = filters.reshape(groups, out_per_group, in_per_group, kernel)
+        return grouped.permute(0, 2, 1, 3).reshape(shape)
+
+    def channel_view_shape(self, output: Tensor) -> tuple[int, ...]:
+        """Shape that broadcasts a per-channel vector against the layer's output."""
+        if self.channels_last_in_output:
+            return (-1,)
+        return (1, -1) + (1,) * (output.dim() - 2)
+
+    def reduce_dims(self, output: Tensor) -> tuple[int, ...]:
+        """Dimensions of the output that channel statistics average over."""
+        channel = output.dim() - 1 if self.channels_last_in_output else 1
+        return tuple(d for d in range(output.dim()) if d != channel)
+
+
+_CONV = AffineAdapter("conv", transposed=False, channels_last_in_output=False)
+_CONV_TRANSPOSE = AffineAdapter("conv_transpose", transposed=True, channels_last_in_output=False)
+_LINEAR = AffineAdapter("linear", transposed=False, channels_last_in_output=True)
+
+ADAPTERS: dict[type[nn.Module], AffineAdapter] = {
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _CONV_TRANSPOSE,
+    nn.ConvTranspose2d: _CONV_TRANSPOSE,
+    nn.ConvTranspose3d: _CONV_TRANSPOSE,
+    nn.Linear: _LINEAR,
+}
+
+
+def adapter_for(module: nn.Module) -> AffineAdapter | None:
+    """The adapter of ``module``'s family (subclasses included), or None."""
+    for cls in type(module).__mro__:
+        if cls in ADAPTERS:
+            return ADAPTERS[cls]
+    return None
+
+
+def find_affine_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """All affine layers of ``model`` by qualified name, in registration order."""
+    return {name: module for name, module in model.named_modules() if adapter_for(module) is not None}
+
+
+def fan_in(module: nn.Module) -> int:
+    """Inputs per output unit: the length of one filter."""
+    adapter = adapter_for(module)
+    assert adapter is not None
+    return adapter.to_filters(module).shape[-1]
+
+
+def as_float(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32, or float64 if it already is."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()

@@ -1,0 +1,196 @@
+"""Reports of what magicinit measured and did: a plain-text table and a JSON-able dict."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "Report", "LayerDiagnosis", "Diagnosis", "render_table"]
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or (math.isfinite(value) and 1e-3 <= abs(value) < 1e4):
+        return f"{value:.{digits}g}"
+    return f"{value:.2e}"
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _cv(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return 0.0 if values else None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return math.sqrt(var) / abs(mean) if mean else math.inf
+
+
+@dataclass
+class LayerReport:
+    """One affine layer: what was measured and done.
+
+    Channel statistics are over the init data (population std). ``*_before``
+    of Part 1 are those of the freshly drawn filters with zero bias; ``*_after``
+    those of the normalized output. Rates are relative change rates ``C_k``
+    with the standard error of ``log C_k`` as spread.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    calls: int
+    status: str
+    notes: list[str] = field(default_factory=list)
+    channel_mean_before: list[float] = field(default_factory=list)
+    channel_std_before: list[float] = field(default_factory=list)
+    channel_mean_after: list[float] = field(default_factory=list)
+    channel_std_after: list[float] = field(default_factory=list)
+    zero_variance_channels: list[int] = field(default_factory=list)
+    rate_before: float | None = None
+    rate_before_log_error: float | None = None
+    rate_after: float | None = None
+    rate_after_log_error: float | None = None
+    weight_scale: float | None = None
+
+    @property
+    def std_cv_before(self) -> float | None:
+        """Coefficient of variation of the channel stds before Part 1."""
+        return _cv(self.channel_std_before)
+
+    @property
+    def std_cv_after(self) -> float | None:
+        """Coefficient of variation of the channel stds after Part 1."""
+        return _cv(self.channel_std_after)
+
+
+@dataclass
+class Report:
+    """What ``init_`` or ``rescale_`` did, layer by layer.
+
+    ``str(report)`` is a table; ``report.to_dict()`` is JSON-able;
+    ``report["features.0"]`` is one layer's entry.
+    """
+
+    layers: list[LayerReport]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    rate_spread_before: float | None = None
+    rate_spread_after: float | None = None
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain Python values (JSON-able)."""
+        data = asdict(self)
+        for entry, layer in zip(data["layers"], self.layers):
+            entry["shape"] = list(layer.shape)
+            entry["std_cv_before"] = layer.std_cv_before
+            entry["std_cv_after"] = layer.std_cv_after
+        return _finite(data)
+
+    def __str__(self) -> str:
+        header = ["layer", "type", "shape", "status", "std before (mean/cv)", "mean/std after",
+                  "rate before", "rate after", "scale"]
+        rows = []
+        for layer in self.layers:
+            rows.append([
+                layer.name or "(model)",
+                layer.type,
+                "x".join(map(str, layer.shape)),
+                layer.status,
+                f"{_fmt(_mean(layer.channel_std_before))}/{_fmt(layer.std_cv_before)}" if layer.channel_std_before else "-",
+                f"{_fmt(_mean(layer.channel_mean_after))}/{_fmt(_mean(layer.channel_std_after))}" if layer.channel_std_after else "-",
+                _fmt(layer.rate_before),
+                _fmt(layer.rate_after),
+                _fmt(layer.weight_scale),
+            ])
+        lines = [render_table(header, rows)]
+        if self.rate_spread_before is not None:
+            lines.append(
+                f"change-rate spread (max/min): before {_fmt(self.rate_spread_before)}, "
+                f"after {_fmt(self.rate_spread_after)}"
+            )
+        notes = [f"  {layer.name or '(model)'}: {note}" for layer in self.layers for note in layer.notes]
+        if notes:
+            lines.append("layer notes:")
+            lines.extend(notes)
+        lines.extend(f"note: {note}" for note in self.notes)
+        if self.seconds:
+            lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+@dataclass
+class LayerDiagnosis:
+    """The reference's ``measure_stat`` summary for one layer.
+
+    Attributes:
+        output_cv: coefficient of variation of the channel stds (0 is ideal).
+        rate: the layer's relative change rate ``C_k``.
+        rate_mean: mean of the per-channel change rates.
+        rate_cv: coefficient of variation of the per-channel change rates.
+    """
+
+    name: str
+    type: str
+    channel_mean: list[float]
+    channel_std: list[float]
+    output_cv: float
+    rate: float
+    rate_log_error: float
+    rate_mean: float
+    rate_cv: float
+
+
+@dataclass
+class Diagnosis:
+    """Per-layer statistics of a model on some data (``magicinit.diagnose``)."""
+
+    layers: list[LayerDiagnosis]
+    draws: int
+
+    def __getitem__(self, name: str) -> LayerDiagnosis:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The diagnosis as plain Python values (JSON-able)."""
+        return _finite(asdict(self))
+
+    def __str__(self) -> str:
+        header = ["layer", "type", "output CV", "rate", "rate CV", "rate mean"]
+        rows = [
+            [d.name or "(model)", d.type, _fmt(d.output_cv), _fmt(d.rate), _fmt(d.rate_cv), _fmt(d.rate_mean)]
+            for d in self.layers
+        ]
+        return render_table(header, rows) + f"\n({self.draws} noise draws)"
+
+
+def _finite(value: Any) -> Any:
+    """Replace inf/nan by None so the dict is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,203 @@
+"""Part 1 of the method: within-layer initialization (per-channel normalization).
+
+One forward pass over the init data does it all. A pre-hook on every affine
+layer draws its filters (``samplers``) and zeroes its bias just before the
+layer runs; a forward hook measures the mean ``mu_i`` and standard deviation
+``sigma_i`` of every output channel, sets ``W_i <- W_i / sigma_i`` and
+``b_i <- beta - mu_i / sigma_i``, and hands the *normalized* output on, so every
+later layer already sees the initialized layers before it. The cost is one
+forward pass plus a few element-wise passes over each layer's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import MagicInitError
+from .inputs import Batch, ForwardFn
+from .layers import adapter_for
+from .samplers import Sampler, SamplerRequest
+from .stats import ChannelMoments
+
+__all__ = ["WithinLayerResult", "normalize_within", "channel_moments_of_layers", "ZERO_VARIANCE_TOLERANCE"]
+
+# A channel is treated as constant (zero variance) when its std is below this
+# many units of rounding of the output's dtype, relative to the channel's size.
+ZERO_VARIANCE_TOLERANCE = 16.0
+
+
+@dataclass
+class WithinLayerResult:
+    """What Part 1 measured and did at one layer.
+
+    Attributes:
+        before: channel moments of the drawn filters' output (bias zero).
+        after: channel moments of the output handed on (normalized).
+        scale: the factor applied to every output channel's filter.
+        zero_variance: channels that were constant on the init data; they got
+            the layer's median scale (or unit-norm filters) and mean ``beta``.
+        mean_set: False for a layer without bias, whose channel means stay as they are.
+    """
+
+    before: ChannelMoments
+    after: ChannelMoments
+    scale: Tensor
+    zero_variance: list[int] = field(default_factory=list)
+    mean_set: bool = True
+
+
+def _zero_variance(moments: ChannelMoments, dtype: torch.dtype) -> Tensor:
+    std = moments.std
+    size = moments.mean.abs() + std.max()
+    return std <= ZERO_VARIANCE_TOLERANCE * torch.finfo(dtype).eps * size
+
+
+class _WithinPass:
+    """Hooks of one Part 1 pass; state lives here, not in globals."""
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        sampler: Sampler,
+        beta: float,
+        generator: torch.Generator | None,
+        on_layer_done: Callable[[str], None],
+    ) -> None:
+        self.layers = layers
+        self.sampler = sampler
+        self.beta = beta
+        self.generator = generator
+        self.on_layer_done = on_layer_done
+        self.results: dict[str, WithinLayerResult] = {}
+        self.drawn: set[str] = set()
+
+    def draw(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if name in self.drawn:
+            return
+        self.drawn.add(name)
+        adapter = adapter_for(module)
+        assert adapter is not None
+        current = adapter.to_filters(module).detach().float().cpu()
+        request = SamplerRequest(name, module, current.shape, current, args, self.generator)
+        filters = self.sampler(request)
+        if filters.shape != current.shape:
+            raise MagicInitError(
+                f"layer '{name}': the sampler returned filters of shape {tuple(filters.shape)}, "
+                f"expected {tuple(current.shape)}"
+            )
+        weight = module.weight
+        weight.copy_(adapter.from_filters(module, filters.to(device=weight.device, dtype=weight.dtype)))
+        if module.bias is not None:
+            module.bias.zero_()
+
+    def normalize(self, name: str, module: nn.Module, output: Any) -> Tensor | None:
+        if name in self.results:
+            return None  # a later call of a shared layer: already initialized
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            raise MagicInitError(
+                f"layer '{name}' returned {type(output).__name__}, not a floating tensor; "
+                "exclude it with skip=[...]"
+            )
+        adapter = adapter_for(module)
+        assert adapter is not None
+        dims = adapter.reduce_dims(output)
+        before = ChannelMoments.of(output, dims)
+        if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
+            raise MagicInitError(
+                f"layer '{name}': its output on the init data is not finite (overflow in "
+                f"{output.dtype}?); run the initialization in float32 and cast afterwards"
+            )
+        std = before.std
+        dead = _zero_variance(before, output.dtype)
+        filters = adapter.to_filters(module).float()
+        scale = 1.0 / torch.where(dead, torch.ones_like(std), std)
+        if bool(dead.any()):
+            if bool((~dead).any()):
+                fallback = scale[~dead].median().expand_as(scale)
+            else:
+                norms = filters.norm(dim=-1).flatten().to(scale)
+                fallback = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+            scale = torch.where(dead, fallback, scale)
+        mean_set = module.bias is not None
+        shift = self.beta - before.mean * scale if mean_set else torch.zeros_like(scale)
+        groups, per_group = filters.shape[:2]
+        new_filters = filters * scale.view(groups, per_group, 1).to(filters)
+        module.weight.copy_(adapter.from_filters(module, new_filters.to(module.weight.dtype)))
+        if mean_set:
+            module.bias.copy_(shift.to(module.bias.dtype))
+        view = adapter.channel_view_shape(output)
+        output.mul_(scale.view(view).to(output.dtype)).add_(shift.view(view).to(output.dtype))
+        after = ChannelMoments.of(output, dims)
+        self.results[name] = WithinLayerResult(
+            before=before,
+            after=after,
+            scale=scale.cpu(),
+            zero_variance=dead.nonzero().flatten().tolist(),
+            mean_set=mean_set,
+        )
+        self.on_layer_done(name)
+        return output
+
+
+def normalize_within(
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    layers: dict[str, nn.Module],
+    sampler: Sampler,
+    beta: float,
+    generator: torch.Generator | None,
+    progress: bool = False,
+) -> dict[str, WithinLayerResult]:
+    """Run Part 1 on ``layers`` in one forward pass of ``batch``; returns per-layer results.
+
+    Layers that the forward pass never calls are left untouched and are
+    absent from the result. The caller restores the model on error.
+    """
+    bar = tqdm(total=len(layers), desc="magicinit: within-layer", unit="layer") if progress else None
+    within = _WithinPass(layers, sampler, beta, generator, (lambda name: bar.update(1)) if bar else (lambda name: None))
+    handles = []
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: within.draw(name, m, args)))
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: within.normalize(name, m, out)))
+        with torch.no_grad():
+            forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+    return within.results
+
+
+def channel_moments_of_layers(
+    model: nn.Module, batch: Batch, forward: ForwardFn, layers: dict[str, nn.Module]
+) -> dict[str, ChannelMoments]:
+    """Channel moments of every layer's output (first call) in one no-grad pass; nothing changes."""
+    moments: dict[str, ChannelMoments] = {}
+
+    def record(name: str, module: nn.Module, output: Any) -> None:
+        if name not in moments and isinstance(output, Tensor) and output.is_floating_point():
+            adapter = adapter_for(module)
+            assert adapter is not None
+            moments[name] = ChannelMoments.of(output, adapter.reduce_dims(output))
+
+    handles = [
+        module.register_forward_hook(lambda m, args, out, name=name: record(name, m, out))
+        for name, module in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments
+
