@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from .inputs import Batch, ForwardFn, floating_tensors
 
-__all__ = ["LayerGraph", "trace_graph", "SCALE_RULES", "ScaleSolution"]
+__all__ = ["LayerGraph", "trace_graph", "SCALE_RULES", "ScaleSolution", "ScaleGroups"]
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -57,48 +57,72 @@ _ALIASES = {
 }
 
 
+class ScaleGroups:
+    """Union-find over tensor nodes: tied nodes share one scale; a pinned group has ``rho = 0``."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pin_reason: dict[int, str] = {}  # keyed by group root
+
+    def add(self) -> int:
+        """A new node in a group of its own."""
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, node: int) -> int:
+        """The root of ``node``'s group."""
+        while self.parent[node] != node:
+            self.parent[node] = self.parent[self.parent[node]]
+            node = self.parent[node]
+        return node
+
+    def tie(self, nodes: Iterable[int]) -> None:
+        """Put all ``nodes`` in one group (pinned if any of them was)."""
+        roots = [self.find(n) for n in nodes]
+        for other in roots[1:]:
+            root, other = self.find(roots[0]), self.find(other)
+            if root != other:
+                self.parent[other] = root
+                if other in self.pin_reason:
+                    self.pin_reason.setdefault(root, self.pin_reason.pop(other))
+
+    def pin(self, node: int, reason: str) -> None:
+        """Fix ``node``'s group at ``rho = 0``; the first reason given is kept."""
+        self.pin_reason.setdefault(self.find(node), reason)
+
+    def reason(self, node: int) -> str | None:
+        """Why ``node``'s group is pinned, or None if it is free."""
+        return self.pin_reason.get(self.find(node))
+
+    def copy(self) -> "ScaleGroups":
+        """An independent copy."""
+        other = ScaleGroups()
+        other.parent, other.pin_reason = list(self.parent), dict(self.pin_reason)
+        return other
+
+
 class _Tracer(TorchFunctionMode):
     """Records scale relations between the tensors of one forward pass."""
 
     def __init__(self, layer_of_weight: dict[int, str]) -> None:
         super().__init__()
         self.layer_of_weight = layer_of_weight
-        self.parent: list[int] = []
-        self.pin_reason: dict[int, str] = {}
+        self.groups = ScaleGroups()
         self.node_of: dict[int, int] = {}
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
         self.equations: list[dict[int, float]] = []
         self.sites: dict[str, list[tuple[int, int]]] = {}
         self.scope: list[str] = []
 
-    # union-find over tensor nodes -------------------------------------------
     def node(self, tensor: Tensor, reason_if_new: str = "a constant (parameter, buffer or literal)") -> int:
+        """The node of ``tensor``; a tensor seen first as an input is pinned with ``reason_if_new``."""
         key = id(tensor)
         if key not in self.node_of:
-            self.node_of[key] = len(self.parent)
-            self.parent.append(len(self.parent))
+            self.node_of[key] = self.groups.add()
             self.alive.append(tensor)
             if reason_if_new:
-                self.pin(self.node_of[key], reason_if_new)
+                self.groups.pin(self.node_of[key], reason_if_new)
         return self.node_of[key]
-
-    def find(self, index: int) -> int:
-        while self.parent[index] != index:
-            self.parent[index] = self.parent[self.parent[index]]
-            index = self.parent[index]
-        return index
-
-    def tie(self, nodes: Iterable[int]) -> None:
-        nodes = [self.find(n) for n in nodes]
-        for other in nodes[1:]:
-            root, other = self.find(nodes[0]), self.find(other)
-            if root != other:
-                self.parent[other] = root
-                if other in self.pin_reason and root not in self.pin_reason:
-                    self.pin_reason[root] = self.pin_reason[other]
-
-    def pin(self, index: int, reason: str) -> None:
-        self.pin_reason.setdefault(self.find(index), reason)
 
     def where(self) -> str:
         return f" in '{self.scope[-1]}'" if self.scope else ""
@@ -135,16 +159,16 @@ ScaleRule = Callable[[_Tracer, _Op], None]
 def _pin(tracer: _Tracer, op: _Op) -> None:
     reason = f"{op.name}{tracer.where()}"
     for n in op.in_nodes + op.out_nodes:
-        tracer.pin(n, reason)
+        tracer.groups.pin(n, reason)
 
 
 def _tie(tracer: _Tracer, op: _Op) -> None:
-    tracer.tie(op.in_nodes + op.out_nodes)
+    tracer.groups.tie(op.in_nodes + op.out_nodes)
 
 
 def _tie_first(tracer: _Tracer, op: _Op) -> None:
     """Output scales with the first input; other inputs (shapes, weights) are constants."""
-    tracer.tie(op.in_nodes[:1] + op.out_nodes)
+    tracer.groups.tie(op.in_nodes[:1] + op.out_nodes)
 
 
 def _numbers(op: _Op, skip: tuple[str, ...] = ()) -> list[float]:
@@ -287,19 +311,13 @@ class LayerGraph:
     calls: dict[str, int]
     sites: dict[str, list[tuple[int, int]]]
     has_bias: dict[str, bool]
-    parent: list[int] = field(repr=False)
-    pin_reason: dict[int, str] = field(repr=False)
+    groups: ScaleGroups = field(repr=False)
     equations: list[dict[int, float]] = field(repr=False)
-
-    def _find(self, index: int) -> int:
-        while self.parent[index] != index:
-            index = self.parent[index]
-        return index
 
     def pinned_by(self, layer: str) -> tuple[str | None, str | None]:
         """Why the layer's input and output scales are fixed (None where free)."""
         input_node, output_node = self.sites[layer][0]
-        return (self.pin_reason.get(self._find(input_node)), self.pin_reason.get(self._find(output_node)))
+        return self.groups.reason(input_node), self.groups.reason(output_node)
 
     def solve(self, log_rates: dict[str, float], fixed: Iterable[str] = ()) -> ScaleSolution:
         """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
@@ -309,79 +327,46 @@ class LayerGraph:
         ``fixed`` keep their weights and biases as they are. Among the best
         solutions it takes the one with the smallest scale changes.
         """
-        parent = list(self.parent)
-        pin_reason = dict(self.pin_reason)
-
-        def find(index: int) -> int:
-            while parent[index] != index:
-                index = parent[index]
-            return index
-
-        def tie(a: int, b: int) -> None:
-            a, b = find(a), find(b)
-            if a != b:
-                parent[b] = a
-                if b in pin_reason:
-                    pin_reason.setdefault(a, pin_reason[b])
-
+        groups = self.groups.copy()
         equations = list(self.equations)
         for layer in fixed:
             for input_node, output_node in self.sites.get(layer, []):
-                tie(input_node, output_node)
+                groups.tie([input_node, output_node])
                 if self.has_bias[layer]:
-                    pin_reason.setdefault(find(output_node), "fixed layer")
+                    groups.pin(output_node, "fixed layer")
         for layer, sites in self.sites.items():
             first_in, first_out = sites[0]
             for input_node, output_node in sites[1:]:
                 if self.has_bias[layer]:
-                    tie(first_out, output_node)
-                    tie(first_in, input_node)
+                    groups.tie([first_out, output_node])
+                    groups.tie([first_in, input_node])
                 else:
                     equations.append({output_node: 1.0, input_node: -1.0, first_out: -1.0, first_in: 1.0})
 
         def free(index: int) -> int | None:
-            root = find(index)
-            return None if root in pin_reason else root
+            return None if groups.reason(index) is not None else groups.find(index)
 
-        columns: dict[int, int] = {}
+        columns: dict[int, int] = {}  # free group root -> variable index
 
-        def column(index: int) -> int | None:
-            root = free(index)
-            if root is None:
-                return None
-            return columns.setdefault(root, len(columns))
+        def row(node_coefficients: Iterable[tuple[int, float]]) -> dict[int, float]:
+            entries: dict[int, float] = {}
+            for node, coefficient in node_coefficients:
+                root = free(node)
+                if root is not None:
+                    column = columns.setdefault(root, len(columns))
+                    entries[column] = entries.get(column, 0.0) + coefficient
+            return entries
 
-        equation_rows = []
-        for equation in equations:
-            row: dict[int, float] = {}
-            for n, coefficient in equation.items():
-                c = column(n)
-                if c is not None:
-                    row[c] = row.get(c, 0.0) + coefficient
-            equation_rows.append(row)
+        equation_rows = [row(equation.items()) for equation in equations]
         layers = [layer for layer in log_rates if layer in self.sites]
-        objective_rows = []
-        for layer in layers:
-            input_node, output_node = self.sites[layer][0]
-            row = {}
-            for n, coefficient in ((input_node, 2.0), (output_node, -2.0)):
-                c = column(n)
-                if c is not None:
-                    row[c] = row.get(c, 0.0) + coefficient
-            objective_rows.append(row)
+        objective_rows = [row(((self.sites[l][0][0], 2.0), (self.sites[l][0][1], -2.0))) for l in layers]
 
         n_vars = len(columns)
         rho = torch.zeros(n_vars, dtype=torch.float64)
         if n_vars and layers:
-            constraint = torch.zeros(len(equation_rows), n_vars, dtype=torch.float64)
-            for i, row in enumerate(equation_rows):
-                for c, coefficient in row.items():
-                    constraint[i, c] += coefficient
+            constraint = _dense(equation_rows, n_vars)
             null_space = _null_space(constraint)
-            design = torch.zeros(len(layers), n_vars, dtype=torch.float64)
-            for i, row in enumerate(objective_rows):
-                for c, coefficient in row.items():
-                    design[i, c] += coefficient
+            design = _dense(objective_rows, n_vars)
             rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
             centre = torch.eye(len(layers), dtype=torch.float64) - 1.0 / len(layers)
             reduced = centre @ design @ null_space
@@ -389,8 +374,8 @@ class LayerGraph:
             rho = null_space @ z
 
         def value(index: int) -> float:
-            root = free(index)
-            return 0.0 if root is None else float(rho[columns[root]])
+            column = columns.get(free(index))  # a free group in no row keeps rho = 0 (minimum norm)
+            return 0.0 if column is None else float(rho[column])
 
         rho_in = {layer: value(sites[0][0]) for layer, sites in self.sites.items()}
         rho_out = {layer: value(sites[0][1]) for layer, sites in self.sites.items()}
@@ -398,6 +383,15 @@ class LayerGraph:
             layer: log_rates[layer] + 2.0 * (rho_in[layer] - rho_out[layer]) for layer in layers
         }
         return ScaleSolution(rho_in, rho_out, predicted)
+
+
+def _dense(rows: list[dict[int, float]], n_vars: int) -> Tensor:
+    """Sparse rows (column -> coefficient) as a float64 matrix."""
+    matrix = torch.zeros(len(rows), n_vars, dtype=torch.float64)
+    for i, entries in enumerate(rows):
+        for column, coefficient in entries.items():
+            matrix[i, column] = coefficient
+    return matrix
 
 
 def _null_space(matrix: Tensor) -> Tensor:
@@ -440,7 +434,7 @@ def trace_graph(
         with tracer:
             output = forward(model, batch)
         for tensor in floating_tensors(output):
-            tracer.pin(tracer.node(tensor), "model output")
+            tracer.groups.pin(tracer.node(tensor), "model output")
     finally:
         for handle in handles:
             handle.remove()
@@ -450,7 +444,6 @@ def trace_graph(
         calls={layer: len(sites) for layer, sites in tracer.sites.items()},
         sites=tracer.sites,
         has_bias={layer: layers[layer].bias is not None for layer in order},
-        parent=tracer.parent,
-        pin_reason={tracer.find(n): r for n, r in tracer.pin_reason.items()},
+        groups=tracer.groups,
         equations=tracer.equations,
     )

@@ -100,7 +100,8 @@ def init_(
             seconds["within"] = time.perf_counter() - start
         if between:
             start = time.perf_counter()
-            between_result = _between(session, options, progress)
+            constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
+            between_result = _between(session, options, progress, constant)
             seconds["between"] = time.perf_counter() - start
     settings["samples_used"] = batch_size(session.batch)
     return _build_report(session, settings, within_results, between_result, seconds)
@@ -137,14 +138,20 @@ def rescale_(
     )
 
 
-def _between(session: Session, options: RateOptions, progress: bool) -> BetweenResult | None:
+def _between(
+    session: Session, options: RateOptions, progress: bool, constant: set[str]
+) -> BetweenResult | None:
+    """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
     if session.graph is None:
         return None
-    fixed = {name for name in session.all_layers if name not in session.layers}
-    return equalize_between(
+    fixed = {name for name in session.all_layers if name not in session.layers} | constant
+    result = equalize_between(
         session.model, session.batch, session.forward, session.all_layers, session.graph, fixed,
         session.generator, options, progress,
     )
+    for name in constant:
+        result.excluded[name] = "constant on the init data: its change rate means nothing"
+    return result
 
 
 def _graph_notes(session: Session, name: str) -> list[str]:
@@ -199,7 +206,8 @@ def _build_report(
             if result.zero_variance:
                 entry.notes.append(
                     f"{len(result.zero_variance)} channel(s) constant on the init data "
-                    f"(first: {result.zero_variance[:8]}): given the layer's median scale and mean beta"
+                    f"(first: {result.zero_variance[:8]}): given a safe scale (the median of the others, "
+                    "or unit-norm filters) and mean beta"
                 )
             if not result.mean_set:
                 entry.notes.append("no bias: channel means are not set to beta (std is)")
@@ -218,6 +226,7 @@ def _build_report(
         layers.append(entry)
     report = Report(layers, settings, list(session.notes), seconds)
     if between_result is not None:
+        report.output_change = between_result.function_change
         report.rate_spread_before = _spread(between_result.before.rate, between_result.equalized)
         if between_result.after is not None:
             report.rate_spread_after = _spread(between_result.after.rate, between_result.equalized)

@@ -25,6 +25,7 @@ __all__ = [
     "batch_size",
     "split_batch",
     "floating_tensors",
+    "all_tensors",
 ]
 
 Batch = Any
@@ -61,20 +62,21 @@ def floating_tensors(obj: Any) -> Iterator[Tensor]:
             yield from floating_tensors(value)
 
 
-def _tensors(obj: Any) -> Iterator[Tensor]:
+def all_tensors(obj: Any) -> Iterator[Tensor]:
+    """Yield every tensor inside ``obj`` (nested tuple/list/dict)."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            yield from _tensors(item)
+            yield from all_tensors(item)
     elif isinstance(obj, dict):
         for value in obj.values():
-            yield from _tensors(value)
+            yield from all_tensors(value)
 
 
 def batch_size(batch: Batch) -> int:
     """Number of samples in a batch: dimension 0 of its first tensor."""
-    for tensor in _tensors(batch):
+    for tensor in all_tensors(batch):
         if tensor.dim() == 0:
             raise MagicInitError("data: a batch holds a 0-dimensional tensor; batches need a sample dimension 0")
         return tensor.shape[0]

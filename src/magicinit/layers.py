@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["AffineAdapter", "ADAPTERS", "adapter_for", "find_affine_layers", "fan_in", "as_float"]
+__all__ = ["AffineAdapter", "ADAPTERS", "adapter_for", "find_affine_layers"]
 
 
 @dataclass(frozen=True)
@@ -104,15 +103,3 @@ def adapter_for(module: nn.Module) -> AffineAdapter | None:
 def find_affine_layers(model: nn.Module) -> dict[str, nn.Module]:
     """All affine layers of ``model`` by qualified name, in registration order."""
     return {name: module for name, module in model.named_modules() if adapter_for(module) is not None}
-
-
-def fan_in(module: nn.Module) -> int:
-    """Inputs per output unit: the length of one filter."""
-    adapter = adapter_for(module)
-    assert adapter is not None
-    return adapter.to_filters(module).shape[-1]
-
-
-def as_float(tensor: Tensor) -> Tensor:
-    """``tensor`` in float32, or float64 if it already is."""
-    return tensor if tensor.dtype == torch.float64 else tensor.float()

@@ -6,6 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from .stats import coefficient_of_variation
+
 __all__ = ["LayerReport", "Report", "LayerDiagnosis", "Diagnosis", "render_table"]
 
 
@@ -27,14 +31,6 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _cv(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return 0.0 if values else None
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / len(values)
-    return math.sqrt(var) / abs(mean) if mean else math.inf
 
 
 @dataclass
@@ -67,12 +63,12 @@ class LayerReport:
     @property
     def std_cv_before(self) -> float | None:
         """Coefficient of variation of the channel stds before Part 1."""
-        return _cv(self.channel_std_before)
+        return coefficient_of_variation(torch.tensor(self.channel_std_before)) if self.channel_std_before else None
 
     @property
     def std_cv_after(self) -> float | None:
         """Coefficient of variation of the channel stds after Part 1."""
-        return _cv(self.channel_std_after)
+        return coefficient_of_variation(torch.tensor(self.channel_std_after)) if self.channel_std_after else None
 
 
 @dataclass
@@ -89,6 +85,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     rate_spread_before: float | None = None
     rate_spread_after: float | None = None
+    output_change: float | None = None  # relative output change caused by Part 2 on the init data
 
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:

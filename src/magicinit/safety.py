@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["ModelSnapshot", "guarded", "restored_on_error"]
+__all__ = ["ModelSnapshot", "guarded"]
 
 
 class ModelSnapshot:
@@ -55,13 +55,3 @@ def guarded(model: nn.Module) -> Iterator[ModelSnapshot]:
         raise
     finally:
         snapshot.restore_flags()
-
-
-@contextmanager
-def restored_on_error(snapshot: ModelSnapshot) -> Iterator[None]:
-    """Restore the snapshot's tensors if the block raises."""
-    try:
-        yield
-    except BaseException:
-        snapshot.restore_tensors()
-        raise

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
-from .inputs import Batch, ForwardFn, default_forward, gather_batch, split_batch
+from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
 from .layers import find_affine_layers
 
 __all__ = ["Session", "start_session", "guard_forward", "PROBE_SAMPLES"]
@@ -21,18 +21,8 @@ PROBE_SAMPLES = 2  # samples in the tracing pass
 
 
 def _describe(batch: Batch) -> str:
-    shapes = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in _all_tensors(batch)]
+    shapes = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in all_tensors(batch)]
     return ", ".join(shapes) if shapes else type(batch).__name__
-
-
-def _all_tensors(obj: Any) -> list[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _all_tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _all_tensors(item)]
-    return []
 
 
 def guard_forward(forward: ForwardFn) -> ForwardFn:

@@ -11,6 +11,7 @@ forward pass plus a few element-wise passes over each layer's output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,9 @@ from .stats import ChannelMoments
 __all__ = ["WithinLayerResult", "normalize_within", "channel_moments_of_layers", "ZERO_VARIANCE_TOLERANCE"]
 
 # A channel is treated as constant (zero variance) when its std is below this
-# many units of rounding of the output's dtype, relative to the channel's size.
-ZERO_VARIANCE_TOLERANCE = 16.0
+# many units of rounding of the output's dtype, where one unit is the rounding
+# a dot product of the channel's filter with the layer's input can make.
+ZERO_VARIANCE_TOLERANCE = 4.0
 
 
 @dataclass
@@ -37,8 +39,10 @@ class WithinLayerResult:
     """What Part 1 measured and did at one layer.
 
     Attributes:
-        before: channel moments of the drawn filters' output (bias zero).
-        after: channel moments of the output handed on (normalized).
+        before: channel moments of the drawn filters' output (bias zero), measured.
+        after: channel moments of the output handed on, which follow exactly from
+            ``before`` through the per-channel affine map applied (mean ``beta``,
+            std 1 up to rounding); a fresh forward pass re-measures them.
         scale: the factor applied to every output channel's filter.
         zero_variance: channels that were constant on the init data; they got
             the layer's median scale (or unit-norm filters) and mean ``beta``.
@@ -52,10 +56,34 @@ class WithinLayerResult:
     mean_set: bool = True
 
 
-def _zero_variance(moments: ChannelMoments, dtype: torch.dtype) -> Tensor:
-    std = moments.std
-    size = moments.mean.abs() + std.max()
-    return std <= ZERO_VARIANCE_TOLERANCE * torch.finfo(dtype).eps * size
+def _center_in_place(values: Tensor, reduce_dims: tuple[int, ...], view: tuple[int, ...]) -> ChannelMoments:
+    """Channel moments of ``values``, which are left centred (each channel's mean subtracted).
+
+    Three fast passes (sum, subtract, norm) instead of ``torch.var_mean``,
+    which is several times slower on CPU for this layout; centring first keeps
+    the variance free of cancellation.
+    """
+    channels = math.prod(values.shape[d] for d in range(values.dim()) if d not in reduce_dims)
+    count = values.numel() // channels
+    mean = values.sum(reduce_dims) / count
+    values.sub_(mean.view(view))
+    sum_sq_dev = torch.linalg.vector_norm(values, 2, dim=reduce_dims).square()
+    return ChannelMoments(count, mean, sum_sq_dev)
+
+
+def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, dtype: torch.dtype) -> Tensor:
+    """Channels whose std on the init data is no more than rounding noise."""
+    filter_norms = filters.norm(dim=-1).flatten().to(moments.mean)
+    magnitude = moments.mean.abs() + filter_norms * input_rms * math.sqrt(filters.shape[-1])
+    return moments.std <= ZERO_VARIANCE_TOLERANCE * torch.finfo(dtype).eps * magnitude
+
+
+def _input_rms(args: tuple[Any, ...]) -> float:
+    """Root mean square of the layer input's first samples (a cheap scale reference)."""
+    if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+        return 0.0
+    head = args[0][:2].float()
+    return float(head.square().mean().sqrt()) if head.numel() else 0.0
 
 
 class _WithinPass:
@@ -76,11 +104,13 @@ class _WithinPass:
         self.on_layer_done = on_layer_done
         self.results: dict[str, WithinLayerResult] = {}
         self.drawn: set[str] = set()
+        self.input_rms: dict[str, float] = {}
 
     def draw(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if name in self.drawn:
             return
         self.drawn.add(name)
+        self.input_rms[name] = _input_rms(args)
         adapter = adapter_for(module)
         assert adapter is not None
         current = adapter.to_filters(module).detach().float().cpu()
@@ -106,16 +136,16 @@ class _WithinPass:
             )
         adapter = adapter_for(module)
         assert adapter is not None
-        dims = adapter.reduce_dims(output)
-        before = ChannelMoments.of(output, dims)
+        work = output if output.dtype in (torch.float32, torch.float64) else output.float()
+        before = _center_in_place(work, adapter.reduce_dims(output), adapter.channel_view_shape(output))
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(
                 f"layer '{name}': its output on the init data is not finite (overflow in "
                 f"{output.dtype}?); run the initialization in float32 and cast afterwards"
             )
         std = before.std
-        dead = _zero_variance(before, output.dtype)
         filters = adapter.to_filters(module).float()
+        dead = _zero_variance(before, filters, self.input_rms[name], output.dtype)
         scale = 1.0 / torch.where(dead, torch.ones_like(std), std)
         if bool(dead.any()):
             if bool((~dead).any()):
@@ -125,15 +155,20 @@ class _WithinPass:
                 fallback = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
             scale = torch.where(dead, fallback, scale)
         mean_set = module.bias is not None
-        shift = self.beta - before.mean * scale if mean_set else torch.zeros_like(scale)
+        mean_after = torch.full_like(scale, self.beta) if mean_set else before.mean * scale
         groups, per_group = filters.shape[:2]
         new_filters = filters * scale.view(groups, per_group, 1).to(filters)
         module.weight.copy_(adapter.from_filters(module, new_filters.to(module.weight.dtype)))
         if mean_set:
-            module.bias.copy_(shift.to(module.bias.dtype))
+            module.bias.copy_((self.beta - before.mean * scale).to(module.bias.dtype))
+        # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
+        # a constant channel passes on its exact constant, not its rounding noise
         view = adapter.channel_view_shape(output)
-        output.mul_(scale.view(view).to(output.dtype)).add_(shift.view(view).to(output.dtype))
-        after = ChannelMoments.of(output, dims)
+        pass_on_scale = torch.where(dead, torch.zeros_like(scale), scale)
+        work.mul_(pass_on_scale.view(view).to(work.dtype)).add_(mean_after.view(view).to(work.dtype))
+        if work is not output:
+            output.copy_(work)
+        after = ChannelMoments(before.count, mean_after, before.sum_sq_dev * pass_on_scale.square())
         self.results[name] = WithinLayerResult(
             before=before,
             after=after,

@@ -1,0 +1,146 @@
+"""Shared model builders and measurements for the tests (all data is generated)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def plain_cnn(depth: int = 6, width: int = 8, in_channels: int = 3, classes: int = 5) -> nn.Sequential:
+    """Plain ReLU CNN without batch norm: ``depth`` affine layers in all."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
+    for i in range(depth - 2):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        if i == (depth - 2) // 2:
+            layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes)]
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, bias: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResNetNoBN(nn.Module):
+    """A ResNet without batch norm: stem, residual blocks, a projection shortcut, linear head."""
+
+    def __init__(self, width: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(width, 2 * width, 1, stride=2)
+        self.head = nn.Linear(2 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        x = torch.relu(self.down(x)) + self.shortcut(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class ConcatNet(nn.Module):
+    """Inception-like: two branches (one grouped, one depthwise + pointwise) concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch_a = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.branch_b1 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.branch_b2 = nn.Conv2d(8, 4, 1)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2, groups=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.cat([torch.relu(self.branch_a(x)), torch.relu(self.branch_b2(torch.relu(self.branch_b1(x))))], dim=1)
+        x = nn.functional.leaky_relu(self.up(nn.functional.avg_pool2d(x, 2)), 0.1)
+        return self.head(torch.flatten(nn.functional.adaptive_max_pool2d(x, 1), 1))
+
+
+class Conv1d3dNet(nn.Module):
+    """Conv1d and Conv3d layers, a dilated and a strided one, a bias-less one, a sequence Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 4, 3, padding=1, dilation=1)
+        self.c1 = nn.Conv1d(4, 6, 3, dilation=2, stride=2, bias=False)
+        self.seq = nn.Linear(6, 5)
+        self.t1 = nn.ConvTranspose1d(5, 3, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c3(x)).mean(dim=(3, 4))  # (N, 4, D)
+        x = torch.relu(self.c1(x))  # (N, 6, L)
+        x = torch.relu(self.seq(x.transpose(1, 2))).transpose(1, 2)  # Linear over a sequence
+        return self.t1(x)
+
+
+ARCHITECTURES = {
+    "plain": (lambda: plain_cnn(6), (3, 12, 12)),
+    "resnet": (lambda: ResNetNoBN(), (3, 8, 8)),
+    "concat": (lambda: ConcatNet(), (3, 8, 8)),
+    "conv1d3d": (lambda: Conv1d3dNet(), (2, 6, 4, 4)),
+}
+
+
+def first_call_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output of every affine layer's first call in a fresh no-grad forward pass."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        outputs.setdefault(name, output.detach().clone())
+
+    handles = [
+        m.register_forward_hook(lambda m, a, o, n=n: keep(n, o))
+        for n, m in model.named_modules()
+        if isinstance(m, AFFINE)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def channel_stats(module: nn.Module, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population std of a layer output, in float64."""
+    channel = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+    dims = tuple(d for d in range(output.dim()) if d != channel)
+    var, mean = torch.var_mean(output.double(), dim=dims, correction=0)
+    return mean, var.sqrt()
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), f"{key} changed"
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def geometric_spread(rates: list[float]) -> float:
+    """Largest relative deviation of any rate from the geometric mean."""
+    g = math.exp(sum(math.log(r) for r in rates) / len(rates))
+    return max(abs(r / g - 1) for r in rates)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed() -> None:
+    torch.manual_seed(1234)

@@ -1,0 +1,117 @@
+"""Property-based: random architectures get exact Part 1 statistics and a function-preserving Part 2."""
+
+from __future__ import annotations
+
+import torch
+from conftest import channel_stats, first_call_outputs, relative_change
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import magicinit
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
+
+
+class Block(nn.Module):
+    """One drawn block: a plain conv, a residual pair, a two-branch concat or a transposed conv."""
+
+    def __init__(self, kind: str, dim: int, width: int, out: int, kernel: int, groups: int,
+                 stride: int, dilation: int, bias: bool) -> None:
+        super().__init__()
+        self.kind = kind
+        pad = dilation * (kernel // 2)
+        conv = CONV[dim]
+        if kind == "plain":
+            self.a = conv(width, out, kernel, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=bias)
+        elif kind == "residual":
+            self.a = conv(width, width, kernel, padding=pad, dilation=dilation, groups=groups, bias=bias)
+            self.b = conv(width, width, kernel, padding=kernel // 2, bias=True)
+        elif kind == "concat":
+            self.a = conv(width, out, kernel, padding=pad, dilation=dilation, groups=groups, bias=bias)
+            self.b = conv(width, width, 1, bias=True)
+        else:
+            self.a = CONV_T[dim](width, out, kernel, stride=stride, groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "residual":
+            return torch.relu(x + self.b(torch.relu(self.a(x))))
+        if self.kind == "concat":
+            return torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return torch.relu(self.a(x))
+
+
+class RandomNet(nn.Module):
+    def __init__(self, dim: int, specs: list[dict], head_hidden: int) -> None:
+        super().__init__()
+        width = specs[0]["width"]
+        self.stem = CONV[dim](2, width, 3, padding=1)
+        blocks = []
+        for spec in specs:
+            block = Block(dim=dim, width=width, **{k: v for k, v in spec.items() if k != "width"})
+            blocks.append(block)
+            width = {"residual": width, "concat": spec["out"] + width}.get(spec["kind"], spec["out"])
+        self.blocks = nn.Sequential(*blocks)
+        self.dim = dim
+        self.hidden = nn.Linear(width, head_hidden)
+        self.head = nn.Linear(head_hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        x = x.mean(dim=tuple(range(2, 2 + self.dim)))
+        return self.head(torch.relu(self.hidden(x)))
+
+
+@st.composite
+def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
+    dim = draw(st.sampled_from([1, 2]))
+    width = draw(st.sampled_from([4, 6, 8]))
+    specs, strided = [], 0
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["plain", "residual", "concat", "transposed"]))
+        groups = draw(st.sampled_from([g for g in (1, 2, width) if width % g == 0]))
+        out = groups * draw(st.integers(1, 3))
+        stride = draw(st.sampled_from([1, 2])) if kind in ("plain", "transposed") and strided < 2 else 1
+        strided += stride == 2
+        specs.append(dict(
+            kind=kind, width=width, out=out, kernel=draw(st.sampled_from([1, 3])), groups=groups,
+            stride=stride, dilation=draw(st.sampled_from([1, 2])), bias=draw(st.booleans()),
+        ))
+        width = {"residual": width, "concat": out + width}.get(kind, out)
+    model = RandomNet(dim, specs, draw(st.sampled_from([4, 8])))
+    seed = draw(st.integers(0, 2**16))
+    x = torch.randn(16, 2, *([12] * dim), generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    return model, x
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.sampled_from([0.0, 0.1]))
+def test_part1_gives_exact_statistics_on_every_normalized_layer(arch: tuple[RandomNet, torch.Tensor], beta: float) -> None:
+    model, x = arch
+    report = magicinit.init_(model, x, between=False, beta=beta, seed=0)
+    outputs = first_call_outputs(model, x)
+    modules = dict(model.named_modules())
+    for entry in report.layers:
+        assert entry.status == "initialized"
+        mean, std = channel_stats(modules[entry.name], outputs[entry.name])
+        live = torch.ones_like(std, dtype=torch.bool)
+        live[entry.zero_variance_channels] = False
+        assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3), (entry.name, std)
+        if modules[entry.name].bias is not None:
+            assert torch.allclose(mean, torch.full_like(mean, beta), atol=1e-3), (entry.name, mean)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures())
+def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
+    model, x = arch
+    model.eval()
+    magicinit.init_(model, x, between=False, seed=0)
+    with torch.no_grad():
+        before = model(x)
+    report = magicinit.rescale_(model, x, seed=1, rate_precision=0.2, rate_max_rounds=2)
+    with torch.no_grad():
+        after = model(x)
+    assert relative_change(after, before) < 1e-4
+    assert not any("undone" in note for note in report.notes)

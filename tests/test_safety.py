@@ -1,0 +1,134 @@
+"""Errors name the argument or layer, and leave the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_state, plain_cnn, state_copy
+from torch import nn
+
+import magicinit
+from magicinit import MagicInitError
+
+
+def _assert_untouched(model: nn.Module, saved: dict[str, torch.Tensor], training: bool = True) -> None:
+    assert_same_state(model, saved)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, module
+        assert module.training is training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_data(bad: float) -> None:
+    model = plain_cnn(4)
+    saved = state_copy(model)
+    x = torch.randn(8, 3, 8, 8)
+    x[3, 1, 2, 2] = bad
+    with pytest.raises(MagicInitError, match="data: batch 0 contains NaN or Inf"):
+        magicinit.init_(model, x)
+    _assert_untouched(model, saved)
+
+
+def test_model_without_affine_layers() -> None:
+    with pytest.raises(MagicInitError, match="has no convolution"):
+        magicinit.init_(nn.Sequential(nn.ReLU(), nn.Flatten()), torch.randn(4, 3))
+
+
+def test_data_of_a_shape_the_model_rejects() -> None:
+    model = plain_cnn(4)
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=r"model rejected the init data \(batch \(2, 5, 8, 8\) float32\)"):
+        magicinit.init_(model, torch.randn(8, 5, 8, 8))
+    _assert_untouched(model, saved)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, orthogonal"),
+        ({"skip": ["missing"]}, "skip: no module named 'missing'"),
+        ({"samples": 0}, "samples=0"),
+        ({"beta": float("nan")}, "beta=nan"),
+        ({"rate_chunk_size": 0}, "rate_chunk_size=0"),
+        ({"seed": "1"}, "seed='1'"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
+    model = plain_cnn(3)
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=match):
+        magicinit.init_(model, torch.randn(4, 3, 8, 8), **kwargs)
+    _assert_untouched(model, saved)
+
+
+def test_empty_iterable() -> None:
+    with pytest.raises(MagicInitError, match="no samples"):
+        magicinit.init_(plain_cnn(3), [])
+
+
+class _Interrupt:
+    """A user hook that raises on a chosen call (as Ctrl-C would)."""
+
+    def __init__(self, on_call: int, error: type[BaseException], when_grad: bool = False) -> None:
+        self.on_call, self.error, self.when_grad, self.calls = on_call, error, when_grad, 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.when_grad and not torch.is_grad_enabled():
+            return
+        self.calls += 1
+        if self.calls == self.on_call:
+            raise self.error("interrupted")
+
+
+@pytest.mark.parametrize(
+    "on_call,when_grad,part",
+    [(2, False, "within"), (3, True, "between")],
+)
+def test_interruption_inside_a_forward_hook_leaves_model_untouched(on_call: int, when_grad: bool, part: str) -> None:
+    model = plain_cnn(5)
+    saved = state_copy(model)
+    user_hook = model[4].register_forward_hook(_Interrupt(on_call, KeyboardInterrupt, when_grad))
+    with pytest.raises(KeyboardInterrupt):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0)
+    user_hook.remove()
+    _assert_untouched(model, saved)
+
+
+def test_error_from_user_code_in_part2_leaves_model_untouched_and_in_eval_mode() -> None:
+    model = plain_cnn(4).eval()
+    saved = state_copy(model)
+    hook = model[2].register_forward_hook(_Interrupt(1, ValueError, when_grad=True))
+    with pytest.raises(MagicInitError, match="ValueError: interrupted"):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0)
+    hook.remove()
+    _assert_untouched(model, saved, training=False)
+
+
+def test_success_restores_mode_and_requires_grad() -> None:
+    model = plain_cnn(4)
+    model[0].bias.requires_grad_(False)
+    model.train()
+    model[2].eval()
+    magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0, rate_precision=0.1)
+    assert model.training and not model[2].training and model[4].training
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_meta_device_parameters() -> None:
+    with torch.device("meta"):
+        model = plain_cnn(3)
+    with pytest.raises(MagicInitError, match=r"layer '0': its parameters are on the meta device"):
+        magicinit.init_(model, torch.randn(4, 3, 8, 8))
+
+
+def test_diagnose_leaves_model_rng_and_mode_untouched() -> None:
+    model = plain_cnn(4)
+    saved = state_copy(model)
+    x = torch.randn(8, 3, 8, 8)
+    rng = torch.get_rng_state()
+    magicinit.diagnose(model, x, rate_precision=0.1)
+    assert torch.equal(rng, torch.get_rng_state())
+    _assert_untouched(model, saved)
