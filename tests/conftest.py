@@ -132,7 +132,10 @@ def assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    """||a - b|| / ||b||; a dead network (b == 0 exactly) must then give a == 0 too."""
+    diff = float((a.double() - b.double()).norm())
+    norm = float(b.double().norm())
+    return diff / norm if norm > 0 else diff
 
 
 def geometric_spread(rates: list[float]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import pytest
@@ -149,16 +150,37 @@ def test_frozen_and_skipped_layers_are_left_bit_identical() -> None:
     assert not model[0].weight.requires_grad
 
 
-def test_a_rescaling_that_changes_the_function_is_undone(monkeypatch) -> None:
-    # Fault injection: declare tanh (wrongly) homogeneous, so Part 2 scales across it.
+class _Uncopyable(nn.Sequential):
+    """A model deepcopy cannot copy (it holds a lock), so no float64 twin can be made."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("container", [nn.Sequential, _Uncopyable])
+def test_a_rescaling_that_would_change_the_function_is_not_kept(monkeypatch, container) -> None:
+    # Fault injection: declare tanh (wrongly) homogeneous, so Part 2 would scale across it.
     monkeypatch.setitem(graph_module.SCALE_RULES, "tanh", graph_module.SCALE_RULES["relu"])
-    model = _with_uneven_scales(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)))
+    model = _with_uneven_scales(container(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)))
     x = torch.randn(32, 4)
     saved = state_copy(model)
-    with pytest.warns(RuntimeWarning, match="undone"):
+    with pytest.warns(RuntimeWarning, match="left as it was"):
         report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
     assert_same_state(model, saved)
-    assert any("undone" in note for note in report.notes)
+    assert any("not kept" in note for note in report.notes)
+
+
+def test_deep_float32_net_is_rescaled_despite_rounding() -> None:
+    # 31 float32 layers: rounding alone moves the output by ~1e-4, the float64 check sees ~1e-13
+    model = plain_cnn(32, width=4)
+    x = torch.randn(32, 3, 12, 12)
+    magicinit.init_(model, x, between=False, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
+    assert report.rate_spread_after < 1.3 < report.rate_spread_before
+    assert report.output_change < 1e-2
 
 
 def test_rates_have_no_side_effects_on_grads_or_global_rng() -> None:

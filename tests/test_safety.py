@@ -132,3 +132,24 @@ def test_diagnose_leaves_model_rng_and_mode_untouched() -> None:
     magicinit.diagnose(model, x, rate_precision=0.1)
     assert torch.equal(rng, torch.get_rng_state())
     _assert_untouched(model, saved)
+
+
+def test_no_chosen_layer_runs_in_forward() -> None:
+    class Detached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    with pytest.raises(MagicInitError, match="none of the layers to initialize"):
+        magicinit.init_(Detached(), torch.randn(4, 3))
+
+
+def test_lazy_modules_must_be_materialized_first() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(MagicInitError, match=r"parameter '2.weight' is an uninitialized lazy parameter"):
+        magicinit.init_(model, torch.randn(4, 3, 8, 8))
+    model(torch.randn(1, 3, 8, 8))
+    magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0, rate_precision=0.2)

@@ -14,11 +14,13 @@ samples.
 
 The rescaling itself is the least-squares problem of ``graph.LayerGraph.solve``:
 one measurement, one solve, one application that keeps the network's function
-(checked on the init data; undone if the check fails), one verification.
+(first checked on a float64 copy of the model, so that rounding is not
+mistaken for a change), one verification.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import MagicInitError
 from .graph import LayerGraph, ScaleSolution
-from .inputs import Batch, ForwardFn, batch_size, floating_tensors, split_batch
+from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, split_batch
 from .layers import adapter_for
 
 __all__ = [
@@ -214,8 +216,9 @@ class BetweenResult:
         weight_factor: factor applied to each layer's weight.
         equalized: layers whose rates entered the objective.
         excluded: layers left out of the objective, with the reason.
-        function_change: relative output change caused by the rescaling, on the init data.
-        reverted: True if the rescaling changed the function and was undone.
+        function_change: relative output change caused by the rescaling, on the first init
+            samples, in the model's own precision (rounding only).
+        reverted: True if the rescaling would have changed the function and was not kept.
     """
 
     before: ChangeRates
@@ -243,6 +246,55 @@ def _apply_scales(layers: dict[str, nn.Module], solution: ScaleSolution) -> dict
     return factors
 
 
+FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked to keep the function
+EXACT_TOLERANCE = 1e-9  # relative output change allowed in the float64 check
+FLOAT64_CHECK_MAX_BYTES = 2 * 1024**3  # larger models are checked in their own precision instead
+
+
+def _outputs(model: nn.Module, batch: Batch, forward: ForwardFn) -> list[Tensor]:
+    with torch.no_grad():
+        return [t.detach().clone() for t in floating_tensors(forward(model, batch))]
+
+
+def _change_in_float64(
+    model: nn.Module, probe: Batch, forward: ForwardFn, names: list[str], solution: ScaleSolution
+) -> float | None:
+    """Relative output change the rescaling causes in a float64 copy of the model.
+
+    In exact arithmetic a correct scale analysis changes nothing, so this
+    separates a wrong analysis (an O(1) change) from the rounding of deep
+    float32 networks (which alone can exceed 1e-4). None when no float64 copy
+    can be made (too large, or not copyable); the model itself is not touched.
+    """
+    if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
+        return None
+    try:
+        twin = copy.deepcopy(model).double()
+    except Exception:  # a model holding something deepcopy cannot copy
+        return None
+    twin_modules = dict(twin.named_modules())
+    probe64 = cast_floating(probe, torch.float64)
+    reference = _outputs(twin, probe64, forward)
+    _apply_scales({name: twin_modules[name] for name in names}, solution)
+    return function_change(reference, _outputs(twin, probe64, forward))
+
+
+def _rounding_tolerance(model: nn.Module) -> float:
+    """Output change that rounding alone may cause, when no float64 check was possible."""
+    dtype = next(model.parameters()).dtype
+    return max(1e-3, 50 * torch.finfo(dtype).eps)
+
+
+def _warn_not_kept(change: float, where: str) -> None:
+    warnings.warn(
+        f"magicinit: the between-layer rescaling would change the network's output by {change:.2e} "
+        f"(relative, {where}); some operation's scale behaviour was not recognized, so the model was "
+        "left as it was. Please report the model to magicinit.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def equalize_between(
     model: nn.Module,
     batch: Batch,
@@ -257,9 +309,11 @@ def equalize_between(
     """Rescale ``layers`` so their change rates are as equal as the graph allows.
 
     Layers in ``fixed`` keep their weights and biases. The function of the
-    network is kept: outputs on the init data before and after are compared,
-    and a rescaling that changed them by more than the dtype allows is undone
-    (with a warning) rather than kept.
+    network is kept: the rescaling is first applied to a float64 copy of the
+    model and must leave its outputs on the first init samples unchanged (up
+    to 1e-9, relative); otherwise it is not applied, with a warning. Where no
+    float64 copy can be made, it is applied and undone again if the model's
+    own outputs moved by more than rounding allows.
     """
     called = {name: module for name, module in layers.items() if name in graph.sites}
     before = measure_change_rates(model, batch, forward, called, generator, options, progress, "magicinit: rates before")
@@ -276,31 +330,27 @@ def equalize_between(
         else:
             log_rates[name] = math.log(rate)
     solution = graph.solve(log_rates, fixed=fixed)
-    with torch.no_grad():
-        reference = [t.detach().clone() for t in floating_tensors(forward(model, batch))]
+    probe = split_batch(batch, 0, FUNCTION_CHECK_SAMPLES)
+    analysis_error = _change_in_float64(model, probe, forward, list(called), solution)
+    result = BetweenResult(before, None, solution, {name: 1.0 for name in called}, list(log_rates), excluded)
+    if analysis_error is not None and analysis_error > EXACT_TOLERANCE:
+        _warn_not_kept(analysis_error, "in a float64 copy of the model")
+        result.reverted = True
+        return result
+    reference = _outputs(model, probe, forward)
     saved = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for name, m in called.items()}
     factors = _apply_scales(called, solution)
-    with torch.no_grad():
-        current = [t.detach() for t in floating_tensors(forward(model, batch))]
-    change = function_change(reference, current)
-    dtype = next(iter(called.values())).weight.dtype
-    tolerance = max(1e-4, 20 * torch.finfo(dtype).eps)
-    result = BetweenResult(before, None, solution, factors, list(log_rates), excluded, change)
-    if change > tolerance:
+    result.weight_factor = factors
+    result.function_change = function_change(reference, _outputs(model, probe, forward))
+    if analysis_error is None and result.function_change > _rounding_tolerance(model):
         with torch.no_grad():
             for name, (weight, bias) in saved.items():
                 called[name].weight.copy_(weight)
                 if bias is not None:
                     called[name].bias.copy_(bias)
-        warnings.warn(
-            f"magicinit: the between-layer rescaling changed the network's output by {change:.2e} "
-            f"(relative, tolerance {tolerance:.0e}); some operation's scale behaviour was not recognized, "
-            "so the rescaling was undone. Report the model to magicinit.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
-        result.weight_factor = {name: 1.0 for name in factors}
+        result.weight_factor = {name: 1.0 for name in called}
         return result
     if any(f != 1.0 for f in factors.values()):
         result.after = measure_change_rates(

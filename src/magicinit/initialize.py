@@ -74,8 +74,8 @@ def init_(
         MagicInitError: bad arguments, data or model; the model is then exactly as before.
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
-        >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)  # doctest: +SKIP
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+        >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)
     """
     if not math.isfinite(beta):
         raise MagicInitError(f"beta={beta}: must be a finite number")
@@ -232,11 +232,11 @@ def _build_report(
             report.rate_spread_after = _spread(between_result.after.rate, between_result.equalized)
         report.notes.append(
             f"change rates from {between_result.before.draws} noise draws "
-            f"(chunks of {settings['rate_chunk_size']} samples); output changed by "
-            f"{between_result.function_change:.1e} (relative) by the rescaling"
+            f"(chunks of {settings['rate_chunk_size']} samples); the rescaling changed the output by "
+            f"{between_result.function_change:.1e} (relative, rounding)"
         )
         if between_result.reverted:
-            report.notes.append("between-layer rescaling was undone: it changed the network's output")
+            report.notes.append("between-layer rescaling was not kept: it would change the network's output")
     for layer in layers:
         if layer.status == "":
             layer.status = "measured"

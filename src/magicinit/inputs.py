@@ -26,6 +26,7 @@ __all__ = [
     "split_batch",
     "floating_tensors",
     "all_tensors",
+    "cast_floating",
 ]
 
 Batch = Any
@@ -47,6 +48,11 @@ def _map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
     if isinstance(batch, dict):
         return {key: _map_tensors(fn, value) for key, value in batch.items()}
     return batch
+
+
+def cast_floating(batch: Batch, dtype: torch.dtype) -> Batch:
+    """The batch with every floating tensor cast to ``dtype``."""
+    return _map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
 
 
 def floating_tensors(obj: Any) -> Iterator[Tensor]:

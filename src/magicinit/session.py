@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .errors import MagicInitError
@@ -95,6 +96,12 @@ def start_session(
             f"model {type(model).__name__} has no convolution, transposed convolution or linear layer; "
             "magicinit initializes those (nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear)"
         )
+    for name, param in model.named_parameters():
+        if is_lazy(param):
+            raise MagicInitError(
+                f"parameter '{name}' is an uninitialized lazy parameter; run one forward pass on a batch "
+                "to materialize the model before initializing it"
+            )
     skip = [skip] if isinstance(skip, str) else list(skip)
     module_names = {name for name, _ in model.named_modules()}
     for prefix in skip:
@@ -126,6 +133,11 @@ def start_session(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     session = Session(model, layers, excluded, all_layers, batch, guard_forward(forward or default_forward), generator)
     session.graph = _trace(session)
+    if session.graph is not None and not any(name in session.graph.sites for name in layers):
+        raise MagicInitError(
+            f"none of the layers to initialize ({', '.join(list(layers)[:5])}...) ran in forward(model, batch); "
+            "check forward=... or the layers passed"
+        )
     return session
 
 
