@@ -124,15 +124,14 @@ def measure_change_rates(
         weight.requires_grad_(True)
     n_samples = batch_size(batch)
     starts = list(range(0, n_samples, options.chunk_size))
-    channel_sums = {name: torch.zeros(0, dtype=torch.float64) for name in names}
+    channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
     draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
     bar = tqdm(total=options.max_rounds * len(starts), desc=desc, unit="draw") if progress else None
     rounds = 0
     try:
         while rounds < options.max_rounds:
             rounds += 1
-            for name in names:
-                draw_totals[name].append([])
+            round_totals: dict[str, list[Tensor]] = {name: [] for name in names}
             for start in starts:
                 chunk = split_batch(batch, start, start + options.chunk_size)
                 with torch.enable_grad():
@@ -147,16 +146,15 @@ def measure_change_rates(
                     adapter = adapter_for(module)
                     assert adapter is not None
                     if grad is None:
-                        per_channel = torch.zeros(adapter.out_channels(module), dtype=torch.float64)
+                        per_channel = module.weight.new_zeros(adapter.out_channels(module), dtype=torch.float64)
                     else:
-                        per_channel = adapter.to_filters(module, grad).double().square().sum(-1).flatten().cpu()
-                    if channel_sums[name].numel() == 0:
-                        channel_sums[name] = per_channel
-                    else:
-                        channel_sums[name] += per_channel
-                    draw_totals[name][-1].append(float(per_channel.sum()))
+                        per_channel = adapter.to_filters(module, grad).double().square().sum(-1).flatten()
+                    channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
+                    round_totals[name].append(per_channel.sum())
                 if bar is not None:
                     bar.update(1)
+            for name in names:  # one transfer per layer and round, not per draw
+                draw_totals[name].append(torch.stack(round_totals[name]).tolist())
             if rounds >= options.min_rounds:
                 errors = _log_errors(draw_totals)
                 if all(e <= options.precision for e in errors.values()):
@@ -172,7 +170,7 @@ def measure_change_rates(
         assert adapter is not None
         filters = adapter.to_filters(module).detach().double().cpu()
         channel_norm_sq = filters.square().sum(-1).flatten()
-        mean_grad_sq = channel_sums[name] / n_draws
+        mean_grad_sq = channel_sums[name].cpu() / n_draws
         weight_norm_sq = float(channel_norm_sq.sum())
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
@@ -183,14 +181,18 @@ def _log_errors(draw_totals: dict[str, list[list[float]]]) -> dict[str, float]:
     """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms.
 
     Each chunk's noise variance is estimated across rounds; with one round
-    the error is unknown (inf).
+    the error is unknown (inf). A layer no gradient reaches has rate 0 exactly
+    (error 0).
     """
     errors = {}
     for name, per_round in draw_totals.items():
         values = torch.tensor(per_round, dtype=torch.float64)  # rounds x chunks
         rounds = values.shape[0]
         total = float(values.mean(0).sum())
-        if total <= 0 or rounds < 2:
+        if total <= 0:
+            errors[name] = 0.0
+            continue
+        if rounds < 2:
             errors[name] = math.inf
             continue
         noise_var_of_total = float(values.var(0, correction=1).sum()) / rounds

@@ -65,11 +65,11 @@ class AffineAdapter:
         grouped = filters.reshape(groups, out_per_group, in_per_group, kernel)
         return grouped.permute(0, 2, 1, 3).reshape(shape)
 
-    def channel_view_shape(self, output: Tensor) -> tuple[int, ...]:
-        """Shape that broadcasts a per-channel vector against the layer's output."""
+    def channel_view(self, output: Tensor) -> Tensor:
+        """A contiguous output viewed as ``(outer, channels, inner)``, the output channels in the middle."""
         if self.channels_last_in_output:
-            return (-1,)
-        return (1, -1) + (1,) * (output.dim() - 2)
+            return output.view(-1, output.shape[-1], 1)
+        return output.view(output.shape[0], output.shape[1], -1)
 
     def reduce_dims(self, output: Tensor) -> tuple[int, ...]:
         """Dimensions of the output that channel statistics average over."""

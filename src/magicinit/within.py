@@ -56,18 +56,18 @@ class WithinLayerResult:
     mean_set: bool = True
 
 
-def _center_in_place(values: Tensor, reduce_dims: tuple[int, ...], view: tuple[int, ...]) -> ChannelMoments:
-    """Channel moments of ``values``, which are left centred (each channel's mean subtracted).
+def _center_in_place(view: Tensor) -> ChannelMoments:
+    """Channel moments of an ``(outer, channels, inner)`` view, which is left centred.
 
-    Three fast passes (sum, subtract, norm) instead of ``torch.var_mean``,
-    which is several times slower on CPU for this layout; centring first keeps
-    the variance free of cancellation.
+    Three fast passes (sum, subtract the mean, norm), each reducing the
+    contiguous inner dimension first: several times faster on CPU than
+    ``torch.var_mean`` over the channel's dimensions. Centring before the
+    norm keeps the variance free of cancellation.
     """
-    channels = math.prod(values.shape[d] for d in range(values.dim()) if d not in reduce_dims)
-    count = values.numel() // channels
-    mean = values.sum(reduce_dims) / count
-    values.sub_(mean.view(view))
-    sum_sq_dev = torch.linalg.vector_norm(values, 2, dim=reduce_dims).square()
+    count = view.shape[0] * view.shape[2]
+    mean = view.sum(2).sum(0) / count
+    view.sub_(mean.view(1, -1, 1))
+    sum_sq_dev = torch.linalg.vector_norm(view, 2, dim=2).square().sum(0)
     return ChannelMoments(count, mean, sum_sq_dev)
 
 
@@ -136,8 +136,11 @@ class _WithinPass:
             )
         adapter = adapter_for(module)
         assert adapter is not None
-        work = output if output.dtype in (torch.float32, torch.float64) else output.float()
-        before = _center_in_place(work, adapter.reduce_dims(output), adapter.channel_view_shape(output))
+        # statistics in float32 or better, on a contiguous tensor (a copy only where needed)
+        stats_dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
+        work = output.to(dtype=stats_dtype, memory_format=torch.contiguous_format)
+        view = adapter.channel_view(work)
+        before = _center_in_place(view)
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(
                 f"layer '{name}': its output on the init data is not finite (overflow in "
@@ -163,9 +166,8 @@ class _WithinPass:
             module.bias.copy_((self.beta - before.mean * scale).to(module.bias.dtype))
         # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
         # a constant channel passes on its exact constant, not its rounding noise
-        view = adapter.channel_view_shape(output)
         pass_on_scale = torch.where(dead, torch.zeros_like(scale), scale)
-        work.mul_(pass_on_scale.view(view).to(work.dtype)).add_(mean_after.view(view).to(work.dtype))
+        view.mul_(pass_on_scale.view(1, -1, 1).to(work.dtype)).add_(mean_after.view(1, -1, 1).to(work.dtype))
         if work is not output:
             output.copy_(work)
         after = ChannelMoments(before.count, mean_after, before.sum_sq_dev * pass_on_scale.square())

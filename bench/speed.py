@@ -1,0 +1,391 @@
+"""Speed of magicinit's Part 1 against a plain forward pass, and against the ``lsuv`` package.
+
+What it measures, for plain ReLU CNNs (no batch norm) of several depths on
+random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
+
+* Part 1 / forward: ``--pairs`` times, a ``torch.no_grad()`` forward over all
+  samples and right after it the whole call
+  ``magicinit.init_(model, x, between=False, seed=0)`` (setup included; the
+  report's own ``seconds["within"]`` is shown beside it); the median of the
+  per-pair ratios is reported. Pairing keeps one lucky forward on a noisy
+  machine from skewing the ratio. The target is <= 1.3 at every depth;
+* lsuv / forward: ``lsuv.lsuv_with_singlebatch`` (lsuv 0.3.0) with its default
+  settings on a fresh copy of the model, over the same samples, each run right
+  after a forward (median of ``--repeats`` pair ratios); lsuv / Part 1 is the
+  quotient of the two medians;
+* Part 2: ``report.seconds["between"]`` of ``magicinit.init_(model, x2, seed=0)`` over
+  ``--part2-samples`` samples, divided by one forward+backward pass over those same
+  samples (minimum times over ``--repeats``), and the change-rate spread (max/min)
+  before and after Part 2.
+
+Every number in the table is a ratio of times taken in the same run, on the
+same machine, so runs on different machines compare by their ratios only.
+
+Run from the repository root (lsuv comes with the ``bench`` extra)::
+
+    pip install -e ".[bench]" -c constraints.txt
+    python bench/speed.py                 # depths 8 16 32, 7 pairs, 3 repeats
+    python bench/speed.py --quick         # depths 8 16, 3 pairs, 1 repeat
+    python bench/speed.py --no-lsuv --depths 8 --repeats 5
+
+The exit status is 0 whether or not the target is met: this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import inspect
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+import magicinit
+from magicinit import Report
+
+try:
+    import lsuv
+except ImportError:  # the bench extra is not installed; --no-lsuv still works
+    lsuv = None
+
+Result = TypeVar("Result")
+
+PART1_TARGET = 1.3  # Part 1 time / forward time, at every depth
+IMAGE_SHAPE = (3, 32, 32)
+CLASSES = 10
+INPUT_SEED = 0
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# the measurements, by the names DepthResult.seconds keeps them under
+FORWARD = "forward"  # torch.no_grad() forward over the samples, paired with each Part 1 run
+LSUV_FORWARD = "lsuv forward"  # the forward timed just before each lsuv run
+PART1_WALL = "part1 wall"  # the whole init_(..., between=False) call
+PART1_WITHIN = "part1 within"  # its report.seconds["within"]
+LSUV = "lsuv"  # lsuv.lsuv_with_singlebatch on a fresh copy
+FORWARD_BACKWARD = "forward+backward"  # over the Part 2 samples
+PART2_BETWEEN = "part2 between"  # report.seconds["between"] of a full init_ over the Part 2 samples
+
+
+@dataclass
+class DepthResult:
+    """What was measured at one depth: every repeat's seconds by measurement, Part 2's spreads, warnings."""
+
+    depth: int
+    seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    model_calls: dict[str, int] = field(default_factory=dict)  # calls of the model in one run, by measurement
+    rate_spread_before: float | None = None
+    rate_spread_after: float | None = None
+    messages: set[str] = field(default_factory=set)
+
+    def best(self, measurement: str) -> float | None:
+        """The minimum over the repeats, or None if it was not measured."""
+        times = self.seconds.get(measurement)
+        return min(times) if times else None
+
+    def paired_ratio(self, measurement: str, reference: str = FORWARD) -> float | None:
+        """Median over the runs of ``measurement / reference``, each timed right after the other.
+
+        Pairing makes the ratio robust on a noisy machine: one lucky forward
+        cannot skew it, as it can a ratio of two minima taken minutes apart.
+        """
+        pairs = list(zip(self.seconds.get(measurement, []), self.seconds.get(reference, [])))
+        return statistics.median(m / r for m, r in pairs) if pairs else None
+
+    @property
+    def part1_ratio(self) -> float:
+        """Part 1's whole call over the plain forward timed just before it (median over pairs)."""
+        ratio = self.paired_ratio(PART1_WALL)
+        assert ratio is not None
+        return ratio
+
+    @property
+    def meets_target(self) -> bool:
+        return self.part1_ratio <= PART1_TARGET
+
+
+def build_plain_cnn(depth: int, width: int) -> nn.Sequential:
+    """Plain ReLU CNN with ``depth`` conv+linear layers and no batch norm.
+
+    Conv(3, width) + ReLU, then ``depth - 2`` times Conv(width, width) + ReLU with a
+    2x2 max-pool after the convs at 1/3 and 2/3 of the depth, then global average
+    pooling and Linear(width, 10).
+    """
+    pool_after = {depth // 3, 2 * depth // 3}  # 1-based indices of the convs followed by a pool
+    layers: list[nn.Module] = []
+    for conv_index in range(1, depth):  # depth - 1 convs; the linear layer is the last one
+        in_channels = IMAGE_SHAPE[0] if conv_index == 1 else width
+        layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
+        if conv_index in pool_after:
+            layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def gaussian_inputs(samples: int, device: torch.device, seed: int = INPUT_SEED) -> Tensor:
+    """``samples`` images of standard Gaussian noise, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, *IMAGE_SHAPE, generator=generator).to(device)
+
+
+def timed(action: Callable[[], Result], device: torch.device) -> tuple[float, Result]:
+    """Seconds ``action`` took (the device synchronized before reading the clock), and its result."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = action()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_forward(model: nn.Module, inputs: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(inputs)
+
+
+def forward_backward(model: nn.Module, inputs: Tensor) -> None:
+    model(inputs).sum().backward()
+
+
+def count_model_calls(model: nn.Module) -> Callable[[], int]:
+    """Counts the calls of ``model`` from now on; the returned function reads the count."""
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(count)
+    return lambda: calls[0]
+
+
+def run_lsuv(model: nn.Module, inputs: Tensor, device: torch.device) -> None:
+    assert lsuv is not None
+    lsuv.lsuv_with_singlebatch(model, inputs, verbose=False, device=device)
+
+
+def lsuv_defaults() -> str:
+    """lsuv's default settings as ``name=value``, read from the installed package."""
+    assert lsuv is not None
+    parameters = inspect.signature(lsuv.lsuv_with_singlebatch).parameters.values()
+    shown = ("needed_std", "std_tol", "max_attempts", "do_orthonorm")
+    return ", ".join(f"{p.name}={p.default}" for p in parameters if p.name in shown)
+
+
+def init_recording_warnings(result: DepthResult, model: nn.Module, inputs: Tensor, **options: Any) -> Report:
+    """``magicinit.init_(model, inputs, seed=0, **options)`` on all of ``inputs``.
+
+    Its warnings and the report's notes go to ``result.messages`` instead of the
+    middle of the output (the same warning comes once per repeat).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = magicinit.init_(model, inputs, seed=0, samples=len(inputs), **options)
+    result.messages.update(f"{w.category.__name__}: {w.message}" for w in caught)
+    result.messages.update(f"note: {note}" for note in report.notes)
+    return report
+
+
+def measure_depth(
+    depth: int, args: argparse.Namespace, inputs: Tensor, part2_inputs: Tensor, device: torch.device
+) -> DepthResult:
+    """All measurements at one depth, interleaved repeat by repeat."""
+    torch.manual_seed(depth)
+    model = build_plain_cnn(depth, args.width).to(device)
+    result = DepthResult(depth)
+    plain_forward(model, inputs)  # warm-up: kernel selection and allocator growth
+    for _ in range(args.pairs):
+        result.seconds[FORWARD].append(timed(lambda: plain_forward(model, inputs), device)[0])
+        part1_model = copy.deepcopy(model)
+        part1_calls = count_model_calls(part1_model)
+        seconds, report = timed(lambda: init_recording_warnings(result, part1_model, inputs, between=False), device)
+        result.seconds[PART1_WALL].append(seconds)
+        result.seconds[PART1_WITHIN].append(report.seconds["within"])
+        result.model_calls[PART1_WALL] = part1_calls()
+    for _ in range(args.repeats):
+        if not args.no_lsuv:
+            result.seconds[LSUV_FORWARD].append(timed(lambda: plain_forward(model, inputs), device)[0])
+            lsuv_model = copy.deepcopy(model)
+            lsuv_calls = count_model_calls(lsuv_model)
+            torch.manual_seed(0)  # lsuv's orthogonal init draws from the global generator
+            result.seconds[LSUV].append(timed(lambda: run_lsuv(lsuv_model, inputs, device), device)[0])
+            result.model_calls[LSUV] = lsuv_calls()
+
+        result.seconds[FORWARD_BACKWARD].append(timed(lambda: forward_backward(model, part2_inputs), device)[0])
+        model.zero_grad(set_to_none=True)
+
+        report = init_recording_warnings(result, copy.deepcopy(model), part2_inputs)
+        result.seconds[PART2_BETWEEN].append(report.seconds["between"])
+        result.rate_spread_before = report.rate_spread_before
+        result.rate_spread_after = report.rate_spread_after
+    return result
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
+
+
+def seconds_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def spread_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def spread_after_cell(result: DepthResult) -> str:
+    """The spread after Part 2; "undone" where Part 2 measured rates but magicinit did not keep its rescaling."""
+    if result.rate_spread_after is None and result.rate_spread_before is not None:
+        return "undone"
+    return spread_cell(result.rate_spread_after)
+
+
+def print_details(result: DepthResult) -> None:
+    """What the table leaves out: every repeat's times and Part 1 / forward ratios.
+
+    They show how noisy the minima are; then the model calls per run, and
+    magicinit's warnings and notes.
+    """
+    timed_names = {
+        FORWARD: "forward", PART1_WALL: "Part 1", LSUV: "lsuv",
+        FORWARD_BACKWARD: "fwd+bwd (Part 2 samples)", PART2_BETWEEN: "Part 2",
+    }
+    times = [
+        f"{label} " + "/".join(f"{seconds:.3f}" for seconds in result.seconds[measurement])
+        for measurement, label in timed_names.items() if measurement in result.seconds
+    ]
+    calls = [f"{timed_names[measurement]} {count}" for measurement, count in result.model_calls.items()]
+    paired = "/".join(
+        f"{part1 / forward:.2f}" for part1, forward in zip(result.seconds[PART1_WALL], result.seconds[FORWARD])
+    )
+    print(f"depth {result.depth}: every run, s: {', '.join(times)}")
+    print(f"depth {result.depth}: Part 1 / forward in each pair: {paired}")
+    print(f"depth {result.depth}: model calls per run: {', '.join(calls)}")
+    for message in sorted(result.messages):
+        print(f"depth {result.depth}: magicinit {message}")
+
+
+def markdown_table(results: Sequence[DepthResult]) -> str:
+    header = [
+        "depth", "forward s", "Part 1 s (within)", "Part 1 / forward", f"≤ {PART1_TARGET}?",
+        "lsuv s", "lsuv / forward", "lsuv / Part 1", "Part 2 / (fwd+bwd)", "rate spread before → after",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        part1_ratio = result.part1_ratio
+        lsuv_ratio = result.paired_ratio(LSUV, LSUV_FORWARD)
+        cells = [
+            str(result.depth),
+            seconds_cell(result.best(FORWARD)),
+            f"{seconds_cell(result.best(PART1_WALL))} ({seconds_cell(result.best(PART1_WITHIN))})",
+            f"{part1_ratio:.2f}",
+            "PASS" if result.meets_target else "MISS",
+            seconds_cell(result.best(LSUV)),
+            "-" if lsuv_ratio is None else f"{lsuv_ratio:.2f}",
+            "-" if lsuv_ratio is None else f"{lsuv_ratio / part1_ratio:.1f}",
+            ratio(result.best(PART2_BETWEEN), result.best(FORWARD_BACKWARD)),
+            f"{spread_cell(result.rate_spread_before)} → {spread_after_cell(result)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.platform()}, "
+        f"{os.cpu_count()} CPUs, device {device} ({name})"
+    )
+
+
+def load_average() -> str:
+    """The 1-minute load average: above the CPU count, other work competed for the CPUs."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown"
+    return f"load average {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs"
+
+
+def chosen_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        print("note: --device cuda asked for but CUDA is not available; using cpu")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32],
+                        help="conv+linear layers per model (at least 3)")
+    parser.add_argument("--samples", type=int, default=256, help="samples for forward, Part 1 and lsuv")
+    parser.add_argument("--part2-samples", type=int, default=128,
+                        help="samples for Part 2 and its forward+backward reference")
+    parser.add_argument("--width", type=int, default=32, help="channels of every conv")
+    parser.add_argument("--pairs", type=int, default=7,
+                        help="forward / Part 1 pairs timed back to back; the median pair ratio is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repeats of lsuv (each after a forward) and of Part 2; minimum times are kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None,
+                        help="accepted for consistency with the other benches; this one uses Gaussian inputs")
+    parser.add_argument("--quick", action="store_true", help="depths 8 16, 1 repeat")
+    parser.add_argument("--no-lsuv", action="store_true", help="leave out the lsuv measurements")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.depths, args.repeats, args.pairs = [8, 16], 1, 3
+    if min(args.depths) < 3:
+        parser.error("every depth must be at least 3 (a first conv, a hidden conv, the linear layer)")
+    if not args.no_lsuv and lsuv is None:
+        parser.error("lsuv is not installed: pip install -e '.[bench]' -c constraints.txt, or pass --no-lsuv")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = chosen_device(args.device)
+    started = time.perf_counter()
+    print(f"machine: {machine_line(device)}")
+    print(f"at start: {load_average()}")
+    print(
+        f"models: plain ReLU CNN, width {args.width}, no batch norm; inputs: Gaussian {(args.samples, *IMAGE_SHAPE)}, "
+        f"seed {INPUT_SEED}; Part 2 on {args.part2_samples} samples; {args.pairs} forward/Part 1 pairs, {args.repeats} repeat(s); "
+        f"data root {args.data_root} (unused)"
+    )
+    if not args.no_lsuv:
+        print(f"lsuv {importlib.metadata.version('lsuv')}: lsuv_with_singlebatch(model, x, verbose=False, "
+              f"device={device}) with its defaults {lsuv_defaults()}")
+    inputs = gaussian_inputs(args.samples, device)
+    part2_inputs = gaussian_inputs(args.part2_samples, device, seed=INPUT_SEED + 1)
+    results = []
+    for depth in args.depths:
+        results.append(measure_depth(depth, args, inputs, part2_inputs, device))
+        print(f"  depth {depth} done ({time.perf_counter() - started:.0f}s)", flush=True)
+    print()
+    print(markdown_table(results))
+    print()
+    for result in results:
+        print_details(result)
+    missed = [result.depth for result in results if not result.meets_target]
+    verdict = "met at every depth" if not missed else f"missed at depth {', '.join(map(str, missed))}"
+    print(f"Part 1 / forward <= {PART1_TARGET}: {verdict}")
+    print(f"total {time.perf_counter() - started:.0f}s; {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
