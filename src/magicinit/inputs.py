@@ -57,15 +57,7 @@ def cast_floating(batch: Batch, dtype: torch.dtype) -> Batch:
 
 def floating_tensors(obj: Any) -> Iterator[Tensor]:
     """Yield every floating-point tensor inside ``obj`` (nested tuple/list/dict)."""
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from floating_tensors(item)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from floating_tensors(value)
+    return (tensor for tensor in all_tensors(obj) if tensor.is_floating_point())
 
 
 def all_tensors(obj: Any) -> Iterator[Tensor]:

@@ -88,10 +88,7 @@ class Report:
     output_change: float | None = None  # relative output change caused by Part 2 on the init data
 
     def __getitem__(self, name: str) -> LayerReport:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return _by_name(self.layers, name)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain Python values (JSON-able)."""
@@ -164,10 +161,7 @@ class Diagnosis:
     draws: int
 
     def __getitem__(self, name: str) -> LayerDiagnosis:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return _by_name(self.layers, name)
 
     def to_dict(self) -> dict[str, Any]:
         """The diagnosis as plain Python values (JSON-able)."""
@@ -180,6 +174,14 @@ class Diagnosis:
             for d in self.layers
         ]
         return render_table(header, rows) + f"\n({self.draws} noise draws)"
+
+
+def _by_name(layers: list[Any], name: str) -> Any:
+    """The entry of the layer with this qualified name."""
+    for layer in layers:
+        if layer.name == name:
+            return layer
+    raise KeyError(name)
 
 
 def _finite(value: Any) -> Any:
