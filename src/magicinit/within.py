@@ -147,7 +147,7 @@ class _WithinPass:
                 f"{output.dtype}?); run the initialization in float32 and cast afterwards"
             )
         std = before.std
-        filters = adapter.to_filters(module).float()
+        filters = adapter.to_filters(module).to(stats_dtype)
         dead = _zero_variance(before, filters, self.input_rms[name], output.dtype)
         scale = 1.0 / torch.where(dead, torch.ones_like(std), std)
         if bool(dead.any()):
