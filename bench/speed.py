@@ -13,6 +13,9 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   settings on a fresh copy of the model, over the same samples, each run right
   after a forward (median of ``--repeats`` pair ratios); lsuv / Part 1 is the
   quotient of the two medians;
+* samplers: Part 1 with every sampler other than gaussian over Part 1 with
+  gaussian timed right before it, on the ``--sampler-depth`` (16) plain CNN with
+  the same samples (median of ``--repeats`` pairs); the target for kmeans is <= 5;
 * Part 2: ``report.seconds["between"]`` of ``magicinit.init_(model, x2, seed=0)`` over
   ``--part2-samples`` samples, divided by one forward+backward pass over those same
   samples (minimum times over ``--repeats``), and the change-rate spread (max/min)
@@ -234,6 +237,36 @@ def measure_depth(
     return result
 
 
+SAMPLER_TARGETS = {"kmeans": 5.0}  # init time / gaussian's, on the --sampler-depth plain CNN
+
+
+def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.device) -> dict[str, list[float]]:
+    """Per sampler, the ratios of its Part 1 time to a gaussian Part 1 timed right before it."""
+    torch.manual_seed(args.sampler_depth)
+    model = build_plain_cnn(args.sampler_depth, args.width).to(device)
+    ratios: dict[str, list[float]] = {name: [] for name in sorted(magicinit.SAMPLERS) if name != "gaussian"}
+    for _ in range(args.repeats):
+        for name in ratios:
+            gaussian_seconds = timed(
+                lambda: magicinit.init_(copy.deepcopy(model), inputs, between=False, seed=0), device
+            )[0]
+            sampler_seconds = timed(
+                lambda: magicinit.init_(copy.deepcopy(model), inputs, between=False, seed=0, sampler=name), device
+            )[0]
+            ratios[name].append(sampler_seconds / gaussian_seconds)
+    return ratios
+
+
+def sampler_table(ratios: dict[str, list[float]]) -> str:
+    lines = ["| sampler | Part 1 time / gaussian's (median) | every pair | target |", "|---|---|---|---|"]
+    for name, values in ratios.items():
+        target = SAMPLER_TARGETS.get(name)
+        verdict = "-" if target is None else f"≤ {target}: {'PASS' if statistics.median(values) <= target else 'MISS'}"
+        pairs = "/".join(f"{v:.2f}" for v in values)
+        lines.append(f"| {name} | {statistics.median(values):.2f} | {pairs} | {verdict} |")
+    return "\n".join(lines)
+
+
 def ratio(numerator: float | None, denominator: float | None) -> str:
     return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
@@ -343,6 +376,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="accepted for consistency with the other benches; this one uses Gaussian inputs")
     parser.add_argument("--quick", action="store_true", help="depths 8 16, 1 repeat")
     parser.add_argument("--no-lsuv", action="store_true", help="leave out the lsuv measurements")
+    parser.add_argument("--sampler-depth", type=int, default=16, help="depth of the model for the sampler rows")
+    parser.add_argument("--no-samplers", action="store_true", help="leave out the sampler rows")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.repeats, args.pairs = [8, 16], 1, 3
@@ -380,6 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for result in results:
         print_details(result)
+    if not args.no_samplers:
+        print()
+        print(f"Samplers: Part 1 (init_(between=False)) with each sampler over the same one with gaussian, "
+              f"depth-{args.sampler_depth} plain CNN, {args.samples} samples, {args.repeats} pairs:")
+        print()
+        print(sampler_table(measure_samplers(args, inputs, device)))
+        print()
     missed = [result.depth for result in results if not result.meets_target]
     verdict = "met at every depth" if not missed else f"missed at depth {', '.join(map(str, missed))}"
     print(f"Part 1 / forward <= {PART1_TARGET}: {verdict}")

@@ -47,7 +47,7 @@ def test_data_of_a_shape_the_model_rejects() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, orthogonal"),
+        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, orthogonal, patches, pca, zca"),
         ({"skip": ["missing"]}, "skip: no module named 'missing'"),
         ({"samples": 0}, "samples=0"),
         ({"beta": float("nan")}, "beta=nan"),

@@ -35,6 +35,7 @@ def init_(
     skip: Iterable[str] = (),
     include_frozen: bool = False,
     progress: bool = False,
+    patch_budget_mb: float = 500.0,
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
@@ -53,7 +54,9 @@ def init_(
     Args:
         model: any ``nn.Module``; its conv, transposed conv and linear layers are initialized.
         data: a batch (tensor, ``(inputs, targets)`` tuple, dict) or an iterable of batches.
-        sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"`` or ``"keep"``.
+        sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"``, ``"keep"`` (the
+            present weights), or from the layer's input patches: ``"pca"``, ``"zca"``,
+            ``"kmeans"``, ``"patches"`` (see ``magicinit.samplers``).
         within: run Part 1.
         between: run Part 2.
         beta: target mean of every channel after Part 1 (the reference's ``-b``, 0.1 there).
@@ -63,6 +66,8 @@ def init_(
         skip: qualified module names (or prefixes) whose layers are left as they are.
         include_frozen: also initialize layers whose weight has ``requires_grad=False``.
         progress: show tqdm progress bars.
+        patch_budget_mb: memory one layer's patch matrix may take (data-driven samplers, which
+            draw ``samplers.PATCHES_PER_FILTER`` random patches per filter, fewer if over budget).
         rate_chunk_size: samples per noise draw when estimating change rates.
         rate_precision: target standard error of each ``log C_k``.
         rate_max_rounds: at most this many passes over the data per rate estimate.
@@ -79,6 +84,8 @@ def init_(
     """
     if not math.isfinite(beta):
         raise MagicInitError(f"beta={beta}: must be a finite number")
+    if not patch_budget_mb > 0:
+        raise MagicInitError(f"patch_budget_mb={patch_budget_mb}: must be positive")
     chosen_sampler = get_sampler(sampler)
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     settings = {
@@ -95,7 +102,7 @@ def init_(
             start = time.perf_counter()
             within_results = normalize_within(
                 model, session.batch, session.forward, session.layers, chosen_sampler, beta,
-                session.generator, progress,
+                session.generator, progress, int(patch_budget_mb * 2**20),
             )
             seconds["within"] = time.perf_counter() - start
         if between:
@@ -203,6 +210,7 @@ def _build_report(
             entry.channel_mean_after = result.after.mean.tolist()
             entry.channel_std_after = result.after.std.tolist()
             entry.zero_variance_channels = result.zero_variance
+            entry.notes.extend(result.notes)
             if result.zero_variance:
                 entry.notes.append(
                     f"{len(result.zero_variance)} channel(s) constant on the init data "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["AffineAdapter", "ADAPTERS", "adapter_for", "find_affine_layers"]
@@ -64,6 +65,28 @@ class AffineAdapter:
         kernel = math.prod(shape[2:])
         grouped = filters.reshape(groups, out_per_group, in_per_group, kernel)
         return grouped.permute(0, 2, 1, 3).reshape(shape)
+
+    def patches(self, module: nn.Module, layer_input: Tensor) -> Tensor | None:
+        """The input patches each filter sees: ``(groups, patches, fan_in)``, or None if unsupported.
+
+        A convolution's patches come from the layer itself run with identity
+        filters (``_conv_forward``), so stride, padding and its mode, dilation
+        and groups are those of the layer, in the filters' own element order.
+        A linear layer's patches are its input rows. Transposed convolutions
+        have no patches in this sense (None).
+        """
+        if self.transposed:
+            return None
+        weight = module.weight
+        if self.channels_last_in_output:
+            return layer_input.reshape(1, -1, weight.shape[1])
+        groups = self.groups(module)
+        fan = weight[0].numel()
+        identity = torch.eye(fan, dtype=layer_input.dtype, device=layer_input.device)
+        identity = identity.reshape(fan, *weight.shape[1:]).repeat(groups, *([1] * (weight.dim() - 1)))
+        columns = module._conv_forward(layer_input, identity, None)  # (N, groups * fan, *positions)
+        n = columns.shape[0]
+        return columns.reshape(n, groups, fan, -1).permute(1, 0, 3, 2).reshape(groups, -1, fan)
 
     def channel_view(self, output: Tensor) -> Tensor:
         """A contiguous output viewed as ``(outer, channels, inner)``, the output channels in the middle."""

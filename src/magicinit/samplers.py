@@ -1,27 +1,45 @@
 """Part 3 of the method: how a layer's filters are first drawn.
 
-A sampler is a function ``(request) -> filters`` that returns a float32 CPU
+A sampler is a function ``(request) -> filters`` that returns a floating
 tensor of shape ``request.shape == (groups, out_per_group, fan_in)``. Part 1
 then rescales and shifts every output channel, so a sampler only chooses the
 filters' directions. Samplers are looked up by name in ``SAMPLERS``; adding
 one is one entry (see ``register_sampler``).
 
-Random draws use ``request.generator`` on the CPU and are then copied to the
-layer's device, so that one seed gives the same weights on every device.
+The random samplers (gaussian, orthogonal) ignore the data. The data-driven
+ones (pca, zca, kmeans, patches) draw each group's filters from the patches of
+the layer's own input in the Part 1 pass, that is after all earlier layers
+are initialized: the patches are centred and whitened (PCA), and
+
+- ``pca``: the top principal directions, scaled by ``1/sqrt(eigenvalue)``;
+- ``zca``: rows of the ZCA whitening transform restricted to the top directions;
+- ``kmeans``: spherical k-means centroids of the whitened, unit-length patches,
+  one per output channel, mapped back through the whitening;
+- ``patches``: randomly chosen whitened, unit-length patches, mapped back.
+
+Where a layer has no patches (transposed convolutions) or fewer patches than
+output channels, they fall back to ``gaussian`` and say so in the report.
+Random draws use ``request.generator`` on the CPU (indices and noise are then
+copied to the layer's device), so that one seed gives the same weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .errors import MagicInitError
+from .layers import adapter_for
 
-__all__ = ["SamplerRequest", "Sampler", "SAMPLERS", "register_sampler", "get_sampler"]
+__all__ = [
+    "SamplerRequest", "Sampler", "SAMPLERS", "register_sampler", "get_sampler", "KMEANS_ITERATIONS",
+    "PATCHES_PER_FILTER",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,10 @@ class SamplerRequest:
             data, with all earlier layers already initialized (for samplers
             that draw filters from the data).
         generator: the random generator to draw from (None: torch's global one).
+        patch_budget_bytes: memory the layer's patch matrix may take (float32); more
+            patches are subsampled at random.
+        progress: show a progress bar for iterative samplers.
+        notes: where a sampler says what it did differently (shown in the report).
     """
 
     name: str
@@ -45,6 +67,9 @@ class SamplerRequest:
     current: Tensor
     layer_input: tuple[Any, ...]
     generator: torch.Generator | None
+    patch_budget_bytes: int = 500 * 2**20
+    progress: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 Sampler = Callable[[SamplerRequest], Tensor]
@@ -96,3 +121,194 @@ def orthogonal(request: SamplerRequest) -> Tensor:
 def keep(request: SamplerRequest) -> Tensor:
     """The weights the layer already has; Part 1 then only rescales and shifts them."""
     return request.current.clone()
+
+
+# --- data-driven samplers ------------------------------------------------------
+
+KMEANS_ITERATIONS = 20  # at most; k-means stops earlier once no assignment changes
+PATCHES_PER_FILTER = 128  # patches drawn per output channel of a group (at least 4 x fan_in)
+WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (regularized whitening)
+
+
+@dataclass(frozen=True)
+class _Whitened:
+    """Per-group patch statistics: ``whitened = (x - mean) @ transform.T``."""
+
+    patches: Tensor  # (groups, M, fan_in), centred
+    eigenvalues: Tensor  # (groups, fan_in), descending, regularized
+    eigenvectors: Tensor  # (groups, fan_in, fan_in), columns, same order
+
+    @property
+    def transform(self) -> Tensor:
+        """PCA whitening, ``(groups, fan_in, fan_in)``: row i is ``v_i / sqrt(lambda_i)``."""
+        return (self.eigenvectors / self.eigenvalues.sqrt().unsqueeze(1)).transpose(1, 2)
+
+    def whiten(self) -> Tensor:
+        return self.patches @ self.transform.transpose(1, 2)
+
+
+def _subsample(count: int, keep: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.randperm(count, generator=generator)[:keep].to(device)
+
+
+def _layer_patches(request: SamplerRequest) -> Tensor | None:
+    """A random subset of the layer's input patches, ``(groups, M, fan_in)`` float32.
+
+    ``M`` is ``PATCHES_PER_FILTER`` per output channel of a group (at least
+    ``4 * fan_in``, for the covariance), and at most what the memory budget
+    allows: enough for the covariance and the centroids, and far cheaper than
+    all patches.
+    """
+    adapter = adapter_for(request.module)
+    layer_input = request.layer_input[0] if request.layer_input else None
+    if adapter is None or not isinstance(layer_input, Tensor) or adapter.transposed:
+        return None
+    groups, out_per_group, fan = request.shape
+    wanted = max(PATCHES_PER_FILTER * out_per_group, 4 * fan)
+    max_patches = max(1, min(wanted, request.patch_budget_bytes // (4 * groups * fan)))
+    sample = layer_input
+    probe = adapter.patches(request.module, layer_input[:1])
+    assert probe is not None
+    per_sample = probe.shape[1]
+    if layer_input.shape[0] * per_sample > max_patches:  # fewer whole samples first, then positions
+        keep = max(1, -(-max_patches // per_sample))
+        sample = layer_input[_subsample(layer_input.shape[0], keep, request.generator, layer_input.device)]
+    patches = adapter.patches(request.module, sample)
+    assert patches is not None
+    if patches.shape[1] > max_patches:
+        patches = patches[:, _subsample(patches.shape[1], max_patches, request.generator, patches.device)]
+    return patches.float()
+
+
+def _whitened(patches: Tensor) -> _Whitened:
+    centred = patches - patches.mean(dim=1, keepdim=True)
+    covariance = centred.transpose(1, 2) @ centred / centred.shape[1]
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
+    eigenvalues = eigenvalues + WHITENING_EPSILON * eigenvalues.mean(dim=-1, keepdim=True).clamp_min(1e-30)
+    return _Whitened(centred, eigenvalues.float(), eigenvectors.float())
+
+
+def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler:
+    """Wrap a sampler on whitened patches with the gaussian fallback and its report line."""
+
+    def sampler(request: SamplerRequest) -> Tensor:
+        patches = _layer_patches(request)
+        out_per_group = request.shape[1]
+        if patches is None:
+            request.notes.append("this layer type has no input patches: filters drawn by gaussian")
+            return gaussian(request)
+        if patches.shape[1] < out_per_group:
+            request.notes.append(
+                f"{patches.shape[1]} input patches for {out_per_group} filters per group: filters drawn by gaussian"
+            )
+            return gaussian(request)
+        return draw(request, _whitened(patches))
+
+    sampler.__doc__ = draw.__doc__
+    return sampler
+
+
+def _random_whitened_rows(request: SamplerRequest, stats: _Whitened, count: int) -> Tensor:
+    """``count`` filters per group, random directions in the whitened space."""
+    groups, _, fan = request.shape
+    directions = torch.randn(groups, count, fan, generator=request.generator).to(stats.patches.device)
+    return directions @ stats.transform
+
+
+def _top_directions_then_random(request: SamplerRequest, stats: _Whitened, rows: Tensor) -> Tensor:
+    """``rows`` (groups, k, fan) for the top k directions, completed with random whitened rows."""
+    missing = request.shape[1] - rows.shape[1]
+    if missing > 0:
+        request.notes.append(f"more filters than patch dimensions: {missing} per group random in the whitened space")
+        rows = torch.cat([rows, _random_whitened_rows(request, stats, missing)], dim=1)
+    return rows
+
+
+@register_sampler("pca")
+@_data_driven
+def pca(request: SamplerRequest, stats: _Whitened) -> Tensor:
+    """The top principal directions of the layer's input patches, scaled by ``1/sqrt(eigenvalue)``."""
+    k = min(request.shape[1], request.shape[2])
+    return _top_directions_then_random(request, stats, stats.transform[:, :k])
+
+
+@register_sampler("zca")
+@_data_driven
+def zca(request: SamplerRequest, stats: _Whitened) -> Tensor:
+    """Rows of the ZCA whitening transform restricted to the top principal directions.
+
+    Each filter is centred on one patch element (pixel and channel), spread
+    evenly over the patch, and whitens around it.
+    """
+    out, fan = request.shape[1], request.shape[2]
+    k = min(out, fan)
+    top = stats.eigenvectors[:, :, :k]
+    restricted = top @ stats.transform[:, :k]  # (groups, fan, fan): V_k diag(1/sqrt(l_k)) V_k^T
+    rows = restricted[:, (torch.arange(k) * fan) // k]
+    return _top_directions_then_random(request, stats, rows)
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@register_sampler("patches")
+@_data_driven
+def random_patches(request: SamplerRequest, stats: _Whitened) -> Tensor:
+    """Randomly chosen whitened, unit-length input patches, mapped back through the whitening."""
+    whitened = _unit_rows(stats.whiten())
+    chosen = _subsample(whitened.shape[1], request.shape[1], request.generator, whitened.device)
+    return whitened[:, chosen] @ stats.transform
+
+
+def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator | None) -> Tensor:
+    """k-means++ seeds for unit-length ``points`` (groups, M, fan): each next seed drawn with
+    probability proportional to its squared distance to the nearest seed so far."""
+    groups, count, _ = points.shape
+    uniform = torch.rand(groups, clusters, generator=generator, dtype=torch.float64).to(points.device)
+    first = (uniform[:, 0] * count).long().clamp_max(count - 1)
+    seeds = [points[torch.arange(groups), first]]  # each (groups, fan)
+    nearest = torch.full((groups, count), float("inf"), device=points.device, dtype=torch.float64)
+    for k in range(1, clusters):
+        distance = (2 - 2 * (points @ seeds[-1].unsqueeze(-1)).squeeze(-1)).clamp_min(0).double()
+        nearest = torch.minimum(nearest, distance)
+        cumulative = nearest.cumsum(dim=1)
+        target = uniform[:, k : k + 1] * cumulative[:, -1:]
+        index = torch.searchsorted(cumulative, target).squeeze(1).clamp_max(count - 1)
+        seeds.append(points[torch.arange(groups), index])
+    return torch.stack(seeds, dim=1)
+
+
+@register_sampler("kmeans")
+@_data_driven
+def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
+    """Spherical k-means of the whitened, unit-length input patches, one centroid per output channel.
+
+    Centroids start from k-means++ seeding (on the sphere, distance
+    ``1 - cos``); empty clusters are re-seeded with random patches; at most
+    ``KMEANS_ITERATIONS`` iterations, fewer once no assignment changes.
+    Centroids are mapped back through the whitening.
+    """
+    points = _unit_rows(stats.whiten())  # (groups, M, fan)
+    groups, count, _ = points.shape
+    clusters = request.shape[1]
+    centroids = _kmeans_plus_plus(points, clusters, request.generator)
+    assignment = None
+    steps = range(KMEANS_ITERATIONS)
+    bar = tqdm(steps, desc=f"magicinit: kmeans '{request.name}'", unit="it", leave=False) if request.progress else None
+    for _ in bar if bar is not None else steps:
+        new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        one_hot = torch.nn.functional.one_hot(assignment, clusters).to(points.dtype)  # (groups, M, clusters)
+        sums = one_hot.transpose(1, 2) @ points
+        empty = one_hot.sum(dim=1) == 0  # (groups, clusters)
+        if bool(empty.any()):
+            reseed = points[:, _subsample(count, clusters, request.generator, points.device)]
+            sums = torch.where(empty.unsqueeze(-1), reseed, sums)
+        centroids = _unit_rows(sums)
+    if bar is not None:
+        bar.close()
+    return centroids @ stats.transform

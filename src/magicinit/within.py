@@ -47,6 +47,7 @@ class WithinLayerResult:
         zero_variance: channels that were constant on the init data; they got
             the layer's median scale (or unit-norm filters) and mean ``beta``.
         mean_set: False for a layer without bias, whose channel means stay as they are.
+        notes: what the sampler did differently (e.g. a fallback to gaussian).
     """
 
     before: ChannelMoments
@@ -54,6 +55,7 @@ class WithinLayerResult:
     scale: Tensor
     zero_variance: list[int] = field(default_factory=list)
     mean_set: bool = True
+    notes: list[str] = field(default_factory=list)
 
 
 def _center_in_place(view: Tensor) -> ChannelMoments:
@@ -96,8 +98,13 @@ class _WithinPass:
         beta: float,
         generator: torch.Generator | None,
         on_layer_done: Callable[[str], None],
+        patch_budget_bytes: int,
+        progress: bool,
     ) -> None:
         self.layers = layers
+        self.patch_budget_bytes = patch_budget_bytes
+        self.progress = progress
+        self.sampler_notes: dict[str, list[str]] = {}
         self.sampler = sampler
         self.beta = beta
         self.generator = generator
@@ -114,8 +121,11 @@ class _WithinPass:
         adapter = adapter_for(module)
         assert adapter is not None
         current = adapter.to_filters(module).detach().float().cpu()
-        request = SamplerRequest(name, module, current.shape, current, args, self.generator)
+        request = SamplerRequest(
+            name, module, current.shape, current, args, self.generator, self.patch_budget_bytes, self.progress
+        )
         filters = self.sampler(request)
+        self.sampler_notes[name] = request.notes
         if filters.shape != current.shape:
             raise MagicInitError(
                 f"layer '{name}': the sampler returned filters of shape {tuple(filters.shape)}, "
@@ -177,6 +187,7 @@ class _WithinPass:
             scale=scale.cpu(),
             zero_variance=dead.nonzero().flatten().tolist(),
             mean_set=mean_set,
+            notes=self.sampler_notes.get(name, []),
         )
         self.on_layer_done(name)
         return output
@@ -191,6 +202,7 @@ def normalize_within(
     beta: float,
     generator: torch.Generator | None,
     progress: bool = False,
+    patch_budget_bytes: int = 500 * 2**20,
 ) -> dict[str, WithinLayerResult]:
     """Run Part 1 on ``layers`` in one forward pass of ``batch``; returns per-layer results.
 
@@ -198,7 +210,10 @@ def normalize_within(
     absent from the result. The caller restores the model on error.
     """
     bar = tqdm(total=len(layers), desc="magicinit: within-layer", unit="layer") if progress else None
-    within = _WithinPass(layers, sampler, beta, generator, (lambda name: bar.update(1)) if bar else (lambda name: None))
+    within = _WithinPass(
+        layers, sampler, beta, generator, (lambda name: bar.update(1)) if bar else (lambda name: None),
+        patch_budget_bytes, progress,
+    )
     handles = []
     try:
         for name, module in layers.items():

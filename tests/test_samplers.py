@@ -1,0 +1,153 @@
+"""Part 3: the data-driven samplers (pca, zca, kmeans, patches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, channel_stats, first_call_outputs
+from torch import nn
+
+import magicinit
+from magicinit import samplers
+from magicinit.layers import adapter_for
+
+DATA_DRIVEN = ["pca", "zca", "kmeans", "patches"]
+
+
+def planted_tiles(seed: int, prototypes: int = 6, tile: int = 4, grid: int = 4, images: int = 64):
+    """Images tiled with ``tile x tile`` patches, each one of a few known prototypes plus noise
+    and a random brightness offset (a strong nuisance that whitening removes)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(prototypes, tile, tile, generator=g)
+    protos = protos - protos.mean((1, 2), keepdim=True)
+    protos = protos / protos.norm(dim=(1, 2), keepdim=True) * tile
+    labels = torch.randint(0, prototypes, (images, grid, grid), generator=g)
+    tiles = protos[labels] + 2.0 * torch.randn(images, grid, grid, 1, 1, generator=g)
+    x = tiles.permute(0, 1, 3, 2, 4).reshape(images, 1, grid * tile, grid * tile)
+    return x + 0.5 * torch.randn(x.shape, generator=g), labels
+
+
+def purity_and_coverage(layer: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+    """Tiles whose strongest channel's majority prototype is their own; every prototype some channel's majority."""
+    with torch.no_grad():
+        winner = layer(x).argmax(dim=1)
+    correct, covered = 0, set()
+    for channel in winner.unique():
+        owned = labels[winner == channel]
+        majority = int(owned.mode().values)
+        covered.add(majority)
+        correct += int((owned == majority).sum())
+    return correct / labels.numel(), covered == set(range(int(labels.max()) + 1))
+
+
+def test_kmeans_gives_every_planted_prototype_a_channel_where_gaussian_does_not() -> None:
+    gaussian_purity = []
+    for seed in (0, 1, 2):
+        x, labels = planted_tiles(seed)
+        layer = nn.Conv2d(1, 6, 4, stride=4)
+        magicinit.init_(layer, x, sampler="kmeans", between=False, seed=seed)
+        purity, covered = purity_and_coverage(layer, x, labels)
+        assert purity >= 0.95 and covered, (seed, purity, covered)
+        layer = nn.Conv2d(1, 6, 4, stride=4)
+        magicinit.init_(layer, x, sampler="gaussian", between=False, seed=seed)
+        gaussian_purity.append(purity_and_coverage(layer, x, labels)[0])
+    assert sum(gaussian_purity) / 3 < 0.9, gaussian_purity
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (3, 4, 11)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2, padding_mode="reflect"), (3, 4, 9, 9)),
+        (nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="circular"), (2, 2, 3, 5, 5)),
+        (nn.Conv2d(6, 6, 3, groups=6, bias=False), (2, 6, 5, 5)),
+        (nn.Linear(5, 3), (4, 7, 5)),
+    ],
+)
+def test_patches_are_exactly_what_each_filter_sees(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape)
+    adapter = adapter_for(layer)
+    patches = adapter.patches(layer, x)  # (groups, M, fan)
+    filters = adapter.to_filters(layer)  # (groups, out/g, fan)
+    responses = patches @ filters.transpose(1, 2)  # (groups, M, out/g)
+    with torch.no_grad():
+        bias = torch.zeros(adapter.out_channels(layer)) if layer.bias is None else layer.bias
+        if adapter.channels_last_in_output:
+            out = adapter.channel_view(layer(x) - bias)
+        else:
+            out = adapter.channel_view((layer(x) - bias.view(1, -1, *[1] * (x.dim() - 2))).contiguous())
+    groups, per_group = filters.shape[:2]
+    expected = out.reshape(out.shape[0], groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
+    assert torch.allclose(responses, expected, atol=1e-5)
+    assert adapter_for(nn.ConvTranspose2d(2, 2, 3)).patches(nn.ConvTranspose2d(2, 2, 3), torch.randn(1, 2, 4, 4)) is None
+
+
+def test_pca_filters_are_orthogonal_in_the_whitened_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(samplers, "PATCHES_PER_FILTER", 10**6)  # whiten all patches, so all outputs are uncorrelated
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+    x = torch.nn.functional.avg_pool2d(torch.randn(32, 3, 14, 14), 3, 1)  # correlated pixels
+    magicinit.init_(model, x, sampler="pca", between=False, seed=0)
+    outputs = first_call_outputs(model, x)
+    for name, groups in (("0", 1), ("2", 2)):
+        out = outputs[name]  # channel covariance = F C F^T: diagonal for PCA filters
+        per_group = out.shape[1] // groups
+        for g in range(groups):
+            channels = out[:, g * per_group : (g + 1) * per_group].transpose(0, 1).reshape(per_group, -1).double()
+            correlation = torch.corrcoef(channels)
+            assert torch.allclose(correlation, torch.eye(per_group, dtype=torch.float64), atol=1e-4), (name, g)
+
+
+@pytest.mark.parametrize("sampler", DATA_DRIVEN)
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_sampler_then_part1_gives_exact_statistics(sampler: str, arch: str) -> None:
+    build, shape = ARCHITECTURES[arch]
+    model = build()
+    x = torch.randn(24, *shape) * 2 + 0.5
+    report = magicinit.init_(model, x, sampler=sampler, between=False, beta=0.1, seed=0)
+    outputs = first_call_outputs(model, x)
+    modules = dict(model.named_modules())
+    for entry in report.layers:
+        mean, std = channel_stats(modules[entry.name], outputs[entry.name])
+        live = torch.ones_like(std, dtype=torch.bool)
+        live[entry.zero_variance_channels] = False
+        assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3), (entry.name, std)
+        if modules[entry.name].bias is not None:
+            assert torch.allclose(mean, torch.full_like(mean, 0.1), atol=1e-3), (entry.name, mean)
+
+
+@pytest.mark.parametrize("sampler", DATA_DRIVEN)
+def test_same_seed_gives_bit_identical_weights(sampler: str) -> None:
+    x = torch.randn(16, 3, 10, 10)
+    states = []
+    for seed in (4, 4, 5):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+        magicinit.init_(model, x, sampler=sampler, seed=seed, rate_precision=0.2)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    if sampler != "pca":  # pca draws nothing at random where there are enough patch dimensions
+        assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_fallbacks_to_gaussian_are_reported() -> None:
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.ConvTranspose1d(1, 2, 3))
+    forward = lambda m, x: m[2](m[1](m[0](x)).unsqueeze(1))  # noqa: E731
+    report = magicinit.init_(model, torch.randn(8, 4), sampler="kmeans", between=False, forward=forward, seed=0)
+    assert any("8 input patches for 32 filters per group: filters drawn by gaussian" in n for n in report["0"].notes)
+    assert any("no input patches: filters drawn by gaussian" in n for n in report["2"].notes)
+
+
+def test_memory_budget_subsamples_patches_and_stays_exact() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    x = torch.randn(32, 3, 12, 12)
+    report = magicinit.init_(model, x, sampler="kmeans", between=False, seed=0, patch_budget_mb=0.01)
+    assert not any("gaussian" in n for e in report.layers for n in e.notes)  # 0.01 MB: ~90 patches >= 8
+    mean, std = channel_stats(model[2], first_call_outputs(model, x)["2"])
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
+    with pytest.raises(magicinit.MagicInitError, match="patch_budget_mb=0"):
+        magicinit.init_(model, x, sampler="kmeans", patch_budget_mb=0)
+
+
+def test_kmeans_progress_bar_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    magicinit.init_(model, torch.randn(8, 3, 8, 8), sampler="kmeans", between=False, seed=0, progress=True)
+    assert "magicinit: kmeans '0'" in capsys.readouterr().err
