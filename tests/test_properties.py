@@ -86,10 +86,12 @@ def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(architectures(), st.sampled_from([0.0, 0.1]))
-def test_part1_gives_exact_statistics_on_every_normalized_layer(arch: tuple[RandomNet, torch.Tensor], beta: float) -> None:
+@given(architectures(), st.sampled_from([0.0, 0.1]), st.sampled_from(sorted(magicinit.SAMPLERS)))
+def test_part1_gives_exact_statistics_on_every_normalized_layer(
+    arch: tuple[RandomNet, torch.Tensor], beta: float, sampler: str
+) -> None:
     model, x = arch
-    report = magicinit.init_(model, x, between=False, beta=beta, seed=0)
+    report = magicinit.init_(model, x, between=False, beta=beta, seed=0, sampler=sampler)
     outputs = first_call_outputs(model, x)
     modules = dict(model.named_modules())
     for entry in report.layers:

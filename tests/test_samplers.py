@@ -151,3 +151,26 @@ def test_kmeans_progress_bar_when_asked(capsys: pytest.CaptureFixture[str]) -> N
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     magicinit.init_(model, torch.randn(8, 3, 8, 8), sampler="kmeans", between=False, seed=0, progress=True)
     assert "magicinit: kmeans '0'" in capsys.readouterr().err
+
+
+def test_data_driven_sampler_uses_the_single_part1_pass() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    magicinit.init_(model, torch.randn(16, 3, 10, 10), sampler="kmeans", between=False, seed=0)
+    assert len(calls) == 2  # the 2-sample tracing probe and the one Part 1 pass
+
+
+def test_kmeans_with_fewer_distinct_patches_than_clusters_reseeds_and_stays_finite() -> None:
+    layer = nn.Conv2d(1, 8, 2, stride=2)
+    kinds = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), torch.zeros(2, 2)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (16, 4, 4), generator=g)
+    tiles = torch.stack(kinds)[labels]  # three distinct patches for eight clusters
+    x = tiles.permute(0, 1, 3, 2, 4).reshape(16, 1, 8, 8)
+    report = magicinit.init_(layer, x, sampler="kmeans", between=False, seed=0)
+    assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+    mean, std = channel_stats(layer, layer(x).detach())
+    live = torch.ones(8, dtype=torch.bool)
+    live[report.layers[0].zero_variance_channels] = False
+    assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3)
