@@ -14,7 +14,7 @@ from .errors import MagicInitError
 from .inputs import Batch, batch_size
 from .report import LayerReport, Report
 from .safety import guarded
-from .samplers import get_sampler
+from .samplers import PATCH_BUDGET_MB, get_sampler
 from .session import Session, start_session
 from .within import WithinLayerResult, normalize_within
 
@@ -35,7 +35,7 @@ def init_(
     skip: Iterable[str] = (),
     include_frozen: bool = False,
     progress: bool = False,
-    patch_budget_mb: float = 500.0,
+    patch_budget_mb: float = PATCH_BUDGET_MB,
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
@@ -90,7 +90,8 @@ def init_(
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     settings = {
         "sampler": sampler, "within": within, "between": between, "beta": beta, "seed": seed,
-        "samples": samples, "rate_chunk_size": rate_chunk_size, "rate_precision": rate_precision,
+        "samples": samples, "patch_budget_mb": patch_budget_mb, "rate_chunk_size": rate_chunk_size,
+        "rate_precision": rate_precision,
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=include_frozen)

@@ -38,8 +38,11 @@ from .layers import adapter_for
 
 __all__ = [
     "SamplerRequest", "Sampler", "SAMPLERS", "register_sampler", "get_sampler", "KMEANS_ITERATIONS",
-    "PATCHES_PER_FILTER",
+    "PATCHES_PER_FILTER", "PATCH_BUDGET_MB",
 ]
+
+
+PATCH_BUDGET_MB = 500.0  # default memory of one layer's patch matrix (the reference's default)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class SamplerRequest:
     current: Tensor
     layer_input: tuple[Any, ...]
     generator: torch.Generator | None
-    patch_budget_bytes: int = 500 * 2**20
+    patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20)
     progress: bool = False
     notes: list[str] = field(default_factory=list)
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import MagicInitError
 from .inputs import Batch, ForwardFn
 from .layers import adapter_for
-from .samplers import Sampler, SamplerRequest
+from .samplers import PATCH_BUDGET_MB, Sampler, SamplerRequest
 from .stats import ChannelMoments
 
 __all__ = ["WithinLayerResult", "normalize_within", "channel_moments_of_layers", "ZERO_VARIANCE_TOLERANCE"]
@@ -202,7 +202,7 @@ def normalize_within(
     beta: float,
     generator: torch.Generator | None,
     progress: bool = False,
-    patch_budget_bytes: int = 500 * 2**20,
+    patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20),
 ) -> dict[str, WithinLayerResult]:
     """Run Part 1 on ``layers`` in one forward pass of ``batch``; returns per-layer results.
 
