@@ -248,7 +248,7 @@ def zca(request: SamplerRequest, stats: _Whitened) -> Tensor:
     k = min(out, fan)
     top = stats.eigenvectors[:, :, :k]
     restricted = top @ stats.transform[:, :k]  # (groups, fan, fan): V_k diag(1/sqrt(l_k)) V_k^T
-    rows = restricted[:, (torch.arange(k) * fan) // k]
+    rows = restricted[:, (torch.arange(k, device=restricted.device) * fan) // k]
     return _top_directions_then_random(request, stats, rows)
 
 
@@ -271,7 +271,8 @@ def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator 
     groups, count, _ = points.shape
     uniform = torch.rand(groups, clusters, generator=generator, dtype=torch.float64).to(points.device)
     first = (uniform[:, 0] * count).long().clamp_max(count - 1)
-    seeds = [points[torch.arange(groups), first]]  # each (groups, fan)
+    group_index = torch.arange(groups, device=points.device)
+    seeds = [points[group_index, first]]  # each (groups, fan)
     nearest = torch.full((groups, count), float("inf"), device=points.device, dtype=torch.float64)
     for k in range(1, clusters):
         distance = (2 - 2 * (points @ seeds[-1].unsqueeze(-1)).squeeze(-1)).clamp_min(0).double()
@@ -279,7 +280,7 @@ def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator 
         cumulative = nearest.cumsum(dim=1)
         target = uniform[:, k : k + 1] * cumulative[:, -1:]
         index = torch.searchsorted(cumulative, target).squeeze(1).clamp_max(count - 1)
-        seeds.append(points[torch.arange(groups), index])
+        seeds.append(points[group_index, index])
     return torch.stack(seeds, dim=1)
 
 
