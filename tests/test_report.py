@@ -56,8 +56,11 @@ def test_channel_moments_merge_exactly() -> None:
     from magicinit.stats import ChannelMoments
 
     x = torch.randn(40, 3, 5, 5, dtype=torch.float64) * 2 + 1
-    whole = ChannelMoments.of(x, (0, 2, 3))
-    merged = ChannelMoments.of(x[:7], (0, 2, 3)).merge(ChannelMoments.of(x[7:], (0, 2, 3)))
+    whole = ChannelMoments.of(x.view(40, 3, -1))
+    merged = ChannelMoments.of(x[:7].reshape(7, 3, -1)).merge(ChannelMoments.of(x[7:].reshape(33, 3, -1)))
+    reference_var, reference_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    assert torch.allclose(whole.mean, reference_mean, rtol=1e-12)
+    assert torch.allclose(whole.var, reference_var, rtol=1e-12)
     assert merged.count == whole.count
     assert torch.allclose(merged.mean, whole.mean, rtol=1e-12)
     assert torch.allclose(merged.std, whole.std, rtol=1e-12)

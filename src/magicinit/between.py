@@ -33,6 +33,7 @@ from .errors import MagicInitError
 from .graph import LayerGraph, ScaleSolution
 from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, split_batch
 from .layers import adapter_for
+from .safety import ModelSnapshot
 
 __all__ = [
     "RateOptions",
@@ -340,16 +341,12 @@ def equalize_between(
         result.reverted = True
         return result
     reference = _outputs(model, probe, forward)
-    saved = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for name, m in called.items()}
+    snapshot = ModelSnapshot(model) if analysis_error is None else None  # only the fallback check can undo
     factors = _apply_scales(called, solution)
     result.weight_factor = factors
     result.function_change = function_change(reference, _outputs(model, probe, forward))
-    if analysis_error is None and result.function_change > _rounding_tolerance(model):
-        with torch.no_grad():
-            for name, (weight, bias) in saved.items():
-                called[name].weight.copy_(weight)
-                if bias is not None:
-                    called[name].bias.copy_(bias)
+    if snapshot is not None and result.function_change > _rounding_tolerance(model):
+        snapshot.restore_tensors()
         _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
         result.weight_factor = {name: 1.0 for name in called}

@@ -94,11 +94,6 @@ class AffineAdapter:
             return output.view(-1, output.shape[-1], 1)
         return output.view(output.shape[0], output.shape[1], -1)
 
-    def reduce_dims(self, output: Tensor) -> tuple[int, ...]:
-        """Dimensions of the output that channel statistics average over."""
-        channel = output.dim() - 1 if self.channels_last_in_output else 1
-        return tuple(d for d in range(output.dim()) if d != channel)
-
 
 _CONV = AffineAdapter("conv", transposed=False, channels_last_in_output=False)
 _CONV_TRANSPOSE = AffineAdapter("conv_transpose", transposed=True, channels_last_in_output=False)

@@ -23,13 +23,20 @@ class ChannelMoments:
     sum_sq_dev: Tensor
 
     @classmethod
-    def of(cls, values: Tensor, reduce_dims: tuple[int, ...]) -> "ChannelMoments":
-        """Moments of ``values`` over ``reduce_dims``, computed in float32 or better."""
-        if values.dtype not in (torch.float32, torch.float64):
-            values = values.float()
-        var, mean = torch.var_mean(values, dim=reduce_dims, correction=0)
-        count = values.numel() // max(mean.numel(), 1)
-        return cls(count, mean, var * count)
+    def of(cls, view: Tensor, in_place: bool = False) -> "ChannelMoments":
+        """Moments of a float32/float64 ``(outer, channels, inner)`` view (see ``AffineAdapter.channel_view``).
+
+        Three fast passes (sum, subtract the mean, norm), each reducing the
+        contiguous inner dimension first: several times faster on CPU than
+        ``torch.var_mean`` over the channel's dimensions. Centring before the
+        norm keeps the variance free of cancellation. With ``in_place`` the
+        view itself is left centred (no copy); otherwise it is unchanged.
+        """
+        count = view.shape[0] * view.shape[2]
+        mean = view.sum(2).sum(0) / count
+        centred = view.sub_(mean.view(1, -1, 1)) if in_place else view - mean.view(1, -1, 1)
+        sum_sq_dev = torch.linalg.vector_norm(centred, 2, dim=2).square().sum(0)
+        return cls(count, mean, sum_sq_dev)
 
     def merge(self, other: "ChannelMoments") -> "ChannelMoments":
         """Exact moments of the union of both samples (Chan et al.'s update)."""

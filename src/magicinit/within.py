@@ -58,19 +58,10 @@ class WithinLayerResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _center_in_place(view: Tensor) -> ChannelMoments:
-    """Channel moments of an ``(outer, channels, inner)`` view, which is left centred.
-
-    Three fast passes (sum, subtract the mean, norm), each reducing the
-    contiguous inner dimension first: several times faster on CPU than
-    ``torch.var_mean`` over the channel's dimensions. Centring before the
-    norm keeps the variance free of cancellation.
-    """
-    count = view.shape[0] * view.shape[2]
-    mean = view.sum(2).sum(0) / count
-    view.sub_(mean.view(1, -1, 1))
-    sum_sq_dev = torch.linalg.vector_norm(view, 2, dim=2).square().sum(0)
-    return ChannelMoments(count, mean, sum_sq_dev)
+def _for_statistics(output: Tensor) -> Tensor:
+    """``output`` in float32 or better and contiguous: itself where it already is, else a copy."""
+    dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
+    return output.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, dtype: torch.dtype) -> Tensor:
@@ -110,13 +101,11 @@ class _WithinPass:
         self.generator = generator
         self.on_layer_done = on_layer_done
         self.results: dict[str, WithinLayerResult] = {}
-        self.drawn: set[str] = set()
         self.input_rms: dict[str, float] = {}
 
     def draw(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if name in self.drawn:
+        if name in self.input_rms:  # a later call of a shared layer: already drawn
             return
-        self.drawn.add(name)
         self.input_rms[name] = _input_rms(args)
         adapter = adapter_for(module)
         assert adapter is not None
@@ -146,18 +135,16 @@ class _WithinPass:
             )
         adapter = adapter_for(module)
         assert adapter is not None
-        # statistics in float32 or better, on a contiguous tensor (a copy only where needed)
-        stats_dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
-        work = output.to(dtype=stats_dtype, memory_format=torch.contiguous_format)
+        work = _for_statistics(output)
         view = adapter.channel_view(work)
-        before = _center_in_place(view)
+        before = ChannelMoments.of(view, in_place=True)
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(
                 f"layer '{name}': its output on the init data is not finite (overflow in "
                 f"{output.dtype}?); run the initialization in float32 and cast afterwards"
             )
         std = before.std
-        filters = adapter.to_filters(module).to(stats_dtype)
+        filters = adapter.to_filters(module).to(work.dtype)
         dead = _zero_variance(before, filters, self.input_rms[name], output.dtype)
         scale = 1.0 / torch.where(dead, torch.ones_like(std), std)
         if bool(dead.any()):
@@ -239,7 +226,7 @@ def channel_moments_of_layers(
         if name not in moments and isinstance(output, Tensor) and output.is_floating_point():
             adapter = adapter_for(module)
             assert adapter is not None
-            moments[name] = ChannelMoments.of(output, adapter.reduce_dims(output))
+            moments[name] = ChannelMoments.of(adapter.channel_view(_for_statistics(output)))
 
     handles = [
         module.register_forward_hook(lambda m, args, out, name=name: record(name, m, out))
