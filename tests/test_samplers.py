@@ -174,3 +174,29 @@ def test_kmeans_with_fewer_distinct_patches_than_clusters_reseeds_and_stays_fini
     live = torch.ones(8, dtype=torch.bool)
     live[report.layers[0].zero_variance_channels] = False
     assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", DATA_DRIVEN)
+def test_whitening_ignores_directions_without_signal(sampler: str) -> None:
+    """A constant and a duplicated input feature span no new direction: no filter may read
+    them amplified (that turned float32 rounding into errors of 1e-2 a few layers later)."""
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(256, 4, generator=g)
+    x = torch.cat([signal, signal[:, :1], torch.full((256, 1), 0.3)], dim=1)  # rank 4 of 6
+    layer = nn.Linear(6, 8)
+    report = magicinit.init_(layer, x, sampler=sampler, between=False, seed=0)
+    assert report.layers[0].zero_variance_channels == []
+    weight = layer.weight.detach()
+    null_directions = torch.tensor([[1.0, 0, 0, 0, -1.0, 0], [0, 0, 0, 0, 0, 1.0]]) / torch.tensor([[2**0.5], [1.0]])
+    assert (weight @ null_directions.T).abs().max() < 1e-4 * weight.norm(dim=1).max()
+    mean, std = channel_stats(layer, layer(x).detach())
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
+    if sampler in ("pca", "zca"):
+        assert any("more filters than patch directions with signal" in n for n in report.layers[0].notes)
+
+
+def test_constant_patches_fall_back_to_gaussian() -> None:
+    layer = nn.Linear(3, 4)
+    report = magicinit.init_(layer, torch.ones(32, 3), sampler="pca", between=False, seed=0)
+    assert any("input patches are constant: filters drawn by gaussian" in n for n in report.layers[0].notes)
+    assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()

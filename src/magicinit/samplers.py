@@ -131,6 +131,10 @@ def keep(request: SamplerRequest) -> Tensor:
 KMEANS_ITERATIONS = 20  # at most; k-means stops earlier once no assignment changes
 PATCHES_PER_FILTER = 128  # patches drawn per output channel of a group (at least 4 x fan_in)
 WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (regularized whitening)
+# Directions whose eigenvalue is below this fraction of the largest carry no signal
+# (a constant or duplicated input channel, float32 rounding); the whitening drops them,
+# since filters reading them would amplify rounding noise layer after layer.
+RANK_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,15 @@ class _Whitened:
     """Per-group patch statistics: ``whitened = (x - mean) @ transform.T``."""
 
     patches: Tensor  # (groups, M, fan_in), centred
-    eigenvalues: Tensor  # (groups, fan_in), descending, regularized
+    eigenvalues: Tensor  # (groups, fan_in), descending, regularized; 0 past a group's rank
     eigenvectors: Tensor  # (groups, fan_in, fan_in), columns, same order
+    rank: int  # directions with signal, the least over the groups
 
     @property
     def transform(self) -> Tensor:
-        """PCA whitening, ``(groups, fan_in, fan_in)``: row i is ``v_i / sqrt(lambda_i)``."""
-        return (self.eigenvectors / self.eigenvalues.sqrt().unsqueeze(1)).transpose(1, 2)
+        """PCA whitening, ``(groups, fan_in, fan_in)``: row i is ``v_i / sqrt(lambda_i)``, 0 past the rank."""
+        inverse_sqrt = torch.where(self.eigenvalues > 0, self.eigenvalues.clamp_min(1e-30).rsqrt(), 0.0)
+        return (self.eigenvectors * inverse_sqrt.unsqueeze(1)).transpose(1, 2)
 
     def whiten(self) -> Tensor:
         return self.patches @ self.transform.transpose(1, 2)
@@ -188,8 +194,11 @@ def _whitened(patches: Tensor) -> _Whitened:
     covariance = centred.transpose(1, 2) @ centred / centred.shape[1]
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
-    eigenvalues = eigenvalues + WHITENING_EPSILON * eigenvalues.mean(dim=-1, keepdim=True).clamp_min(1e-30)
-    return _Whitened(centred, eigenvalues.float(), eigenvectors.float())
+    live = eigenvalues > RANK_TOLERANCE * eigenvalues[:, :1]
+    regularized = eigenvalues + WHITENING_EPSILON * eigenvalues.mean(dim=-1, keepdim=True)
+    eigenvalues = torch.where(live, regularized, 0.0)
+    rank = int(live.sum(dim=-1).min())
+    return _Whitened(centred, eigenvalues.float(), eigenvectors.float(), rank)
 
 
 def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler:
@@ -206,7 +215,11 @@ def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler
                 f"{patches.shape[1]} input patches for {out_per_group} filters per group: filters drawn by gaussian"
             )
             return gaussian(request)
-        return draw(request, _whitened(patches))
+        stats = _whitened(patches)
+        if stats.rank == 0:
+            request.notes.append("the input patches are constant: filters drawn by gaussian")
+            return gaussian(request)
+        return draw(request, stats)
 
     sampler.__doc__ = draw.__doc__
     return sampler
@@ -223,7 +236,9 @@ def _top_directions_then_random(request: SamplerRequest, stats: _Whitened, rows:
     """``rows`` (groups, k, fan) for the top k directions, completed with random whitened rows."""
     missing = request.shape[1] - rows.shape[1]
     if missing > 0:
-        request.notes.append(f"more filters than patch dimensions: {missing} per group random in the whitened space")
+        request.notes.append(
+            f"more filters than patch directions with signal: {missing} per group random in the whitened space"
+        )
         rows = torch.cat([rows, _random_whitened_rows(request, stats, missing)], dim=1)
     return rows
 
@@ -232,7 +247,7 @@ def _top_directions_then_random(request: SamplerRequest, stats: _Whitened, rows:
 @_data_driven
 def pca(request: SamplerRequest, stats: _Whitened) -> Tensor:
     """The top principal directions of the layer's input patches, scaled by ``1/sqrt(eigenvalue)``."""
-    k = min(request.shape[1], request.shape[2])
+    k = min(request.shape[1], stats.rank)
     return _top_directions_then_random(request, stats, stats.transform[:, :k])
 
 
@@ -245,7 +260,7 @@ def zca(request: SamplerRequest, stats: _Whitened) -> Tensor:
     evenly over the patch, and whitens around it.
     """
     out, fan = request.shape[1], request.shape[2]
-    k = min(out, fan)
+    k = min(out, stats.rank)
     top = stats.eigenvectors[:, :, :k]
     restricted = top @ stats.transform[:, :k]  # (groups, fan, fan): V_k diag(1/sqrt(l_k)) V_k^T
     rows = restricted[:, (torch.arange(k, device=restricted.device) * fan) // k]
