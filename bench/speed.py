@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 import magicinit
 from magicinit import Report
+from magicinit.zoo import plain_cnn
 
 try:
     import lsuv
@@ -115,24 +116,6 @@ class DepthResult:
     @property
     def meets_target(self) -> bool:
         return self.part1_ratio <= PART1_TARGET
-
-
-def build_plain_cnn(depth: int, width: int) -> nn.Sequential:
-    """Plain ReLU CNN with ``depth`` conv+linear layers and no batch norm.
-
-    Conv(3, width) + ReLU, then ``depth - 2`` times Conv(width, width) + ReLU with a
-    2x2 max-pool after the convs at 1/3 and 2/3 of the depth, then global average
-    pooling and Linear(width, 10).
-    """
-    pool_after = {depth // 3, 2 * depth // 3}  # 1-based indices of the convs followed by a pool
-    layers: list[nn.Module] = []
-    for conv_index in range(1, depth):  # depth - 1 convs; the linear layer is the last one
-        in_channels = IMAGE_SHAPE[0] if conv_index == 1 else width
-        layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
-        if conv_index in pool_after:
-            layers.append(nn.MaxPool2d(2))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, CLASSES)]
-    return nn.Sequential(*layers)
 
 
 def gaussian_inputs(samples: int, device: torch.device, seed: int = INPUT_SEED) -> Tensor:
@@ -207,7 +190,7 @@ def measure_depth(
 ) -> DepthResult:
     """All measurements at one depth, interleaved repeat by repeat."""
     torch.manual_seed(depth)
-    model = build_plain_cnn(depth, args.width).to(device)
+    model = plain_cnn(depth, args.width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
     result = DepthResult(depth)
     plain_forward(model, inputs)  # warm-up: kernel selection and allocator growth
     for _ in range(args.pairs):
@@ -243,7 +226,7 @@ SAMPLER_TARGETS = {"kmeans": 5.0}  # init time / gaussian's, on the --sampler-de
 def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.device) -> dict[str, list[float]]:
     """Per sampler, the ratios of its Part 1 time to a gaussian Part 1 timed right before it."""
     torch.manual_seed(args.sampler_depth)
-    model = build_plain_cnn(args.sampler_depth, args.width).to(device)
+    model = plain_cnn(args.sampler_depth, args.width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
     ratios: dict[str, list[float]] = {name: [] for name in sorted(magicinit.SAMPLERS) if name != "gaussian"}
     for _ in range(args.repeats):
         for name in ratios:

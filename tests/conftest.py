@@ -9,6 +9,8 @@ import torch
 from hypothesis import settings
 from torch import nn
 
+from magicinit import zoo
+
 # The default run draws the same examples every time, so that a test run (and CI)
 # is reproducible; `--hypothesis-profile=explore --hypothesis-seed=N` draws new ones.
 settings.register_profile("reproducible", derandomize=True)
@@ -19,14 +21,8 @@ AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 
 def plain_cnn(depth: int = 6, width: int = 8, in_channels: int = 3, classes: int = 5) -> nn.Sequential:
-    """Plain ReLU CNN without batch norm: ``depth`` affine layers in all."""
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
-    for i in range(depth - 2):
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-        if i == (depth - 2) // 2:
-            layers.append(nn.MaxPool2d(2))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes)]
-    return nn.Sequential(*layers)
+    """The zoo's plain ReLU CNN (no batch norm), small by default: ``depth`` affine layers in all."""
+    return zoo.plain_cnn(depth, width, in_channels=in_channels, classes=classes)
 
 
 class ResidualBlock(nn.Module):

@@ -1,5 +1,5 @@
-"""``python -m magicinit``: the demo on built-in defaults."""
+"""``python -m magicinit``: the ``magicinit`` command (``python -m magicinit demo`` runs the demo)."""
 
-from .demo import main
+from .cli import main
 
-main()
+raise SystemExit(main())

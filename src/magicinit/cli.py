@@ -1,0 +1,361 @@
+"""The ``magicinit`` command: init, rescale, diagnose, demo.
+
+Exit codes: 0 success, 2 usage error (bad arguments, a MODEL that names
+nothing), 1 failure (unreadable file, bad data, an error in the model), with a
+one-line message on stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .datasets import BUILT_IN, load_images
+from .demo import DemoSettings, TrainingRun, run_demo
+from .diagnose import diagnose
+from .errors import MagicInitError
+from .initialize import init_, rescale_
+from .layers import find_affine_layers
+from .plots import plot_layer_statistics, require_matplotlib
+from .report import Diagnosis, Report
+from .samplers import PATCH_BUDGET_MB, SAMPLERS
+from .zoo import ZOO, build_model
+
+__all__ = ["main", "build_parser", "load_model", "load_weights", "save_weights"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """An argument that names nothing usable (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (and a pointer to --help) instead of the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 16}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``magicinit`` command."""
+    parser = _Parser(
+        prog="magicinit",
+        description="Data-dependent initialization of PyTorch networks (Kraehenbuehl et al., ICLR 2016).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    common.add_argument("--progress", action="store_true", help="show progress bars")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("--seed", type=int, default=0, help="seed of all random draws (default 0)")
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("model", metavar="MODEL",
+                       help=f"'package.module:factory', 'torchvision:NAME', or a built-in: {', '.join(ZOO)}")
+    model.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
+                       help="keyword arguments of the factory, as a JSON object")
+    model.add_argument("--device", default="cpu", help="where to run (default cpu; e.g. cuda)")
+    model.add_argument("--data", required=True, metavar="DATA",
+                       help=f"folder of images, .npy/.npz/.pt file, idx file, or a built-in: {', '.join(BUILT_IN)}")
+    model.add_argument("--data-key", metavar="KEY", help="the array of an .npz, or the entry of a .pt dict/tuple")
+    model.add_argument("--input-size", type=_positive_int, metavar="PIXELS",
+                       help="resize images to this square size (needed for a folder of images)")
+    model.add_argument("--channels", type=int, choices=(1, 3),
+                       help="read images as grayscale (1) or RGB (3); default: the model's first layer's inputs")
+    model.add_argument("--no-standardize", dest="standardize", action="store_false",
+                       help="keep the data's values (default: every channel mean 0, std 1)")
+    model.add_argument("--samples", type=_positive_int, default=256, help="init samples used (default 256)")
+    model.add_argument("--skip", action="append", default=[], metavar="NAME",
+                       help="leave this layer (qualified module name or prefix) as it is; repeatable")
+    model.add_argument("--report", type=Path, metavar="FILE.json", help="also write the report as JSON")
+    model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
+
+    rates = argparse.ArgumentParser(add_help=False)
+    rates.add_argument("--rate-precision", type=float, default=0.02,
+                       help="target standard error of each log change rate (default 0.02)")
+    rates.add_argument("--rate-max-rounds", type=_positive_int, default=16,
+                       help="at most this many passes over the data per rate estimate (default 16)")
+
+    init = commands.add_parser("init", parents=[common, model, rates], help="initialize a model, write its weights",
+                               description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
+    init.add_argument("--out", type=Path, required=True, metavar="WEIGHTS",
+                      help="where to write the state_dict (torch.save; .safetensors by suffix)")
+    init.add_argument("--weights", type=Path, metavar="FILE", help="start from these weights (for --sampler keep)")
+    init.add_argument("--sampler", default="gaussian", choices=sorted(SAMPLERS), help="how filters are drawn")
+    init.add_argument("--beta", type=float, default=0.0, help="channel mean after Part 1 (default 0)")
+    init.add_argument("--no-within", dest="within", action="store_false", help="skip Part 1")
+    init.add_argument("--no-between", dest="between", action="store_false", help="skip Part 2")
+    init.add_argument("--patch-budget-mb", type=float, default=PATCH_BUDGET_MB,
+                      help=f"memory for one layer's input patches (data-driven samplers; default {PATCH_BUDGET_MB:g})")
+    init.add_argument("--include-frozen", action="store_true", help="also initialize layers with requires_grad=False")
+
+    rescale = commands.add_parser("rescale", parents=[common, model, rates],
+                                  help="Part 2 only: equalize change rates of trained weights",
+                                  description="Rescale trained weights so all layers learn at the same rate, "
+                                              "keeping the network's function.")
+    rescale.add_argument("--weights", type=Path, required=True, metavar="FILE", help="the trained weights")
+    rescale.add_argument("--out", type=Path, required=True, metavar="WEIGHTS", help="where to write the result")
+    rescale.add_argument("--include-frozen", action="store_true", help="also rescale layers with requires_grad=False")
+
+    diag = commands.add_parser("diagnose", parents=[common, model, rates], help="per-layer statistics of a model",
+                               description="The channel-std spread and change rates of MODEL on DATA; "
+                                           "nothing is written but the optional report and plot.")
+    diag.add_argument("--weights", type=Path, metavar="FILE", help="load these weights first")
+
+    demo = commands.add_parser("demo", parents=[common], help="train a deep plain CNN on digits with 3 inits",
+                               description="The main job on built-in defaults: a plain 20-layer CNN without batch "
+                                           "norm trained on scikit-learn's digits from torch's default init, "
+                                           "kaiming normal and magicinit.")
+    defaults = DemoSettings()
+    demo.add_argument("--out-dir", type=Path, default=Path("magicinit-demo"),
+                      help="where the figures go (default ./magicinit-demo)")
+    demo.add_argument("--depth", type=int, default=defaults.depth, help=f"affine layers (default {defaults.depth})")
+    demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
+                      help=f"training epochs (default {defaults.epochs})")
+    demo.add_argument("--learning-rates", type=float, nargs="+", default=list(defaults.learning_rates),
+                      metavar="LR", help=f"SGD learning rates (default {' '.join(map(str, defaults.learning_rates))})")
+    demo.add_argument("--no-plots", dest="plots", action="store_false", help="write no figures")
+    return parser
+
+
+def _first_in_channels(model: nn.Module) -> int | None:
+    for module in find_affine_layers(model).values():
+        return getattr(module, "in_channels", None)  # a conv's; None for a linear layer
+    return None
+
+
+def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
+    """The model named by ``spec``: a zoo name, ``torchvision:NAME`` or ``package.module:factory``."""
+    if spec in ZOO:
+        return build_model(spec, **model_args)
+    if spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
+        try:
+            import torchvision
+        except ImportError:
+            raise MagicInitError(f"model {spec!r} needs torchvision: pip install torchvision") from None
+        try:
+            return torchvision.models.get_model(name, weights=None, **model_args)
+        except ValueError as error:
+            raise UsageError(f"model {spec!r}: {error}") from None
+    if ":" not in spec:
+        raise UsageError(f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME' "
+                         "or 'package.module:factory'")
+    module_name, factory_name = spec.split(":", 1)
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # factories in the working directory, as `python -m` finds them
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise UsageError(f"model {spec!r}: module {module_name!r} cannot be imported ({error})") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
+    built = factory(**model_args)
+    if not isinstance(built, nn.Module):
+        raise MagicInitError(f"model {spec!r}: the factory returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a ``state_dict`` (torch.save or .safetensors) into ``model``; errors name the file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise MagicInitError(f"weights {str(path)!r}: reading .safetensors needs: pip install safetensors") from None
+    except Exception as error:  # torch.load and safetensors raise many types for a bad file
+        raise MagicInitError(f"weights {str(path)!r} cannot be read: {error}") from None
+    for key in ("state_dict", "model"):  # common checkpoint layouts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise MagicInitError(f"weights {str(path)!r}: expected a state_dict, found {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise MagicInitError(f"weights {str(path)!r} do not fit the model: {' '.join(str(error).split())}") from None
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write the model's ``state_dict`` (on the CPU) with torch.save, or as .safetensors by suffix."""
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_model
+        except ImportError:
+            raise MagicInitError(f"writing {str(path)!r} needs: pip install safetensors") from None
+        save_model(model.to("cpu"), str(path))
+    else:
+        torch.save({name: value.detach().cpu() for name, value in model.state_dict().items()}, path)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    """The model (weights loaded, on ``--device``) and the init data."""
+    model_args = dict(args.model_args)
+    model: nn.Module | None = None
+    channels = args.channels
+    if not (args.model in ZOO and "in_channels" not in model_args):
+        model = load_model(args.model, model_args)
+        channels = channels or _first_in_channels(model) or 3
+    images = load_images(args.data, samples=args.samples, seed=args.seed, input_size=args.input_size,
+                         channels=channels or 3, key=args.data_key, standardize=args.standardize)
+    if model is None:  # a zoo net takes the data's channels unless told otherwise
+        if images.dim() >= 3:
+            model_args["in_channels"] = images.shape[1]
+        model = load_model(args.model, model_args)
+    if getattr(args, "weights", None) is not None:
+        load_weights(model, args.weights)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {args.device!r}: {error}") from None
+    return model.to(device), images
+
+
+def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str) -> None:
+    if args.report is not None:
+        args.report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.plot is not None:
+        plot_layer_statistics(result, args.plot, title=title)
+    if not args.quiet:
+        print(result)
+
+
+def _run_init(args: argparse.Namespace) -> None:
+    model, images = _prepare(args)
+    report = init_(
+        model, images, sampler=args.sampler, within=args.within, between=args.between, beta=args.beta,
+        seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
+        progress=args.progress, patch_budget_mb=args.patch_budget_mb, rate_precision=args.rate_precision,
+        rate_max_rounds=args.rate_max_rounds,
+    )
+    save_weights(model, args.out)
+    _emit(args, report, f"magicinit init {args.model}")
+    if not args.quiet:
+        print(f"wrote {args.out}")
+
+
+def _run_rescale(args: argparse.Namespace) -> None:
+    model, images = _prepare(args)
+    report = rescale_(
+        model, images, seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
+        progress=args.progress, rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds,
+    )
+    save_weights(model, args.out)
+    _emit(args, report, f"magicinit rescale {args.model}")
+    if not args.quiet:
+        print(f"wrote {args.out}")
+
+
+def _run_diagnose(args: argparse.Namespace) -> None:
+    model, images = _prepare(args)
+    diagnosis = diagnose(model, images, seed=args.seed, samples=args.samples, skip=args.skip,
+                         progress=args.progress, rate_precision=args.rate_precision,
+                         rate_max_rounds=args.rate_max_rounds)
+    _emit(args, diagnosis, f"magicinit diagnose {args.model}")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    settings = DemoSettings(depth=args.depth, epochs=args.epochs, learning_rates=tuple(args.learning_rates),
+                            seed=args.seed)
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
+    def on_run(run: TrainingRun) -> None:
+        say(f"  {run.init:<15} lr {run.learning_rate:<6g} test accuracy {100 * run.test_accuracy:5.1f}%  "
+            f"({run.train_seconds:.1f} s)")
+
+    say(f"Training a plain {settings.depth}-layer ReLU CNN (no batch norm) on scikit-learn's digits, "
+        f"{settings.epochs} epochs, SGD momentum 0.9, learning rates {', '.join(map(str, settings.learning_rates))}:")
+    report, runs, table = run_demo(settings, args.out_dir if args.plots else None, on_run, args.progress)
+    say("\nmagicinit.init_ report:\n" + str(report))
+    say("\n" + table)
+    if args.plots:
+        say(f"\nwrote {args.out_dir / 'loss_curves.png'} and {args.out_dir / 'layer_statistics.png'}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "init": _run_init, "rescale": _run_rescale, "diagnose": _run_diagnose, "demo": _run_demo,
+}
+
+
+@contextmanager
+def _warnings_to_stderr(quiet: bool) -> Iterator[None]:
+    """Library warnings as one ``magicinit: warning:`` line each (none with --quiet)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            if not quiet:
+                for warning in caught:
+                    print(f"magicinit: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``magicinit`` command with ``argv`` (default: the process's arguments); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on a usage error
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="magicinit: %(message)s")
+    try:
+        if args.command == "demo" and args.plots:
+            require_matplotlib("the demo's figures (or pass --no-plots)")
+        elif getattr(args, "plot", None) is not None:
+            require_matplotlib(f"--plot {args.plot}")
+        with _warnings_to_stderr(args.quiet):
+            COMMANDS[args.command](args)
+    except UsageError as error:
+        if args.debug:
+            raise
+        print(f"magicinit {args.command}: error: {error} (see magicinit {args.command} --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("magicinit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure becomes one line; --debug shows the traceback
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (MagicInitError, OSError)):
+            message = f"{type(error).__name__}: {message}"
+        print(f"magicinit: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -1,0 +1,226 @@
+"""The ``magicinit`` command, end to end in subprocesses, and its data readers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import magicinit
+from magicinit.cli import load_model
+from magicinit.datasets import load_images, read_idx
+from magicinit.zoo import ZOO, build_model
+
+SMALL = ["--model-args", '{"depth": 4, "width": 4}', "--rate-precision", "0.2", "--rate-max-rounds", "2"]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m magicinit ARGS`` (or ``python -c CODE ARGS``), bounded in time."""
+    command = [sys.executable, *(["-c", code] if code else ["-m", "magicinit"]), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def images_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "images.npy"
+    np.save(path, (np.random.default_rng(0).random((40, 12, 12, 3)) * 255).astype(np.uint8))  # channels last
+    return path
+
+
+def without_times(data: dict) -> dict:
+    return {key: value for key, value in data.items() if key != "seconds"}
+
+
+def assert_close_json(a: object, b: object) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_close_json(a[key], b[key])
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_close_json(x, y)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (a, b)
+    else:
+        assert a == b
+
+
+def test_init_writes_weights_json_and_png_that_match_the_library(images_npy: Path, tmp_path: Path) -> None:
+    out, report_path, plot = tmp_path / "w.pt", tmp_path / "r.json", tmp_path / "p.png"
+    result = run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--out", out, "--report", report_path,
+                     "--plot", plot, "--beta", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "initialized" in result.stdout and f"wrote {out}" in result.stdout
+    model = build_model("plain-cnn", depth=4, width=4)
+    model.load_state_dict(torch.load(out, weights_only=True))
+    images = load_images(str(images_npy))
+    assert images.shape == (40, 3, 12, 12)
+    reference = build_model("plain-cnn", depth=4, width=4)
+    expected = magicinit.init_(reference, images, seed=0, beta=0.1, rate_precision=0.2, rate_max_rounds=2)
+    assert_close_json(without_times(json.loads(report_path.read_text())), without_times(expected.to_dict()))
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[key], value, rtol=1e-4, atol=1e-6), key
+    from PIL import Image
+
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_rescale_keeps_the_function_and_diagnose_matches_the_library(images_npy: Path, tmp_path: Path) -> None:
+    trained, rescaled, diag_json = tmp_path / "trained.safetensors", tmp_path / "rescaled.pt", tmp_path / "d.json"
+    assert run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--out", trained, "--quiet").returncode == 0
+    result = run_cli("rescale", "plain-cnn", *SMALL, "--weights", trained, "--data", images_npy, "--out", rescaled)
+    assert result.returncode == 0, result.stderr
+    before, after = build_model("plain-cnn", depth=4, width=4), build_model("plain-cnn", depth=4, width=4)
+    from safetensors.torch import load_file
+
+    before.load_state_dict(load_file(trained))
+    after.load_state_dict(torch.load(rescaled, weights_only=True))
+    images = load_images(str(images_npy))
+    with torch.no_grad():
+        assert torch.allclose(after(images), before(images), rtol=1e-4, atol=1e-5)
+    result = run_cli("diagnose", "plain-cnn", *SMALL, "--weights", rescaled, "--data", images_npy,
+                     "--report", diag_json)
+    assert result.returncode == 0, result.stderr
+    assert "output CV" in result.stdout
+    expected = magicinit.diagnose(after, images, rate_precision=0.2, rate_max_rounds=2)
+    assert_close_json(json.loads(diag_json.read_text()), expected.to_dict())
+
+
+def test_quiet_prints_nothing(images_npy: Path, tmp_path: Path) -> None:
+    result = run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--out", tmp_path / "w.pt", "--quiet")
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_factory_model_and_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def tiny(classes=3):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, classes))\n"
+    )
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((20 + i, 24, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    result = run_cli("init", "my_models:tiny", "--model-args", '{"classes": 5}', "--data", tmp_path / "images",
+                     "--input-size", "16", "--out", tmp_path / "w.pt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert state["3.weight"].shape == (5, 4 * 14 * 14)  # grayscale: the model's first conv takes 1 channel
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["init", "no-such-net", "--data", "smooth", "--out", "w.pt"], 2, "not a built-in"),
+        (["init", "plain-cnn", "--out", "w.pt"], 2, "--data"),
+        (["init", "plain-cnn", "--data", "smooth", "--out", "w.pt", "--model-args", "[1]"], 2, "JSON object"),
+        (["init", "plain-cnn", "--data", "smooth", "--out", "w.pt", "--sampler", "magic"], 2, "invalid choice"),
+        (["init", "nomodule_here:net", "--data", "smooth", "--out", "w.pt"], 2, "cannot be imported"),
+        (["init", "plain-cnn", "--data", "missing.npy", "--out", "w.pt"], 1, "'missing.npy': no such file"),
+        (["diagnose", "plain-cnn", "--data", "smooth", "--weights", "missing.pt"], 1, "weights 'missing.pt'"),
+        (["init", "vgg", "--model-args", '{"depth": 3}', "--data", "smooth", "--out", "w.pt"], 1, "depth=3"),
+    ],
+)
+def test_errors_give_exit_code_and_one_line(args: list[str], code: int, message: str, tmp_path: Path) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_unreadable_data_file_is_named_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"not a zip file")
+    result = run_cli("init", "plain-cnn", "--data", bad, "--out", tmp_path / "w.pt")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"magicinit: error: data file '{bad}' cannot be read")
+    debug = run_cli("init", "plain-cnn", "--data", bad, "--out", tmp_path / "w.pt", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_model_that_rejects_the_data_fails_cleanly(images_npy: Path, tmp_path: Path) -> None:
+    result = run_cli("init", "plain-cnn", "--model-args", '{"in_channels": 1}', "--data", images_npy,
+                     "--out", tmp_path / "w.pt")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_matplotlib_is_a_clear_message(images_npy: Path, tmp_path: Path) -> None:
+    code = "import sys; sys.modules['matplotlib'] = None; from magicinit.cli import main; raise SystemExit(main())"
+    result = run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--out", tmp_path / "w.pt",
+                     "--plot", tmp_path / "p.png", code=code)
+    assert result.returncode == 1
+    assert "needs matplotlib: pip install 'magicinit[plot]'" in result.stderr
+    assert not (tmp_path / "w.pt").exists()  # checked before any work
+
+
+def test_demo_trains_and_writes_figures(tmp_path: Path) -> None:
+    result = run_cli("demo", "--depth", "5", "--epochs", "1", "--learning-rates", "0.01", "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    for init in ("torch default", "kaiming normal", "magicinit"):
+        assert init in result.stdout
+    assert "test acc" in result.stdout
+    for name in ("loss_curves.png", "layer_statistics.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_readers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (10, 9, 7), dtype=np.uint8)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as file:
+        file.write(struct.pack(">BBBB3I", 0, 0, 0x08, 3, 10, 9, 7) + images.tobytes())
+    assert torch.equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), torch.from_numpy(images))
+    floats = rng.standard_normal((4, 3)).astype(">f4")
+    (tmp_path / "f-idx2").write_bytes(struct.pack(">BBBB2I", 0, 0, 0x0D, 2, 4, 3) + floats.tobytes())
+    assert torch.allclose(read_idx(tmp_path / "f-idx2"), torch.from_numpy(floats.astype(np.float32)))
+    loaded = load_images(str(tmp_path / "t10k-images-idx3-ubyte.gz"), standardize=False)
+    assert loaded.shape == (10, 1, 9, 7) and torch.allclose(loaded[:, 0], torch.from_numpy(images) / 255.0)
+
+    np.savez(tmp_path / "a.npz", first=np.zeros((3, 2)), second=np.ones((5, 4), dtype=np.float32))
+    assert load_images(str(tmp_path / "a.npz"), key="second", standardize=False).shape == (5, 4)
+    torch.save({"labels": torch.arange(6), "x": torch.randn(6, 2, 5)}, tmp_path / "d.pt")
+    values = load_images(str(tmp_path / "d.pt"), key="x")
+    assert values.shape == (6, 2, 5)
+    assert torch.allclose(values.mean(dim=(0, 2)), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(values.std(dim=(0, 2), correction=0), torch.ones(2), atol=1e-5)
+    assert load_images("smooth", samples=7, input_size=16).shape == (7, 3, 16, 16)
+    assert load_images("digits", samples=50).shape == (50, 1, 8, 8)
+    with pytest.raises(magicinit.MagicInitError, match="no array 'third'"):
+        load_images(str(tmp_path / "a.npz"), key="third")
+    (tmp_path / "bad-idx").write_bytes(struct.pack(">BBBB1I", 0, 0, 0x08, 1, 100) + b"\x00" * 10)
+    with pytest.raises(magicinit.MagicInitError, match="the header says"):
+        read_idx(tmp_path / "bad-idx")
+
+
+def test_every_zoo_model_builds_and_initializes() -> None:
+    x = torch.randn(4, 1, 64, 64)
+    for name in ZOO:
+        args = {"in_channels": 1, "classes": 3}
+        if name != "plain-cnn":
+            args["width"] = 0.0625
+        model = load_model(name, args)
+        report = magicinit.init_(model, x, seed=0, between=False)
+        assert all(entry.status == "initialized" for entry in report.layers), name
+        with torch.no_grad():
+            assert torch.isfinite(model(x)).all(), name
+
+
+def test_torchvision_models_by_name() -> None:
+    pytest.importorskip("torchvision")
+    model = load_model("torchvision:resnet18", {"num_classes": 4})
+    assert model.fc.out_features == 4
