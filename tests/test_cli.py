@@ -224,3 +224,86 @@ def test_torchvision_models_by_name() -> None:
     pytest.importorskip("torchvision")
     model = load_model("torchvision:resnet18", {"num_classes": 4})
     assert model.fc.out_features == 4
+
+
+def test_same_command_same_weights_even_for_layers_left_at_default(images_npy: Path, tmp_path: Path) -> None:
+    for name in ("a.pt", "b.pt"):
+        result = run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--skip", "0", "--no-between",
+                         "--out", tmp_path / name, "--quiet")
+        assert result.returncode == 0, result.stderr
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_tied_weights_round_trip_through_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "tied.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Tied(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)\n"
+        "        self.b.weight = self.a.weight\n"
+        "    def forward(self, x):\n"
+        "        return self.b(torch.relu(self.a(x)))\n"
+    )
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32))
+    common = ["tied:Tied", "--data", "x.npy", *SMALL[2:]]
+    assert run_cli("init", *common, "--out", "t.safetensors", cwd=tmp_path).returncode == 0
+    result = run_cli("diagnose", *common, "--weights", "t.safetensors", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--out", "."], "--out .: is a folder"),
+        (["--out", "no/such/dir/w.pt"], "does not exist"),
+        (["--out", "w.pt", "--plot", "p.xyz"], "the file type must be one of"),
+        (["--out", "w.pt", "--report", "nodir/r.json"], "--report nodir/r.json"),
+        (["--out", "w.pt", "--rate-max-rounds", "1"], "--rate-max-rounds: 1: must be at least 2"),
+        (["--out", "w.pt", "--rate-precision", "nan"], "--rate-precision"),
+        (["--out", "w.pt", "--beta", "inf"], "--beta"),
+    ],
+)
+def test_bad_outputs_and_option_values_are_usage_errors_before_any_work(
+    extra: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run_cli("init", "plain-cnn", "--data", "smooth", *extra, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_factory_that_raises_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("def net():\n    raise ValueError('boom')\n")
+    result = run_cli("init", "broken:net", "--data", "smooth", "--out", "w.pt", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "magicinit: error: model 'broken:net': the factory raised ValueError: boom"
+
+
+def test_array_types_are_read_faithfully(tmp_path: Path) -> None:
+    values = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    np.save(tmp_path / "big_endian.npy", values.astype(">f4"))
+    assert torch.equal(load_images(str(tmp_path / "big_endian.npy"), standardize=False), torch.from_numpy(values))
+    np.save(tmp_path / "int64.npy", np.full((4, 2), 200, dtype=np.int64))
+    assert torch.equal(load_images(str(tmp_path / "int64.npy"), standardize=False), torch.full((4, 2), 200.0))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3), dtype=np.float32))
+    with pytest.raises(magicinit.MagicInitError, match="empty.npy.*no samples"):
+        load_images(str(tmp_path / "empty.npy"))
+    with pytest.raises(magicinit.MagicInitError, match="--input-size applies to images"):
+        load_images(str(tmp_path / "int64.npy"), input_size=8)
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(magicinit.MagicInitError, match="cut.npz' cannot be read"):
+        load_images(str(tmp_path / "cut.npz"))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for i in range(3):
+        ramp = (np.linspace(0, 65535, 64).reshape(8, 8) * (i + 1) / 3).astype(np.uint16)
+        Image.fromarray(ramp).save(folder / f"{i}.png")
+    images = load_images(str(folder), input_size=8, channels=1, standardize=False)
+    assert images.shape == (3, 1, 8, 8)
+    assert images.min() < 0.05 and images.max() > 0.95 and images.std() > 0.2

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from torch import nn
 
 from .datasets import BUILT_IN, load_images
 from .demo import DemoSettings, TrainingRun, run_demo
+from .between import RateOptions
 from .diagnose import diagnose
 from .errors import MagicInitError
 from .initialize import init_, rescale_
@@ -58,10 +60,31 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
     return value
 
 
@@ -101,10 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
 
     rates = argparse.ArgumentParser(add_help=False)
-    rates.add_argument("--rate-precision", type=float, default=0.02,
-                       help="target standard error of each log change rate (default 0.02)")
-    rates.add_argument("--rate-max-rounds", type=_positive_int, default=16,
-                       help="at most this many passes over the data per rate estimate (default 16)")
+    rates.add_argument("--rate-precision", type=_positive_float, default=RateOptions.precision,
+                       help=f"target standard error of each log change rate (default {RateOptions.precision})")
+    rates.add_argument("--rate-max-rounds", type=_int_at_least(RateOptions.min_rounds),
+                       default=RateOptions.max_rounds,
+                       help=f"at most this many passes over the data per rate estimate (default {RateOptions.max_rounds})")
+    rates.add_argument("--rate-chunk-size", type=_positive_int, default=RateOptions.chunk_size,
+                       help=f"samples per noise draw for the change rates (default {RateOptions.chunk_size})")
 
     init = commands.add_parser("init", parents=[common, model, rates], help="initialize a model, write its weights",
                                description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
@@ -112,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the state_dict (torch.save; .safetensors by suffix)")
     init.add_argument("--weights", type=Path, metavar="FILE", help="start from these weights (for --sampler keep)")
     init.add_argument("--sampler", default="gaussian", choices=sorted(SAMPLERS), help="how filters are drawn")
-    init.add_argument("--beta", type=float, default=0.0, help="channel mean after Part 1 (default 0)")
+    init.add_argument("--beta", type=_finite_float, default=0.0, help="channel mean after Part 1 (default 0)")
     init.add_argument("--no-within", dest="within", action="store_false", help="skip Part 1")
     init.add_argument("--no-between", dest="between", action="store_false", help="skip Part 2")
-    init.add_argument("--patch-budget-mb", type=float, default=PATCH_BUDGET_MB,
+    init.add_argument("--patch-budget-mb", type=_positive_float, default=PATCH_BUDGET_MB,
                       help=f"memory for one layer's input patches (data-driven samplers; default {PATCH_BUDGET_MB:g})")
     init.add_argument("--include-frozen", action="store_true", help="also initialize layers with requires_grad=False")
 
@@ -139,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
     demo.add_argument("--out-dir", type=Path, default=Path("magicinit-demo"),
                       help="where the figures go (default ./magicinit-demo)")
-    demo.add_argument("--depth", type=int, default=defaults.depth, help=f"affine layers (default {defaults.depth})")
+    demo.add_argument("--depth", type=_int_at_least(2), default=defaults.depth, help=f"affine layers (default {defaults.depth})")
     demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                       help=f"training epochs (default {defaults.epochs})")
-    demo.add_argument("--learning-rates", type=float, nargs="+", default=list(defaults.learning_rates),
+    demo.add_argument("--learning-rates", type=_positive_float, nargs="+", default=list(defaults.learning_rates),
                       metavar="LR", help=f"SGD learning rates (default {' '.join(map(str, defaults.learning_rates))})")
     demo.add_argument("--no-plots", dest="plots", action="store_false", help="write no figures")
     return parser
@@ -172,16 +198,21 @@ def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
         raise UsageError(f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME' "
                          "or 'package.module:factory'")
     module_name, factory_name = spec.split(":", 1)
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # factories in the working directory, as `python -m` finds them
+    if not module_name or not factory_name:
+        raise UsageError(f"model {spec!r}: expected 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise UsageError(f"model {spec!r}: module {module_name!r} cannot be imported ({error})") from None
+    except Exception as error:  # a module that fails on import
+        raise MagicInitError(f"model {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UsageError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
-    built = factory(**model_args)
+    try:
+        built = factory(**model_args)
+    except Exception as error:
+        raise MagicInitError(f"model {spec!r}: the factory raised {type(error).__name__}: {error}") from None
     if not isinstance(built, nn.Module):
         raise MagicInitError(f"model {spec!r}: the factory returned {type(built).__name__}, not an nn.Module")
     return built
@@ -189,16 +220,19 @@ def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a ``state_dict`` (torch.save or .safetensors) into ``model``; errors name the file."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_model as load_safetensors
+        except ImportError:
+            raise MagicInitError(f"weights {str(path)!r}: reading .safetensors needs: pip install safetensors") from None
+        try:  # load_model restores weights that save_model stored once for several tied parameters
+            load_safetensors(model, str(path), device=str(next(model.parameters(), torch.empty(0)).device))
+        except Exception as error:
+            raise MagicInitError(f"weights {str(path)!r} cannot be loaded: {' '.join(str(error).split())}") from None
+        return
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise MagicInitError(f"weights {str(path)!r}: reading .safetensors needs: pip install safetensors") from None
-    except Exception as error:  # torch.load and safetensors raise many types for a bad file
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a bad file
         raise MagicInitError(f"weights {str(path)!r} cannot be read: {error}") from None
     for key in ("state_dict", "model"):  # common checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -213,8 +247,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def save_weights(model: nn.Module, path: Path) -> None:
     """Write the model's ``state_dict`` (on the CPU) with torch.save, or as .safetensors by suffix."""
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import save_model
@@ -228,6 +260,9 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     """The model (weights loaded, on ``--device``) and the init data."""
     model_args = dict(args.model_args)
+    torch.manual_seed(args.seed)  # layers left at their default init are the same on every run
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # factories in the working directory, as `python -m` finds them
     model: nn.Module | None = None
     channels = args.channels
     if not (args.model in ZOO and "in_channels" not in model_args):
@@ -241,11 +276,35 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
         model = load_model(args.model, model_args)
     if getattr(args, "weights", None) is not None:
         load_weights(model, args.weights)
+    return model.to(_device(args.device)), images
+
+
+def _device(name: str) -> torch.device:
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as error:
-        raise UsageError(f"--device {args.device!r}: {error}") from None
-    return model.to(device), images
+        raise UsageError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MagicInitError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__})")
+    return device
+
+
+def _check_output(path: Path | None, option: str, suffixes: set[str] | None = None) -> None:
+    """Before any work: ``path`` must be a writable file name in an existing folder."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {str(path.parent)!r} does not exist")
+    if suffixes is not None and path.suffix.lower().lstrip(".") not in suffixes:
+        raise UsageError(f"{option} {path}: the file type must be one of {', '.join(sorted(suffixes))}")
+
+
+def _figure_types() -> set[str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str) -> None:
@@ -262,8 +321,8 @@ def _run_init(args: argparse.Namespace) -> None:
     report = init_(
         model, images, sampler=args.sampler, within=args.within, between=args.between, beta=args.beta,
         seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
-        progress=args.progress, patch_budget_mb=args.patch_budget_mb, rate_precision=args.rate_precision,
-        rate_max_rounds=args.rate_max_rounds,
+        progress=args.progress and not args.quiet, patch_budget_mb=args.patch_budget_mb,
+        rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
     )
     save_weights(model, args.out)
     _emit(args, report, f"magicinit init {args.model}")
@@ -275,7 +334,8 @@ def _run_rescale(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
     report = rescale_(
         model, images, seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
-        progress=args.progress, rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds,
+        progress=args.progress and not args.quiet, rate_precision=args.rate_precision,
+        rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
     )
     save_weights(model, args.out)
     _emit(args, report, f"magicinit rescale {args.model}")
@@ -286,8 +346,8 @@ def _run_rescale(args: argparse.Namespace) -> None:
 def _run_diagnose(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
     diagnosis = diagnose(model, images, seed=args.seed, samples=args.samples, skip=args.skip,
-                         progress=args.progress, rate_precision=args.rate_precision,
-                         rate_max_rounds=args.rate_max_rounds)
+                         progress=args.progress and not args.quiet, rate_precision=args.rate_precision,
+                         rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size)
     _emit(args, diagnosis, f"magicinit diagnose {args.model}")
 
 
@@ -305,7 +365,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     say(f"Training a plain {settings.depth}-layer ReLU CNN (no batch norm) on scikit-learn's digits, "
         f"{settings.epochs} epochs, SGD momentum 0.9, learning rates {', '.join(map(str, settings.learning_rates))}:")
-    report, runs, table = run_demo(settings, args.out_dir if args.plots else None, on_run, args.progress)
+    report, runs, table = run_demo(settings, args.out_dir if args.plots else None, on_run,
+                                   args.progress and not args.quiet)
     say("\nmagicinit.init_ report:\n" + str(report))
     say("\n" + table)
     if args.plots:
@@ -319,15 +380,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 @contextmanager
 def _warnings_to_stderr(quiet: bool) -> Iterator[None]:
-    """Library warnings as one ``magicinit: warning:`` line each (none with --quiet)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            if not quiet:
-                for warning in caught:
-                    print(f"magicinit: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+    """Warnings as one ``magicinit: warning:`` line each, as they come (none with --quiet)."""
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        text = " ".join(str(message).split()).removeprefix("magicinit: ")
+        print(f"magicinit: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,10 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits with 2 on a usage error
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="magicinit: %(message)s")
     try:
-        if args.command == "demo" and args.plots:
-            require_matplotlib("the demo's figures (or pass --no-plots)")
-        elif getattr(args, "plot", None) is not None:
-            require_matplotlib(f"--plot {args.plot}")
+        if args.command == "demo":
+            if args.plots:
+                require_matplotlib("the demo's figures (or pass --no-plots)")
+                if args.out_dir.exists() and not args.out_dir.is_dir():
+                    raise UsageError(f"--out-dir {args.out_dir}: is a file, not a folder")
+        else:
+            if args.plot is not None:
+                require_matplotlib(f"--plot {args.plot}")
+            _check_output(getattr(args, "out", None), "--out")
+            _check_output(args.report, "--report")
+            _check_output(args.plot, "--plot", _figure_types() if args.plot is not None else None)
         with _warnings_to_stderr(args.quiet):
             COMMANDS[args.command](args)
     except UsageError as error:

@@ -12,9 +12,12 @@
 - a built-in name from ``BUILT_IN``: ``digits`` (scikit-learn's 8x8 digits,
   which the package ships) or ``smooth`` (generated, spatially correlated noise).
 
-Integer data are scaled by their type's maximum (uint8 by 255). A 3-d array
-of images gets a channel axis; a channels-last 4-d array (last axis 1, 3 or 4
-and the second not) is made channels-first. ``standardize`` makes every
+uint8 data are divided by 255 and uint16 by 65535; other integer types are
+taken as they are. A 3-d array is ``(N, H, W)`` images and gets a channel
+axis when it comes from an idx file or ``H == W`` (else it is ``(N, C, L)``);
+a channels-last 4-d array (last axis 1, 3 or 4 and the second not) is made
+channels-first. Images read from a folder have 8 bits per channel (16-bit
+grayscale is scaled down, not clipped). ``standardize`` makes every
 channel mean 0 and std 1 over the loaded samples. At most ``samples`` samples
 are used, a random subset drawn with ``seed`` where there are more.
 """
@@ -78,11 +81,13 @@ def read_idx(path: Path) -> Tensor:
     try:
         with opener(path, "rb") as file:
             raw = file.read()
-    except OSError as error:
+    except (OSError, EOFError) as error:
         raise MagicInitError(f"data file {str(path)!r} cannot be read: {error}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
         raise MagicInitError(f"data file {str(path)!r} is not an idx file (bad magic number)")
     dtype, ndim = IDX_TYPES[raw[2]], raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise MagicInitError(f"data file {str(path)!r}: the idx header is cut short")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = bytearray(raw[4 + 4 * ndim :])
     count = 1
@@ -117,6 +122,8 @@ def _read_numpy(path: Path, key: str | None) -> Tensor:
         if name not in names:
             raise MagicInitError(f"data file {str(path)!r} has no array {name!r}; it has: {', '.join(names)}")
         loaded = loaded[name]
+    if loaded.dtype.byteorder not in ("=", "|"):
+        loaded = loaded.astype(loaded.dtype.newbyteorder("="))  # big-endian files
     return torch.from_numpy(loaded.copy())
 
 
@@ -135,7 +142,13 @@ def _read_torch(path: Path, key: str | None) -> Tensor:
         else:
             loaded = next((v for v in loaded.values() if isinstance(v, Tensor)), None)
     elif isinstance(loaded, (tuple, list)):
-        loaded = loaded[int(key)] if key is not None else next((v for v in loaded if isinstance(v, Tensor)), None)
+        if key is not None:
+            if not key.isdigit() or int(key) >= len(loaded):
+                raise MagicInitError(f"data file {str(path)!r} holds a sequence of {len(loaded)}; "
+                                     f"the key must be an index below that, not {key!r}")
+            loaded = loaded[int(key)]
+        else:
+            loaded = next((v for v in loaded if isinstance(v, Tensor)), None)
     if not isinstance(loaded, Tensor):
         raise MagicInitError(f"data file {str(path)!r} holds no tensor (pass --data-key to choose an entry)")
     return loaded
@@ -148,6 +161,10 @@ def _read_image(path: Path, size: int, channels: int) -> Tensor:
         raise MagicInitError("reading an image folder needs Pillow: pip install 'magicinit[cli]'") from None
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):
+                image = image.convert("I")
+            if image.mode == "I":  # 16-bit grayscale: scale to 8 bits rather than clip
+                image = image.point(lambda value: value * (1 / 256))
             image = image.convert("L" if channels == 1 else "RGB")
             scale = size / min(image.size)
             width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
@@ -155,7 +172,7 @@ def _read_image(path: Path, size: int, channels: int) -> Tensor:
             left, top = (width - size) // 2, (height - size) // 2
             image = image.crop((left, top, left + size, top + size))
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    except OSError as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise MagicInitError(f"image {str(path)!r} cannot be read: {error}") from None
     return pixels.reshape(size, size, -1).permute(2, 0, 1).float() / 255.0
 
@@ -178,18 +195,20 @@ def _read_folder(folder: Path, samples: int, seed: int, input_size: int, channel
     return torch.stack([_read_image(path, input_size, channels) for path in files])
 
 
-def _as_float_images(values: Tensor, origin: str) -> Tensor:
-    """Float32, integers scaled to [0, 1] (or [-1, 1]), images given a channel axis, channels first."""
-    if values.dtype == torch.bool:
-        values = values.float()
-    elif not values.is_floating_point():
-        if values.is_complex():
-            raise MagicInitError(f"{origin}: complex data are not supported")
-        values = values.float() / float(torch.iinfo(values.dtype).max)
-    values = values.float()
+PIXEL_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def _as_float_images(values: Tensor, origin: str, images_3d: bool = False) -> Tensor:
+    """Float32 (uint8/uint16 scaled to [0, 1]), 3-d images given a channel axis, channels first."""
+    if values.is_complex() or values.is_sparse:
+        raise MagicInitError(f"{origin}: complex or sparse data are not supported")
+    scale = PIXEL_SCALE.get(values.dtype, 1.0)
+    values = values.float() / scale
     if values.dim() < 2:
         raise MagicInitError(f"{origin}: expected samples along the first axis, got shape {tuple(values.shape)}")
-    if values.dim() == 3 and values.shape[1] > 4 and values.shape[2] > 4:
+    if values.shape[0] == 0 or values.numel() == 0:
+        raise MagicInitError(f"{origin}: holds no samples (shape {tuple(values.shape)})")
+    if values.dim() == 3 and (images_3d or values.shape[1] == values.shape[2]):
         values = values.unsqueeze(1)  # (N, H, W) grayscale images
     if values.dim() == 4 and values.shape[-1] in (1, 3, 4) and values.shape[1] not in (1, 3, 4):
         log.info("%s: channels-last array %s made channels-first", origin, tuple(values.shape))
@@ -197,10 +216,34 @@ def _as_float_images(values: Tensor, origin: str) -> Tensor:
     return values.contiguous()
 
 
-def _resize(values: Tensor, input_size: int | None) -> Tensor:
-    if input_size is None or values.dim() != 4 or tuple(values.shape[-2:]) == (input_size, input_size):
+def _resize(values: Tensor, input_size: int | None, origin: str) -> Tensor:
+    if input_size is None or tuple(values.shape[2:]) == (input_size, input_size):
         return values
+    if values.dim() != 4:
+        raise MagicInitError(f"{origin}: --input-size applies to images (N, C, H, W), not shape {tuple(values.shape)}")
     return nn.functional.interpolate(values, size=(input_size, input_size), mode="bilinear", align_corners=False)
+
+
+def _read_file(path: Path, key: str | None) -> Tensor:
+    """An array file as float images; every failure to read it is an error naming the file."""
+    name = path.name.lower()
+    is_idx = "idx" in name or name.endswith(("ubyte.gz", "ubyte"))
+    try:
+        if name.endswith((".npy", ".npz")):
+            values = _read_numpy(path, key)
+        elif name.endswith((".pt", ".pth")):
+            values = _read_torch(path, key)
+        elif is_idx:
+            values = read_idx(path)
+        else:
+            raise MagicInitError(
+                f"data file {str(path)!r}: unknown kind; use a folder of images, .npy, .npz, .pt, or an idx file"
+            )
+        return _as_float_images(values, f"data file {str(path)!r}", images_3d=is_idx)
+    except MagicInitError:
+        raise
+    except Exception as error:  # truncated archives, odd dtypes, ...: each reader has its own exception types
+        raise MagicInitError(f"data file {str(path)!r} cannot be read: {type(error).__name__}: {error}") from None
 
 
 def load_images(
@@ -232,31 +275,20 @@ def load_images(
         raise MagicInitError(f"samples={samples}: must be at least 1")
     path = Path(source)
     if source in BUILT_IN and not path.exists():
-        values = _as_float_images(BUILT_IN[source](samples, seed, channels), f"data {source!r}")
+        values = _as_float_images(BUILT_IN[source](samples, seed, channels), f"data {source!r}", images_3d=True)
     elif path.is_dir():
         if input_size is None:
             raise MagicInitError(f"data folder {source!r}: give the images' size with --input-size")
         values = _read_folder(path, samples, seed, input_size, channels)
     elif path.is_file():
-        name = path.name.lower()
-        if name.endswith((".npy", ".npz")):
-            values = _read_numpy(path, key)
-        elif name.endswith((".pt", ".pth")):
-            values = _read_torch(path, key)
-        elif "idx" in name or name.endswith("ubyte.gz") or name.endswith("ubyte"):
-            values = read_idx(path)
-        else:
-            raise MagicInitError(
-                f"data file {source!r}: unknown kind; use a folder of images, .npy, .npz, .pt, or an idx file"
-            )
-        values = _as_float_images(values, f"data file {source!r}")
+        values = _read_file(path, key)
     else:
         known = ", ".join(BUILT_IN)
         raise MagicInitError(f"data {source!r}: no such file or folder, and not a built-in name ({known})")
     chosen = _subset(values.shape[0], samples, seed)
     if chosen is not None:
         values = values[chosen]
-    values = _resize(values, input_size)
+    values = _resize(values, input_size, f"data {source!r}")
     if not bool(torch.isfinite(values).all()):
         raise MagicInitError(f"data {source!r} contains NaN or Inf values")
     if standardize and values.dim() >= 2:

@@ -28,7 +28,7 @@ from .plots import plot_curves, plot_layer_statistics
 from .report import Report, render_table
 from .zoo import plain_cnn
 
-__all__ = ["DemoSettings", "TrainingRun", "train", "run_demo"]
+__all__ = ["DemoSettings", "TrainingRun", "train", "evaluate", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +67,40 @@ class TrainingRun:
 
 
 def train(
-    model: nn.Module, images: Tensor, labels: Tensor, epochs: int, batch_size: int, learning_rate: float, seed: int
+    model: nn.Module, images: Tensor, labels: Tensor, steps: int, batch_size: int, learning_rate: float, seed: int
 ) -> list[float]:
-    """SGD with momentum 0.9 on cross-entropy; returns every step's loss (stops early on NaN/Inf)."""
+    """``steps`` steps of SGD with momentum 0.9 on cross-entropy, over seeded reshuffles of the
+    data; returns every step's loss (and stops early once a loss is NaN or Inf)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                return losses
+    order = torch.empty(0, dtype=torch.long)
+    while len(losses) < steps:
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
+        index, order = order[:batch_size], order[batch_size:]
+        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
     return losses
 
 
-def _evaluate(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[float, float]:
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` (in eval mode, no grad) on ``images``."""
     model.eval()
+    correct, total_loss = 0, 0.0
     with torch.no_grad():
-        logits = model(images)
-    return float((logits.argmax(1) == labels).float().mean()), float(nn.functional.cross_entropy(logits, labels))
+        for start in range(0, len(images), batch_size):
+            logits = model(images[start : start + batch_size])
+            target = labels[start : start + batch_size]
+            correct += int((logits.argmax(1) == target).sum())
+            total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return correct / len(images), total_loss / len(images)
 
 
 def run_demo(
@@ -105,7 +113,6 @@ def run_demo(
 
     With ``out_dir``, writes ``loss_curves.png`` and ``layer_statistics.png`` there.
     """
-    torch.manual_seed(settings.seed)
     images, labels = digits()
     images = (images - images.mean()) / images.std()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(settings.seed))
@@ -121,18 +128,20 @@ def run_demo(
     runs = []
     for name, initialize in inits.items():
         for learning_rate in settings.learning_rates:
-            torch.manual_seed(settings.seed)  # the same default draws for every init
-            model = plain_cnn(settings.depth, settings.width, in_channels=1, classes=10)
+            with torch.random.fork_rng(devices=[]):  # the same default draws for every init
+                torch.manual_seed(settings.seed)
+                model = plain_cnn(settings.depth, settings.width, in_channels=1, classes=10)
             run = TrainingRun(name, learning_rate)
             start = time.perf_counter()
             result = initialize(model)
             run.init_seconds = time.perf_counter() - start
             report = result if isinstance(result, Report) else report
             start = time.perf_counter()
-            run.losses = train(model, images[trainset], labels[trainset], settings.epochs, settings.batch_size,
+            steps = settings.epochs * math.ceil(len(trainset) / settings.batch_size)
+            run.losses = train(model, images[trainset], labels[trainset], steps, settings.batch_size,
                                learning_rate, settings.seed)
             run.train_seconds = time.perf_counter() - start
-            run.test_accuracy, run.test_loss = _evaluate(model, images[test], labels[test])
+            run.test_accuracy, run.test_loss = evaluate(model, images[test], labels[test])
             runs.append(run)
             if on_run is not None:
                 on_run(run)

@@ -129,6 +129,7 @@ class BasicBlockNoBN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """``relu(shortcut(x) + conv2(relu(conv1(x))))``."""
         identity = x if self.shortcut is None else self.shortcut(x)
         return torch.relu(identity + self.conv2(torch.relu(self.conv1(x))))
 
@@ -161,6 +162,7 @@ class ResNetNoBN(nn.Module):
         self.fc = nn.Linear(channels_in, classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, classes)`` of images ``(N, in_channels, H, W)``."""
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
@@ -187,5 +189,5 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
         raise MagicInitError(f"model {name!r} is not in the zoo; choose one of: {', '.join(ZOO)}") from None
     try:
         return builder(**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # an unknown or impossible argument
         raise MagicInitError(f"model {name!r}: {error}") from None

@@ -1,0 +1,395 @@
+"""Does a plain CNN without batch norm train better from magicinit? Measured on MNIST and USPS.
+
+Protocol (all defaults; see ``--help``):
+
+* Data, from ``--data-root`` (default ``../shared/data``): MNIST (the idx files;
+  a fixed random 10 000 of the 60 000 training images, the official 10 000 test
+  images) and USPS (``usps.h5``, needs h5py: all 7 291 training and 2 007 test
+  images). MNIST is resized to 16 x 16 (USPS's size, bilinear with antialias),
+  so that both cost the same. A further fixed 2 000 (MNIST) / 1 000 (USPS)
+  training images are held out as a validation set that picks the learning rate.
+  Pixels are standardized with the training subset's mean and std.
+* Models: ``magicinit.zoo.plain_cnn`` (3x3 ReLU convolutions, two max-pools,
+  global average pool, a linear head), ``--width`` 16, at depth 10 and 20
+  (affine layers), and its twin with batch norm after every convolution.
+* Initializations: torch's default, xavier normal, kaiming normal (fan-in,
+  relu), orthogonal (relu gain), ``lsuv`` 0.3.0 (the PyPI package, its
+  defaults), magicinit gaussian within-only, gaussian within+between, kmeans
+  within+between (each on 256 random training images, ``seed`` = the run's
+  seed), and the batch-norm twin with kaiming normal.
+* Training: SGD with momentum 0.9, batch 128, ``--steps`` steps for every run,
+  each learning rate of ``--lrs`` (the same grid for all), each seed of
+  ``--seeds``. The init is computed once per (dataset, depth, init, seed) and
+  copied for every learning rate.
+* Reported per (dataset, depth, init): test accuracy at every learning rate
+  (mean over seeds), the learning rate with the best mean *validation*
+  accuracy, test accuracy there (mean, and half the range over seeds), the init
+  time and the training time (seconds per run, same process).
+
+Output: a markdown section written into ``bench/RESULTS.md`` (replacing the
+previous ``## bench/train.py`` section), PNGs ``bench/train_<dataset>_d<depth>.png``
+of the training-loss curves at each init's chosen learning rate, and all raw
+numbers in ``bench/train_results.json``.
+
+Run from the repository root::
+
+    pip install -c constraints.txt -e ".[bench]"
+    python bench/train.py            # about 50 minutes on 2 CPU cores
+    python bench/train.py --quick    # a smoke test in under 5 minutes, not for conclusions
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import magicinit
+from magicinit.baselines import BASELINES
+from magicinit.datasets import read_idx
+from magicinit.demo import evaluate, train
+from magicinit.plots import plot_curves
+from magicinit.zoo import plain_cnn
+
+try:
+    import lsuv
+except ImportError:  # the bench extra is not installed
+    lsuv = None
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_DATA_ROOT = BENCH.parent.parent / "shared" / "data"
+IMAGE_SIZE = 16
+INIT_SAMPLES = 256
+BATCH_SIZE = 128
+BATCH_NORM_TWIN = "batch norm + kaiming"
+
+
+@dataclass
+class Dataset:
+    """Standardized images ``(N, 1, 16, 16)`` and labels for training, validation and test."""
+
+    name: str
+    train: tuple[Tensor, Tensor]
+    validation: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+
+
+def _split(name: str, images: Tensor, labels: Tensor, test: tuple[Tensor, Tensor], train_count: int,
+           validation_count: int) -> Dataset:
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    train_index = order[:train_count]
+    validation_index = order[len(order) - validation_count :]
+    mean, std = images[train_index].mean(), images[train_index].std()
+
+    def standardize(x: Tensor) -> Tensor:
+        return (x - mean) / std
+
+    return Dataset(
+        name,
+        (standardize(images[train_index]), labels[train_index]),
+        (standardize(images[validation_index]), labels[validation_index]),
+        (standardize(test[0]), test[1]),
+    )
+
+
+def _resize(images: Tensor) -> Tensor:
+    return nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
+                                     align_corners=False)
+
+
+def load_mnist(root: Path) -> Dataset:
+    """MNIST from its idx files: 10 000 training images, 2 000 validation, the 10 000 test images."""
+    folder = root / "mnist"
+
+    def images(name: str) -> Tensor:
+        return _resize(read_idx(folder / name).unsqueeze(1).float() / 255.0)
+
+    def labels(name: str) -> Tensor:
+        return read_idx(folder / name).long()
+
+    test = images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz")
+    return _split("MNIST", images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"), test,
+                  10_000, 2_000)
+
+
+def load_usps(root: Path) -> Dataset:
+    """USPS from ``usps.h5``: 6 291 training images, 1 000 validation, the 2 007 test images."""
+    try:
+        import h5py
+    except ImportError:
+        raise SystemExit("USPS needs h5py: pip install -c constraints.txt -e '.[bench]'") from None
+    with h5py.File(root / "usps" / "usps.h5", "r") as file:
+        def part(name: str) -> tuple[Tensor, Tensor]:
+            data = torch.as_tensor(file[name]["data"][:], dtype=torch.float32).reshape(-1, 1, 16, 16)
+            return data, torch.as_tensor(file[name]["target"][:], dtype=torch.long)
+
+        train_images, train_labels = part("train")
+        test = part("test")
+    return _split("USPS", train_images, train_labels, test, len(train_images) - 1_000, 1_000)
+
+
+DATASETS: dict[str, Callable[[Path], Dataset]] = {"MNIST": load_mnist, "USPS": load_usps}
+
+
+def _lsuv(model: nn.Module, images: Tensor, seed: int) -> None:
+    if lsuv is None:
+        raise SystemExit("the lsuv init needs the bench extra: pip install -c constraints.txt -e '.[bench]'")
+    torch.manual_seed(seed)  # lsuv's orthogonal pre-init draws from the global generator
+    lsuv.lsuv_with_singlebatch(model, images, verbose=False)
+
+
+def _baseline(name: str) -> Callable[[nn.Module, Tensor, int], None]:
+    return lambda model, images, seed: BASELINES[name](model)
+
+
+def _magicinit(**options: object) -> Callable[[nn.Module, Tensor, int], None]:
+    def init(model: nn.Module, images: Tensor, seed: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            magicinit.init_(model, images, seed=seed, **options)
+
+    return init
+
+
+# name -> (init(model, init_images, seed), batch-norm twin?)
+INITS: dict[str, tuple[Callable[[nn.Module, Tensor, int], None], bool]] = {
+    "torch default": (_baseline("default"), False),
+    "xavier normal": (_baseline("xavier"), False),
+    "kaiming normal": (_baseline("kaiming"), False),
+    "orthogonal": (_baseline("orthogonal"), False),
+    "lsuv": (_lsuv, False),
+    "magicinit within (gaussian)": (_magicinit(between=False), False),
+    "magicinit (gaussian)": (_magicinit(), False),
+    "magicinit (kmeans)": (_magicinit(sampler="kmeans"), False),
+    BATCH_NORM_TWIN: (_baseline("kaiming"), True),
+}
+
+
+@dataclass
+class Run:
+    """One training run and its results."""
+
+    dataset: str
+    depth: int
+    init: str
+    seed: int
+    learning_rate: float
+    init_seconds: float
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    validation_accuracy: float = float("nan")
+    test_accuracy: float = float("nan")
+    diverged: bool = False
+
+
+def run_all(args: argparse.Namespace) -> list[Run]:
+    torch.set_num_threads(args.threads)
+    # Denormal floats (tiny activations and gradients, as under kaiming init at depth 20) make
+    # CPU training up to 9x slower; flushing them to zero changes no result that matters here.
+    torch.set_flush_denormal(True)
+    runs: list[Run] = []
+    started = time.perf_counter()
+    total = len(args.datasets) * len(args.depths) * len(args.inits) * len(args.seeds) * len(args.lrs)
+    for dataset_name in args.datasets:
+        data = DATASETS[dataset_name](args.data_root)
+        print(f"{data.name}: {len(data.train[0])} train, {len(data.validation[0])} validation, "
+              f"{len(data.test[0])} test images", flush=True)
+        for depth in args.depths:
+            for init_name in args.inits:
+                initialize, batch_norm = INITS[init_name]
+                for seed in args.seeds:
+                    torch.manual_seed(seed)
+                    model = plain_cnn(depth, args.width, in_channels=1, classes=10, batch_norm=batch_norm)
+                    pick = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))
+                    init_images = data.train[0][pick[:INIT_SAMPLES]]
+                    start = time.perf_counter()
+                    initialize(model, init_images, seed)
+                    init_seconds = time.perf_counter() - start
+                    for learning_rate in args.lrs:
+                        run = Run(data.name, depth, init_name, seed, learning_rate, init_seconds)
+                        trained = copy.deepcopy(model)
+                        start = time.perf_counter()
+                        run.losses = train(trained, *data.train, args.steps, BATCH_SIZE, learning_rate, seed)
+                        run.train_seconds = time.perf_counter() - start
+                        run.diverged = not math.isfinite(run.losses[-1])
+                        if not run.diverged:
+                            run.validation_accuracy = evaluate(trained, *data.validation)[0]
+                            run.test_accuracy = evaluate(trained, *data.test)[0]
+                        runs.append(run)
+                        elapsed = time.perf_counter() - started
+                        print(f"[{len(runs)}/{total} {elapsed / 60:.1f} min] {data.name} depth {depth} "
+                              f"{init_name:<28} seed {seed} lr {learning_rate:<6g} "
+                              f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
+                              f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s)", flush=True)
+    return runs
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _accuracies(runs: list[Run], key: str) -> list[float]:
+    """Per seed; a diverged run counts as chance (10 %)."""
+    return [0.1 if run.diverged else getattr(run, key) for run in runs]
+
+
+def _select(runs: list[Run], dataset: str, depth: int, init: str, lr: float | None = None) -> list[Run]:
+    return [r for r in runs if (r.dataset, r.depth, r.init) == (dataset, depth, init)
+            and (lr is None or r.learning_rate == lr)]
+
+
+def best_learning_rate(runs: list[Run], dataset: str, depth: int, init: str, lrs: list[float]) -> float:
+    """The learning rate with the best mean validation accuracy over seeds."""
+    return max(lrs, key=lambda lr: _mean(_accuracies(_select(runs, dataset, depth, init, lr), "validation_accuracy")))
+
+
+def _percent(values: list[float], spread: bool) -> str:
+    text = f"{100 * _mean(values):.2f}"
+    if spread and len(values) > 1:
+        text += f" ± {50 * (max(values) - min(values)):.2f}"
+    return text
+
+
+def tables(runs: list[Run], args: argparse.Namespace) -> str:
+    lines = []
+    for dataset in args.datasets:
+        name = dataset
+        for depth in args.depths:
+            lines += [f"### {name}, depth {depth}", ""]
+            header = ["init", *(f"lr {lr:g}" for lr in args.lrs), "chosen lr", "test acc % (± half range)",
+                      "init s", "train s / run"]
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            best_mean, rows = {}, []
+            for init in args.inits:
+                chosen = best_learning_rate(runs, name, depth, init, args.lrs)
+                at_best = _accuracies(_select(runs, name, depth, init, chosen), "test_accuracy")
+                best_mean[init] = _mean(at_best)
+                cells = []
+                for lr in args.lrs:
+                    selected = _select(runs, name, depth, init, lr)
+                    diverged = sum(r.diverged for r in selected)
+                    cells.append(_percent(_accuracies(selected, "test_accuracy"), False)
+                                 + (f" ({diverged} div.)" if diverged else ""))
+                all_runs = _select(runs, name, depth, init)
+                rows.append([init, *cells, f"{chosen:g}", _percent(at_best, True),
+                             f"{_mean([r.init_seconds for r in all_runs]):.2f}",
+                             f"{_mean([r.train_seconds for r in all_runs]):.1f}"])
+            top = max(best_mean.values())
+            for row, init in zip(rows, args.inits):
+                if best_mean[init] == top:
+                    row[len(args.lrs) + 2] = f"**{row[len(args.lrs) + 2]}**"
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _smooth(values: list[float], window: int = 20) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def write_figures(runs: list[Run], args: argparse.Namespace) -> list[Path]:
+    paths = []
+    for dataset in args.datasets:
+        for depth in args.depths:
+            curves = {}
+            for init in args.inits:
+                chosen = best_learning_rate(runs, dataset, depth, init, args.lrs)
+                seed_runs = _select(runs, dataset, depth, init, chosen)
+                length = min(len(r.losses) for r in seed_runs)
+                mean_curve = [_mean([r.losses[i] for r in seed_runs]) for i in range(length)]
+                curves[f"{init} (lr {chosen:g})"] = _smooth(mean_curve)
+            path = args.out_dir / f"train_{dataset.lower()}_d{depth}.png"
+            plot_curves({f"{dataset}, depth {depth}: training loss (mean over seeds, moving average of 20)": curves},
+                        path)
+            paths.append(path)
+    return paths
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=BENCH, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(section: str, results: Path) -> None:
+    """Replace the ``## bench/train.py`` section of ``results`` (or append it)."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    heading = "## bench/train.py"
+    if heading in text:
+        start = text.index(heading)
+        following = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="folder with mnist/ and usps/ (default ../shared/data)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--depths", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS), metavar="INIT")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=300, help="SGD steps per run (batch 128)")
+    parser.add_argument("--width", type=int, default=16, help="channels of every convolution")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: one seed, the middle learning rate, 40 steps (not for conclusions)")
+    parser.add_argument("--out-dir", type=Path, default=BENCH, help="where the PNGs and the JSON go")
+    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
+                        help="the markdown file whose '## bench/train.py' section is replaced")
+    args = parser.parse_args()
+    if not (args.data_root / "mnist").exists():
+        parser.error(f"--data-root {args.data_root}: no mnist/ there (see ../shared/data/SOURCES.md)")
+    if args.quick:
+        args.seeds, args.lrs, args.steps = args.seeds[:1], [args.lrs[len(args.lrs) // 2]], 40
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs = run_all(args)
+    body = tables(runs, args)
+    figures = write_figures(runs, args)
+    command = "python bench/train.py" + (" --quick" if args.quick else "")
+    section = (
+        f"## bench/train.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
+        f"commit {_commit()}, {platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
+        f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
+        f"Plain ReLU CNNs (width {args.width}, no batch norm unless said), {args.steps} SGD steps (momentum 0.9, "
+        f"batch {BATCH_SIZE}) per run, seeds {', '.join(map(str, args.seeds))}; 16 x 16 images. Test accuracy "
+        "(%) is the mean over seeds; a diverged run counts as 10 %. The chosen learning rate has the best mean "
+        "validation accuracy (held-out training images); the best mean test accuracy there is in bold. "
+        "Init s: the initialization's time; train s: one training run's.\n\n"
+        + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures) + "\n"
+    )
+    write_results(section, args.results)
+    (args.out_dir / "train_results.json").write_text(
+        json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+    print()
+    print(body)
+    print(f"wrote {args.results}, {', '.join(str(p) for p in figures)} and {args.out_dir / 'train_results.json'}")
+
+
+if __name__ == "__main__":
+    main()
