@@ -18,8 +18,13 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   the same samples (median of ``--repeats`` pairs); the target for kmeans is <= 5;
 * Part 2: ``report.seconds["between"]`` of ``magicinit.init_(model, x2, seed=0)`` over
   ``--part2-samples`` samples, divided by one forward+backward pass over those same
-  samples (minimum times over ``--repeats``), and the change-rate spread (max/min)
-  before and after Part 2.
+  samples (minimum times over ``--repeats``); the model calls Part 2 made (each a
+  forward+backward over one chunk of samples, or a no-grad check), also counted in
+  passes over the data; and the change-rate spread (max/min) before and after Part 2.
+* Peak memory: the extra peak memory of the whole ``init_`` (Parts 1 and 2, over the
+  ``--samples`` samples) over that of one forward+backward over the same samples. On
+  CPU each is measured in a fresh process (peak RSS minus the RSS after building the
+  model and the data); on CUDA by ``torch.cuda.max_memory_allocated``.
 
 Every number in the table is a ratio of times taken in the same run, on the
 same machine, so runs on different machines compare by their ratios only.
@@ -42,7 +47,10 @@ import importlib.metadata
 import inspect
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -79,6 +87,8 @@ PART1_WITHIN = "part1 within"  # its report.seconds["within"]
 LSUV = "lsuv"  # lsuv.lsuv_with_singlebatch on a fresh copy
 FORWARD_BACKWARD = "forward+backward"  # over the Part 2 samples
 PART2_BETWEEN = "part2 between"  # report.seconds["between"] of a full init_ over the Part 2 samples
+PART1_CALLS = 2  # model calls of init_(between=False): the 2-sample probe and the one Part 1 pass
+MEMORY_PROBES = ("forward+backward", "init_")
 
 
 @dataclass
@@ -90,6 +100,7 @@ class DepthResult:
     model_calls: dict[str, int] = field(default_factory=dict)  # calls of the model in one run, by measurement
     rate_spread_before: float | None = None
     rate_spread_after: float | None = None
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # extra peak memory, by MEMORY_PROBES
     messages: set[str] = field(default_factory=set)
 
     def best(self, measurement: str) -> float | None:
@@ -189,8 +200,7 @@ def measure_depth(
     depth: int, args: argparse.Namespace, inputs: Tensor, part2_inputs: Tensor, device: torch.device
 ) -> DepthResult:
     """All measurements at one depth, interleaved repeat by repeat."""
-    torch.manual_seed(depth)
-    model = plain_cnn(depth, args.width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
+    model = build_model(depth, args, device)
     result = DepthResult(depth)
     plain_forward(model, inputs)  # warm-up: kernel selection and allocator growth
     for _ in range(args.pairs):
@@ -213,11 +223,73 @@ def measure_depth(
         result.seconds[FORWARD_BACKWARD].append(timed(lambda: forward_backward(model, part2_inputs), device)[0])
         model.zero_grad(set_to_none=True)
 
-        report = init_recording_warnings(result, copy.deepcopy(model), part2_inputs)
+        part2_model = copy.deepcopy(model)
+        part2_calls = count_model_calls(part2_model)
+        report = init_recording_warnings(result, part2_model, part2_inputs)
+        result.model_calls[PART2_BETWEEN] = part2_calls() - PART1_CALLS
         result.seconds[PART2_BETWEEN].append(report.seconds["between"])
         result.rate_spread_before = report.rate_spread_before
         result.rate_spread_after = report.rate_spread_after
+    result.peak_bytes = peak_memory(depth, args, device)
     return result
+
+
+def build_model(depth: int, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The depth's plain CNN, its default weights seeded by the depth."""
+    torch.manual_seed(depth)
+    return plain_cnn(depth, args.width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
+
+
+def build_model_and_inputs(depth: int, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Tensor]:
+    """The depth's model and the ``--samples`` Gaussian inputs."""
+    return build_model(depth, args, device), gaussian_inputs(args.samples, device)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _run_probe(kind: str, model: nn.Module, inputs: Tensor) -> None:
+    if kind == "forward+backward":
+        forward_backward(model, inputs)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            magicinit.init_(model, inputs, seed=0, samples=len(inputs), rate_max_rounds=2)
+
+
+def memory_probe(kind: str, depth: int, args: argparse.Namespace) -> int:
+    """In this (fresh) process: peak RSS during ``kind`` minus the RSS after building model and inputs."""
+    model, inputs = build_model_and_inputs(depth, args, torch.device("cpu"))
+    baseline = _resident_bytes()
+    _run_probe(kind, model, inputs)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss is in KiB on Linux
+
+
+def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> dict[str, int]:
+    """Extra peak memory of each of ``MEMORY_PROBES`` (empty where it cannot be measured)."""
+    peaks: dict[str, int] = {}
+    if device.type == "cuda":
+        model, inputs = build_model_and_inputs(depth, args, device)
+        for kind in MEMORY_PROBES:
+            torch.cuda.synchronize(device)
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            _run_probe(kind, copy.deepcopy(model), inputs)
+            model.zero_grad(set_to_none=True)
+            peaks[kind] = torch.cuda.max_memory_allocated(device) - baseline
+        return peaks
+    if not Path("/proc/self/statm").exists():
+        return peaks
+    for kind in MEMORY_PROBES:
+        command = [sys.executable, __file__, "--memory-probe", kind, "--depths", str(depth), "--width",
+                   str(args.width), "--samples", str(args.samples), "--no-lsuv"]
+        if args.threads is not None:
+            command += ["--threads", str(args.threads)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        peaks[kind] = int(output.strip().splitlines()[-1])
+    return peaks
 
 
 SAMPLER_TARGETS = {"kmeans": 5.0}  # init time / gaussian's, on the --sampler-depth plain CNN
@@ -294,10 +366,24 @@ def print_details(result: DepthResult) -> None:
         print(f"depth {result.depth}: magicinit {message}")
 
 
-def markdown_table(results: Sequence[DepthResult]) -> str:
+def part2_calls_cell(result: DepthResult, samples: int) -> str:
+    calls = result.model_calls.get(PART2_BETWEEN)
+    return "-" if calls is None else f"{calls} ({calls / samples:.1f})"
+
+
+def memory_cell(result: DepthResult) -> str:
+    """``init_``'s extra peak over forward+backward's, with both in MiB."""
+    init_peak, reference = (result.peak_bytes.get(kind) for kind in ("init_", "forward+backward"))
+    if init_peak is None or not reference:
+        return "-"
+    return f"{init_peak / reference:.2f} ({init_peak / 2**20:.0f} / {reference / 2**20:.0f} MiB)"
+
+
+def markdown_table(results: Sequence[DepthResult], args: argparse.Namespace) -> str:
     header = [
         "depth", "forward s", "Part 1 s (within)", "Part 1 / forward", f"≤ {PART1_TARGET}?",
-        "lsuv s", "lsuv / forward", "lsuv / Part 1", "Part 2 / (fwd+bwd)", "rate spread before → after",
+        "lsuv s", "lsuv / forward", "lsuv / Part 1", "Part 2 / (fwd+bwd)", "Part 2 model calls (passes)",
+        "rate spread before → after", "peak memory: init_ / (fwd+bwd)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -313,7 +399,9 @@ def markdown_table(results: Sequence[DepthResult]) -> str:
             "-" if lsuv_ratio is None else f"{lsuv_ratio:.2f}",
             "-" if lsuv_ratio is None else f"{lsuv_ratio / part1_ratio:.1f}",
             ratio(result.best(PART2_BETWEEN), result.best(FORWARD_BACKWARD)),
+            part2_calls_cell(result, args.part2_samples),
             f"{spread_cell(result.rate_spread_before)} → {spread_after_cell(result)}",
+            memory_cell(result),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -361,6 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-lsuv", action="store_true", help="leave out the lsuv measurements")
     parser.add_argument("--sampler-depth", type=int, default=16, help="depth of the model for the sampler rows")
     parser.add_argument("--no-samplers", action="store_true", help="leave out the sampler rows")
+    parser.add_argument("--memory-probe", choices=MEMORY_PROBES, help=argparse.SUPPRESS)  # internal: one probe
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.repeats, args.pairs = [8, 16], 1, 3
@@ -375,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.memory_probe is not None:  # a child process of peak_memory
+        print(memory_probe(args.memory_probe, args.depths[0], args))
+        return 0
     device = chosen_device(args.device)
     started = time.perf_counter()
     print(f"machine: {machine_line(device)}")
@@ -394,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(measure_depth(depth, args, inputs, part2_inputs, device))
         print(f"  depth {depth} done ({time.perf_counter() - started:.0f}s)", flush=True)
     print()
-    print(markdown_table(results))
+    print(markdown_table(results, args))
     print()
     for result in results:
         print_details(result)

@@ -344,6 +344,18 @@ def write_results(section: str, results: Path) -> None:
     results.write_text(text)
 
 
+def write_raw(runs: list[Run], args: argparse.Namespace) -> None:
+    """Every run's numbers (losses to 4 significant digits) as JSON, one run per line."""
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    lines = []
+    for run in runs:
+        record = asdict(run)
+        record["losses"] = [float(f"{loss:.4g}") for loss in run.losses]
+        lines.append(json.dumps(record))
+    text = '{"settings": ' + json.dumps(settings) + ',\n"runs": [\n' + ",\n".join(lines) + "\n]}\n"
+    (args.out_dir / "train_results.json").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
@@ -383,9 +395,7 @@ def main() -> None:
         + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures) + "\n"
     )
     write_results(section, args.results)
-    (args.out_dir / "train_results.json").write_text(
-        json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+    write_raw(runs, args)
     print()
     print(body)
     print(f"wrote {args.results}, {', '.join(str(p) for p in figures)} and {args.out_dir / 'train_results.json'}")
