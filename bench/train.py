@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 import magicinit
 from magicinit.baselines import BASELINES
-from magicinit.datasets import read_idx
+from magicinit.datasets import read_idx, resize_images
 from magicinit.demo import evaluate, train
 from magicinit.plots import plot_curves
 from magicinit.zoo import plain_cnn
@@ -104,17 +104,12 @@ def _split(name: str, images: Tensor, labels: Tensor, test: tuple[Tensor, Tensor
     )
 
 
-def _resize(images: Tensor) -> Tensor:
-    return nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                     align_corners=False)
-
-
 def load_mnist(root: Path) -> Dataset:
     """MNIST from its idx files: 10 000 training images, 2 000 validation, the 10 000 test images."""
     folder = root / "mnist"
 
     def images(name: str) -> Tensor:
-        return _resize(read_idx(folder / name).unsqueeze(1).float() / 255.0)
+        return resize_images(read_idx(folder / name).unsqueeze(1).float() / 255.0, IMAGE_SIZE)
 
     def labels(name: str) -> Tensor:
         return read_idx(folder / name).long()

@@ -316,39 +316,38 @@ def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str) -> N
         print(result)
 
 
+def _library_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that ``init_``, ``rescale_`` and ``diagnose`` share, from the command line."""
+    return dict(
+        seed=args.seed, samples=args.samples, skip=args.skip, progress=args.progress and not args.quiet,
+        rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
+    )
+
+
+def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -> None:
+    save_weights(model, args.out)
+    _emit(args, report, f"magicinit {args.command} {args.model}")
+    if not args.quiet:
+        print(f"wrote {args.out}")
+
+
 def _run_init(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
     report = init_(
         model, images, sampler=args.sampler, within=args.within, between=args.between, beta=args.beta,
-        seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
-        progress=args.progress and not args.quiet, patch_budget_mb=args.patch_budget_mb,
-        rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
+        include_frozen=args.include_frozen, patch_budget_mb=args.patch_budget_mb, **_library_options(args),
     )
-    save_weights(model, args.out)
-    _emit(args, report, f"magicinit init {args.model}")
-    if not args.quiet:
-        print(f"wrote {args.out}")
+    _write_weights(args, model, report)
 
 
 def _run_rescale(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    report = rescale_(
-        model, images, seed=args.seed, samples=args.samples, skip=args.skip, include_frozen=args.include_frozen,
-        progress=args.progress and not args.quiet, rate_precision=args.rate_precision,
-        rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
-    )
-    save_weights(model, args.out)
-    _emit(args, report, f"magicinit rescale {args.model}")
-    if not args.quiet:
-        print(f"wrote {args.out}")
+    _write_weights(args, model, rescale_(model, images, include_frozen=args.include_frozen, **_library_options(args)))
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    diagnosis = diagnose(model, images, seed=args.seed, samples=args.samples, skip=args.skip,
-                         progress=args.progress and not args.quiet, rate_precision=args.rate_precision,
-                         rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size)
-    _emit(args, diagnosis, f"magicinit diagnose {args.model}")
+    _emit(args, diagnose(model, images, **_library_options(args)), f"magicinit diagnose {args.model}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:

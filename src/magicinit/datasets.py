@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .errors import MagicInitError
 
-__all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "load_images", "read_idx", "smooth_images", "digits"]
+__all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "load_images", "read_idx", "resize_images", "smooth_images", "digits"]
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,17 @@ def _as_float_images(values: Tensor, origin: str, images_3d: bool = False) -> Te
     return values.contiguous()
 
 
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Images ``(N, C, H, W)`` resized to ``size x size`` (bilinear, antialiased when shrinking)."""
+    return nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def _resize(values: Tensor, input_size: int | None, origin: str) -> Tensor:
     if input_size is None or tuple(values.shape[2:]) == (input_size, input_size):
         return values
     if values.dim() != 4:
         raise MagicInitError(f"{origin}: --input-size applies to images (N, C, H, W), not shape {tuple(values.shape)}")
-    return nn.functional.interpolate(values, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    return resize_images(values, input_size)
 
 
 def _read_file(path: Path, key: str | None) -> Tensor:
@@ -263,7 +268,7 @@ def load_images(
         samples: at most this many samples (a seeded random subset where there are more).
         seed: seed of that subset and of generated data.
         input_size: images are resized to ``input_size x input_size`` (folders: shorter side, then centre
-            crop; arrays: bilinear); None keeps an array's size (folders need it).
+            crop; arrays: bilinear, antialiased); None keeps an array's size (folders need it).
         channels: 1 (grayscale) or 3 (RGB) for images read from a folder or generated.
         key: the array or entry to read from an ``.npz`` or a ``.pt`` dict/tuple.
         standardize: make every channel mean 0 and std 1 over the loaded samples.

@@ -158,12 +158,14 @@ def run_demo(
 
 
 def _best_runs(runs: list[TrainingRun]) -> dict[str, TrainingRun]:
-    """Per init, the run with the lowest final training loss (diverged runs last)."""
+    """Per init (in the order of ``runs``), the run with the lowest final training loss (diverged runs last)."""
+
+    def final_loss(run: TrainingRun) -> float:
+        return run.final_loss if math.isfinite(run.final_loss) else math.inf
+
     best: dict[str, TrainingRun] = {}
     for run in runs:
-        key = run.final_loss if math.isfinite(run.final_loss) else math.inf
-        current = best.get(run.init)
-        if current is None or key < (current.final_loss if math.isfinite(current.final_loss) else math.inf):
+        if run.init not in best or final_loss(run) < final_loss(best[run.init]):
             best[run.init] = run
     return best
 
