@@ -406,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.plot is not None:
                 require_matplotlib(f"--plot {args.plot}")
+                _check_output(args.plot, "--plot", _figure_types())
             _check_output(getattr(args, "out", None), "--out")
             _check_output(args.report, "--report")
-            _check_output(args.plot, "--plot", _figure_types() if args.plot is not None else None)
         with _warnings_to_stderr(args.quiet):
             COMMANDS[args.command](args)
     except UsageError as error:
