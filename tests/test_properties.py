@@ -10,17 +10,24 @@ from torch import nn
 
 import magicinit
 
-CONV = {1: nn.Conv1d, 2: nn.Conv2d}
-CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+POOL = {("max", 1): nn.MaxPool1d, ("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d,
+        ("avg", 1): nn.AvgPool1d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
+ACTIVATIONS = {"relu": torch.relu, "leaky_relu": lambda x: nn.functional.leaky_relu(x, 0.1)}  # both homogeneous
+SIZE = {1: 12, 2: 12, 3: 6}  # input length / side per dimension
 
 
 class Block(nn.Module):
-    """One drawn block: a plain conv, a residual pair, a two-branch concat or a transposed conv."""
+    """One drawn block: a plain conv, a residual pair, a two-branch concat, a transposed conv,
+    or a pooling layer (max or average), with a ReLU or LeakyReLU."""
 
     def __init__(self, kind: str, dim: int, width: int, out: int, kernel: int, groups: int,
-                 stride: int, dilation: int, bias: bool) -> None:
+                 stride: int, dilation: int, bias: bool, activation: str, pool: str) -> None:
         super().__init__()
         self.kind = kind
+        self.act = ACTIVATIONS[activation]
+        self.pool = POOL[pool, dim](2, ceil_mode=True) if kind == "pool" else None
         pad = dilation * (kernel // 2)
         conv = CONV[dim]
         if kind == "plain":
@@ -31,15 +38,17 @@ class Block(nn.Module):
         elif kind == "concat":
             self.a = conv(width, out, kernel, padding=pad, dilation=dilation, groups=groups, bias=bias)
             self.b = conv(width, width, 1, bias=True)
-        else:
+        elif kind == "transposed":
             self.a = CONV_T[dim](width, out, kernel, stride=stride, groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            return self.pool(x)
         if self.kind == "residual":
-            return torch.relu(x + self.b(torch.relu(self.a(x))))
+            return self.act(x + self.b(self.act(self.a(x))))
         if self.kind == "concat":
-            return torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
-        return torch.relu(self.a(x))
+            return torch.cat([self.act(self.a(x)), self.act(self.b(x))], dim=1)
+        return self.act(self.a(x))
 
 
 class RandomNet(nn.Module):
@@ -51,7 +60,7 @@ class RandomNet(nn.Module):
         for spec in specs:
             block = Block(dim=dim, width=width, **{k: v for k, v in spec.items() if k != "width"})
             blocks.append(block)
-            width = {"residual": width, "concat": spec["out"] + width}.get(spec["kind"], spec["out"])
+            width = {"residual": width, "pool": width, "concat": spec["out"] + width}.get(spec["kind"], spec["out"])
         self.blocks = nn.Sequential(*blocks)
         self.dim = dim
         self.hidden = nn.Linear(width, head_hidden)
@@ -65,11 +74,11 @@ class RandomNet(nn.Module):
 
 @st.composite
 def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
-    dim = draw(st.sampled_from([1, 2]))
+    dim = draw(st.sampled_from([1, 2, 3]))
     width = draw(st.sampled_from([4, 6, 8]))
     specs, strided = [], 0
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["plain", "residual", "concat", "transposed"]))
+        kind = draw(st.sampled_from(["plain", "residual", "concat", "transposed", "pool"]))
         groups = draw(st.sampled_from([g for g in (1, 2, width) if width % g == 0]))
         out = groups * draw(st.integers(1, 3))
         stride = draw(st.sampled_from([1, 2])) if kind in ("plain", "transposed") and strided < 2 else 1
@@ -77,15 +86,16 @@ def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
         specs.append(dict(
             kind=kind, width=width, out=out, kernel=draw(st.sampled_from([1, 3])), groups=groups,
             stride=stride, dilation=draw(st.sampled_from([1, 2])), bias=draw(st.booleans()),
+            activation=draw(st.sampled_from(sorted(ACTIVATIONS))), pool=draw(st.sampled_from(["max", "avg"])),
         ))
-        width = {"residual": width, "concat": out + width}.get(kind, out)
+        width = {"residual": width, "pool": width, "concat": out + width}.get(kind, out)
     model = RandomNet(dim, specs, draw(st.sampled_from([4, 8])))
     seed = draw(st.integers(0, 2**16))
-    x = torch.randn(16, 2, *([12] * dim), generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    x = torch.randn(16, 2, *([SIZE[dim]] * dim), generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
     return model, x
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(architectures(), st.sampled_from([0.0, 0.1]), st.sampled_from(sorted(magicinit.SAMPLERS)))
 def test_part1_gives_exact_statistics_on_every_normalized_layer(
     arch: tuple[RandomNet, torch.Tensor], beta: float, sampler: str
@@ -104,7 +114,7 @@ def test_part1_gives_exact_statistics_on_every_normalized_layer(
             assert torch.allclose(mean, torch.full_like(mean, beta), atol=1e-3), (entry.name, mean)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(architectures())
 def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
     model, x = arch
