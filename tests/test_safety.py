@@ -153,3 +153,27 @@ def test_lazy_modules_must_be_materialized_first() -> None:
         magicinit.init_(model, torch.randn(4, 3, 8, 8))
     model(torch.randn(1, 3, 8, 8))
     magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0, rate_precision=0.2)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (torch.randn(8, 3, 8, 8, device="meta"), "data: batch 0 is on the meta device"),
+        (torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8), r"model rejected the init data \(batch \(2, 3, 8, 8\) uint8\)"),
+    ],
+)
+def test_data_without_values_or_of_a_type_the_model_rejects(data: torch.Tensor, match: str) -> None:
+    model = plain_cnn(4)
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=match):
+        magicinit.init_(model, data)
+    _assert_untouched(model, saved)
+
+
+def test_all_layers_frozen_is_an_error_naming_them() -> None:
+    model = plain_cnn(4).requires_grad_(False)
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=r"no layer left to initialize \('0': frozen"):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8))
+    assert_same_state(model, saved)
+    assert not any(p.requires_grad for p in model.parameters())

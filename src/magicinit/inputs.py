@@ -99,6 +99,10 @@ def _concat(batches: list[Batch]) -> Batch:
 
 
 def _check_finite(batch: Batch, index: int) -> None:
+    if any(tensor.is_meta for tensor in all_tensors(batch)):
+        raise MagicInitError(
+            f"data: batch {index} is on the meta device and has no values; pass real init data"
+        )
     for tensor in floating_tensors(batch):
         if not bool(torch.isfinite(tensor).all()):
             raise MagicInitError(
