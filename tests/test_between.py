@@ -30,6 +30,16 @@ def _with_uneven_scales(model: nn.Module) -> nn.Module:
     return model
 
 
+def _rescale_keeping_function(model: nn.Module, x: torch.Tensor, **options: object) -> magicinit.Report:
+    """``rescale_(model, x, **options)``, asserting that the outputs on ``x`` stay within 1e-4."""
+    with torch.no_grad():
+        before = model(x)
+    report = magicinit.rescale_(model, x, **options)
+    with torch.no_grad():
+        assert relative_change(model(x), before) < 1e-4
+    return report
+
+
 @pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.2)])
 def test_chain_rates_end_within_ten_percent_and_function_is_kept(activation) -> None:
     model = nn.Sequential(
@@ -39,11 +49,7 @@ def test_chain_rates_end_within_ten_percent_and_function_is_kept(activation) -> 
     ).eval()  # dropout off for the before/after comparison (magicinit's own passes run in eval mode)
     x = torch.randn(64, 3, 16, 16)
     magicinit.init_(model, x, between=False, seed=0)
-    with torch.no_grad():
-        before = model(x)
-    report = magicinit.rescale_(model, x, seed=1)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
+    report = _rescale_keeping_function(model, x, seed=1)
     assert report.rate_spread_before > 2  # there was something to equalize
     rates = _rates(model, x, seed=99)
     assert geometric_spread(list(rates.values())) < 0.10, rates
@@ -65,11 +71,7 @@ def test_init_with_both_parts_on_plain_cnn_and_report_figures() -> None:
 def test_rescale_of_trained_model_keeps_function_and_equalizes() -> None:
     model = _with_uneven_scales(plain_cnn(6))
     x = torch.randn(48, 3, 12, 12)
-    with torch.no_grad():
-        before = model(x)
-    magicinit.rescale_(model, x, seed=0)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
+    _rescale_keeping_function(model, x, seed=0)
     assert geometric_spread(list(_rates(model, x, seed=3).values())) < 0.10
 
 
@@ -77,11 +79,7 @@ def test_rescale_of_trained_model_keeps_function_and_equalizes() -> None:
 def test_graph_with_sums_or_concat_keeps_function_and_reaches_the_solved_rates(build, shape) -> None:
     model = _with_uneven_scales(build())
     x = torch.randn(48, *shape)
-    with torch.no_grad():
-        before = model(x)
-    report = magicinit.rescale_(model, x, seed=0)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
+    report = _rescale_keeping_function(model, x, seed=0)
     assert report.rate_spread_after <= report.rate_spread_before
     # rates measured afresh are those the scaling law predicts: C_k / (weight factor)^2
     predicted = {e.name: e.rate_before / e.weight_scale**2 for e in report.layers}
@@ -118,11 +116,7 @@ def test_residual_block_scale_constraints() -> None:
 def test_non_homogeneous_activations_pin_scales_and_keep_function(activation) -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), activation(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(64, 6)
-    with torch.no_grad():
-        before = model(x)
-    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
+    report = _rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     name = activation.__name__.lower() if activation is not nn.GELU else "gelu"
     assert any(f"output scale fixed by {name} in '3'" in n for n in report["2"].notes), report["2"].notes
     assert any(f"input scale fixed by {name} in '3'" in n for n in report["4"].notes)
@@ -212,9 +206,5 @@ def test_shared_layer_is_scaled_alike_at_every_call_and_function_kept(bias: bool
 
     model = _with_uneven_scales(Shared())
     x = torch.randn(48, 4)
-    with torch.no_grad():
-        before = model(x)
-    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
+    report = _rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     assert report["shared"].calls == 2 and report.rate_spread_after < report.rate_spread_before
