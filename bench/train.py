@@ -46,7 +46,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -62,13 +61,13 @@ from magicinit.datasets import read_idx, resize_images
 from magicinit.demo import evaluate, train
 from magicinit.plots import plot_curves
 from magicinit.zoo import plain_cnn
+from results_file import BENCH, commit, replace_section
 
 try:
     import lsuv
 except ImportError:  # the bench extra is not installed
     lsuv = None
 
-BENCH = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = BENCH.parent.parent / "shared" / "data"
 IMAGE_SIZE = 16
 INIT_SAMPLES = 256
@@ -318,27 +317,6 @@ def write_figures(runs: list[Run], args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=BENCH, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_results(section: str, results: Path) -> None:
-    """Replace the ``## bench/train.py`` section of ``results`` (or append it)."""
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    heading = "## bench/train.py"
-    if heading in text:
-        start = text.index(heading)
-        following = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
-
-
 def write_raw(runs: list[Run], args: argparse.Namespace) -> None:
     """Every run's numbers (losses to 4 significant digits) as JSON, one run per line."""
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
@@ -380,7 +358,7 @@ def main() -> None:
     command = "python bench/train.py" + (" --quick" if args.quick else "")
     section = (
         f"## bench/train.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
-        f"commit {_commit()}, {platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
+        f"commit {commit()}, {platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
         f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
         f"Plain ReLU CNNs (width {args.width}, no batch norm unless said), {args.steps} SGD steps (momentum 0.9, "
         f"batch {BATCH_SIZE}) per run, seeds {', '.join(map(str, args.seeds))}; 16 x 16 images. Test accuracy "
@@ -389,7 +367,7 @@ def main() -> None:
         "Init s: the initialization's time; train s: one training run's.\n\n"
         + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures) + "\n"
     )
-    write_results(section, args.results)
+    replace_section(args.results, "## bench/train.py", section)
     write_raw(runs, args)
     print()
     print(body)

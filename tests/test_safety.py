@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from conftest import assert_same_state, plain_cnn, state_copy
+from conftest import assert_same_state, channel_stats, first_call_outputs, plain_cnn, state_copy
 from torch import nn
 
 import magicinit
@@ -32,8 +34,11 @@ def test_nan_or_inf_in_data(bad: float) -> None:
 
 
 def test_model_without_affine_layers() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.LayerNorm(3))
+    saved = state_copy(model)
     with pytest.raises(MagicInitError, match="has no convolution"):
-        magicinit.init_(nn.Sequential(nn.ReLU(), nn.Flatten()), torch.randn(4, 3))
+        magicinit.init_(model, torch.randn(4, 3))
+    _assert_untouched(model, saved)
 
 
 def test_data_of_a_shape_the_model_rejects() -> None:
@@ -63,9 +68,13 @@ def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
     _assert_untouched(model, saved)
 
 
-def test_empty_iterable() -> None:
+@pytest.mark.parametrize("data", [[], [torch.randn(0, 3, 8, 8)], iter(())], ids=["list", "empty batch", "iterator"])
+def test_empty_iterable(data) -> None:
+    model = plain_cnn(3)
+    saved = state_copy(model)
     with pytest.raises(MagicInitError, match="no samples"):
-        magicinit.init_(plain_cnn(3), [])
+        magicinit.init_(model, data)
+    _assert_untouched(model, saved)
 
 
 class _Interrupt:
@@ -122,6 +131,8 @@ def test_meta_device_parameters() -> None:
         model = plain_cnn(3)
     with pytest.raises(MagicInitError, match=r"layer '0': its parameters are on the meta device"):
         magicinit.init_(model, torch.randn(4, 3, 8, 8))
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_diagnose_leaves_model_rng_and_mode_untouched() -> None:
@@ -143,14 +154,19 @@ def test_no_chosen_layer_runs_in_forward() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
+    model = Detached()
+    saved = state_copy(model)
     with pytest.raises(MagicInitError, match="none of the layers to initialize"):
-        magicinit.init_(Detached(), torch.randn(4, 3))
+        magicinit.init_(model, torch.randn(4, 3))
+    _assert_untouched(model, saved)
 
 
 def test_lazy_modules_must_be_materialized_first() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    saved = model[0].weight.detach().clone()
     with pytest.raises(MagicInitError, match=r"parameter '2.weight' is an uninitialized lazy parameter"):
         magicinit.init_(model, torch.randn(4, 3, 8, 8))
+    assert torch.equal(model[0].weight, saved)
     model(torch.randn(1, 3, 8, 8))
     magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0, rate_precision=0.2)
 
@@ -177,3 +193,58 @@ def test_all_layers_frozen_is_an_error_naming_them() -> None:
         magicinit.init_(model, torch.randn(8, 3, 8, 8))
     assert_same_state(model, saved)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [torch.randn(1, 3, 8, 8), torch.full((8, 3, 8, 8), 0.5)],
+    ids=["one sample", "constant"],
+)
+def test_one_sample_or_constant_data_is_initialized_with_both_parts(data: torch.Tensor) -> None:
+    # The head sees one value per channel (the same for every sample), so Part 1
+    # zeroes its outputs on exactly these inputs; Part 2's function check must
+    # not mistake the rounding left over for a change (it used to refuse, with a
+    # "please report" warning).
+    model = plain_cnn(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = magicinit.init_(model, data, seed=0)
+    assert report["14"].zero_variance_channels == [0, 1, 2, 3, 4]
+    assert report.rate_spread_after is not None and report.rate_spread_after < 1.3 < report.rate_spread_before
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(torch.randn(4, 3, 8, 8))).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+@pytest.mark.parametrize("model_device,data_device", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_data_on_another_device_is_moved_to_the_models(model_device: str, data_device: str) -> None:
+    model = plain_cnn(4).to(model_device)
+    report = magicinit.init_(model, torch.randn(16, 3, 8, 8, device=data_device), seed=0, rate_precision=0.1)
+    assert all(p.device.type == model_device for p in model.parameters())
+    assert report.rate_spread_after is not None and report.rate_spread_after < 1.5
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_model_with_dropout_keeps_its_mode_and_is_normalized_without_dropout(training: bool) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 4)
+    )
+    x = torch.randn(64, 3, 8, 8)
+    model.train(training)
+    magicinit.init_(model, x, seed=0, between=False)
+    assert all(m.training is training for m in model.modules())
+    model.eval()  # Part 1's statistics are those of the deterministic (eval-mode) network
+    _, std = channel_stats(model[3], first_call_outputs(model, x)["3"])
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_parameters_keep_their_dtype_and_get_both_parts(dtype: torch.dtype, tolerance: float) -> None:
+    model = plain_cnn(5).to(dtype)
+    x = torch.randn(64, 3, 8, 8)
+    report = magicinit.init_(model, x, seed=0, rate_precision=0.1)
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+    assert report.rate_spread_after is not None and report.rate_spread_after < 1.5
+    for name in ("0", "2"):  # Part 2 scales each layer's channels alike: equal stds remain equal
+        _, std = channel_stats(model[int(name)], first_call_outputs(model, x.to(dtype))[name])
+        assert float((std / std.mean() - 1).abs().max()) < tolerance

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import MagicInitError
 from .graph import LayerGraph, ScaleSolution
-from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, split_batch
+from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, jitter_floating, split_batch
 from .layers import adapter_for
 from .safety import ModelSnapshot
 
@@ -149,7 +149,12 @@ def measure_change_rates(
                     if grad is None:
                         per_channel = module.weight.new_zeros(adapter.out_channels(module), dtype=torch.float64)
                     else:
-                        per_channel = adapter.to_filters(module, grad).double().square().sum(-1).flatten()
+                        filters = adapter.to_filters(module, grad)
+                        # a float32 norm per filter (accurate to ~1e-7, and 100x faster on CPU than
+                        # squaring a float64 copy of a large gradient), summed over draws in float64
+                        norm_dtype = torch.promote_types(filters.dtype, torch.float32)
+                        per_channel = torch.linalg.vector_norm(filters, dim=-1, dtype=norm_dtype).double().square()
+                        per_channel = per_channel.flatten()
                     channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
                     round_totals[name].append(per_channel.sum())
                 if bar is not None:
@@ -261,25 +266,38 @@ def _outputs(model: nn.Module, batch: Batch, forward: ForwardFn) -> list[Tensor]
 
 def _change_in_float64(
     model: nn.Module, probe: Batch, forward: ForwardFn, names: list[str], solution: ScaleSolution
-) -> float | None:
+) -> tuple[float | None, Batch]:
     """Relative output change the rescaling causes in a float64 copy of the model.
 
     In exact arithmetic a correct scale analysis changes nothing, so this
     separates a wrong analysis (an O(1) change) from the rounding of deep
-    float32 networks (which alone can exceed 1e-4). None when no float64 copy
-    can be made (too large, or not copyable); the model itself is not touched.
+    float32 networks (which alone can exceed 1e-4). Returns the change and the
+    inputs it was measured on: ``probe``, or a jittered copy of it where the
+    network's outputs on ``probe`` are cancelled down to rounding (init data
+    with one sample, or constant data, makes Part 1 fit biases that cancel them
+    exactly). The identity must hold for any input, so either shows the
+    analysis right. The change is None when no float64 copy can be made (too
+    large, or not copyable); the model itself is not touched.
     """
     if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
-        return None
+        return None, probe
     try:
         twin = copy.deepcopy(model).double()
     except Exception:  # a model holding something deepcopy cannot copy
-        return None
+        return None, probe
     twin_modules = dict(twin.named_modules())
-    probe64 = cast_floating(probe, torch.float64)
+    jittered = jitter_floating(probe, seed=0)
+    probe64, jittered64 = cast_floating(probe, torch.float64), cast_floating(jittered, torch.float64)
     reference = _outputs(twin, probe64, forward)
+    try:
+        reference_jittered = _outputs(twin, jittered64, forward)
+    except Exception:  # the model does not accept other values (indices stored as floats, say)
+        reference_jittered = None
     _apply_scales({name: twin_modules[name] for name in names}, solution)
-    return function_change(reference, _outputs(twin, probe64, forward))
+    change = function_change(reference, _outputs(twin, probe64, forward))
+    if change <= EXACT_TOLERANCE or reference_jittered is None:
+        return change, probe
+    return function_change(reference_jittered, _outputs(twin, jittered64, forward)), jittered
 
 
 def _rounding_tolerance(model: nn.Module) -> float:
@@ -334,7 +352,7 @@ def equalize_between(
             log_rates[name] = math.log(rate)
     solution = graph.solve(log_rates, fixed=fixed)
     probe = split_batch(batch, 0, FUNCTION_CHECK_SAMPLES)
-    analysis_error = _change_in_float64(model, probe, forward, list(called), solution)
+    analysis_error, probe = _change_in_float64(model, probe, forward, list(called), solution)
     result = BetweenResult(before, None, solution, {name: 1.0 for name in called}, list(log_rates), excluded)
     if analysis_error is not None and analysis_error > EXACT_TOLERANCE:
         _warn_not_kept(analysis_error, "in a float64 copy of the model")

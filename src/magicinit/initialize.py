@@ -162,23 +162,21 @@ def _between(
     return result
 
 
-def _graph_notes(session: Session, name: str) -> list[str]:
+def _add_graph_facts(session: Session, entry: LayerReport) -> None:
     graph = session.graph
-    if graph is None or name not in graph.sites:
-        return []
-    notes = []
-    if graph.calls[name] > 1:
-        notes.append(
-            f"called {graph.calls[name]} times per forward: Part 1 normalized its first call; "
-            "Part 2 scales all calls alike"
+    if graph is None or entry.name not in graph.sites:
+        return
+    calls = graph.calls[entry.name]
+    if calls > 1:
+        entry.notes.append(
+            f"called {calls} times per forward: Part 1 normalized its first call; Part 2 scales all calls alike"
         )
+    entry.input_scale_fixed_by, entry.output_scale_fixed_by = graph.pinned_by(entry.name)
     usual = {"model input", "model output"}
-    pinned_in, pinned_out = graph.pinned_by(name)
-    if pinned_in and pinned_in not in usual:
-        notes.append(f"input scale fixed by {pinned_in}")
-    if pinned_out and pinned_out not in usual:
-        notes.append(f"output scale fixed by {pinned_out}")
-    return notes
+    if entry.input_scale_fixed_by and entry.input_scale_fixed_by not in usual:
+        entry.notes.append(f"input scale fixed by {entry.input_scale_fixed_by}")
+    if entry.output_scale_fixed_by and entry.output_scale_fixed_by not in usual:
+        entry.notes.append(f"output scale fixed by {entry.output_scale_fixed_by}")
 
 
 def _build_report(
@@ -220,7 +218,7 @@ def _build_report(
                 )
             if not result.mean_set:
                 entry.notes.append("no bias: channel means are not set to beta (std is)")
-        entry.notes.extend(_graph_notes(session, name))
+        _add_graph_facts(session, entry)
         if between_result is not None and name in between_result.before.rate:
             entry.rate_before = between_result.before.rate[name]
             entry.rate_before_log_error = between_result.before.log_error[name]

@@ -27,6 +27,7 @@ __all__ = [
     "floating_tensors",
     "all_tensors",
     "cast_floating",
+    "jitter_floating",
 ]
 
 Batch = Any
@@ -53,6 +54,25 @@ def _map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
 def cast_floating(batch: Batch, dtype: torch.dtype) -> Batch:
     """The batch with every floating tensor cast to ``dtype``."""
     return _map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
+
+
+def jitter_floating(batch: Batch, seed: int) -> Batch:
+    """The batch with seeded Gaussian noise added to every floating tensor.
+
+    The noise has each tensor's own standard deviation (or its mean magnitude,
+    or 1, where that is zero), so the result is a different but plausible input.
+    """
+
+    def jitter(tensor: Tensor) -> Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.device, tensor.dtype)
+        size = float(tensor.double().std(correction=0)) if tensor.numel() > 1 else 0.0
+        size = size or float(tensor.double().abs().mean()) or 1.0
+        return tensor + size * noise
+
+    return _map_tensors(jitter, batch)
 
 
 def floating_tensors(obj: Any) -> Iterator[Tensor]:

@@ -40,7 +40,10 @@ class LayerReport:
     Channel statistics are over the init data (population std). ``*_before``
     of Part 1 are those of the freshly drawn filters with zero bias; ``*_after``
     those of the normalized output. Rates are relative change rates ``C_k``
-    with the standard error of ``log C_k`` as spread.
+    with the standard error of ``log C_k`` as spread. ``input_scale_fixed_by``
+    and ``output_scale_fixed_by`` name what keeps Part 2 from rescaling the
+    layer's input or output ("model input", "batch_norm in 'bn1'", ...; None
+    where the scale is free): a layer fixed on both sides keeps its scale.
     """
 
     name: str
@@ -59,6 +62,8 @@ class LayerReport:
     rate_after: float | None = None
     rate_after_log_error: float | None = None
     weight_scale: float | None = None
+    input_scale_fixed_by: str | None = None
+    output_scale_fixed_by: str | None = None
 
     @property
     def std_cv_before(self) -> float | None:

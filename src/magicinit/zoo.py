@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .errors import MagicInitError
 
-__all__ = ["ZOO", "build_model", "plain_cnn", "caffenet", "vgg", "resnet_nobn"]
+__all__ = ["ZOO", "TORCHVISION_CLASSIFIERS", "build_model", "plain_cnn", "caffenet", "vgg", "resnet_nobn"]
 
 
 def _channels(base: int, width: float) -> int:
@@ -170,6 +170,12 @@ def resnet_nobn(depth: int = 18, in_channels: int = 3, classes: int = 1000, widt
     """A ResNet-``depth`` (10, 18 or 34) with basic blocks and no batch norm."""
     return ResNetNoBN(depth, in_channels, classes, width)
 
+
+# torchvision classifiers that tests/test_zoo.py initializes and bench/zoo.py tabulates (README).
+TORCHVISION_CLASSIFIERS = (
+    "alexnet", "vgg11", "resnet18", "googlenet", "densenet121", "mobilenet_v3_small", "squeezenet1_1",
+    "shufflenet_v2_x0_5", "efficientnet_b0", "convnext_tiny", "regnet_x_400mf",
+)
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "plain-cnn": plain_cnn,

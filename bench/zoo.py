@@ -1,0 +1,167 @@
+"""What magicinit does to torchvision's classifiers: the README's zoo table, measured.
+
+For each model (``torchvision.models.get_model(name, weights=None)``, seeded)
+it runs ``magicinit.init_`` with its defaults on 8 Gaussian 3 x 64 x 64 inputs
+and tabulates, from the report:
+
+* Part 1: how many of the convolution/linear layers were normalized (the others
+  are never called in an eval-mode forward, e.g. googlenet's auxiliary heads);
+* Part 2: how many layers it rescaled, and which operations fix layers' input
+  or output scales (``batch_norm``, ``layer_norm``, ``gelu``, ``hardsigmoid``,
+  ...; counted once per layer side; the model's own input and output do not
+  count), with the change-rate spread (max/min over all layers) before and after;
+* the time of ``init_`` over the time of one forward pass of the same inputs.
+
+Output: the table on stdout, and the ``## bench/zoo.py`` section of
+``bench/RESULTS.md``. Run from the repository root (about 2 minutes on 2 CPU cores)::
+
+    pip install -c constraints.txt -e ".[test,bench]"
+    python bench/zoo.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import magicinit
+from magicinit import Report
+from magicinit.cli import load_model
+from magicinit.zoo import TORCHVISION_CLASSIFIERS
+from results_file import BENCH, commit, replace_section
+
+USUAL_PINS = {"model input", "model output"}
+
+
+@dataclass
+class ZooRow:
+    """One model's line of the table."""
+
+    name: str
+    layers: int
+    normalized: int
+    never_called: int
+    rescaled: int
+    fixing_ops: Counter
+    spread_before: float | None
+    spread_after: float | None
+    warnings: list[str]
+    init_over_forward: float
+
+
+def fixing_op(reason: str | None) -> str | None:
+    """The operation named in a "fixed by" reason ("batch_norm in 'bn1'" -> "batch_norm"); None for the usual ones."""
+    if reason is None or reason in USUAL_PINS:
+        return None
+    return reason.split(" in ")[0]
+
+
+def summarize(name: str, report: Report, caught: list[warnings.WarningMessage], ratio: float) -> ZooRow:
+    """The table row of one model's report."""
+    ops: Counter = Counter()
+    for layer in report.layers:
+        for reason in (layer.input_scale_fixed_by, layer.output_scale_fixed_by):
+            op = fixing_op(reason)
+            if op is not None:
+                ops[op] += 1
+    return ZooRow(
+        name=name,
+        layers=len(report.layers),
+        normalized=sum(layer.status == "initialized" for layer in report.layers),
+        never_called=sum(layer.status == "never called" for layer in report.layers),
+        rescaled=sum(layer.weight_scale is not None and abs(layer.weight_scale - 1) > 1e-6 for layer in report.layers),
+        fixing_ops=ops,
+        spread_before=report.rate_spread_before,
+        spread_after=report.rate_spread_after,
+        warnings=[str(w.message) for w in caught],
+        init_over_forward=ratio,
+    )
+
+
+def build(name: str) -> nn.Module:
+    """The model as the command line's ``torchvision:NAME`` builds it (no pretrained weights), seeded."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # googlenet's note about its future default init
+        return load_model(f"torchvision:{name}", {})
+
+
+def measure(name: str, inputs: torch.Tensor) -> ZooRow:
+    """Initialize one model and time ``init_`` against one eval-mode forward pass."""
+    model = build(name)
+    with torch.no_grad():
+        model.eval()(inputs)  # warm-up
+        started = time.perf_counter()
+        model(inputs)
+        forward_seconds = time.perf_counter() - started
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.perf_counter()
+        report = magicinit.init_(model, inputs, seed=0)
+        init_seconds = time.perf_counter() - started
+    return summarize(name, report, caught, init_seconds / forward_seconds)
+
+
+def spread(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def markdown_table(rows: list[ZooRow]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| model | conv/linear layers | Part 1: normalized | Part 2: rescaled layers | scales fixed by | "
+        "rate spread before → after | init_ / forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        part1 = f"{row.normalized}" + (f" ({row.never_called} never called)" if row.never_called else "")
+        ops = ", ".join(f"{op} ×{count}" for op, count in row.fixing_ops.most_common()) or "-"
+        lines.append(
+            f"| {row.name} | {row.layers} | {part1} | {row.rescaled} | {ops} | "
+            f"{spread(row.spread_before)} → {spread(row.spread_after)} | {row.init_over_forward:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(TORCHVISION_CLASSIFIERS), metavar="NAME")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
+                        help="the markdown file whose '## bench/zoo.py' section is replaced")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, inputs))
+        print(f"  {name} done", flush=True)
+    table = markdown_table(rows)
+    print(table)
+    notes = [f"- {row.name}: warning: {message}" for row in rows for message in row.warnings]
+    section = (
+        f"## bench/zoo.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
+        f"commit {commit()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
+        f"```\npip install -c constraints.txt -e \".[test,bench]\"\npython bench/zoo.py\n```\n\n"
+        "`init_(model, x, seed=0)` with its defaults on 8 Gaussian 3 x 64 x 64 inputs; "
+        "init_ / forward is the time of init_ over that of one eval-mode forward pass of the same inputs, "
+        "in the same run.\n\n"
+        f"{table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "No warnings.\n\n")
+    )
+    replace_section(args.results, "## bench/zoo.py", section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
