@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import Collective
 from .errors import MagicInitError
 from .graph import LayerGraph, ScaleSolution
 from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, jitter_floating, split_batch
@@ -112,13 +113,19 @@ def measure_change_rates(
     options: RateOptions = RateOptions(),
     progress: bool = False,
     desc: str = "magicinit: change rates",
+    collective: Collective | None = None,
 ) -> ChangeRates:
     """Estimate the change rate of every layer in ``layers`` from back-propagated noise.
 
     The model's parameters are not changed. Gradients are taken with
     ``torch.autograd.grad`` (no ``.grad`` is written); the weights' ``requires_grad``
-    is switched on for the duration and the caller restores it.
+    is switched on for the duration and the caller restores it. With a
+    ``collective``, every rank draws its own noise (from a generator forked
+    off ``generator``) over its own data, and the sums and their noise
+    variances are summed over the ranks, which stop after the same round.
     """
+    if collective is not None and generator is not None:
+        generator = collective.fork(generator)
     names = list(layers)
     weights = [layers[name].weight for name in names]
     for weight in weights:
@@ -162,13 +169,16 @@ def measure_change_rates(
             for name in names:  # one transfer per layer and round, not per draw
                 draw_totals[name].append(torch.stack(round_totals[name]).tolist())
             if rounds >= options.min_rounds:
-                errors = _log_errors(draw_totals)
+                errors = _log_errors(draw_totals, collective)
                 if all(e <= options.precision for e in errors.values()):
                     break
     finally:
         if bar is not None:
             bar.close()
     n_draws = len(starts) * rounds
+    if collective is not None:
+        n_draws = int(collective.sum(torch.tensor(float(n_draws))).item())
+        channel_sums = {name: collective.sum(channel_sums[name]) for name in names}
     rate, channel_rate = {}, {}
     for name in names:
         module = layers[name]
@@ -180,29 +190,35 @@ def measure_change_rates(
         weight_norm_sq = float(channel_norm_sq.sum())
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
-    return ChangeRates(rate, _log_errors(draw_totals), channel_rate, n_draws, rounds)
+    return ChangeRates(rate, _log_errors(draw_totals, collective), channel_rate, n_draws, rounds)
 
 
-def _log_errors(draw_totals: dict[str, list[list[float]]]) -> dict[str, float]:
+def _log_errors(draw_totals: dict[str, list[list[float]]], collective: Collective | None = None) -> dict[str, float]:
     """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms.
 
     Each chunk's noise variance is estimated across rounds; with one round
     the error is unknown (inf). A layer no gradient reaches has rate 0 exactly
-    (error 0).
+    (error 0). With a ``collective``, the chunks of all ranks count.
     """
+    names = list(draw_totals)
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)  # per layer: sum of chunk means, sum of chunk variances
+    rounds = len(next(iter(draw_totals.values()), []))
+    for row, name in enumerate(names):
+        values = torch.tensor(draw_totals[name], dtype=torch.float64)  # rounds x chunks
+        sums[row, 0] = values.mean(0).sum()
+        if rounds >= 2:
+            sums[row, 1] = values.var(0, correction=1).sum()
+    if collective is not None:
+        sums = collective.sum(sums)
     errors = {}
-    for name, per_round in draw_totals.items():
-        values = torch.tensor(per_round, dtype=torch.float64)  # rounds x chunks
-        rounds = values.shape[0]
-        total = float(values.mean(0).sum())
+    for row, name in enumerate(names):
+        total, variance_sum = float(sums[row, 0]), float(sums[row, 1])
         if total <= 0:
             errors[name] = 0.0
-            continue
-        if rounds < 2:
+        elif rounds < 2:
             errors[name] = math.inf
-            continue
-        noise_var_of_total = float(values.var(0, correction=1).sum()) / rounds
-        errors[name] = 0.5 * math.sqrt(noise_var_of_total) / total  # log C = 0.5 log C^2
+        else:
+            errors[name] = 0.5 * math.sqrt(variance_sum / rounds) / total  # log C = 0.5 log C^2
     return errors
 
 
@@ -326,6 +342,7 @@ def equalize_between(
     generator: torch.Generator | None,
     options: RateOptions = RateOptions(),
     progress: bool = False,
+    collective: Collective | None = None,
 ) -> BetweenResult:
     """Rescale ``layers`` so their change rates are as equal as the graph allows.
 
@@ -334,10 +351,14 @@ def equalize_between(
     model and must leave its outputs on the first init samples unchanged (up
     to 1e-9, relative); otherwise it is not applied, with a warning. Where no
     float64 copy can be made, it is applied and undone again if the model's
-    own outputs moved by more than rounding allows.
+    own outputs moved by more than rounding allows. With a ``collective``, the
+    rates are those of all ranks' data and every check takes the worst rank,
+    so all ranks apply the same scales or none.
     """
     called = {name: module for name, module in layers.items() if name in graph.sites}
-    before = measure_change_rates(model, batch, forward, called, generator, options, progress, "magicinit: rates before")
+    before = measure_change_rates(
+        model, batch, forward, called, generator, options, progress, "magicinit: rates before", collective
+    )
     excluded: dict[str, str] = {}
     log_rates: dict[str, float] = {}
     for name in called:
@@ -353,6 +374,8 @@ def equalize_between(
     solution = graph.solve(log_rates, fixed=fixed)
     probe = split_batch(batch, 0, FUNCTION_CHECK_SAMPLES)
     analysis_error, probe = _change_in_float64(model, probe, forward, list(called), solution)
+    if collective is not None and analysis_error is not None:
+        analysis_error = collective.max(analysis_error)
     result = BetweenResult(before, None, solution, {name: 1.0 for name in called}, list(log_rates), excluded)
     if analysis_error is not None and analysis_error > EXACT_TOLERANCE:
         _warn_not_kept(analysis_error, "in a float64 copy of the model")
@@ -363,6 +386,8 @@ def equalize_between(
     factors = _apply_scales(called, solution)
     result.weight_factor = factors
     result.function_change = function_change(reference, _outputs(model, probe, forward))
+    if collective is not None:
+        result.function_change = collective.max(result.function_change)
     if snapshot is not None and result.function_change > _rounding_tolerance(model):
         snapshot.restore_tensors()
         _warn_not_kept(result.function_change, "in the model's own precision")
@@ -371,7 +396,7 @@ def equalize_between(
         return result
     if any(f != 1.0 for f in factors.values()):
         result.after = measure_change_rates(
-            model, batch, forward, called, generator, options, progress, "magicinit: rates after"
+            model, batch, forward, called, generator, options, progress, "magicinit: rates after", collective
         )
     else:
         result.after = before

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .between import RateOptions, measure_change_rates
+from .distributed import ProcessGroupArg
 from .inputs import Batch
 from .report import Diagnosis, LayerDiagnosis
 from .safety import guarded
@@ -30,6 +31,7 @@ def diagnose(
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
+    process_group: ProcessGroupArg = "default",
 ) -> Diagnosis:
     """Per-layer statistics of ``model`` on ``data``; the model is not changed.
 
@@ -45,19 +47,20 @@ def diagnose(
         data: a batch or an iterable of batches, as for ``init_``.
         seed: seed of the noise draws (default 0: repeatable, torch's global RNG untouched);
             None uses torch's global RNG.
-        samples, forward, skip, progress, rate_*: as for ``init_``.
+        samples, forward, skip, progress, rate_*, process_group: as for ``init_`` (statistics
+            over all processes of the group, each on its own data).
 
     Example:
         >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
     """
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=True)
+                            include_frozen=True, process_group=process_group)
     with guarded(model):
-        moments = channel_moments_of_layers(model, session.batch, session.forward, session.layers)
+        moments = channel_moments_of_layers(model, session.batch, session.forward, session.layers, session.collective)
         called = {name: module for name, module in session.layers.items() if name in moments}
         rates = measure_change_rates(model, session.batch, session.forward, called, session.generator,
-                                     options, progress, "magicinit: diagnose")
+                                     options, progress, "magicinit: diagnose", session.collective)
     layers = []
     for name, module in called.items():
         channel_rate = rates.channel_rate[name]

@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .between import BetweenResult, RateOptions, equalize_between
+from .distributed import ProcessGroupArg
 from .errors import MagicInitError
 from .inputs import Batch, batch_size
 from .report import LayerReport, Report
@@ -39,6 +41,7 @@ def init_(
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
+    process_group: ProcessGroupArg = "default",
 ) -> Report:
     r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
 
@@ -71,6 +74,10 @@ def init_(
         rate_chunk_size: samples per noise draw when estimating change rates.
         rate_precision: target standard error of each ``log C_k``.
         rate_max_rounds: at most this many passes over the data per rate estimate.
+        process_group: the ``torch.distributed`` processes that initialize this model together,
+            each on its own shard of the data: every statistic is reduced over them and all end
+            with bit-identical weights (``samples`` is per process). ``"default"``: the default
+            group if ``torch.distributed`` is initialized; None: this process alone.
 
     Returns:
         A ``Report``: ``print(report)`` shows a table, ``report.to_dict()`` is JSON-able.
@@ -94,7 +101,7 @@ def init_(
         "rate_precision": rate_precision,
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=include_frozen)
+                            include_frozen=include_frozen, process_group=process_group)
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
@@ -103,7 +110,7 @@ def init_(
             start = time.perf_counter()
             within_results = normalize_within(
                 model, session.batch, session.forward, session.layers, chosen_sampler, beta,
-                session.generator, progress, int(patch_budget_mb * 2**20),
+                session.generator, progress, int(patch_budget_mb * 2**20), session.collective,
             )
             seconds["within"] = time.perf_counter() - start
         if between:
@@ -111,7 +118,7 @@ def init_(
             constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
             between_result = _between(session, options, progress, constant)
             seconds["between"] = time.perf_counter() - start
-    settings["samples_used"] = batch_size(session.batch)
+    _count_samples(session, settings)
     return _build_report(session, settings, within_results, between_result, seconds)
 
 
@@ -128,6 +135,7 @@ def rescale_(
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
+    process_group: ProcessGroupArg = "default",
 ) -> Report:
     """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
 
@@ -142,7 +150,7 @@ def rescale_(
     return init_(
         model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
         include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
-        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds,
+        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, process_group=process_group,
     )
 
 
@@ -155,11 +163,22 @@ def _between(
     fixed = {name for name in session.all_layers if name not in session.layers} | constant
     result = equalize_between(
         session.model, session.batch, session.forward, session.all_layers, session.graph, fixed,
-        session.generator, options, progress,
+        session.generator, options, progress, session.collective,
     )
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
     return result
+
+
+def _count_samples(session: Session, settings: dict[str, Any]) -> None:
+    """Samples used, over all processes, and how many processes there were."""
+    used = batch_size(session.batch)
+    if session.collective is not None:
+        used = int(session.collective.sum(torch.tensor(float(used))).item())
+    settings["samples_used"] = used
+    settings["processes"] = 1 if session.collective is None else session.collective.size
+    if session.collective is not None:
+        session.notes.append(f"statistics over {session.collective.size} processes, {used} samples in all")
 
 
 def _add_graph_facts(session: Session, entry: LayerReport) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import Collective
 from .errors import MagicInitError
 from .layers import adapter_for
 
@@ -62,6 +63,9 @@ class SamplerRequest:
             patches are subsampled at random.
         progress: show a progress bar for iterative samplers.
         notes: where a sampler says what it did differently (shown in the report).
+        collective: the processes that initialize the model together, each with its own
+            data (None: this one alone); a data-driven sampler reduces its statistics over
+            them and must return the same filters on every rank.
     """
 
     name: str
@@ -73,6 +77,18 @@ class SamplerRequest:
     patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20)
     progress: bool = False
     notes: list[str] = field(default_factory=list)
+    collective: Collective | None = None
+
+    def own_data_generator(self) -> torch.Generator | None:
+        """The generator for draws over this process's own data (subsets of its patches).
+
+        It is ``generator`` itself for a single process; with several, one forked
+        per rank, so that ``generator`` advances alike on every rank however
+        much data each holds.
+        """
+        if self.collective is None or self.generator is None:
+            return self.generator
+        return self.collective.fork(self.generator)
 
 
 Sampler = Callable[[SamplerRequest], Tensor]
@@ -166,7 +182,8 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     ``M`` is ``PATCHES_PER_FILTER`` per output channel of a group (at least
     ``4 * fan_in``, for the covariance), and at most what the memory budget
     allows: enough for the covariance and the centroids, and far cheaper than
-    all patches.
+    all patches. With several processes, ``M`` is shared out among the ranks
+    in proportion to the patches each holds.
     """
     adapter = adapter_for(request.module)
     layer_input = request.layer_input[0] if request.layer_input else None
@@ -176,23 +193,45 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     wanted = max(PATCHES_PER_FILTER * out_per_group, 4 * fan)
     max_patches = max(1, min(wanted, request.patch_budget_bytes // (4 * groups * fan)))
     sample = layer_input
+    generator = request.own_data_generator()
     probe = adapter.patches(request.module, layer_input[:1])
     assert probe is not None
     per_sample = probe.shape[1]
+    if request.collective is not None:
+        available = layer_input.shape[0] * per_sample
+        everywhere = float(request.collective.sum(torch.tensor(float(available))).item())
+        max_patches = max(1, -(-max_patches * available // int(everywhere)))
     if layer_input.shape[0] * per_sample > max_patches:  # fewer whole samples first, then positions
         keep = max(1, -(-max_patches // per_sample))
-        sample = layer_input[_subsample(layer_input.shape[0], keep, request.generator, layer_input.device)]
+        sample = layer_input[_subsample(layer_input.shape[0], keep, generator, layer_input.device)]
     patches = adapter.patches(request.module, sample)
     assert patches is not None
     if patches.shape[1] > max_patches:
-        patches = patches[:, _subsample(patches.shape[1], max_patches, request.generator, patches.device)]
+        patches = patches[:, _subsample(patches.shape[1], max_patches, generator, patches.device)]
     return patches.float()
 
 
-def _whitened(patches: Tensor) -> _Whitened:
-    centred = patches - patches.mean(dim=1, keepdim=True)
-    covariance = centred.transpose(1, 2) @ centred / centred.shape[1]
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitened:
+    """Per-group PCA whitening of ``patches`` (over all of ``collective``'s ranks: exact merged
+    mean and covariance, so every rank gets the same transform)."""
+    mean = patches.mean(dim=1, keepdim=True)
+    centred = patches - mean
+    scatter = centred.transpose(1, 2).double() @ centred.double()  # (groups, fan, fan)
+    count = centred.shape[1]
+    if collective is None:
+        covariance = (scatter / count).double()
+    else:  # Chan et al.'s merge: scatter within ranks plus the spread of the rank means
+        packed = torch.cat([mean.new_tensor([count]), mean.flatten()])
+        parts = collective.gather(packed)
+        counts = torch.stack([part[0] for part in parts])  # (ranks,)
+        means = torch.stack([part[1:].view(mean.shape) for part in parts]).double()  # (ranks, groups, 1, fan)
+        total = counts.sum()
+        global_mean = (counts.view(-1, 1, 1, 1) * means).sum(0) / total
+        offsets = means - global_mean
+        between = (counts.view(-1, 1, 1, 1) * offsets.transpose(-2, -1) * offsets).sum(0)
+        covariance = (collective.sum(scatter.double()) + between) / total
+        centred = patches - global_mean.to(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
     live = eigenvalues > RANK_TOLERANCE * eigenvalues[:, :1]
     regularized = eigenvalues + WHITENING_EPSILON * eigenvalues.mean(dim=-1, keepdim=True)
@@ -210,12 +249,15 @@ def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler
         if patches is None:
             request.notes.append("this layer type has no input patches: filters drawn by gaussian")
             return gaussian(request)
-        if patches.shape[1] < out_per_group:
+        count = patches.shape[1]
+        if request.collective is not None:
+            count = int(request.collective.sum(torch.tensor(float(count))).item())
+        if count < out_per_group:
             request.notes.append(
-                f"{patches.shape[1]} input patches for {out_per_group} filters per group: filters drawn by gaussian"
+                f"{count} input patches for {out_per_group} filters per group: filters drawn by gaussian"
             )
             return gaussian(request)
-        stats = _whitened(patches)
+        stats = _whitened(patches, request.collective)
         if stats.rank == 0:
             request.notes.append("the input patches are constant: filters drawn by gaussian")
             return gaussian(request)
@@ -276,8 +318,21 @@ def _unit_rows(x: Tensor) -> Tensor:
 def random_patches(request: SamplerRequest, stats: _Whitened) -> Tensor:
     """Randomly chosen whitened, unit-length input patches, mapped back through the whitening."""
     whitened = _unit_rows(stats.whiten())
-    chosen = _subsample(whitened.shape[1], request.shape[1], request.generator, whitened.device)
-    return whitened[:, chosen] @ stats.transform
+    chosen = _choose(whitened, request.shape[1], request)
+    return chosen @ stats.transform
+
+
+def _choose(points: Tensor, count: int, request: SamplerRequest) -> Tensor:
+    """``count`` random rows of each group of ``points`` (groups, M, fan); with several
+    processes, rank 0's choice from its own rows, sent to all."""
+    if request.collective is None:
+        return points[:, _subsample(points.shape[1], count, request.generator, points.device)]
+    generator = request.own_data_generator()
+    if points.shape[1] >= count:
+        index = _subsample(points.shape[1], count, generator, points.device)
+    else:  # this rank holds fewer rows than asked for: with repetition
+        index = torch.randint(points.shape[1], (count,), generator=generator).to(points.device)
+    return request.collective.broadcast(points[:, index])
 
 
 def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator | None) -> Tensor:
@@ -310,22 +365,30 @@ def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
     Centroids are mapped back through the whitening.
     """
     points = _unit_rows(stats.whiten())  # (groups, M, fan)
-    groups, count, _ = points.shape
     clusters = request.shape[1]
     centroids = _kmeans_plus_plus(points, clusters, request.generator)
+    collective = request.collective
+    if collective is not None:  # every rank seeds on its own points, then takes rank 0's seeds
+        centroids = collective.broadcast(centroids)
     assignment = None
     steps = range(KMEANS_ITERATIONS)
     bar = tqdm(steps, desc=f"magicinit: kmeans '{request.name}'", unit="it", leave=False) if request.progress else None
     for _ in bar if bar is not None else steps:
         new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
-        if assignment is not None and torch.equal(new_assignment, assignment):
+        unchanged = assignment is not None and torch.equal(new_assignment, assignment)
+        if collective is not None:
+            unchanged = collective.sum(torch.tensor(0.0 if unchanged else 1.0)).item() == 0
+        if unchanged:
             break
         assignment = new_assignment
         one_hot = torch.nn.functional.one_hot(assignment, clusters).to(points.dtype)  # (groups, M, clusters)
         sums = one_hot.transpose(1, 2) @ points
-        empty = one_hot.sum(dim=1) == 0  # (groups, clusters)
+        members = one_hot.sum(dim=1)  # (groups, clusters)
+        if collective is not None:
+            sums, members = collective.sum(sums), collective.sum(members)
+        empty = members == 0
         if bool(empty.any()):
-            reseed = points[:, _subsample(count, clusters, request.generator, points.device)]
+            reseed = _choose(points, clusters, request)
             sums = torch.where(empty.unsqueeze(-1), reseed, sums)
         centroids = _unit_rows(sums)
     if bar is not None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from .distributed import Collective, ProcessGroupArg, resolve_process_group
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
@@ -52,7 +53,8 @@ class Session:
         excluded: affine layers left alone, with the reason (skipped, frozen, ...).
         batch: the init data as one batch on the model's device.
         forward: the guarded forward callable.
-        generator: the random generator (None: torch's global one).
+        generator: the random generator (None: torch's global one); the same on every rank.
+        collective: the processes whose statistics are reduced together (None: this one alone).
         graph: the traced graph, or None if tracing failed.
         notes: things to tell the user.
     """
@@ -64,6 +66,7 @@ class Session:
     batch: Batch
     forward: ForwardFn
     generator: torch.Generator | None
+    collective: Collective | None = None
     graph: LayerGraph | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -81,6 +84,7 @@ def start_session(
     forward: ForwardFn | None,
     skip: Iterable[str],
     include_frozen: bool,
+    process_group: ProcessGroupArg = "default",
 ) -> Session:
     """Validate the arguments, choose layers, gather the data and trace the graph.
 
@@ -129,8 +133,35 @@ def start_session(
     weight = next(iter(layers.values())).weight
     if not weight.is_floating_point():
         raise MagicInitError(f"layer '{next(iter(layers))}': weights of dtype {weight.dtype} are not floating point")
+    collective = resolve_process_group(process_group)
+    if collective is None:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, generator)
+    # every rank learns whether all could gather their data and run the model, so none waits for the others
+    error, session = None, None
+    try:
+        session = _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, None)
+    except MagicInitError as exc:
+        error = exc
+    collective.agree(error)
+    assert session is not None
+    session.generator = torch.Generator().manual_seed(collective.shared_seed(seed))
+    session.collective = collective
+    return session
+
+
+def _gather_and_trace(
+    model: nn.Module,
+    data: Tensor | Iterable[Batch],
+    samples: int,
+    forward: ForwardFn | None,
+    layers: dict[str, nn.Module],
+    excluded: dict[str, str],
+    all_layers: dict[str, nn.Module],
+    generator: torch.Generator | None,
+) -> Session:
+    weight = next(iter(layers.values())).weight
     batch = gather_batch(data, samples, weight.device, weight.dtype)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     session = Session(model, layers, excluded, all_layers, batch, guard_forward(forward or default_forward), generator)
     session.graph = _trace(session)
     if session.graph is not None and not any(name in session.graph.sites for name in layers):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import Collective
 from .errors import MagicInitError
 from .inputs import Batch, ForwardFn
 from .layers import adapter_for
@@ -91,8 +92,10 @@ class _WithinPass:
         on_layer_done: Callable[[str], None],
         patch_budget_bytes: int,
         progress: bool,
+        collective: Collective | None,
     ) -> None:
         self.layers = layers
+        self.collective = collective
         self.patch_budget_bytes = patch_budget_bytes
         self.progress = progress
         self.sampler_notes: dict[str, list[str]] = {}
@@ -106,12 +109,14 @@ class _WithinPass:
     def draw(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         if name in self.input_rms:  # a later call of a shared layer: already drawn
             return
-        self.input_rms[name] = _input_rms(args)
+        rms = _input_rms(args)
+        self.input_rms[name] = rms if self.collective is None else self.collective.max(rms)
         adapter = adapter_for(module)
         assert adapter is not None
         current = adapter.to_filters(module).detach().float().cpu()
         request = SamplerRequest(
-            name, module, current.shape, current, args, self.generator, self.patch_budget_bytes, self.progress
+            name, module, current.shape, current, args, self.generator, self.patch_budget_bytes, self.progress,
+            collective=self.collective,
         )
         filters = self.sampler(request)
         self.sampler_notes[name] = request.notes
@@ -138,6 +143,10 @@ class _WithinPass:
         work = _for_statistics(output)
         view = adapter.channel_view(work)
         before = ChannelMoments.of(view, in_place=True)
+        if self.collective is not None:  # the moments of all ranks' data; the view re-centred on their mean
+            local_mean = before.mean
+            before = self.collective.merge_moments(before)
+            view.add_((local_mean - before.mean).view(1, -1, 1).to(view.dtype))
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(
                 f"layer '{name}': its output on the init data is not finite (overflow in "
@@ -190,16 +199,18 @@ def normalize_within(
     generator: torch.Generator | None,
     progress: bool = False,
     patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20),
+    collective: Collective | None = None,
 ) -> dict[str, WithinLayerResult]:
     """Run Part 1 on ``layers`` in one forward pass of ``batch``; returns per-layer results.
 
     Layers that the forward pass never calls are left untouched and are
-    absent from the result. The caller restores the model on error.
+    absent from the result. With a ``collective``, every channel's moments are
+    those of all its ranks' data. The caller restores the model on error.
     """
     bar = tqdm(total=len(layers), desc="magicinit: within-layer", unit="layer") if progress else None
     within = _WithinPass(
         layers, sampler, beta, generator, (lambda name: bar.update(1)) if bar else (lambda name: None),
-        patch_budget_bytes, progress,
+        patch_budget_bytes, progress, collective,
     )
     handles = []
     try:
@@ -217,16 +228,22 @@ def normalize_within(
 
 
 def channel_moments_of_layers(
-    model: nn.Module, batch: Batch, forward: ForwardFn, layers: dict[str, nn.Module]
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    layers: dict[str, nn.Module],
+    collective: Collective | None = None,
 ) -> dict[str, ChannelMoments]:
-    """Channel moments of every layer's output (first call) in one no-grad pass; nothing changes."""
+    """Channel moments of every layer's output (first call) in one no-grad pass (over all of
+    ``collective``'s ranks); nothing changes."""
     moments: dict[str, ChannelMoments] = {}
 
     def record(name: str, module: nn.Module, output: Any) -> None:
         if name not in moments and isinstance(output, Tensor) and output.is_floating_point():
             adapter = adapter_for(module)
             assert adapter is not None
-            moments[name] = ChannelMoments.of(adapter.channel_view(_for_statistics(output)))
+            local = ChannelMoments.of(adapter.channel_view(_for_statistics(output)))
+            moments[name] = local if collective is None else collective.merge_moments(local)
 
     handles = [
         module.register_forward_hook(lambda m, args, out, name=name: record(name, m, out))

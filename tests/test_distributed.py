@@ -1,0 +1,203 @@
+"""Several processes (torch.distributed, gloo on loopback): shared statistics, identical weights.
+
+Each test spawns 2 or 3 CPU processes that rendezvous on 127.0.0.1 and run
+the checks themselves; an assertion in any rank fails the test. Every test is
+bounded in time: the processes are killed after ``DEADLINE_S``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import plain_cnn, relative_change
+
+import magicinit
+from magicinit import MagicInitError, samplers
+
+DEADLINE_S = 240
+SHARD_SIZES = {2: (24, 40), 3: (9, 30, 17)}  # unequal on purpose
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, check: Callable[[int, int], None], errors: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    try:
+        check(rank, world)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    except BaseException:
+        (errors / f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(check: Callable[[int, int], None], world: int, tmp_path: Path) -> None:
+    """Run ``check(rank, world)`` in ``world`` processes; fail on any rank's exception or on timeout."""
+    context = mp.start_processes(_worker, args=(world, _free_port(), check, tmp_path), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{world} processes did not finish within {DEADLINE_S} s")
+    except mp.ProcessRaisedException:
+        # the first rank to fail is the cause; the others then see "connection closed by peer"
+        reports = sorted(tmp_path.glob("rank*.txt"), key=lambda f: "Connection closed" in f.read_text())
+        pytest.fail("\n".join(f"{f.stem}:\n{f.read_text()}" for f in reports), pytrace=False)
+
+
+def _data(world: int) -> list[torch.Tensor]:
+    """The shards of one dataset (the same on every rank, each rank takes its own)."""
+    everything = torch.randn(sum(SHARD_SIZES[world]), 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    return list(everything.split(SHARD_SIZES[world]))
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return plain_cnn(5)
+
+
+def _checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _same_on_every_rank(value: object, world: int) -> list[object]:
+    gathered: list[object] = [None] * world
+    dist.all_gather_object(gathered, value)
+    assert all(item == gathered[0] for item in gathered), gathered
+    return gathered
+
+
+def _check_part1_equals_one_process_on_the_union(rank: int, world: int) -> None:
+    shards = _data(world)
+    union = torch.cat(shards)
+    # all patches, so that the data-driven samplers see exactly the union's (not random subsets of it);
+    # their eigenvectors amplify the summation-order differences by about 10 (observed 2e-6 to 3e-5)
+    samplers.PATCHES_PER_FILTER = 10**6
+    tolerance = {"gaussian": 1e-5, "orthogonal": 1e-5, "pca": 1e-4, "zca": 1e-4}
+    for sampler in tolerance:
+        model = _model()
+        report = magicinit.init_(model, shards[rank], sampler=sampler, between=False, seed=0)
+        _same_on_every_rank(_checksum(model), world)
+        assert report.settings["samples_used"] == len(union) and report.settings["processes"] == world
+        if rank == 0:  # the same initialization in this process alone, on all the data
+            alone = _model()
+            magicinit.init_(alone, union, sampler=sampler, between=False, seed=0, process_group=None)
+            for (key, value), expected in zip(model.state_dict().items(), alone.state_dict().values()):
+                change = relative_change(value, expected)
+                print(f"{world} ranks, {sampler}, {key}: {change:.1e}")
+                assert change < tolerance[sampler], (sampler, key, change)
+    # diagnose: channel statistics of all shards, the same report everywhere
+    model = _model()
+    diagnosis = magicinit.diagnose(model, shards[rank], rate_precision=0.1)
+    _same_on_every_rank(diagnosis.to_dict(), world)
+    if rank == 0:
+        alone = magicinit.diagnose(model, union, rate_precision=0.1, process_group=None)
+        for ours, theirs in zip(diagnosis.layers, alone.layers):
+            assert ours.channel_std == pytest.approx(theirs.channel_std, rel=1e-5)
+            assert ours.channel_mean == pytest.approx(theirs.channel_mean, rel=1e-4, abs=1e-6)
+
+
+def _check_both_parts_leave_bit_identical_ranks(rank: int, world: int) -> None:
+    shards = _data(world)
+    for sampler in ("gaussian", "kmeans", "patches", "pca"):
+        model = _model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report = magicinit.init_(model, shards[rank], sampler=sampler, seed=0, rate_precision=0.03)
+        _same_on_every_rank(_checksum(model), world)
+        _same_on_every_rank(report.to_dict() | {"seconds": None}, world)
+        assert report.rate_spread_before > 3 and report.rate_spread_after < 1.15, (sampler, report.rate_spread_after)
+        if rank == 0 and sampler == "gaussian":  # as well equalized as by one process on all the data
+            alone = magicinit.init_(_model(), torch.cat(shards), seed=0, rate_precision=0.03, process_group=None)
+            print(f"{world} ranks: rate spread {report.rate_spread_after:.3f}, alone {alone.rate_spread_after:.3f}")
+            assert alone.rate_spread_after < 1.15
+    model = _model()  # a trained model (here: the default init) rescaled over all shards
+    rescaled = magicinit.rescale_(model, shards[rank], seed=1, rate_precision=0.03)
+    _same_on_every_rank(_checksum(model), world)
+    assert rescaled.output_change < 1e-4 and rescaled.rate_spread_after < 1.15
+
+
+def _check_errors_reach_every_rank(rank: int, world: int) -> None:
+    model = _model()
+    saved = _checksum(model)
+    shard = torch.randn(0 if rank == 1 else 8, 3, 8, 8)
+    expected = "no samples" if rank == 1 else r"rank\(s\) \[1\] of the process group failed before initializing"
+    with pytest.raises(MagicInitError, match=expected):
+        magicinit.init_(model, shard, seed=0)
+    shard = torch.randn(8, 5 if rank == 1 else 3, 8, 8)  # rank 1's data has channels the model rejects
+    expected = "model rejected the init data" if rank == 1 else r"rank\(s\) \[1\] of the process group failed"
+    with pytest.raises(MagicInitError, match=expected):
+        magicinit.diagnose(model, shard)
+    with pytest.raises(MagicInitError, match="passed different seeds"):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=rank)
+    assert _checksum(model) == saved
+    # an explicit group of all ranks, and seed=None (rank 0 draws the seed for all)
+    group = dist.new_group(list(range(world)))
+    magicinit.init_(model, torch.randn(8, 3, 8, 8), process_group=group, rate_precision=0.1)
+    _same_on_every_rank(_checksum(model), world)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world", [2, 3])
+def test_part1_over_shards_equals_one_process_on_their_union(world: int, tmp_path: Path) -> None:
+    _run(_check_part1_equals_one_process_on_the_union, world, tmp_path)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world", [2, 3])
+def test_both_parts_leave_every_rank_bit_identical(world: int, tmp_path: Path) -> None:
+    _run(_check_both_parts_leave_bit_identical_ranks, world, tmp_path)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_rank_without_data_or_with_another_seed_fails_on_every_rank(tmp_path: Path) -> None:
+    _run(_check_errors_reach_every_rank, 2, tmp_path)
+
+
+def test_process_group_argument_is_checked() -> None:
+    with pytest.raises(MagicInitError, match="process_group='world'"):
+        magicinit.init_(_model(), torch.randn(8, 3, 8, 8), process_group="world")
+    assert not dist.is_initialized()  # "default" without torch.distributed: this process alone
+    magicinit.init_(_model(), torch.randn(8, 3, 8, 8), seed=0, between=False)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_torchrun_example_initializes_wraps_in_ddp_and_trains() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "ddp_train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(example), "--steps", "5", "--depth", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "statistics over 2 processes" in done.stdout
+    assert "(identical: True)" in done.stdout
+    assert "weights after 5 DDP steps identical on all ranks: True" in done.stdout
