@@ -42,8 +42,8 @@ class Block(nn.Module):
             self.a = CONV_T[dim](width, out, kernel, stride=stride, groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool is not None:
-            return self.pool(x)
+        if self.pool is not None:  # average pooling rejects inputs smaller than its kernel, even in ceil mode
+            return self.pool(x) if min(x.shape[2:]) >= 2 else x
         if self.kind == "residual":
             return self.act(x + self.b(self.act(self.a(x))))
         if self.kind == "concat":
