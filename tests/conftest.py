@@ -14,7 +14,7 @@ from magicinit import zoo
 # The default run draws the same examples every time, so that a test run (and CI)
 # is reproducible; `--hypothesis-profile=explore --hypothesis-seed=N` draws new ones.
 settings.register_profile("reproducible", derandomize=True)
-settings.register_profile("explore", derandomize=False)
+settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile("reproducible")
 
 AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import channel_stats, first_call_outputs, relative_change
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -119,7 +119,11 @@ def test_part1_gives_exact_statistics_on_every_normalized_layer(
 def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
     model, x = arch
     model.eval()
-    magicinit.init_(model, x, between=False, seed=0)
+    within = magicinit.init_(model, x, between=False, seed=0)
+    # A net whose every output is constant on the data (a 1-channel bottleneck can do that)
+    # has outputs made of rounding alone; a relative change of those measures nothing.
+    head = within["head"]
+    assume(len(head.zero_variance_channels) < len(head.channel_std_after))
     with torch.no_grad():
         before = model(x)
     report = magicinit.rescale_(model, x, seed=1, rate_precision=0.2, rate_max_rounds=2)

@@ -177,7 +177,7 @@ def measure_change_rates(
             bar.close()
     n_draws = len(starts) * rounds
     if collective is not None:
-        n_draws = int(collective.sum(torch.tensor(float(n_draws))).item())
+        n_draws = collective.total(n_draws)
         channel_sums = {name: collective.sum(channel_sums[name]) for name in names}
     rate, channel_rate = {}, {}
     for name in names:
@@ -222,11 +222,18 @@ def _log_errors(draw_totals: dict[str, list[list[float]]], collective: Collectiv
     return errors
 
 
+def _norm(tensors: list[Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+def _difference(reference: list[Tensor], current: list[Tensor]) -> float:
+    return _norm([a.double() - b.double() for a, b in zip(reference, current)])
+
+
 def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
     """Relative change ``||y' - y|| / ||y||`` over all output tensors."""
-    diff = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(reference, current))
-    norm = sum(float(a.double().square().sum()) for a in reference)
-    return math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff)
+    norm = _norm(reference)
+    return _difference(reference, current) / norm if norm > 0 else _difference(reference, current)
 
 
 @dataclass
@@ -291,9 +298,10 @@ def _change_in_float64(
     inputs it was measured on: ``probe``, or a jittered copy of it where the
     network's outputs on ``probe`` are cancelled down to rounding (init data
     with one sample, or constant data, makes Part 1 fit biases that cancel them
-    exactly). The identity must hold for any input, so either shows the
-    analysis right. The change is None when no float64 copy can be made (too
-    large, or not copyable); the model itself is not touched.
+    exactly). In that case the change on ``probe`` is measured against the
+    outputs' size on the jittered inputs, and the change there counts too. The
+    change is None when no float64 copy can be made (too large, or not
+    copyable); the model itself is not touched.
     """
     if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
         return None, probe
@@ -310,10 +318,16 @@ def _change_in_float64(
     except Exception:  # the model does not accept other values (indices stored as floats, say)
         reference_jittered = None
     _apply_scales({name: twin_modules[name] for name in names}, solution)
-    change = function_change(reference, _outputs(twin, probe64, forward))
+    rescaled = _outputs(twin, probe64, forward)
+    change = function_change(reference, rescaled)
     if change <= EXACT_TOLERANCE or reference_jittered is None:
         return change, probe
-    return function_change(reference_jittered, _outputs(twin, jittered64, forward)), jittered
+    # Measured against the size the outputs have on other inputs, a change that is only
+    # large relative to cancelled outputs becomes small; a wrong analysis stays large
+    # there, and must also pass on the jittered inputs themselves.
+    typical = max(_norm(reference), _norm(reference_jittered))
+    change_here = _difference(reference, rescaled) / typical if typical > 0 else change
+    return max(change_here, function_change(reference_jittered, _outputs(twin, jittered64, forward))), jittered
 
 
 def _rounding_tolerance(model: nn.Module) -> float:

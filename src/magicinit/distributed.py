@@ -55,6 +55,12 @@ class Collective:
         dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
         return work.to(tensor.device, tensor.dtype)
 
+    def total(self, value: int) -> int:
+        """The sum of every rank's count ``value``."""
+        work = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+        return int(work.item())
+
     def max(self, value: float) -> float:
         """The largest of every rank's ``value``."""
         work = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -62,8 +68,8 @@ class Collective:
         return float(work.item())
 
     def gather(self, tensor: Tensor) -> list[Tensor]:
-        """Every rank's ``tensor`` (all of the same shape), in rank order, in float64 on ``tensor``'s device."""
-        work = tensor.detach().to(self.device, torch.float64).contiguous()
+        """Every rank's ``tensor`` (all of the same shape and dtype), in rank order, on ``tensor``'s device."""
+        work = tensor.detach().to(self.device).contiguous()
         parts = [torch.empty_like(work) for _ in range(self.size)]
         dist.all_gather(parts, work, group=self.group)
         return [part.to(tensor.device) for part in parts]
@@ -98,8 +104,8 @@ class Collective:
         """The seed every rank uses: ``seed`` (which must be the same everywhere), or one drawn on rank 0."""
         mine = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         agreed = int(self.broadcast(torch.tensor([mine], dtype=torch.int64)).item())
-        given = self.gather(torch.tensor([-1 if seed is None else seed], dtype=torch.float64))
-        if len({float(g.item()) for g in given}) > 1:
+        given = self.gather(torch.tensor([-1 if seed is None else seed], dtype=torch.int64))
+        if len({int(g.item()) for g in given}) > 1:
             raise MagicInitError(
                 f"seed={seed!r} on rank {self.rank}, but the ranks of the process group passed different seeds "
                 f"({', '.join(str(int(g.item())) for g in given)}); pass the same seed everywhere"

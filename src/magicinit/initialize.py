@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .between import BetweenResult, RateOptions, equalize_between
@@ -174,7 +173,7 @@ def _count_samples(session: Session, settings: dict[str, Any]) -> None:
     """Samples used, over all processes, and how many processes there were."""
     used = batch_size(session.batch)
     if session.collective is not None:
-        used = int(session.collective.sum(torch.tensor(float(used))).item())
+        used = session.collective.total(used)
     settings["samples_used"] = used
     settings["processes"] = 1 if session.collective is None else session.collective.size
     if session.collective is not None:

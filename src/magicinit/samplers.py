@@ -199,8 +199,8 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     per_sample = probe.shape[1]
     if request.collective is not None:
         available = layer_input.shape[0] * per_sample
-        everywhere = float(request.collective.sum(torch.tensor(float(available))).item())
-        max_patches = max(1, -(-max_patches * available // int(everywhere)))
+        everywhere = request.collective.total(available)
+        max_patches = max(1, -(-max_patches * available // everywhere))
     if layer_input.shape[0] * per_sample > max_patches:  # fewer whole samples first, then positions
         keep = max(1, -(-max_patches // per_sample))
         sample = layer_input[_subsample(layer_input.shape[0], keep, generator, layer_input.device)]
@@ -221,7 +221,7 @@ def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitene
     if collective is None:
         covariance = (scatter / count).double()
     else:  # Chan et al.'s merge: scatter within ranks plus the spread of the rank means
-        packed = torch.cat([mean.new_tensor([count]), mean.flatten()])
+        packed = torch.cat([mean.new_tensor([count]), mean.flatten()]).double()
         parts = collective.gather(packed)
         counts = torch.stack([part[0] for part in parts])  # (ranks,)
         means = torch.stack([part[1:].view(mean.shape) for part in parts]).double()  # (ranks, groups, 1, fan)
@@ -251,7 +251,7 @@ def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler
             return gaussian(request)
         count = patches.shape[1]
         if request.collective is not None:
-            count = int(request.collective.sum(torch.tensor(float(count))).item())
+            count = request.collective.total(count)
         if count < out_per_group:
             request.notes.append(
                 f"{count} input patches for {out_per_group} filters per group: filters drawn by gaussian"
@@ -377,7 +377,7 @@ def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
         new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
         unchanged = assignment is not None and torch.equal(new_assignment, assignment)
         if collective is not None:
-            unchanged = collective.sum(torch.tensor(0.0 if unchanged else 1.0)).item() == 0
+            unchanged = collective.total(0 if unchanged else 1) == 0
         if unchanged:
             break
         assignment = new_assignment

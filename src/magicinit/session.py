@@ -136,11 +136,11 @@ def start_session(
     collective = resolve_process_group(process_group)
     if collective is None:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, generator)
+        return _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, weight, generator)
     # every rank learns whether all could gather their data and run the model, so none waits for the others
     error, session = None, None
     try:
-        session = _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, None)
+        session = _gather_and_trace(model, data, samples, forward, layers, excluded, all_layers, weight, None)
     except MagicInitError as exc:
         error = exc
     collective.agree(error)
@@ -158,9 +158,9 @@ def _gather_and_trace(
     layers: dict[str, nn.Module],
     excluded: dict[str, str],
     all_layers: dict[str, nn.Module],
+    weight: Tensor,
     generator: torch.Generator | None,
 ) -> Session:
-    weight = next(iter(layers.values())).weight
     batch = gather_batch(data, samples, weight.device, weight.dtype)
     session = Session(model, layers, excluded, all_layers, batch, guard_forward(forward or default_forward), generator)
     session.graph = _trace(session)
