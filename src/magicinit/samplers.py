@@ -219,7 +219,7 @@ def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitene
     scatter = centred.transpose(1, 2).double() @ centred.double()  # (groups, fan, fan)
     count = centred.shape[1]
     if collective is None:
-        covariance = (scatter / count).double()
+        covariance = scatter / count
     else:  # Chan et al.'s merge: scatter within ranks plus the spread of the rank means
         packed = torch.cat([mean.new_tensor([count]), mean.flatten()]).double()
         parts = collective.gather(packed)
@@ -229,7 +229,7 @@ def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitene
         global_mean = (counts.view(-1, 1, 1, 1) * means).sum(0) / total
         offsets = means - global_mean
         between = (counts.view(-1, 1, 1, 1) * offsets.transpose(-2, -1) * offsets).sum(0)
-        covariance = (collective.sum(scatter.double()) + between) / total
+        covariance = (collective.sum(scatter) + between) / total
         centred = patches - global_mean.to(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
