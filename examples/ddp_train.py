@@ -19,6 +19,13 @@ import os
 
 import torch
 import torch.distributed as dist
+
+# Imported before init_process_group on purpose: this module's functions take the default
+# group as a default argument, evaluated at import. DDP imports it on first use; after
+# init_process_group that pins the group for the life of the process, destroy_process_group
+# cannot free it, and gloo's threads then meet interpreter shutdown (an occasional SIGABRT,
+# "terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -89,6 +96,7 @@ def main() -> None:
     dist.all_gather_object(checksums, weight_checksum(model))
     if rank == 0:
         print(f"weights after {step} DDP steps identical on all ranks: {len(set(checksums)) == 1}")
+    del ddp  # DDP holds the process group too: drop it so that destroy_process_group frees the group
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
