@@ -171,13 +171,11 @@ def _between(
 
 def _count_samples(session: Session, settings: dict[str, Any]) -> None:
     """Samples used, over all processes, and how many processes there were."""
-    used = batch_size(session.batch)
+    used, processes = batch_size(session.batch), 1
     if session.collective is not None:
-        used = session.collective.total(used)
-    settings["samples_used"] = used
-    settings["processes"] = 1 if session.collective is None else session.collective.size
-    if session.collective is not None:
-        session.notes.append(f"statistics over {session.collective.size} processes, {used} samples in all")
+        used, processes = session.collective.total(used), session.collective.size
+        session.notes.append(f"statistics over {processes} processes, {used} samples in all")
+    settings["samples_used"], settings["processes"] = used, processes
 
 
 def _add_graph_facts(session: Session, entry: LayerReport) -> None:
