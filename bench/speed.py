@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 import magicinit
 from magicinit import Report
-from magicinit.zoo import plain_cnn
+from magicinit.tools.nets import plain_cnn
 
 try:
     import lsuv

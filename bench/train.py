@@ -9,7 +9,7 @@ Protocol (all defaults; see ``--help``):
   so that both cost the same. A further fixed 2 000 (MNIST) / 1 000 (USPS)
   training images are held out as a validation set that picks the learning rate.
   Pixels are standardized with the training subset's mean and std.
-* Models: ``magicinit.zoo.plain_cnn`` (3x3 ReLU convolutions, two max-pools,
+* Models: ``magicinit.tools.nets.plain_cnn`` (3x3 ReLU convolutions, two max-pools,
   global average pool, a linear head), ``--width`` 16, at depth 10 and 20
   (affine layers), and its twin with batch norm after every convolution.
 * Initializations: torch's default, xavier normal, kaiming normal (fan-in,
@@ -56,11 +56,11 @@ import torch
 from torch import Tensor, nn
 
 import magicinit
-from magicinit.baselines import BASELINES
-from magicinit.datasets import read_idx, resize_images
-from magicinit.demo import evaluate, train
-from magicinit.plots import plot_curves
-from magicinit.zoo import plain_cnn
+from magicinit.tools.baselines import BASELINES
+from magicinit.tools.readers import read_idx, resize_images
+from magicinit.tools.demo import evaluate, train
+from magicinit.tools.plots import plot_curves
+from magicinit.tools.nets import plain_cnn
 from results_file import BENCH, commit, replace_section
 
 try:
@@ -215,7 +215,8 @@ def run_all(args: argparse.Namespace) -> list[Run]:
                         run = Run(data.name, depth, init_name, seed, learning_rate, init_seconds)
                         trained = copy.deepcopy(model)
                         start = time.perf_counter()
-                        run.losses = train(trained, *data.train, args.steps, BATCH_SIZE, learning_rate, seed)
+                        run.losses = train(trained, *data.train, steps=args.steps, batch_size=BATCH_SIZE,
+                                           learning_rate=learning_rate, seed=seed)
                         run.train_seconds = time.perf_counter() - start
                         run.diverged = not math.isfinite(run.losses[-1])
                         if not run.diverged:

@@ -35,8 +35,8 @@ from torch import nn
 
 import magicinit
 from magicinit import Report
-from magicinit.cli import load_model
-from magicinit.zoo import TORCHVISION_CLASSIFIERS
+from magicinit.tools.cli import load_model
+from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 from results_file import BENCH, commit, replace_section
 
 USUAL_PINS = {"model input", "model output"}

@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from magicinit import zoo
+from magicinit.tools import nets as zoo
 
 # The default run draws the same examples every time, so that a test run (and CI)
 # is reproducible; `--hypothesis-profile=explore --hypothesis-seed=N` draws new ones.

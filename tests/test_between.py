@@ -12,9 +12,9 @@ from conftest import ConcatNet, Conv1d3dNet, ResNetNoBN, assert_same_state, geom
 from torch import nn
 
 import magicinit
-from magicinit import graph as graph_module
-from magicinit.inputs import default_forward
-from magicinit.layers import find_affine_layers
+from magicinit._core import graph as graph_module
+from magicinit._core.inputs import default_forward
+from magicinit._core.adapters import find_affine_layers
 
 
 def _rates(model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, float]:

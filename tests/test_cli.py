@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import magicinit
-from magicinit.cli import load_model
-from magicinit.datasets import load_images, read_idx
-from magicinit.zoo import ZOO, build_model
+from magicinit.tools.cli import load_model
+from magicinit.tools.readers import load_images, read_idx
+from magicinit.tools.nets import ZOO, build_model
 
 SMALL = ["--model-args", '{"depth": 4, "width": 4}', "--rate-precision", "0.2", "--rate-max-rounds", "2"]
 
@@ -161,7 +161,7 @@ def test_a_model_that_rejects_the_data_fails_cleanly(images_npy: Path, tmp_path:
 
 
 def test_missing_matplotlib_is_a_clear_message(images_npy: Path, tmp_path: Path) -> None:
-    code = "import sys; sys.modules['matplotlib'] = None; from magicinit.cli import main; raise SystemExit(main())"
+    code = "import sys; sys.modules['matplotlib'] = None; from magicinit.tools.cli import main; raise SystemExit(main())"
     result = run_cli("init", "plain-cnn", *SMALL, "--data", images_npy, "--out", tmp_path / "w.pt",
                      "--plot", tmp_path / "p.png", code=code)
     assert result.returncode == 1

@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 from conftest import plain_cnn, relative_change
 
 import magicinit
-from magicinit import MagicInitError, samplers
+from magicinit import MagicInitError
+from magicinit._core import samplers
 
 DEADLINE_S = 240
 SHARD_SIZES = {2: (24, 40), 3: (9, 30, 17)}  # unequal on purpose

@@ -53,7 +53,7 @@ def test_progress_bars_only_when_asked(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_channel_moments_merge_exactly() -> None:
-    from magicinit.stats import ChannelMoments
+    from magicinit._core.stats import ChannelMoments
 
     x = torch.randn(40, 3, 5, 5, dtype=torch.float64) * 2 + 1
     whole = ChannelMoments.of(x.view(40, 3, -1))

@@ -8,8 +8,8 @@ from conftest import ARCHITECTURES, channel_stats, first_call_outputs
 from torch import nn
 
 import magicinit
-from magicinit import samplers
-from magicinit.layers import adapter_for
+from magicinit._core import samplers
+from magicinit._core.adapters import adapter_for
 
 DATA_DRIVEN = ["pca", "zca", "kmeans", "patches"]
 

@@ -15,8 +15,8 @@ from conftest import AFFINE, channel_stats, first_call_outputs
 from torch import nn
 
 import magicinit
-from magicinit.cli import load_model
-from magicinit.zoo import TORCHVISION_CLASSIFIERS
+from magicinit.tools.cli import load_model
+from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 
 pytest.importorskip("torchvision")
 

@@ -1,14 +1,21 @@
 """magicinit: data-dependent initialization of PyTorch networks.
 
 Krähenbühl, Doersch, Donahue, Darrell, "Data-dependent Initializations of
-Convolutional Neural Networks", ICLR 2016.
+Convolutional Neural Networks", ICLR 2016. The method, in this package's
+terms, is described in docs/method.md.
+
+Everything a user needs is here: ``init_`` (Parts 1 and 2, in place),
+``rescale_`` (Part 2 on trained weights), ``diagnose`` (statistics, the model
+untouched), their reports, the error type, and the sampler registry. The
+``magicinit._core`` package holds the method's internals; ``magicinit.tools``
+the command line, the demo and their helpers.
 """
 
-from .diagnose import diagnose
-from .errors import MagicInitError
-from .initialize import init_, rescale_
-from .report import Diagnosis, LayerDiagnosis, LayerReport, Report
-from .samplers import SAMPLERS, register_sampler
+from ._core.diagnose import diagnose
+from ._core.errors import MagicInitError
+from ._core.initialize import init_, rescale_
+from ._core.report import Diagnosis, LayerDiagnosis, LayerReport, LayerStatus, Report
+from ._core.samplers import SAMPLERS, Sampler, SamplerRequest, register_sampler
 
 __all__ = [
     "init_",
@@ -17,9 +24,12 @@ __all__ = [
     "MagicInitError",
     "Report",
     "LayerReport",
+    "LayerStatus",
     "Diagnosis",
     "LayerDiagnosis",
     "SAMPLERS",
+    "Sampler",
+    "SamplerRequest",
     "register_sampler",
 ]
 

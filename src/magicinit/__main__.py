@@ -1,5 +1,5 @@
 """``python -m magicinit``: the ``magicinit`` command (``python -m magicinit demo`` runs the demo)."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

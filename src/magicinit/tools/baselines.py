@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .layers import find_affine_layers
+from .._core.adapters import find_affine_layers
 
 __all__ = ["BASELINES"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__all__ = ["MagicInitError"]
-
 
 class MagicInitError(RuntimeError):
     """Raised for input magicinit cannot work with.
@@ -12,3 +10,6 @@ class MagicInitError(RuntimeError):
     fault and say what to do instead. Whenever this error is raised the model
     has been restored to exactly the state it had before the call.
     """
+
+
+MagicInitError.__module__ = "magicinit"  # where users import it from (tracebacks, pickling)

@@ -33,14 +33,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for, is_affine
 from .distributed import Collective
 from .errors import MagicInitError
-from .layers import adapter_for
-
-__all__ = [
-    "SamplerRequest", "Sampler", "SAMPLERS", "register_sampler", "get_sampler", "KMEANS_ITERATIONS",
-    "PATCHES_PER_FILTER", "PATCH_BUDGET_MB",
-]
 
 
 PATCH_BUDGET_MB = 500.0  # default memory of one layer's patch matrix (the reference's default)
@@ -97,22 +92,48 @@ SAMPLERS: dict[str, Sampler] = {}
 
 
 def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
-    """Decorator that adds a sampler to ``SAMPLERS`` under ``name``."""
+    """Decorator that adds a sampler to ``SAMPLERS`` under ``name`` (replacing one of that name).
+
+    A sampler is ``sampler(request: SamplerRequest) -> Tensor``, returning
+    filters of shape ``request.shape`` (Part 1 then normalizes them).
+
+    Example:
+        >>> @magicinit.register_sampler("uniform")
+        ... def uniform(request: magicinit.SamplerRequest) -> torch.Tensor:
+        ...     return torch.rand(request.shape, generator=request.generator) - 0.5
+    """
+    if not isinstance(name, str) or not name:
+        raise MagicInitError(f"register_sampler: the name must be a non-empty str, got {name!r}")
 
     def add(sampler: Sampler) -> Sampler:
+        if not callable(sampler):
+            raise MagicInitError(f"register_sampler({name!r}): {type(sampler).__name__} is not callable")
         SAMPLERS[name] = sampler
         return sampler
 
     return add
 
 
-def get_sampler(name: str) -> Sampler:
-    """The sampler registered as ``name``; a clear error lists the known names."""
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        known = ", ".join(sorted(SAMPLERS))
-        raise MagicInitError(f"sampler={name!r} is not known; choose one of: {known}") from None
+def get_sampler(sampler: str | Sampler) -> Sampler:
+    """The sampler registered as ``sampler``, or ``sampler`` itself if it is callable.
+
+    An unknown name is a ``MagicInitError`` that lists the known names.
+    """
+    if callable(sampler):
+        return sampler
+    if isinstance(sampler, str) and sampler in SAMPLERS:
+        return SAMPLERS[sampler]
+    known = ", ".join(sorted(SAMPLERS))
+    raise MagicInitError(
+        f"sampler={sampler!r} is not known; choose one of: {known}, or pass a callable(request) -> filters"
+    )
+
+
+def sampler_name(sampler: str | Sampler) -> str:
+    """How the report names ``sampler``: its registered name, or a callable's qualified name."""
+    if isinstance(sampler, str):
+        return sampler
+    return f"{getattr(sampler, '__module__', '?')}.{getattr(sampler, '__qualname__', type(sampler).__name__)}"
 
 
 @register_sampler("gaussian")
@@ -185,9 +206,11 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     all patches. With several processes, ``M`` is shared out among the ranks
     in proportion to the patches each holds.
     """
-    adapter = adapter_for(request.module)
     layer_input = request.layer_input[0] if request.layer_input else None
-    if adapter is None or not isinstance(layer_input, Tensor) or adapter.transposed:
+    if not is_affine(request.module) or not isinstance(layer_input, Tensor):
+        return None
+    adapter = adapter_for(request.module)
+    if adapter.transposed:
         return None
     groups, out_per_group, fan = request.shape
     wanted = max(PATCHES_PER_FILTER * out_per_group, 4 * fan)

@@ -1,7 +1,7 @@
 """The layer graph and the scale freedom it leaves (the constraints of Part 2).
 
 Every floating tensor computed in a forward pass gets a log-scale ``rho``
-(METHOD.md, last section). Scaling affine layer k's weight by
+(docs/method.md, Part 2). Scaling affine layer k's weight by
 ``exp(rho_out - rho_in)`` and its bias by ``exp(rho_out)`` keeps the network's
 function exactly if every other operation's scales agree:
 
@@ -20,6 +20,7 @@ an operation is one entry in ``SCALE_RULES``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,9 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .inputs import Batch, ForwardFn, floating_tensors
-
-__all__ = ["LayerGraph", "trace_graph", "SCALE_RULES", "ScaleSolution", "ScaleGroups"]
-
+from .safety import temporary_hooks
 
 def op_name(func: Callable[..., Any]) -> str:
     """Canonical name of a torch function: ``Tensor.__iadd__`` and ``torch.add_`` become ``add``."""
@@ -293,7 +292,11 @@ class ScaleSolution:
 
     def weight_factor(self, layer: str) -> float:
         """Factor applied to the layer's weight, ``exp(rho_out - rho_in)``."""
-        return float(torch.tensor(self.rho_out[layer] - self.rho_in[layer]).exp())
+        return math.exp(self.rho_out[layer] - self.rho_in[layer])
+
+    def bias_factor(self, layer: str) -> float:
+        """Factor applied to the layer's bias, ``exp(rho_out)``."""
+        return math.exp(self.rho_out[layer])
 
 
 @dataclass
@@ -301,13 +304,11 @@ class LayerGraph:
     """What one probe forward pass revealed about the model.
 
     Attributes:
-        order: affine layers in the order of their first call.
         calls: how many times each affine layer was called in one forward.
         sites: ``(input_node, output_node)`` of every call of every affine layer.
         has_bias: whether each called layer has a bias.
     """
 
-    order: list[str]
     calls: dict[str, int]
     sites: dict[str, list[tuple[int, int]]]
     has_bias: dict[str, bool]
@@ -416,7 +417,6 @@ def trace_graph(
     """
     tracer = _Tracer({id(module.weight): name for name, module in layers.items()})
     name_of = {module: name for name, module in model.named_modules()}
-    handles = []
 
     def enter(module: nn.Module, args: Any) -> None:
         tracer.scope.append(name_of.get(module, "?"))
@@ -425,25 +425,20 @@ def trace_graph(
         if tracer.scope:
             tracer.scope.pop()
 
-    try:
+    with temporary_hooks() as hooks:
         for module in name_of:
-            handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(leave))
+            hooks.before(module, enter)
+            hooks.after(module, leave)
         for tensor in floating_tensors(batch):
             tracer.node(tensor, reason_if_new="model input")
         with tracer:
             output = forward(model, batch)
         for tensor in floating_tensors(output):
             tracer.groups.pin(tracer.node(tensor), "model output")
-    finally:
-        for handle in handles:
-            handle.remove()
-    order = list(tracer.sites)
     return LayerGraph(
-        order=order,
         calls={layer: len(sites) for layer, sites in tracer.sites.items()},
         sites=tracer.sites,
-        has_bias={layer: layers[layer].bias is not None for layer in order},
+        has_bias={layer: layers[layer].bias is not None for layer in tracer.sites},
         groups=tracer.groups,
         equations=tracer.equations,
     )

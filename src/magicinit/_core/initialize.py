@@ -9,24 +9,23 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .between import BetweenResult, RateOptions, equalize_between
+from .between import BetweenResult, equalize_between
+from .context import RateOptions
 from .distributed import ProcessGroupArg
 from .errors import MagicInitError
 from .inputs import Batch, batch_size
-from .report import LayerReport, Report
+from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
-from .samplers import PATCH_BUDGET_MB, get_sampler
+from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
 from .session import Session, start_session
 from .within import WithinLayerResult, normalize_within
-
-__all__ = ["init_", "rescale_"]
 
 
 def init_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     *,
-    sampler: str = "gaussian",
+    sampler: str | Sampler = "gaussian",
     within: bool = True,
     between: bool = True,
     beta: float = 0.0,
@@ -58,7 +57,8 @@ def init_(
         data: a batch (tensor, ``(inputs, targets)`` tuple, dict) or an iterable of batches.
         sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"``, ``"keep"`` (the
             present weights), or from the layer's input patches: ``"pca"``, ``"zca"``,
-            ``"kmeans"``, ``"patches"`` (see ``magicinit.samplers``).
+            ``"kmeans"``, ``"patches"`` (see docs/method.md, Part 3); a name added with
+            ``register_sampler``, or a callable ``(SamplerRequest) -> filters``.
         within: run Part 1.
         between: run Part 2.
         beta: target mean of every channel after Part 1 (the reference's ``-b``, 0.1 there).
@@ -93,31 +93,29 @@ def init_(
     if not patch_budget_mb > 0:
         raise MagicInitError(f"patch_budget_mb={patch_budget_mb}: must be positive")
     chosen_sampler = get_sampler(sampler)
-    options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
+    rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     settings = {
-        "sampler": sampler, "within": within, "between": between, "beta": beta, "seed": seed,
-        "samples": samples, "patch_budget_mb": patch_budget_mb, "rate_chunk_size": rate_chunk_size,
-        "rate_precision": rate_precision,
+        "sampler": sampler_name(sampler), "within": within, "between": between, "beta": beta, "seed": seed,
+        "samples": samples, "patch_budget_mb": patch_budget_mb, **rates.keywords(),
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=include_frozen, process_group=process_group)
+                            include_frozen=include_frozen, progress=progress, rates=rates,
+                            process_group=process_group)
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
     with guarded(model):
         if within:
             start = time.perf_counter()
-            within_results = normalize_within(
-                model, session.batch, session.forward, session.layers, chosen_sampler, beta,
-                session.generator, progress, int(patch_budget_mb * 2**20), session.collective,
-            )
+            within_results = normalize_within(session.context, session.layers, chosen_sampler, beta=beta,
+                                              patch_budget_bytes=int(patch_budget_mb * 2**20))
             seconds["within"] = time.perf_counter() - start
         if between:
             start = time.perf_counter()
             constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
-            between_result = _between(session, options, progress, constant)
+            between_result = _between(session, constant)
             seconds["between"] = time.perf_counter() - start
-    _count_samples(session, settings)
+    settings.update(_samples_used(session))
     return _build_report(session, settings, within_results, between_result, seconds)
 
 
@@ -153,29 +151,25 @@ def rescale_(
     )
 
 
-def _between(
-    session: Session, options: RateOptions, progress: bool, constant: set[str]
-) -> BetweenResult | None:
+def _between(session: Session, constant: set[str]) -> BetweenResult | None:
     """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
     if session.graph is None:
         return None
     fixed = {name for name in session.all_layers if name not in session.layers} | constant
-    result = equalize_between(
-        session.model, session.batch, session.forward, session.all_layers, session.graph, fixed,
-        session.generator, options, progress, session.collective,
-    )
+    result = equalize_between(session.context, session.all_layers, session.graph, fixed)
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
     return result
 
 
-def _count_samples(session: Session, settings: dict[str, Any]) -> None:
-    """Samples used, over all processes, and how many processes there were."""
-    used, processes = batch_size(session.batch), 1
-    if session.collective is not None:
-        used, processes = session.collective.total(used), session.collective.size
+def _samples_used(session: Session) -> dict[str, int]:
+    """Samples used, over all processes, and how many processes there were (report settings)."""
+    collective = session.context.collective
+    used, processes = batch_size(session.context.batch), 1
+    if collective is not None:
+        used, processes = collective.total(used), collective.size
         session.notes.append(f"statistics over {processes} processes, {used} samples in all")
-    settings["samples_used"], settings["processes"] = used, processes
+    return {"samples_used": used, "processes": processes}
 
 
 def _add_graph_facts(session: Session, entry: LayerReport) -> None:
@@ -202,24 +196,23 @@ def _build_report(
     between_result: BetweenResult | None,
     seconds: dict[str, float],
 ) -> Report:
+    """The report: one entry per affine layer of the model, in registration order, and the call's notes."""
     layers = []
     called = session.graph.calls if session.graph is not None else {}
     for name, module in session.all_layers.items():
+        result = within_results.get(name)
         entry = LayerReport(
             name=name,
             type=type(module).__name__,
             shape=tuple(module.weight.shape),
             calls=called.get(name, 0),
-            status="excluded" if name in session.excluded else "",
+            status=_status(session, name, result, between_result),
         )
-        if name in session.excluded:
+        if entry.status == LayerStatus.EXCLUDED:
             entry.notes.append(session.excluded[name])
-        elif session.graph is not None and name not in session.graph.sites:
-            entry.status = "never called"
+        elif entry.status == LayerStatus.NEVER_CALLED:
             entry.notes.append("never called in forward: left as is")
-        result = within_results.get(name)
         if result is not None:
-            entry.status = "initialized"
             entry.channel_mean_before = result.before.mean.tolist()
             entry.channel_std_before = result.before.std.tolist()
             entry.channel_mean_after = result.after.mean.tolist()
@@ -244,8 +237,6 @@ def _build_report(
             entry.weight_scale = between_result.weight_factor.get(name)
             if name in between_result.excluded:
                 entry.notes.append(f"not equalized: {between_result.excluded[name]}")
-            if entry.status == "" and not between_result.reverted:
-                entry.status = "rescaled"
         layers.append(entry)
     report = Report(layers, settings, list(session.notes), seconds)
     if between_result is not None:
@@ -260,10 +251,22 @@ def _build_report(
         )
         if between_result.reverted:
             report.notes.append("between-layer rescaling was not kept: it would change the network's output")
-    for layer in layers:
-        if layer.status == "":
-            layer.status = "measured"
     return report
+
+
+def _status(
+    session: Session, name: str, within: WithinLayerResult | None, between: BetweenResult | None
+) -> LayerStatus:
+    """What happened to layer ``name``, from what Parts 1 and 2 did."""
+    if name in session.excluded:
+        return LayerStatus.EXCLUDED
+    if session.graph is not None and name not in session.graph.sites:
+        return LayerStatus.NEVER_CALLED
+    if within is not None:
+        return LayerStatus.INITIALIZED
+    if between is not None and name in between.before.rate and not between.reverted:
+        return LayerStatus.RESCALED
+    return LayerStatus.MEASURED
 
 
 def _spread(rates: dict[str, float], names: list[str]) -> float | None:

@@ -10,8 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import MagicInitError
-from .report import Diagnosis, Report
+from .. import Diagnosis, MagicInitError, Report
 
 __all__ = ["require_matplotlib", "plot_layer_statistics", "plot_curves"]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import MagicInitError
+from .. import MagicInitError
 
 __all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "load_images", "read_idx", "resize_images", "smooth_images", "digits"]
 

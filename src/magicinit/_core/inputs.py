@@ -17,18 +17,6 @@ from torch import Tensor, nn
 
 from .errors import MagicInitError
 
-__all__ = [
-    "Batch",
-    "ForwardFn",
-    "default_forward",
-    "gather_batch",
-    "batch_size",
-    "split_batch",
-    "floating_tensors",
-    "all_tensors",
-    "cast_floating",
-    "jitter_floating",
-]
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]

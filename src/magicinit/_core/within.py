@@ -18,16 +18,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .distributed import Collective
+from .adapters import adapter_for
+from .context import PassContext
 from .errors import MagicInitError
-from .inputs import Batch, ForwardFn
-from .layers import adapter_for
-from .samplers import PATCH_BUDGET_MB, Sampler, SamplerRequest
+from .safety import temporary_hooks
+from .samplers import Sampler, SamplerRequest
 from .stats import ChannelMoments
-
-__all__ = ["WithinLayerResult", "normalize_within", "channel_moments_of_layers", "ZERO_VARIANCE_TOLERANCE"]
 
 # A channel is treated as constant (zero variance) when its std is below this
 # many units of rounding of the output's dtype, where one unit is the rounding
@@ -85,24 +82,19 @@ class _WithinPass:
 
     def __init__(
         self,
-        layers: dict[str, nn.Module],
+        context: PassContext,
         sampler: Sampler,
         beta: float,
-        generator: torch.Generator | None,
-        on_layer_done: Callable[[str], None],
         patch_budget_bytes: int,
-        progress: bool,
-        collective: Collective | None,
+        on_layer_done: Callable[[int], None],
     ) -> None:
-        self.layers = layers
-        self.collective = collective
-        self.patch_budget_bytes = patch_budget_bytes
-        self.progress = progress
-        self.sampler_notes: dict[str, list[str]] = {}
+        self.context = context
+        self.collective = context.collective
         self.sampler = sampler
         self.beta = beta
-        self.generator = generator
+        self.patch_budget_bytes = patch_budget_bytes
         self.on_layer_done = on_layer_done
+        self.sampler_notes: dict[str, list[str]] = {}
         self.results: dict[str, WithinLayerResult] = {}
         self.input_rms: dict[str, float] = {}
 
@@ -112,11 +104,11 @@ class _WithinPass:
         rms = _input_rms(args)
         self.input_rms[name] = rms if self.collective is None else self.collective.max(rms)
         adapter = adapter_for(module)
-        assert adapter is not None
         current = adapter.to_filters(module).detach().float().cpu()
         request = SamplerRequest(
-            name, module, current.shape, current, args, self.generator, self.patch_budget_bytes, self.progress,
-            collective=self.collective,
+            name=name, module=module, shape=current.shape, current=current, layer_input=args,
+            generator=self.context.generator, patch_budget_bytes=self.patch_budget_bytes,
+            progress=self.context.progress, collective=self.collective,
         )
         filters = self.sampler(request)
         self.sampler_notes[name] = request.notes
@@ -139,7 +131,6 @@ class _WithinPass:
                 "exclude it with skip=[...]"
             )
         adapter = adapter_for(module)
-        assert adapter is not None
         work = _for_statistics(output)
         view = adapter.channel_view(work)
         before = ChannelMoments.of(view, in_place=True)
@@ -185,75 +176,47 @@ class _WithinPass:
             mean_set=mean_set,
             notes=self.sampler_notes.get(name, []),
         )
-        self.on_layer_done(name)
+        self.on_layer_done(1)
         return output
 
 
 def normalize_within(
-    model: nn.Module,
-    batch: Batch,
-    forward: ForwardFn,
+    context: PassContext,
     layers: dict[str, nn.Module],
     sampler: Sampler,
+    *,
     beta: float,
-    generator: torch.Generator | None,
-    progress: bool = False,
-    patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20),
-    collective: Collective | None = None,
+    patch_budget_bytes: int,
 ) -> dict[str, WithinLayerResult]:
-    """Run Part 1 on ``layers`` in one forward pass of ``batch``; returns per-layer results.
+    """Run Part 1 on ``layers`` in one forward pass of the init data; returns per-layer results.
 
     Layers that the forward pass never calls are left untouched and are
-    absent from the result. With a ``collective``, every channel's moments are
-    those of all its ranks' data. The caller restores the model on error.
+    absent from the result. With several processes, every channel's moments
+    are those of all ranks' data. The caller restores the model on error.
     """
-    bar = tqdm(total=len(layers), desc="magicinit: within-layer", unit="layer") if progress else None
-    within = _WithinPass(
-        layers, sampler, beta, generator, (lambda name: bar.update(1)) if bar else (lambda name: None),
-        patch_budget_bytes, progress, collective,
-    )
-    handles = []
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: within.draw(name, m, args)))
-            handles.append(module.register_forward_hook(lambda m, args, out, name=name: within.normalize(name, m, out)))
-        with torch.no_grad():
-            forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        if bar is not None:
-            bar.close()
+    with context.progress_bar(len(layers), "magicinit: within-layer", unit="layer") as advance:
+        within = _WithinPass(context, sampler, beta, patch_budget_bytes, advance)
+        with temporary_hooks() as hooks, torch.no_grad():
+            for name, module in layers.items():
+                hooks.before(module, lambda m, args, name=name: within.draw(name, m, args))
+                hooks.after(module, lambda m, args, out, name=name: within.normalize(name, m, out))
+            context.run()
     return within.results
 
 
-def channel_moments_of_layers(
-    model: nn.Module,
-    batch: Batch,
-    forward: ForwardFn,
-    layers: dict[str, nn.Module],
-    collective: Collective | None = None,
-) -> dict[str, ChannelMoments]:
-    """Channel moments of every layer's output (first call) in one no-grad pass (over all of
-    ``collective``'s ranks); nothing changes."""
+def channel_moments_of_layers(context: PassContext, layers: dict[str, nn.Module]) -> dict[str, ChannelMoments]:
+    """Channel moments of every layer's output (first call) in one no-grad pass over the init
+    data (over all ranks' data with several processes); nothing changes."""
     moments: dict[str, ChannelMoments] = {}
+    collective = context.collective
 
     def record(name: str, module: nn.Module, output: Any) -> None:
         if name not in moments and isinstance(output, Tensor) and output.is_floating_point():
-            adapter = adapter_for(module)
-            assert adapter is not None
-            local = ChannelMoments.of(adapter.channel_view(_for_statistics(output)))
+            local = ChannelMoments.of(adapter_for(module).channel_view(_for_statistics(output)))
             moments[name] = local if collective is None else collective.merge_moments(local)
 
-    handles = [
-        module.register_forward_hook(lambda m, args, out, name=name: record(name, m, out))
-        for name, module in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with temporary_hooks() as hooks, torch.no_grad():
+        for name, module in layers.items():
+            hooks.after(module, lambda m, args, out, name=name: record(name, m, out))
+        context.run()
     return moments
-

@@ -7,16 +7,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .between import RateOptions, measure_change_rates
+from .context import RateOptions
 from .distributed import ProcessGroupArg
 from .inputs import Batch
+from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
 from .safety import guarded
 from .session import start_session
 from .stats import coefficient_of_variation
 from .within import channel_moments_of_layers
-
-__all__ = ["diagnose"]
 
 
 def diagnose(
@@ -55,12 +54,11 @@ def diagnose(
     """
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=True, process_group=process_group)
+                            include_frozen=True, progress=progress, rates=options, process_group=process_group)
     with guarded(model):
-        moments = channel_moments_of_layers(model, session.batch, session.forward, session.layers, session.collective)
+        moments = channel_moments_of_layers(session.context, session.layers)
         called = {name: module for name, module in session.layers.items() if name in moments}
-        rates = measure_change_rates(model, session.batch, session.forward, called, session.generator,
-                                     options, progress, "magicinit: diagnose", session.collective)
+        rates = measure_change_rates(session.context, called, "magicinit: diagnose")
     layers = []
     for name, module in called.items():
         channel_rate = rates.channel_rate[name]

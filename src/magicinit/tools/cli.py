@@ -16,25 +16,21 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .datasets import BUILT_IN, load_images
+from .. import SAMPLERS, Diagnosis, MagicInitError, Report, diagnose, init_, rescale_
+from .._core.adapters import find_affine_layers
+from .._core.context import MIN_RATE_ROUNDS, RateOptions
+from .._core.samplers import PATCH_BUDGET_MB
 from .demo import DemoSettings, TrainingRun, run_demo
-from .between import RateOptions
-from .diagnose import diagnose
-from .errors import MagicInitError
-from .initialize import init_, rescale_
-from .layers import find_affine_layers
+from .nets import ZOO, build_model
 from .plots import plot_layer_statistics, require_matplotlib
-from .report import Diagnosis, Report
-from .samplers import PATCH_BUDGET_MB, SAMPLERS
-from .zoo import ZOO, build_model
-
-__all__ = ["main", "build_parser", "load_model", "load_weights", "save_weights"]
+from .readers import BUILT_IN, load_images
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -88,6 +84,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_RATE_OPTION_TYPES: dict[str, Callable[[str], Any]] = {
+    "chunk_size": _positive_int, "precision": _positive_float, "max_rounds": _int_at_least(MIN_RATE_ROUNDS),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``magicinit`` command."""
     parser = _Parser(
@@ -124,13 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
 
     rates = argparse.ArgumentParser(add_help=False)
-    rates.add_argument("--rate-precision", type=_positive_float, default=RateOptions.precision,
-                       help=f"target standard error of each log change rate (default {RateOptions.precision})")
-    rates.add_argument("--rate-max-rounds", type=_int_at_least(RateOptions.min_rounds),
-                       default=RateOptions.max_rounds,
-                       help=f"at most this many passes over the data per rate estimate (default {RateOptions.max_rounds})")
-    rates.add_argument("--rate-chunk-size", type=_positive_int, default=RateOptions.chunk_size,
-                       help=f"samples per noise draw for the change rates (default {RateOptions.chunk_size})")
+    for option in fields(RateOptions):  # --rate-chunk-size etc., the keywords rate_chunk_size etc. of the library
+        rates.add_argument(f"--rate-{option.name.replace('_', '-')}", type=_RATE_OPTION_TYPES[option.name],
+                           default=option.default, help=f"{option.metadata['help']} (default {option.default})")
 
     init = commands.add_parser("init", parents=[common, model, rates], help="initialize a model, write its weights",
                                description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
@@ -318,10 +315,9 @@ def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str) -> N
 
 def _library_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options that ``init_``, ``rescale_`` and ``diagnose`` share, from the command line."""
-    return dict(
-        seed=args.seed, samples=args.samples, skip=args.skip, progress=args.progress and not args.quiet,
-        rate_precision=args.rate_precision, rate_max_rounds=args.rate_max_rounds, rate_chunk_size=args.rate_chunk_size,
-    )
+    rates = RateOptions(**{option.name: getattr(args, f"rate_{option.name}") for option in fields(RateOptions)})
+    return dict(seed=args.seed, samples=args.samples, skip=args.skip, progress=args.progress and not args.quiet,
+                **rates.keywords())
 
 
 def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -> None:

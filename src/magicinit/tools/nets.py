@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .errors import MagicInitError
+from .. import MagicInitError
 
 __all__ = ["ZOO", "TORCHVISION_CLASSIFIERS", "build_model", "plain_cnn", "caffenet", "vgg", "resnet_nobn"]
 

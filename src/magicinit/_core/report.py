@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
 
 from .stats import coefficient_of_variation
-
-__all__ = ["LayerReport", "Report", "LayerDiagnosis", "Diagnosis", "render_table"]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -33,6 +32,16 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+class LayerStatus(StrEnum):
+    """What happened to one affine layer (a ``str``: compares equal to its value)."""
+
+    INITIALIZED = "initialized"  # Part 1 set it (Part 2 may have rescaled it too)
+    RESCALED = "rescaled"  # Part 2 only: its change rate was measured and the rescaling kept
+    MEASURED = "measured"  # its change rate was measured; its weights are as they were
+    EXCLUDED = "excluded"  # left alone: skipped, frozen or reparametrized (the note says which)
+    NEVER_CALLED = "never called"  # the forward pass on the init data never called it
+
+
 @dataclass
 class LayerReport:
     """One affine layer: what was measured and done.
@@ -50,7 +59,7 @@ class LayerReport:
     type: str
     shape: tuple[int, ...]
     calls: int
-    status: str
+    status: LayerStatus
     notes: list[str] = field(default_factory=list)
     channel_mean_before: list[float] = field(default_factory=list)
     channel_std_before: list[float] = field(default_factory=list)

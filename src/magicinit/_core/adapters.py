@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AffineAdapter", "ADAPTERS", "adapter_for", "find_affine_layers"]
+from .errors import MagicInitError
 
 
 @dataclass(frozen=True)
@@ -110,14 +110,27 @@ ADAPTERS: dict[type[nn.Module], AffineAdapter] = {
 }
 
 
-def adapter_for(module: nn.Module) -> AffineAdapter | None:
-    """The adapter of ``module``'s family (subclasses included), or None."""
+def _registered(module: nn.Module) -> AffineAdapter | None:
     for cls in type(module).__mro__:
         if cls in ADAPTERS:
             return ADAPTERS[cls]
     return None
 
 
+def is_affine(module: nn.Module) -> bool:
+    """Whether ``module`` belongs to a family in ``ADAPTERS`` (subclasses included)."""
+    return _registered(module) is not None
+
+
+def adapter_for(module: nn.Module) -> AffineAdapter:
+    """The adapter of ``module``'s family (subclasses included)."""
+    adapter = _registered(module)
+    if adapter is None:
+        known = ", ".join(cls.__name__ for cls in ADAPTERS)
+        raise MagicInitError(f"{type(module).__name__} is not an affine layer magicinit knows ({known})")
+    return adapter
+
+
 def find_affine_layers(model: nn.Module) -> dict[str, nn.Module]:
     """All affine layers of ``model`` by qualified name, in registration order."""
-    return {name: module for name, module in model.named_modules() if adapter_for(module) is not None}
+    return {name: module for name, module in model.named_modules() if is_affine(module)}

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelMoments", "coefficient_of_variation"]
-
 
 @dataclass(frozen=True)
 class ChannelMoments:

@@ -11,7 +11,6 @@ magicinit report.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,16 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import Report, init_
+from .._core.report import render_table
 from .baselines import BASELINES
-from .datasets import digits
-from .initialize import init_
+from .nets import plain_cnn
 from .plots import plot_curves, plot_layer_statistics
-from .report import Report, render_table
-from .zoo import plain_cnn
-
-__all__ = ["DemoSettings", "TrainingRun", "train", "evaluate", "run_demo"]
-
-log = logging.getLogger(__name__)
+from .readers import digits
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class TrainingRun:
 
 
 def train(
-    model: nn.Module, images: Tensor, labels: Tensor, steps: int, batch_size: int, learning_rate: float, seed: int
+    model: nn.Module, images: Tensor, labels: Tensor, *, steps: int, batch_size: int, learning_rate: float, seed: int
 ) -> list[float]:
     """``steps`` steps of SGD with momentum 0.9 on cross-entropy, over seeded reshuffles of the
     data; returns every step's loss (and stops early once a loss is NaN or Inf)."""
@@ -138,8 +133,8 @@ def run_demo(
             report = result if isinstance(result, Report) else report
             start = time.perf_counter()
             steps = settings.epochs * math.ceil(len(trainset) / settings.batch_size)
-            run.losses = train(model, images[trainset], labels[trainset], steps, settings.batch_size,
-                               learning_rate, settings.seed)
+            run.losses = train(model, images[trainset], labels[trainset], steps=steps,
+                               batch_size=settings.batch_size, learning_rate=learning_rate, seed=settings.seed)
             run.train_seconds = time.perf_counter() - start
             run.test_accuracy, run.test_loss = evaluate(model, images[test], labels[test])
             runs.append(run)

@@ -1,0 +1,98 @@
+"""What every pass of the method works with: the model, its data, the randomness, the processes, the options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distributed import Collective
+from .errors import MagicInitError
+from .inputs import Batch, ForwardFn, split_batch
+
+PROBE_SAMPLES = 2  # samples in the passes that only look at structure (tracing)
+
+MIN_RATE_ROUNDS = 2  # passes over the init data at least: the noise error needs two
+
+
+@dataclass(frozen=True)
+class RateOptions:
+    """How change rates are estimated.
+
+    The public functions take these as ``rate_<field>`` keywords (``rate_chunk_size``,
+    ...), the command line as ``--rate-<field>``, and the report records them
+    under the same keywords (``keywords()``).
+
+    Attributes:
+        chunk_size: samples per noise draw. One sample per draw is the steadiest
+            for the cost: in a larger chunk the samples' gradients add up with
+            random signs, which adds variance (the reference used batches of 16).
+        precision: stop when the standard error of every ``log C_k`` is below this.
+        max_rounds: passes over the init data at most.
+    """
+
+    chunk_size: int = field(default=1, metadata={"help": "samples per noise draw for the change rates"})
+    precision: float = field(default=0.02, metadata={"help": "target standard error of each log change rate"})
+    max_rounds: int = field(default=16, metadata={"help": "at most this many passes over the data per rate estimate"})
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise MagicInitError(f"rate_chunk_size={self.chunk_size}: must be at least 1")
+        if not self.precision > 0:
+            raise MagicInitError(f"rate_precision={self.precision}: must be positive")
+        if self.max_rounds < MIN_RATE_ROUNDS:
+            raise MagicInitError(
+                f"rate_max_rounds={self.max_rounds}: must be at least {MIN_RATE_ROUNDS} (the noise error needs two rounds)"
+            )
+
+    def keywords(self) -> dict[str, Any]:
+        """The options as the keywords of ``init_``/``rescale_``/``diagnose`` (``rate_chunk_size``, ...)."""
+        return {f"rate_{f.name}": getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What one call's passes over the init data share.
+
+    Attributes:
+        model: the user's model (changed in place by Parts 1 and 2).
+        batch: the init data as one batch on the model's device.
+        forward: ``forward(model, batch)``, its failures turned into ``MagicInitError``.
+        generator: the random generator (None: torch's global one); the same on every rank.
+        collective: the processes whose statistics are reduced together (None: this one alone).
+        progress: show tqdm progress bars.
+        rates: how change rates are estimated.
+    """
+
+    model: nn.Module
+    batch: Batch
+    forward: ForwardFn
+    generator: torch.Generator | None
+    collective: Collective | None
+    progress: bool
+    rates: RateOptions
+
+    def run(self, batch: Batch | None = None) -> Any:
+        """The model's output on ``batch`` (default: all the init data)."""
+        return self.forward(self.model, self.batch if batch is None else batch)
+
+    def probe(self) -> Batch:
+        """The first few samples, for cheap passes that only look at structure."""
+        return split_batch(self.batch, 0, PROBE_SAMPLES)
+
+    @contextmanager
+    def progress_bar(self, total: int, desc: str, unit: str) -> Iterator[Callable[[int], None]]:
+        """A function that advances a tqdm bar (a no-op unless ``progress``); the bar closes with the block."""
+        if not self.progress:
+            yield lambda steps: None
+            return
+        bar = tqdm(total=total, desc=desc, unit=unit)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
