@@ -11,7 +11,8 @@ ones (pca, zca, kmeans, patches) draw each group's filters from the patches of
 the layer's own input in the Part 1 pass, that is after all earlier layers
 are initialized: the patches are centred and whitened (PCA), and
 
-- ``pca``: the top principal directions, scaled by ``1/sqrt(eigenvalue)``;
+- ``pca``: the top principal directions, scaled by ``1/sqrt(eigenvalue)`` (regularized: see
+  ``WHITENING_EPSILON``);
 - ``zca``: rows of the ZCA whitening transform restricted to the top directions;
 - ``kmeans``: spherical k-means centroids of the whitened, unit-length patches,
   one per output channel, mapped back through the whitening;
@@ -311,7 +312,8 @@ def _top_directions_then_random(request: SamplerRequest, stats: _Whitened, rows:
 @register_sampler("pca")
 @_data_driven
 def pca(request: SamplerRequest, stats: _Whitened) -> Tensor:
-    """The top principal directions of the layer's input patches, scaled by ``1/sqrt(eigenvalue)``."""
+    """The top principal directions of the layer's input patches, scaled by ``1/sqrt(eigenvalue)``
+    (the eigenvalue regularized by ``WHITENING_EPSILON`` times their mean)."""
     k = min(request.shape[1], stats.rank)
     return _top_directions_then_random(request, stats, stats.transform[:, :k])
 
@@ -382,9 +384,10 @@ def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator 
 def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
     """Spherical k-means of the whitened, unit-length input patches, one centroid per output channel.
 
-    Centroids start from k-means++ seeding (on the sphere, distance
-    ``1 - cos``); empty clusters are re-seeded with random patches; at most
-    ``KMEANS_ITERATIONS`` iterations, fewer once no assignment changes.
+    Centroids start from k-means++ seeding (on the sphere, distance ``2 - 2 cos``,
+    the squared distance of unit vectors); empty clusters are re-seeded with
+    random patches; at most ``KMEANS_ITERATIONS`` iterations, fewer once no
+    assignment changes.
     Centroids are mapped back through the whitening.
     """
     points = _unit_rows(stats.whiten())  # (groups, M, fan)

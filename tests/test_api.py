@@ -1,0 +1,194 @@
+"""The public surface: custom samplers (registered or passed), the report's settings and statuses, the package layout."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import channel_stats, first_call_outputs, plain_cnn, state_copy
+from torch import nn
+
+import magicinit
+from magicinit import MagicInitError, SamplerRequest
+
+PACKAGE = Path(magicinit.__file__).parent
+
+
+class RecordingSampler:
+    """A sampler that draws sign filters (+-1 entries) and keeps every request it got."""
+
+    def __init__(self) -> None:
+        self.requests: list[SamplerRequest] = []
+        self.filters: dict[str, torch.Tensor] = {}
+
+    def __call__(self, request: SamplerRequest) -> torch.Tensor:
+        self.requests.append(request)
+        filters = torch.randn(request.shape, generator=request.generator).sign()
+        self.filters[request.name] = filters.clone()
+        return filters
+
+
+def _assert_filters_are_rescaled(model: nn.Module, drawn: dict[str, torch.Tensor]) -> None:
+    """Every layer's filters are the drawn ones times one positive factor per output channel."""
+    for name, module in model.named_modules():
+        if name not in drawn:
+            continue
+        weight = module.weight.detach().reshape(drawn[name].shape).double()
+        expected = drawn[name].double()
+        cosine = (weight * expected).sum(-1) / (weight.norm(dim=-1) * expected.norm(dim=-1))
+        assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-6), name
+
+
+def _assert_normalized(model: nn.Module, x: torch.Tensor) -> None:
+    """Independent capture: every affine layer's output channels have mean 0 and std 1."""
+    modules = dict(model.named_modules())
+    for name, output in first_call_outputs(model, x).items():
+        mean, std = channel_stats(modules[name], output)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-3), name
+        assert torch.allclose(std, torch.ones_like(std), atol=1e-3), name
+
+
+def test_registered_sampler_is_used_by_name_for_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    sampler = RecordingSampler()
+    monkeypatch.setitem(magicinit.SAMPLERS, "signs", sampler)  # removed again after the test
+    assert magicinit.register_sampler("signs")(sampler) is sampler
+    model, x = plain_cnn(4), torch.randn(32, 3, 8, 8)
+    report = magicinit.init_(model, x, sampler="signs", between=False, seed=0)
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [r.name for r in sampler.requests] == layers
+    for request in sampler.requests:
+        assert request.module is dict(model.named_modules())[request.name]
+        assert request.shape == (1, request.module.weight.shape[0], request.module.weight[0].numel())
+        assert isinstance(request.layer_input[0], torch.Tensor) and request.layer_input[0].shape[0] == 32
+    _assert_filters_are_rescaled(model, sampler.filters)
+    _assert_normalized(model, x)
+    assert report.settings["sampler"] == "signs"
+
+
+def test_a_callable_is_a_sampler_and_the_report_names_it() -> None:
+    sampler = RecordingSampler()
+    model, x = plain_cnn(4), torch.randn(32, 3, 8, 8)
+    report = magicinit.init_(model, x, sampler=sampler, between=False, seed=0)
+    assert len(sampler.requests) == 4
+    _assert_filters_are_rescaled(model, sampler.filters)
+    _assert_normalized(model, x)
+    assert report.settings["sampler"].endswith("RecordingSampler")
+    json.dumps(report.to_dict())
+
+
+def test_a_callable_sampler_of_the_wrong_shape_leaves_the_model_as_it_was() -> None:
+    model = plain_cnn(3)
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=r"layer '0': the sampler returned filters of shape \(3,\)"):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), sampler=lambda request: torch.zeros(3))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_register_sampler_needs_a_name(name: object) -> None:
+    with pytest.raises(MagicInitError, match="register_sampler: the name must be a non-empty str"):
+        magicinit.register_sampler(name)  # type: ignore[arg-type]
+
+
+def test_register_sampler_needs_a_callable() -> None:
+    with pytest.raises(MagicInitError, match=r"register_sampler\('x'\): int is not callable"):
+        magicinit.register_sampler("x")(3)  # type: ignore[arg-type]
+    assert "x" not in magicinit.SAMPLERS
+
+
+def test_unknown_sampler_names_the_known_ones_and_the_callable_form() -> None:
+    with pytest.raises(MagicInitError, match="sampler=.kmean. is not known; choose one of: .*, or pass a callable"):
+        magicinit.init_(plain_cnn(3), torch.randn(4, 3, 8, 8), sampler="kmean")
+
+
+def test_settings_record_every_rate_option_as_passed() -> None:
+    options = {"rate_chunk_size": 2, "rate_precision": 0.3, "rate_max_rounds": 3}
+    report = magicinit.init_(plain_cnn(3), torch.randn(8, 3, 8, 8), seed=0, **options)
+    assert {k: report.settings[k] for k in options} == options
+    rescaled = magicinit.rescale_(plain_cnn(3), torch.randn(8, 3, 8, 8), seed=0, **options)
+    assert {k: rescaled.settings[k] for k in options} == options
+
+
+def test_cli_rate_options_reach_the_report(tmp_path: Path) -> None:
+    import numpy as np
+
+    from magicinit.tools.cli import main
+
+    data = tmp_path / "x.npy"
+    np.save(data, torch.randn(8, 3, 8, 8).numpy())
+    report = tmp_path / "r.json"
+    code = main(["init", "plain-cnn", "--model-args", '{"depth": 3, "width": 4}', "--data", str(data),
+                 "--out", str(tmp_path / "w.pt"), "--report", str(report), "--quiet",
+                 "--rate-max-rounds", "3", "--rate-precision", "0.25", "--rate-chunk-size", "2"])
+    assert code == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert (settings["rate_max_rounds"], settings["rate_precision"], settings["rate_chunk_size"]) == (3, 0.25, 2)
+
+
+def test_statuses_are_typed_and_serialize_as_plain_strings() -> None:
+    class WithUnused(nn.Sequential):
+        def __init__(self) -> None:
+            super().__init__(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[2](self[1](self[0](x)))
+
+    model = WithUnused()
+    model[2].weight.requires_grad_(False)
+    report = magicinit.init_(model, torch.randn(16, 4), seed=0)
+    assert [layer.status for layer in report.layers] == [
+        magicinit.LayerStatus.INITIALIZED, magicinit.LayerStatus.EXCLUDED, magicinit.LayerStatus.NEVER_CALLED,
+    ]
+    assert all(type(layer.status) is magicinit.LayerStatus for layer in report.layers)
+    statuses = [layer["status"] for layer in json.loads(json.dumps(report.to_dict()))["layers"]]
+    assert statuses == ["initialized", "excluded", "never called"]
+    rescaled = magicinit.rescale_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(16, 4))
+    assert {layer.status for layer in rescaled.layers} == {magicinit.LayerStatus.RESCALED}
+
+
+# --- the package's layout ------------------------------------------------------------------------
+
+
+def test_every_public_name_is_documented_and_typed() -> None:
+    for name in magicinit.__all__:
+        value = getattr(magicinit, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            assert inspect.getdoc(value), name
+        if inspect.isfunction(value):
+            signature = inspect.signature(value)
+            assert signature.return_annotation is not inspect.Signature.empty, name
+            for parameter in signature.parameters.values():
+                assert parameter.annotation is not inspect.Parameter.empty, (name, parameter.name)
+
+
+def _sources(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.py"))
+
+
+def test_the_library_never_imports_the_tools() -> None:
+    for path in _sources(PACKAGE / "_core") + [PACKAGE / "__init__.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert "tools" not in target.split("."), f"{path.name} imports {target}"
+    code = "import sys, magicinit; print([m for m in sys.modules if m.startswith('magicinit.tools')])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_no_function_takes_more_than_six_positional_parameters() -> None:
+    offenders = []
+    for path in _sources(PACKAGE):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 6:
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.name} ({len(positional)})")
+    assert not offenders, offenders
