@@ -23,13 +23,11 @@ class AffineAdapter:
     """Filter view and output-channel layout of one layer family.
 
     Attributes:
-        family: short name used in reports ("conv", "conv_transpose", "linear").
         transposed: the weight holds output channels on dimension 1 (transposed convolutions).
         channels_last_in_output: output channels are the last dimension of the output
             (``nn.Linear``) rather than dimension 1 (convolutions).
     """
 
-    family: str
     transposed: bool
     channels_last_in_output: bool
 
@@ -95,9 +93,9 @@ class AffineAdapter:
         return output.view(output.shape[0], output.shape[1], -1)
 
 
-_CONV = AffineAdapter("conv", transposed=False, channels_last_in_output=False)
-_CONV_TRANSPOSE = AffineAdapter("conv_transpose", transposed=True, channels_last_in_output=False)
-_LINEAR = AffineAdapter("linear", transposed=False, channels_last_in_output=True)
+_CONV = AffineAdapter(transposed=False, channels_last_in_output=False)
+_CONV_TRANSPOSE = AffineAdapter(transposed=True, channels_last_in_output=False)
+_LINEAR = AffineAdapter(transposed=False, channels_last_in_output=True)
 
 ADAPTERS: dict[type[nn.Module], AffineAdapter] = {
     nn.Conv1d: _CONV,
