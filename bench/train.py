@@ -53,15 +53,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from results_file import BENCH, commit, replace_section
 from torch import Tensor, nn
 
 import magicinit
 from magicinit.tools.baselines import BASELINES
-from magicinit.tools.readers import read_idx, resize_images
 from magicinit.tools.demo import evaluate, train
-from magicinit.tools.plots import plot_curves
 from magicinit.tools.nets import plain_cnn
-from results_file import BENCH, commit, replace_section
+from magicinit.tools.plots import plot_curves
+from magicinit.tools.readers import read_idx, resize_images
 
 try:
     import lsuv

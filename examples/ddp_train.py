@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import magicinit
-from magicinit.tools.readers import digits
 from magicinit.tools.nets import plain_cnn
+from magicinit.tools.readers import digits
 
 
 def weight_checksum(model: torch.nn.Module) -> str:

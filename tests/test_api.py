@@ -56,8 +56,9 @@ def _assert_normalized(model: nn.Module, x: torch.Tensor) -> None:
 
 def test_registered_sampler_is_used_by_name_for_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     sampler = RecordingSampler()
-    monkeypatch.setitem(magicinit.SAMPLERS, "signs", sampler)  # removed again after the test
+    monkeypatch.setitem(magicinit.SAMPLERS, "signs", None)  # the registry is restored after the test
     assert magicinit.register_sampler("signs")(sampler) is sampler
+    assert magicinit.SAMPLERS["signs"] is sampler
     model, x = plain_cnn(4), torch.randn(32, 3, 8, 8)
     report = magicinit.init_(model, x, sampler="signs", between=False, seed=0)
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -148,10 +149,33 @@ def test_statuses_are_typed_and_serialize_as_plain_strings() -> None:
         magicinit.LayerStatus.INITIALIZED, magicinit.LayerStatus.EXCLUDED, magicinit.LayerStatus.NEVER_CALLED,
     ]
     assert all(type(layer.status) is magicinit.LayerStatus for layer in report.layers)
-    statuses = [layer["status"] for layer in json.loads(json.dumps(report.to_dict()))["layers"]]
-    assert statuses == ["initialized", "excluded", "never called"]
+    statuses = [layer["status"] for layer in report.to_dict()["layers"]]
+    assert statuses == ["initialized", "excluded", "never called"] and all(type(s) is str for s in statuses)
     rescaled = magicinit.rescale_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(16, 4))
     assert {layer.status for layer in rescaled.layers} == {magicinit.LayerStatus.RESCALED}
+
+
+class GrowsOnFirstCall(nn.Module):
+    """A model whose forward adds a submodule (with a parameter) on its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "scale"):
+            self.scale = nn.Linear(3, 3, bias=False)
+            nn.init.eye_(self.scale.weight)
+            self.scale.weight.requires_grad_(False)
+        return self.scale(self.body(x))
+
+
+def test_a_model_that_grows_in_forward_keeps_its_modes_and_flags() -> None:
+    model = GrowsOnFirstCall().train()
+    magicinit.init_(model, torch.randn(16, 4), seed=0)
+    assert all(module.training for module in model.modules() if module is not model.scale)
+    assert [p.requires_grad for p in model.body.parameters()] == [True] * 4
+    assert not model.scale.weight.requires_grad
 
 
 # --- the package's layout ------------------------------------------------------------------------

@@ -8,13 +8,22 @@ import warnings
 
 import pytest
 import torch
-from conftest import ConcatNet, Conv1d3dNet, ResNetNoBN, assert_same_state, geometric_spread, plain_cnn, relative_change, state_copy
+from conftest import (
+    ConcatNet,
+    Conv1d3dNet,
+    ResNetNoBN,
+    assert_same_state,
+    geometric_spread,
+    plain_cnn,
+    relative_change,
+    state_copy,
+)
 from torch import nn
 
 import magicinit
 from magicinit._core import graph as graph_module
-from magicinit._core.inputs import default_forward
 from magicinit._core.adapters import find_affine_layers
+from magicinit._core.inputs import default_forward
 
 
 def _rates(model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, float]:
@@ -208,3 +217,30 @@ def test_shared_layer_is_scaled_alike_at_every_call_and_function_kept(bias: bool
     x = torch.randn(48, 4)
     report = _rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     assert report["shared"].calls == 2 and report.rate_spread_after < report.rate_spread_before
+
+
+class BilinearNet(nn.Module):
+    """Two branches multiplied by ``nn.Bilinear`` (``x1^T W x2 + b``), then a head."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.bilinear = nn.Bilinear(8, 8, 8, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bilinear(torch.relu(self.a(x)), torch.relu(self.b(x)))))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilinear_branches_trade_scale_and_function_is_kept(bias: bool) -> None:
+    """With a bias, the output of ``x1^T W x2 + b`` is fixed and its inputs may only trade scale
+    (rho_1 + rho_2 = 0); without one, the scales add. Either way the function is kept, with no warning."""
+    model, x = _with_uneven_scales(BilinearNet(bias)), torch.randn(64, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = _rescale_keeping_function(model, x, seed=0)
+    assert report.rate_spread_after < report.rate_spread_before
+    assert report["a"].weight_scale != 1.0 and report["b"].weight_scale != 1.0
+    if bias:  # the two branches' output scales cancel in the product
+        assert math.isclose(report["a"].weight_scale * report["b"].weight_scale, 1.0, rel_tol=1e-9)
+

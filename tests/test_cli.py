@@ -16,8 +16,8 @@ import torch
 
 import magicinit
 from magicinit.tools.cli import load_model
-from magicinit.tools.readers import load_images, read_idx
 from magicinit.tools.nets import ZOO, build_model
+from magicinit.tools.readers import load_images, read_idx
 
 SMALL = ["--model-args", '{"depth": 4, "width": 4}', "--rate-precision", "0.2", "--rate-max-rounds", "2"]
 

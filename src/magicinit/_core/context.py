@@ -13,9 +13,7 @@ from tqdm.auto import tqdm
 
 from .distributed import Collective
 from .errors import MagicInitError
-from .inputs import Batch, ForwardFn, split_batch
-
-PROBE_SAMPLES = 2  # samples in the passes that only look at structure (tracing)
+from .inputs import Batch, ForwardFn
 
 MIN_RATE_ROUNDS = 2  # passes over the init data at least: the noise error needs two
 
@@ -55,7 +53,7 @@ class RateOptions:
         return {f"rate_{f.name}": getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PassContext:
     """What one call's passes over the init data share.
 
@@ -80,10 +78,6 @@ class PassContext:
     def run(self, batch: Batch | None = None) -> Any:
         """The model's output on ``batch`` (default: all the init data)."""
         return self.forward(self.model, self.batch if batch is None else batch)
-
-    def probe(self) -> Batch:
-        """The first few samples, for cheap passes that only look at structure."""
-        return split_batch(self.batch, 0, PROBE_SAMPLES)
 
     @contextmanager
     def progress_bar(self, total: int, desc: str, unit: str) -> Iterator[Callable[[int], None]]:

@@ -33,7 +33,6 @@ from torch import Tensor
 from .errors import MagicInitError
 from .stats import ChannelMoments
 
-
 ProcessGroupArg = Union["dist.ProcessGroup", None, Literal["default"]]
 
 

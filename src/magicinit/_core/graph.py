@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from .inputs import Batch, ForwardFn, floating_tensors
 from .safety import temporary_hooks
 
+
 def op_name(func: Callable[..., Any]) -> str:
     """Canonical name of a torch function: ``Tensor.__iadd__`` and ``torch.add_`` become ``add``."""
     name = getattr(func, "__name__", "")
@@ -207,6 +208,15 @@ def _multilinear(tracer: _Tracer, op: _Op) -> None:
         tracer.equations.append(equation)
 
 
+def _bilinear(tracer: _Tracer, op: _Op) -> None:
+    """``x1^T W x2 + b``: multilinear in its inputs; a bias (a constant) fixes the output's scale."""
+    bias = op.kwargs.get("bias", op.args[3] if len(op.args) > 3 else None)
+    if isinstance(bias, Tensor):
+        for out in op.out_nodes:
+            tracer.groups.pin(out, f"{op.name}{tracer.where()} (its bias)")
+    _multilinear(tracer, op)
+
+
 def _power(exponent: float | None) -> ScaleRule:
     def rule(tracer: _Tracer, op: _Op) -> None:
         values = _numbers(op) if exponent is None else [exponent]
@@ -267,7 +277,8 @@ for _names, _rule in [
     ("add sub rsub where setitem", _additive),
     ("mul", _product(+1.0)),
     ("div", _product(-1.0)),
-    ("matmul mm bmm einsum outer inner dot bilinear kron", _multilinear),
+    ("matmul mm bmm einsum outer inner dot kron", _multilinear),
+    ("bilinear", _bilinear),
     ("pow", _power(None)),
     ("sqrt", _power(0.5)),
     ("rsqrt", _power(-0.5)),

@@ -69,7 +69,7 @@ def init_(
         include_frozen: also initialize layers whose weight has ``requires_grad=False``.
         progress: show tqdm progress bars.
         patch_budget_mb: memory one layer's patch matrix may take (data-driven samplers, which
-            draw ``samplers.PATCHES_PER_FILTER`` random patches per filter, fewer if over budget).
+            draw 128 random patches per filter, fewer if over budget).
         rate_chunk_size: samples per noise draw when estimating change rates.
         rate_precision: target standard error of each ``log C_k``.
         rate_max_rounds: at most this many passes over the data per rate estimate.
@@ -115,7 +115,7 @@ def init_(
             constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
             between_result = _between(session, constant)
             seconds["between"] = time.perf_counter() - start
-    settings.update(_samples_used(session))
+    settings.update(_count_samples(session))
     return _build_report(session, settings, within_results, between_result, seconds)
 
 
@@ -162,8 +162,9 @@ def _between(session: Session, constant: set[str]) -> BetweenResult | None:
     return result
 
 
-def _samples_used(session: Session) -> dict[str, int]:
-    """Samples used, over all processes, and how many processes there were (report settings)."""
+def _count_samples(session: Session) -> dict[str, int]:
+    """Samples used, over all processes, and how many processes there were (report settings);
+    with several processes, a note says so."""
     collective = session.context.collective
     used, processes = batch_size(session.context.batch), 1
     if collective is not None:
@@ -260,10 +261,10 @@ def _status(
     """What happened to layer ``name``, from what Parts 1 and 2 did."""
     if name in session.excluded:
         return LayerStatus.EXCLUDED
+    if within is not None:  # before the graph's word: the probe may take another path than all the data
+        return LayerStatus.INITIALIZED
     if session.graph is not None and name not in session.graph.sites:
         return LayerStatus.NEVER_CALLED
-    if within is not None:
-        return LayerStatus.INITIALIZED
     if between is not None and name in between.before.rate and not between.reverted:
         return LayerStatus.RESCALED
     return LayerStatus.MEASURED

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .errors import MagicInitError
 
-
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch], Any]
 

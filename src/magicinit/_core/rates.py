@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import adapter_for
+from .context import MIN_RATE_ROUNDS, PassContext
 from .distributed import Collective
 from .errors import MagicInitError
 from .inputs import batch_size, floating_tensors, split_batch
-from .context import MIN_RATE_ROUNDS, PassContext
+
 
 @dataclass
 class ChangeRates:

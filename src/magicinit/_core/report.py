@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 import torch
@@ -199,7 +199,9 @@ def _by_name(layers: list[Any], name: str) -> Any:
 
 
 def _finite(value: Any) -> Any:
-    """Replace inf/nan by None so the dict is strict JSON."""
+    """Replace inf/nan by None so the dict is strict JSON, and enum members by their plain values."""
+    if isinstance(value, Enum):
+        return value.value
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

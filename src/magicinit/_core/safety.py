@@ -12,28 +12,30 @@ from torch.utils.hooks import RemovableHandle
 
 
 class ModelFlags:
-    """The train/eval mode of every module and the ``requires_grad`` flag of every parameter."""
+    """The train/eval mode of every module and the ``requires_grad`` flag of every parameter.
+
+    Kept by object, not by name, so that modules or parameters a forward pass
+    adds meanwhile (created on first call) neither break nor lose the restore.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.training = {name: m.training for name, m in model.named_modules()}
-        self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.training = {module: module.training for module in model.modules()}
+        self.requires_grad = {param: param.requires_grad for param in model.parameters()}
 
     def restore(self) -> None:
         """Put back every module's mode and every parameter's ``requires_grad``."""
-        for name, module in self.model.named_modules():
-            module.training = self.training[name]
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(self.requires_grad[name])
+        for module, training in self.training.items():
+            module.training = training
+        for param, requires_grad in self.requires_grad.items():
+            param.requires_grad_(requires_grad)
 
 
 class ModelSnapshot:
-    """A copy of every parameter and buffer of a model, with its flags (``ModelFlags``)."""
+    """A copy of every parameter and buffer of a model (its flags: ``ModelFlags``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.tensors = {name: t.detach().clone() for name, t in self._state(model)}
-        self.flags = ModelFlags(model)
 
     @staticmethod
     def _state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

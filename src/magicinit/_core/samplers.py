@@ -4,7 +4,8 @@ A sampler is a function ``(request) -> filters`` that returns a floating
 tensor of shape ``request.shape == (groups, out_per_group, fan_in)``. Part 1
 then rescales and shifts every output channel, so a sampler only chooses the
 filters' directions. Samplers are looked up by name in ``SAMPLERS``; adding
-one is one entry (see ``register_sampler``).
+one is one entry (see ``register_sampler``); ``init_(sampler=...)`` also takes
+a callable directly.
 
 The random samplers (gaussian, orthogonal) ignore the data. The data-driven
 ones (pca, zca, kmeans, patches) draw each group's filters from the patches of
@@ -37,7 +38,6 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for, is_affine
 from .distributed import Collective
 from .errors import MagicInitError
-
 
 PATCH_BUDGET_MB = 500.0  # default memory of one layer's patch matrix (the reference's default)
 

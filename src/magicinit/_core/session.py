@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,8 +16,10 @@ from .context import PassContext, RateOptions
 from .distributed import Collective, ProcessGroupArg, resolve_process_group
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
-from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch
+from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
 from .safety import evaluating
+
+PROBE_SAMPLES = 2  # samples in the tracing pass
 
 
 def _describe(batch: Batch) -> str:
@@ -61,11 +63,6 @@ class Session:
     all_layers: dict[str, nn.Module]
     graph: LayerGraph | None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def model(self) -> nn.Module:
-        """The user's model."""
-        return self.context.model
 
 
 @dataclass(frozen=True)
@@ -145,21 +142,22 @@ def start_session(
         raise MagicInitError(f"seed={seed!r}: expected an int or None")
     selection = _select_layers(model, skip, include_frozen)
     collective = resolve_process_group(process_group)
-    generator = _generator(seed, collective)
-    error, session = None, None
+    checked_forward = guard_forward(forward or default_forward)
+    error, gathered = None, None
     try:
-        session = _gather_and_trace(model, data, samples, selection, PassContext(
-            model=model, batch=None, forward=guard_forward(forward or default_forward), generator=generator,
-            collective=collective, progress=progress, rates=rates,
-        ))
+        gathered = _gather_and_trace(model, data, samples, selection, checked_forward)
     except MagicInitError as exc:
         if collective is None:
             raise
         error = exc
-    if collective is not None:
+    if collective is not None:  # every rank learns whether all could gather their data and run the model
         collective.agree(error)
-    assert session is not None
-    return session
+    assert gathered is not None
+    context = PassContext(
+        model=model, batch=gathered.batch, forward=checked_forward, generator=_generator(seed, collective),
+        collective=collective, progress=progress, rates=rates,
+    )
+    return Session(context, selection.layers, selection.excluded, selection.all_layers, gathered.graph, gathered.notes)
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:
@@ -170,32 +168,41 @@ def _generator(seed: int | None, collective: Collective | None) -> torch.Generat
     return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
+@dataclass(frozen=True)
+class _Gathered:
+    """The init data as one batch, the graph traced on its first samples, and notes on the tracing."""
+
+    batch: Batch
+    graph: LayerGraph | None
+    notes: list[str]
+
+
 def _gather_and_trace(
-    model: nn.Module, data: Tensor | Iterable[Batch], samples: int, selection: _Selection, unfilled: PassContext
-) -> Session:
-    """The session over ``data`` (at most ``samples`` of it); ``unfilled`` is the context without its batch."""
+    model: nn.Module, data: Tensor | Iterable[Batch], samples: int, selection: _Selection, forward: ForwardFn
+) -> _Gathered:
+    """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them."""
     weight = next(iter(selection.layers.values())).weight
     batch = gather_batch(data, samples, weight.device, weight.dtype)
-    context = replace(unfilled, batch=batch)
-    graph, notes = _trace(context, selection.all_layers)
+    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, selection.all_layers)
     if graph is not None and not any(name in graph.sites for name in selection.layers):
         raise MagicInitError(
             f"none of the layers to initialize ({', '.join(list(selection.layers)[:5])}...) ran in "
             "forward(model, batch); check forward=... or the layers passed"
         )
-    return Session(context, selection.layers, selection.excluded, selection.all_layers, graph, notes)
+    return _Gathered(batch, graph, notes)
 
 
-def _trace(context: PassContext, layers: dict[str, nn.Module]) -> tuple[LayerGraph | None, list[str]]:
-    """The graph, traced on a probe batch in eval mode, and notes; the model must accept the data."""
-    probe = context.probe()
-    with evaluating(context.model), torch.no_grad():
+def _trace(
+    model: nn.Module, probe: Batch, forward: ForwardFn, layers: dict[str, nn.Module]
+) -> tuple[LayerGraph | None, list[str]]:
+    """The graph, traced on ``probe`` in eval mode, and notes; the model must accept the data."""
+    with evaluating(model), torch.no_grad():
         try:
-            return trace_graph(context.model, probe, context.forward, layers), []
+            return trace_graph(model, probe, forward, layers), []
         except MagicInitError:
             raise
         except Exception as exc:  # the tracing mode itself failed; the plain model may still run
-            context.run(probe)
+            forward(model, probe)
             return None, [
                 f"the layer graph could not be traced ({type(exc).__name__}: {exc}); "
                 "between-layer rescaling is not possible for this model"

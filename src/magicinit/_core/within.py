@@ -89,7 +89,6 @@ class _WithinPass:
         on_layer_done: Callable[[int], None],
     ) -> None:
         self.context = context
-        self.collective = context.collective
         self.sampler = sampler
         self.beta = beta
         self.patch_budget_bytes = patch_budget_bytes
@@ -102,13 +101,13 @@ class _WithinPass:
         if name in self.input_rms:  # a later call of a shared layer: already drawn
             return
         rms = _input_rms(args)
-        self.input_rms[name] = rms if self.collective is None else self.collective.max(rms)
+        self.input_rms[name] = rms if self.context.collective is None else self.context.collective.max(rms)
         adapter = adapter_for(module)
         current = adapter.to_filters(module).detach().float().cpu()
         request = SamplerRequest(
             name=name, module=module, shape=current.shape, current=current, layer_input=args,
             generator=self.context.generator, patch_budget_bytes=self.patch_budget_bytes,
-            progress=self.context.progress, collective=self.collective,
+            progress=self.context.progress, collective=self.context.collective,
         )
         filters = self.sampler(request)
         self.sampler_notes[name] = request.notes
@@ -134,9 +133,9 @@ class _WithinPass:
         work = _for_statistics(output)
         view = adapter.channel_view(work)
         before = ChannelMoments.of(view, in_place=True)
-        if self.collective is not None:  # the moments of all ranks' data; the view re-centred on their mean
+        if self.context.collective is not None:  # the moments of all ranks' data; the view re-centred on their mean
             local_mean = before.mean
-            before = self.collective.merge_moments(before)
+            before = self.context.collective.merge_moments(before)
             view.add_((local_mean - before.mean).view(1, -1, 1).to(view.dtype))
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(

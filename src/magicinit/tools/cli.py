@@ -32,6 +32,8 @@ from .nets import ZOO, build_model
 from .plots import plot_layer_statistics, require_matplotlib
 from .readers import BUILT_IN, load_images
 
+__all__ = ["main", "build_parser", "load_model", "load_weights", "save_weights"]
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 

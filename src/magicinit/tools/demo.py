@@ -27,6 +27,8 @@ from .nets import plain_cnn
 from .plots import plot_curves, plot_layer_statistics
 from .readers import digits
 
+__all__ = ["DemoSettings", "TrainingRun", "train", "evaluate", "run_demo"]
+
 
 @dataclass(frozen=True)
 class DemoSettings:
