@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from magicinit.tools import nets as zoo
+from magicinit.tools import nets
 
 # The default run draws the same examples every time, so that a test run (and CI)
 # is reproducible; `--hypothesis-profile=explore --hypothesis-seed=N` draws new ones.
@@ -22,7 +22,7 @@ AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 def plain_cnn(depth: int = 6, width: int = 8, in_channels: int = 3, classes: int = 5) -> nn.Sequential:
     """The zoo's plain ReLU CNN (no batch norm), small by default: ``depth`` affine layers in all."""
-    return zoo.plain_cnn(depth, width, in_channels=in_channels, classes=classes)
+    return nets.plain_cnn(depth, width, in_channels=in_channels, classes=classes)
 
 
 class ResidualBlock(nn.Module):

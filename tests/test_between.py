@@ -24,6 +24,7 @@ import magicinit
 from magicinit._core import graph as graph_module
 from magicinit._core.adapters import find_affine_layers
 from magicinit._core.inputs import default_forward
+from magicinit._core.sites import UnitIndex
 
 
 def _rates(model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, float]:
@@ -99,7 +100,7 @@ def test_graph_with_sums_or_concat_keeps_function_and_reaches_the_solved_rates(b
 def test_solver_on_a_chain_is_exact_and_keeps_fixed_layers() -> None:
     model = plain_cnn(5)
     layers = find_affine_layers(model)
-    graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, layers)
+    graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, UnitIndex(model))
     log_rates = {name: float(i * i) for i, name in enumerate(layers)}
     solution = graph.solve(log_rates)
     values = list(solution.predicted_log_rate.values())
@@ -114,7 +115,7 @@ def test_solver_on_a_chain_is_exact_and_keeps_fixed_layers() -> None:
 def test_residual_block_scale_constraints() -> None:
     model = ResNetNoBN(blocks=1)
     layers = find_affine_layers(model)
-    graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, layers)
+    graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, UnitIndex(model))
     solution = graph.solve({name: 0.0 for name in layers} | {"blocks.0.conv1": 2.0})
     # the sum ties the block's output to its input: conv2 writes where the stem writes
     assert solution.rho_out["blocks.0.conv2"] == pytest.approx(solution.rho_out["stem"])

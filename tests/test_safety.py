@@ -53,7 +53,7 @@ def test_data_of_a_shape_the_model_rejects() -> None:
     "kwargs,match",
     [
         ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, orthogonal, patches, pca, zca"),
-        ({"skip": ["missing"]}, "skip: no module named 'missing'"),
+        ({"skip": ["missing"]}, "skip: no module or parameter named 'missing'"),
         ({"samples": 0}, "samples=0"),
         ({"beta": float("nan")}, "beta=nan"),
         ({"rate_chunk_size": 0}, "rate_chunk_size=0"),

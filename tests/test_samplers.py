@@ -9,7 +9,7 @@ from torch import nn
 
 import magicinit
 from magicinit._core import samplers
-from magicinit._core.adapters import adapter_for
+from magicinit._core.sites import CallInterceptor, SiteCall, UnitIndex
 
 DATA_DRIVEN = ["pca", "zca", "kmeans", "patches"]
 
@@ -54,6 +54,26 @@ def test_kmeans_gives_every_planted_prototype_a_channel_where_gaussian_does_not(
     assert sum(gaussian_purity) / 3 < 0.9, gaussian_purity
 
 
+class _SiteRecorder(CallInterceptor):
+    """Keeps every affine site of a forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(UnitIndex(model))
+        self.sites: list[SiteCall] = []
+
+    def on_call(self, func, args, kwargs, site):  # type: ignore[no-untyped-def]
+        if site is not None:
+            self.sites.append(site)
+        return func(*args, **kwargs)
+
+
+def _first_site(model: nn.Module, x: torch.Tensor) -> SiteCall:
+    recorder = _SiteRecorder(model)
+    with torch.no_grad(), recorder:
+        model(x)
+    return recorder.sites[0]
+
+
 @pytest.mark.parametrize(
     "layer,shape",
     [
@@ -66,12 +86,13 @@ def test_kmeans_gives_every_planted_prototype_a_channel_where_gaussian_does_not(
 )
 def test_patches_are_exactly_what_each_filter_sees(layer: nn.Module, shape: tuple[int, ...]) -> None:
     x = torch.randn(shape)
-    adapter = adapter_for(layer)
-    patches = adapter.patches(layer, x)  # (groups, M, fan)
-    filters = adapter.to_filters(layer)  # (groups, out/g, fan)
+    site = _first_site(layer, x)
+    adapter = site.adapter
+    patches = site.patches(site.input)  # (groups, M, fan); the input as the call saw it (padded, say)
+    filters = adapter.to_filters(site.weight, site.groups)  # (groups, out/g, fan)
     responses = patches @ filters.transpose(1, 2)  # (groups, M, out/g)
     with torch.no_grad():
-        bias = torch.zeros(adapter.out_channels(layer)) if layer.bias is None else layer.bias
+        bias = torch.zeros(adapter.out_channels(site.weight, site.groups)) if layer.bias is None else layer.bias
         if adapter.channels_last_in_output:
             out = adapter.channel_view(layer(x) - bias)
         else:
@@ -79,7 +100,8 @@ def test_patches_are_exactly_what_each_filter_sees(layer: nn.Module, shape: tupl
     groups, per_group = filters.shape[:2]
     expected = out.reshape(out.shape[0], groups, per_group, -1).permute(1, 0, 3, 2).reshape(groups, -1, per_group)
     assert torch.allclose(responses, expected, atol=1e-5)
-    assert adapter_for(nn.ConvTranspose2d(2, 2, 3)).patches(nn.ConvTranspose2d(2, 2, 3), torch.randn(1, 2, 4, 4)) is None
+    transposed = nn.ConvTranspose2d(2, 2, 3)
+    assert _first_site(transposed, torch.randn(1, 2, 4, 4)).patches(torch.randn(1, 2, 4, 4)) is None
 
 
 def test_pca_filters_are_orthogonal_in_the_whitened_space(monkeypatch: pytest.MonkeyPatch) -> None:

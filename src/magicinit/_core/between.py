@@ -22,6 +22,7 @@ from .graph import LayerGraph, ScaleSolution
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .rates import ChangeRates, measure_change_rates
 from .safety import ModelSnapshot
+from .sites import WeightUnit
 
 
 def _norm(tensors: list[Tensor]) -> float:
@@ -63,18 +64,22 @@ class BetweenResult:
     reverted: bool = False
 
 
-def _apply_scales(layers: dict[str, nn.Module], solution: ScaleSolution) -> dict[str, float]:
-    """Scale every solved layer's weight and bias in place; returns the weight factors."""
+def _apply_scales(
+    model: nn.Module, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
+) -> dict[str, float]:
+    """Scale every solved weight and its sites' bias parameters in ``model`` (or a copy of it),
+    in place; returns the weight factors."""
     factors = {}
     with torch.no_grad():
-        for name, module in layers.items():
+        for name, unit in units.items():
             if name not in solution.rho_in:
                 continue
             factors[name] = solution.weight_factor(name)
             if factors[name] != 1.0:
-                module.weight.mul_(factors[name])
-            if module.bias is not None and solution.bias_factor(name) != 1.0:
-                module.bias.mul_(solution.bias_factor(name))
+                unit.scale_(model, factors[name])
+            if solution.bias_factor(name) != 1.0:
+                for bias in graph.bias_parameters.get(name, []):
+                    model.get_parameter(bias).mul_(solution.bias_factor(name))
     return factors
 
 
@@ -89,7 +94,7 @@ def _outputs(model: nn.Module, batch: Batch, forward: ForwardFn) -> list[Tensor]
 
 
 def _change_in_float64(
-    context: PassContext, probe: Batch, names: list[str], solution: ScaleSolution
+    context: PassContext, probe: Batch, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
 ) -> tuple[float | None, Batch]:
     """Relative output change the rescaling causes in a float64 copy of the model.
 
@@ -111,7 +116,6 @@ def _change_in_float64(
         twin = copy.deepcopy(model).double()
     except Exception:  # a model holding something deepcopy cannot copy
         return None, probe
-    twin_modules = dict(twin.named_modules())
     jittered = jitter_floating(probe, seed=0)
     probe64, jittered64 = cast_floating(probe, torch.float64), cast_floating(jittered, torch.float64)
     reference = _outputs(twin, probe64, forward)
@@ -119,7 +123,7 @@ def _change_in_float64(
         reference_jittered = _outputs(twin, jittered64, forward)
     except Exception:  # the model does not accept other values (indices stored as floats, say)
         reference_jittered = None
-    _apply_scales({name: twin_modules[name] for name in names}, solution)
+    _apply_scales(twin, units, solution, graph)
     rescaled = _outputs(twin, probe64, forward)
     change = function_change(reference, rescaled)
     if change <= EXACT_TOLERANCE or reference_jittered is None:
@@ -149,11 +153,11 @@ def _warn_not_kept(change: float, where: str) -> None:
 
 
 def equalize_between(
-    context: PassContext, layers: dict[str, nn.Module], graph: LayerGraph, fixed: set[str]
+    context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, fixed: set[str]
 ) -> BetweenResult:
-    """Rescale ``layers`` so their change rates are as equal as the graph allows.
+    """Rescale the weights ``units`` so their change rates are as equal as the graph allows.
 
-    Layers in ``fixed`` keep their weights and biases. The function of the
+    Weights in ``fixed`` keep their weights and biases. The function of the
     network is kept: the rescaling is first applied to a float64 copy of the
     model and must leave its outputs on the first init samples unchanged (up
     to 1e-9, relative); otherwise it is not applied, with a warning. Where no
@@ -163,8 +167,8 @@ def equalize_between(
     rank, so all ranks apply the same scales or none.
     """
     model, collective = context.model, context.collective
-    called = {name: module for name, module in layers.items() if name in graph.sites}
-    before = measure_change_rates(context, called, "magicinit: rates before")
+    called = {name: unit for name, unit in units.items() if name in graph.sites}
+    before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
     excluded: dict[str, str] = {}
     log_rates: dict[str, float] = {}
     for name in called:
@@ -179,7 +183,7 @@ def equalize_between(
             log_rates[name] = math.log(rate)
     solution = graph.solve(log_rates, fixed=fixed)
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
-    analysis_error, probe = _change_in_float64(context, probe, list(called), solution)
+    analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
     if collective is not None and analysis_error is not None:
         analysis_error = collective.max(analysis_error)
     unchanged = {name: 1.0 for name in called}
@@ -190,7 +194,7 @@ def equalize_between(
         return result
     reference = _outputs(model, probe, context.forward)
     snapshot = ModelSnapshot(model) if analysis_error is None else None  # only the fallback check can undo
-    factors = _apply_scales(called, solution)
+    factors = _apply_scales(model, called, solution, graph)
     result.weight_factor = factors
     result.function_change = function_change(reference, _outputs(model, probe, context.forward))
     if collective is not None:
@@ -202,7 +206,7 @@ def equalize_between(
         result.weight_factor = unchanged
         return result
     if any(f != 1.0 for f in factors.values()):
-        result.after = measure_change_rates(context, called, "magicinit: rates after")
+        result.after = measure_change_rates(context, called, graph.layouts, "magicinit: rates after")
     else:
         result.after = before
     return result

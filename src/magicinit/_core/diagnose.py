@@ -56,15 +56,15 @@ def diagnose(
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=True, progress=progress, rates=options, process_group=process_group)
     with guarded(model):
-        moments = channel_moments_of_layers(session.context, session.layers)
-        called = {name: module for name, module in session.layers.items() if name in moments}
-        rates = measure_change_rates(session.context, called, "magicinit: diagnose")
+        moments, layouts = channel_moments_of_layers(session.context, session.index, session.units)
+        called = {name: unit for name, unit in session.units.items() if name in moments}
+        rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
     layers = []
-    for name, module in called.items():
+    for name, unit in called.items():
         channel_rate = rates.channel_rate[name]
         layers.append(LayerDiagnosis(
             name=name,
-            type=type(module).__name__,
+            type=unit.owner_type,
             channel_mean=moments[name].mean.tolist(),
             channel_std=moments[name].std.tolist(),
             output_cv=coefficient_of_variation(moments[name].std),

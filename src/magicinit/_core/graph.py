@@ -28,33 +28,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.nn.utils import parametrize
 
+from .adapters import AffineAdapter
 from .inputs import Batch, ForwardFn, floating_tensors
 from .safety import temporary_hooks
-
-
-def op_name(func: Callable[..., Any]) -> str:
-    """Canonical name of a torch function: ``Tensor.__iadd__`` and ``torch.add_`` become ``add``."""
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        name = getattr(getattr(func, "__self__", None), "__name__", name)
-    dunder = name.startswith("__") and name.endswith("__")
-    name = name.strip("_")
-    if dunder and name[:1] in "ri" and name[1:] in _REFLECTED:
-        name = ("r" if name[0] == "r" else "") + name[1:]
-    return _ALIASES.get(name, name)
+from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
 
 
 # Operations without a floating output that still matter: an in-place write, and
 # values read into Python (whose later use the trace cannot see).
 _WRITES_OR_ESCAPES = {"setitem", "item", "tolist", "float", "int"}
-_REFLECTED = {"add", "sub", "mul", "div", "truediv", "matmul", "pow"}
-_ALIASES = {
-    "radd": "add", "rmul": "mul", "truediv": "div", "true_divide": "div", "divide": "div",
-    "rtruediv": "rdiv", "multiply": "mul", "subtract": "sub", "rmatmul": "matmul",
-    "concat": "cat", "concatenate": "cat", "clip": "clamp", "absolute": "abs", "negative": "neg",
-}
 
 
 class ScaleGroups:
@@ -101,17 +85,19 @@ class ScaleGroups:
         return other
 
 
-class _Tracer(TorchFunctionMode):
-    """Records scale relations between the tensors of one forward pass."""
+class _Tracer(CallInterceptor):
+    """Records scale relations between the tensors of one forward pass, and the affine sites."""
 
-    def __init__(self, layer_of_weight: dict[int, str]) -> None:
-        super().__init__()
-        self.layer_of_weight = layer_of_weight
+    def __init__(self, units: UnitIndex) -> None:
+        super().__init__(units)
         self.groups = ScaleGroups()
         self.node_of: dict[int, int] = {}
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
         self.equations: list[dict[int, float]] = []
         self.sites: dict[str, list[tuple[int, int]]] = {}
+        self.layouts: dict[str, tuple[AffineAdapter, int]] = {}
+        self.bias_parameters: dict[str, list[str]] = {}
+        self.other_uses: dict[str, list[str]] = {}
         self.scope: list[str] = []
 
     def node(self, tensor: Tensor, reason_if_new: str = "a constant (parameter, buffer or literal)") -> int:
@@ -127,9 +113,9 @@ class _Tracer(TorchFunctionMode):
     def where(self) -> str:
         return f" in '{self.scope[-1]}'" if self.scope else ""
 
-    # the mode ----------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+    def on_call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
+    ) -> Any:
         out = func(*args, **kwargs)
         outputs = list(floating_tensors(out))
         name = op_name(func)
@@ -138,9 +124,38 @@ class _Tracer(TorchFunctionMode):
         inputs = list(floating_tensors((args, kwargs)))
         in_nodes = [self.node(t) for t in inputs]
         out_nodes = [self.node(t, reason_if_new="") for t in outputs]
-        rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
-        rule(self, _Op(name, args, kwargs, inputs, in_nodes, out_nodes))
+        if site is not None and outputs:
+            self._site(site, outputs[0])
+        else:
+            self._note_uses(name, inputs, outputs)
+            rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
+            rule(self, _Op(name, args, kwargs, inputs, in_nodes, out_nodes))
         return out
+
+    def _site(self, site: SiteCall, output: Tensor) -> None:
+        """Record one call of an affine site: its input and output nodes, its bias and its layout."""
+        unit = site.unit.name
+        input_node, output_node = self.node(site.input), self.node(output)
+        self.sites.setdefault(unit, []).append((input_node, output_node))
+        self.layouts.setdefault(unit, site.layout)
+        bias = site.bias
+        if bias is not None:
+            parameter = self.units.parameter_of(bias)
+            if parameter is None:
+                self.groups.pin(output_node, f"a bias that is no parameter{self.where()}")
+            elif parameter not in self.bias_parameters.setdefault(unit, []):
+                self.bias_parameters[unit].append(parameter)
+
+    def _note_uses(self, name: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+        """Remember where a parameter that is a weight somewhere is used other than at a site (views aside)."""
+        for tensor in inputs:
+            unit = self.units.resolve(tensor)
+            if unit is None or unit.kind != "parameter":
+                continue
+            root = tensor._base if tensor._base is not None else tensor
+            if outputs and all(out._base is root for out in outputs):
+                continue  # a view of the weight (a slice, a transpose): its uses are what count
+            self.other_uses.setdefault(unit.name, []).append(f"{name}{self.where()}")
 
 
 @dataclass
@@ -249,13 +264,10 @@ def _pad(tracer: _Tracer, op: _Op) -> None:
 
 
 def _affine(tracer: _Tracer, op: _Op) -> None:
-    weight = op.kwargs.get("weight", op.args[1] if len(op.args) > 1 else None)
-    layer = tracer.layer_of_weight.get(id(weight)) if isinstance(weight, Tensor) else None
-    if layer is None or not op.in_nodes:
-        bias = op.kwargs.get("bias", op.args[2] if len(op.args) > 2 else None)
-        (_pin if isinstance(bias, Tensor) else _multilinear)(tracer, op)
-        return
-    tracer.sites.setdefault(layer, []).append((op.in_nodes[0], op.out_nodes[0]))
+    """A convolution or linear map whose weight is no parameter (a site records itself): multilinear
+    in input and weight, unless a bias pins it."""
+    bias = op.kwargs.get("bias", op.args[2] if len(op.args) > 2 else None)
+    (_pin if isinstance(bias, Tensor) else _multilinear)(tracer, op)
 
 
 SCALE_RULES: dict[str, ScaleRule] = {}
@@ -314,15 +326,22 @@ class ScaleSolution:
 class LayerGraph:
     """What one probe forward pass revealed about the model.
 
-    Attributes:
-        calls: how many times each affine layer was called in one forward.
-        sites: ``(input_node, output_node)`` of every call of every affine layer.
-        has_bias: whether each called layer has a bias.
+    Attributes (keyed by weight unit, see ``sites.WeightUnit``):
+        calls: how many affine sites use each weight in one forward.
+        sites: ``(input_node, output_node)`` of every site of every weight, in call order.
+        has_bias: whether the weight's sites add a bias parameter.
+        bias_parameters: qualified names of the bias parameters its sites add.
+        layouts: each weight's filter layout and groups (from its first site).
+        other_uses: operations other than affine sites that read the weight (e.g. an
+            embedding lookup of a tied weight), with where they were called.
     """
 
     calls: dict[str, int]
     sites: dict[str, list[tuple[int, int]]]
     has_bias: dict[str, bool]
+    bias_parameters: dict[str, list[str]]
+    layouts: dict[str, tuple[AffineAdapter, int]]
+    other_uses: dict[str, list[str]]
     groups: ScaleGroups = field(repr=False)
     equations: list[dict[int, float]] = field(repr=False)
 
@@ -416,17 +435,14 @@ def _null_space(matrix: Tensor) -> Tensor:
     return vh[rank:].T
 
 
-def trace_graph(
-    model: nn.Module,
-    batch: Batch,
-    forward: ForwardFn,
-    layers: dict[str, nn.Module],
-) -> LayerGraph:
-    """Run ``forward(model, batch)`` once under a tracing mode and record the scale relations.
+def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitIndex) -> LayerGraph:
+    """Run ``forward(model, batch)`` once under a tracing mode and record the sites and scale relations.
 
     The caller provides grad mode and eval mode; nothing in the model changes.
+    Parametrized weights are computed once for the pass (``parametrize.cached``),
+    so that their sites are recognized.
     """
-    tracer = _Tracer({id(module.weight): name for name, module in layers.items()})
+    tracer = _Tracer(units)
     name_of = {module: name for name, module in model.named_modules()}
 
     def enter(module: nn.Module, args: Any) -> None:
@@ -436,7 +452,7 @@ def trace_graph(
         if tracer.scope:
             tracer.scope.pop()
 
-    with temporary_hooks() as hooks:
+    with temporary_hooks() as hooks, parametrize.cached():
         for module in name_of:
             hooks.before(module, enter)
             hooks.after(module, leave)
@@ -447,9 +463,12 @@ def trace_graph(
         for tensor in floating_tensors(output):
             tracer.groups.pin(tracer.node(tensor), "model output")
     return LayerGraph(
-        calls={layer: len(sites) for layer, sites in tracer.sites.items()},
+        calls={unit: len(sites) for unit, sites in tracer.sites.items()},
         sites=tracer.sites,
-        has_bias={layer: layers[layer].bias is not None for layer in tracer.sites},
+        has_bias={unit: unit in tracer.bias_parameters for unit in tracer.sites},
+        bias_parameters=tracer.bias_parameters,
+        layouts=tracer.layouts,
+        other_uses=tracer.other_uses,
         groups=tracer.groups,
         equations=tracer.equations,
     )

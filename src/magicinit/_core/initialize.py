@@ -107,8 +107,8 @@ def init_(
     with guarded(model):
         if within:
             start = time.perf_counter()
-            within_results = normalize_within(session.context, session.layers, chosen_sampler, beta=beta,
-                                              patch_budget_bytes=int(patch_budget_mb * 2**20))
+            within_results = normalize_within(session.context, session.index, session.units, chosen_sampler,
+                                              beta=beta, patch_budget_bytes=int(patch_budget_mb * 2**20))
             seconds["within"] = time.perf_counter() - start
         if between:
             start = time.perf_counter()
@@ -155,8 +155,10 @@ def _between(session: Session, constant: set[str]) -> BetweenResult | None:
     """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
     if session.graph is None:
         return None
-    fixed = {name for name in session.all_layers if name not in session.layers} | constant
-    result = equalize_between(session.context, session.all_layers, session.graph, fixed)
+    fixed = {name for name in session.all_units if name not in session.units} | constant
+    writable = {name: unit for name, unit in session.all_units.items() if unit.read_only is None}
+    fixed |= {name for name in session.all_units if name not in writable}
+    result = equalize_between(session.context, writable, session.graph, fixed)
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
     return result
@@ -200,12 +202,13 @@ def _build_report(
     """The report: one entry per affine layer of the model, in registration order, and the call's notes."""
     layers = []
     called = session.graph.calls if session.graph is not None else {}
-    for name, module in session.all_layers.items():
+    model = session.context.model
+    for name, unit in session.all_units.items():
         result = within_results.get(name)
         entry = LayerReport(
             name=name,
-            type=type(module).__name__,
-            shape=tuple(module.weight.shape),
+            type=unit.owner_type,
+            shape=tuple(unit.tensor(model).shape) if unit.kind != "parametrization" else (),
             calls=called.get(name, 0),
             status=_status(session, name, result, between_result),
         )

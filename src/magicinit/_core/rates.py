@@ -19,13 +19,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .adapters import adapter_for
+from .adapters import AffineAdapter
 from .context import MIN_RATE_ROUNDS, PassContext
 from .distributed import Collective
 from .errors import MagicInitError
 from .inputs import batch_size, floating_tensors, split_batch
+from .sites import WeightUnit
 
 
 @dataclass
@@ -55,12 +56,15 @@ def _output_tensors(output: object) -> list[Tensor]:
     return tensors
 
 
-def _squared_filter_norms(module: nn.Module, grad: Tensor | None) -> Tensor:
+Layout = tuple[AffineAdapter, int]  # a weight's filter layout and groups
+
+
+def _squared_filter_norms(weight: Tensor, layout: Layout, grad: Tensor | None) -> Tensor:
     """``||dL/dW_i||^2`` of every output channel, in float64 (zeros where no gradient reached)."""
-    adapter = adapter_for(module)
+    adapter, groups = layout
     if grad is None:
-        return module.weight.new_zeros(adapter.out_channels(module), dtype=torch.float64)
-    filters = adapter.to_filters(module, grad)
+        return weight.new_zeros(adapter.out_channels(weight, groups), dtype=torch.float64)
+    filters = adapter.to_filters(grad, groups)
     # a float32 norm per filter (accurate to ~1e-7, and 100x faster on CPU than
     # squaring a float64 copy of a large gradient), summed over draws in float64
     norm_dtype = torch.promote_types(filters.dtype, torch.float32)
@@ -68,13 +72,19 @@ def _squared_filter_norms(module: nn.Module, grad: Tensor | None) -> Tensor:
 
 
 def measure_change_rates(
-    context: PassContext, layers: dict[str, nn.Module], desc: str = "magicinit: change rates"
+    context: PassContext,
+    units: dict[str, WeightUnit],
+    layouts: dict[str, Layout],
+    desc: str = "magicinit: change rates",
 ) -> ChangeRates:
-    """Estimate the change rate of every layer in ``layers`` from back-propagated noise.
+    """Estimate the change rate of every weight in ``units`` from back-propagated noise.
 
-    The model's parameters are not changed. Gradients are taken with
-    ``torch.autograd.grad`` (no ``.grad`` is written); the weights' ``requires_grad``
-    is switched on for the duration and the caller restores it. With a
+    ``layouts`` gives each weight's filter layout (``graph.LayerGraph.layouts``).
+    The rate is that of the weight as the forward uses it: the parameter, or a
+    reparametrization's result. The model's parameters are not changed.
+    Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written);
+    the real parameters' ``requires_grad`` is switched on for the duration and
+    the caller restores it. With a
     collective, every rank draws its own noise (from a generator forked off
     the shared one) over its own data, and the sums and their noise variances
     are summed over the ranks, which stop after the same round.
@@ -83,10 +93,10 @@ def measure_change_rates(
     generator = context.generator
     if collective is not None and generator is not None:
         generator = collective.fork(generator)
-    names = list(layers)
-    weights = [layers[name].weight for name in names]
-    for weight in weights:
-        weight.requires_grad_(True)
+    model, names = context.model, list(units)
+    for unit in units.values():
+        for param in unit.real_parameters(model):
+            param.requires_grad_(True)
     starts = list(range(0, batch_size(context.batch), options.chunk_size))
     channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
     draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
@@ -99,12 +109,13 @@ def measure_change_rates(
                 chunk = split_batch(context.batch, start, start + options.chunk_size)
                 with torch.enable_grad():
                     outputs = _output_tensors(context.run(chunk))
+                    weights = [units[name].tensor(model) for name in names]  # reparametrized: this pass's
                     noise = [
                         torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t) for t in outputs
                     ]
                     grads = torch.autograd.grad(outputs, weights, grad_outputs=noise, allow_unused=True)
-                for name, grad in zip(names, grads):
-                    per_channel = _squared_filter_norms(layers[name], grad)
+                for name, weight, grad in zip(names, weights, grads):
+                    per_channel = _squared_filter_norms(weight, layouts[name], grad)
                     channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
                     round_totals[name].append(per_channel.sum())
                 advance(1)
@@ -120,8 +131,8 @@ def measure_change_rates(
         channel_sums = {name: collective.sum(channel_sums[name]) for name in names}
     rate, channel_rate = {}, {}
     for name in names:
-        module = layers[name]
-        filters = adapter_for(module).to_filters(module).detach().double().cpu()
+        adapter, groups = layouts[name]
+        filters = adapter.to_filters(units[name].tensor(model).detach(), groups).double().cpu()
         channel_norm_sq = filters.square().sum(-1).flatten()
         mean_grad_sq = channel_sums[name].cpu() / n_draws
         weight_norm_sq = float(channel_norm_sq.sum())

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for, is_affine
 from .distributed import Collective
 from .errors import MagicInitError
 
@@ -47,8 +46,9 @@ class SamplerRequest:
     """What a sampler may look at to draw one layer's filters.
 
     Attributes:
-        name: qualified module name of the layer.
-        module: the layer.
+        name: the weight's name in the report (the layer's qualified module name for a
+            conv or linear module, else the parameter's name).
+        module: the module that holds the weight (the layer itself for a conv or linear module).
         shape: ``(groups, out_per_group, fan_in)``, the shape to return.
         current: the layer's present filters (float32, CPU).
         layer_input: the positional arguments of the layer's call on the init
@@ -62,6 +62,9 @@ class SamplerRequest:
         collective: the processes that initialize the model together, each with its own
             data (None: this one alone); a data-driven sampler reduces its statistics over
             them and must return the same filters on every rank.
+        input_patches: ``input_patches(x)`` gives the patches each filter sees in input ``x``,
+            ``(groups, patches, fan_in)`` (a convolution's receptive fields, a linear map's
+            input rows), or None where the site has none (transposed convolutions).
     """
 
     name: str
@@ -74,6 +77,7 @@ class SamplerRequest:
     progress: bool = False
     notes: list[str] = field(default_factory=list)
     collective: Collective | None = None
+    input_patches: Callable[[Tensor], Tensor | None] = lambda layer_input: None
 
     def own_data_generator(self) -> torch.Generator | None:
         """The generator for draws over this process's own data (subsets of its patches).
@@ -208,18 +212,16 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     in proportion to the patches each holds.
     """
     layer_input = request.layer_input[0] if request.layer_input else None
-    if not is_affine(request.module) or not isinstance(layer_input, Tensor):
+    if not isinstance(layer_input, Tensor):
         return None
-    adapter = adapter_for(request.module)
-    if adapter.transposed:
+    probe = request.input_patches(layer_input[:1])
+    if probe is None:
         return None
     groups, out_per_group, fan = request.shape
     wanted = max(PATCHES_PER_FILTER * out_per_group, 4 * fan)
     max_patches = max(1, min(wanted, request.patch_budget_bytes // (4 * groups * fan)))
     sample = layer_input
     generator = request.own_data_generator()
-    probe = adapter.patches(request.module, layer_input[:1])
-    assert probe is not None
     per_sample = probe.shape[1]
     if request.collective is not None:
         available = layer_input.shape[0] * per_sample
@@ -228,7 +230,7 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     if layer_input.shape[0] * per_sample > max_patches:  # fewer whole samples first, then positions
         keep = max(1, -(-max_patches // per_sample))
         sample = layer_input[_subsample(layer_input.shape[0], keep, generator, layer_input.device)]
-    patches = adapter.patches(request.module, sample)
+    patches = request.input_patches(sample)
     assert patches is not None
     if patches.shape[1] > max_patches:
         patches = patches[:, _subsample(patches.shape[1], max_patches, generator, patches.device)]

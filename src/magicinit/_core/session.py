@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
-from torch.nn.utils import parametrize
 
 from .adapters import find_affine_layers
 from .context import PassContext, RateOptions
@@ -18,6 +17,7 @@ from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
 from .safety import evaluating
+from .sites import UnitIndex, WeightUnit
 
 PROBE_SAMPLES = 2  # samples in the tracing pass
 
@@ -50,71 +50,101 @@ class Session:
 
     Attributes:
         context: the model, the init data and what the passes over it share.
-        layers: the affine layers the call may change, by qualified name.
-        excluded: affine layers left alone, with the reason (skipped, frozen, ...).
-        all_layers: every affine layer of the model, in registration order.
+        units: the weights the call may change, by name (see ``sites.WeightUnit``).
+        excluded: weights left alone, with the reason (skipped, frozen, tied, reparametrized, ...).
+        all_units: every weight the report lists, in the model's registration order: those
+            used at an affine site, and those of affine modules the forward never called.
+        index: the model's weight units and how to recognize them in a call.
         graph: the traced graph, or None if tracing failed.
         notes: things to tell the user.
     """
 
     context: PassContext
-    layers: dict[str, nn.Module]
+    units: dict[str, WeightUnit]
     excluded: dict[str, str]
-    all_layers: dict[str, nn.Module]
+    all_units: dict[str, WeightUnit]
+    index: UnitIndex
     graph: LayerGraph | None
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Selection:
-    """The affine layers of a model: those to work on, and those left alone with the reason."""
-
-    layers: dict[str, nn.Module]
-    excluded: dict[str, str]
-    all_layers: dict[str, nn.Module]
-
-
-def _select_layers(model: nn.Module, skip: Iterable[str], include_frozen: bool) -> _Selection:
-    all_layers = find_affine_layers(model)
-    if not all_layers:
-        raise MagicInitError(
-            f"model {type(model).__name__} has no convolution, transposed convolution or linear layer; "
-            "magicinit initializes those (nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear)"
-        )
+def _check_model(model: nn.Module, skip: list[str]) -> None:
+    """What can be refused before any data is read: lazy or meta parameters, unknown ``skip`` names."""
     for name, param in model.named_parameters():
         if is_lazy(param):
             raise MagicInitError(
                 f"parameter '{name}' is an uninitialized lazy parameter; run one forward pass on a batch "
                 "to materialize the model before initializing it"
             )
-    skip = [skip] if isinstance(skip, str) else list(skip)
-    module_names = {name for name, _ in model.named_modules()}
-    for prefix in skip:
-        if prefix not in module_names:
-            raise MagicInitError(f"skip: no module named '{prefix}' in the model")
-    excluded: dict[str, str] = {}
-    layers: dict[str, nn.Module] = {}
-    for name, module in all_layers.items():
-        if any(name == p or name.startswith(p + ".") or p == "" for p in skip):
-            excluded[name] = "skipped (skip=...)"
-        elif parametrize.is_parametrized(module):
-            excluded[name] = "parametrized weight (e.g. weight_norm): left as is"
-        elif module.weight.device.type == "meta":
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            owner, _, attribute = name.rpartition(".")
+            layer = owner if attribute in ("weight", "bias") else name
             raise MagicInitError(
-                f"layer '{name}': its parameters are on the meta device; materialize the model "
+                f"layer '{layer}': its parameters are on the meta device; materialize the model "
                 "(model.to_empty(device=...)) before initializing it"
             )
-        elif not module.weight.requires_grad and not include_frozen:
-            excluded[name] = "frozen (requires_grad=False): left as is"
+    module_names = {name for name, _ in model.named_modules()}
+    for prefix in skip:
+        if prefix not in module_names and prefix not in dict(model.named_parameters()):
+            raise MagicInitError(f"skip: no module or parameter named '{prefix}' in the model")
+
+
+def _exclusion(
+    unit: WeightUnit, model: nn.Module, graph: LayerGraph | None, skip: list[str], include_frozen: bool
+) -> str | None:
+    """Why ``unit`` is left as it is, or None if the call may change it."""
+    def under(prefix: str) -> bool:
+        return prefix == "" or any(n == prefix or n.startswith(prefix + ".") for n in (unit.name, unit.owner))
+
+    if any(under(prefix) for prefix in skip):
+        return "skipped (skip=...)"
+    if unit.read_only is not None:
+        return unit.read_only
+    if not include_frozen and not all(p.requires_grad for p in unit.real_parameters(model)):
+        return "frozen (requires_grad=False): left as is"
+    uses = graph.other_uses.get(unit.name, []) if graph is not None else []
+    if uses and unit.name in graph.sites:
+        shown = ", ".join(dict.fromkeys(uses[:3]))
+        return (
+            f"tied: also read by {shown} (not an affine call), so it is left as is: redrawing it would change "
+            "what that operation gives the layers after it"
+        )
+    return None
+
+
+def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph | None, skip: list[str],
+                  include_frozen: bool) -> tuple[dict[str, WeightUnit], dict[str, str], dict[str, WeightUnit]]:
+    """The weights to work on, those left alone (with the reason), and all the report lists."""
+    by_type = {unit.name for name in find_affine_layers(model) if (unit := index.of_module(name)) is not None}
+    called = set(graph.sites) if graph is not None else set()
+    all_units = {name: unit for name, unit in index.units.items() if name in called or name in by_type}
+    if not all_units:
+        raise MagicInitError(
+            f"model {type(model).__name__} has no convolution, transposed convolution or linear layer, and its "
+            "forward makes no affine call (conv, linear, addmm or matmul) with a parameter as weight; magicinit "
+            "initializes those"
+        )
+    units, excluded = {}, {}
+    for name, unit in all_units.items():
+        reason = _exclusion(unit, model, graph, skip, include_frozen)
+        if reason is None:
+            units[name] = unit
         else:
-            layers[name] = module
-    if not layers:
+            excluded[name] = reason
+    if not units:
         reasons = "; ".join(f"'{n}': {r}" for n, r in excluded.items())
         raise MagicInitError(f"no layer left to initialize ({reasons}); unfreeze layers, pass include_frozen=True or skip fewer")
-    name, first = next(iter(layers.items()))
-    if not first.weight.is_floating_point():
-        raise MagicInitError(f"layer '{name}': weights of dtype {first.weight.dtype} are not floating point")
-    return _Selection(layers, excluded, all_layers)
+    if graph is not None and not any(name in graph.sites for name in units):
+        raise MagicInitError(
+            f"none of the layers to initialize ({', '.join(list(units)[:5])}...) ran in "
+            "forward(model, batch); check forward=... or the layers passed"
+        )
+    name, first = next(iter(units.items()))
+    dtype = first.real_parameters(model)[0].dtype
+    if not dtype.is_floating_point:
+        raise MagicInitError(f"layer '{name}': weights of dtype {dtype} are not floating point")
+    return units, excluded, all_units
 
 
 def start_session(
@@ -130,7 +160,7 @@ def start_session(
     rates: RateOptions,
     process_group: ProcessGroupArg = "default",
 ) -> Session:
-    """Validate the arguments, choose layers, gather the data and trace the graph.
+    """Validate the arguments, gather the data, trace the graph and choose the weights.
 
     Raises ``MagicInitError`` before touching the model if anything is wrong.
     With several processes, every rank raises if any rank could not gather its
@@ -140,12 +170,14 @@ def start_session(
         raise MagicInitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if seed is not None and not isinstance(seed, int):
         raise MagicInitError(f"seed={seed!r}: expected an int or None")
-    selection = _select_layers(model, skip, include_frozen)
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    _check_model(model, skip)
+    index = UnitIndex(model)
     collective = resolve_process_group(process_group)
     checked_forward = guard_forward(forward or default_forward)
     error, gathered = None, None
     try:
-        gathered = _gather_and_trace(model, data, samples, selection, checked_forward)
+        gathered = _gather_and_trace(model, data, samples, index, checked_forward)
     except MagicInitError as exc:
         if collective is None:
             raise
@@ -153,11 +185,12 @@ def start_session(
     if collective is not None:  # every rank learns whether all could gather their data and run the model
         collective.agree(error)
     assert gathered is not None
+    units, excluded, all_units = _select_units(model, index, gathered.graph, skip, include_frozen)
     context = PassContext(
         model=model, batch=gathered.batch, forward=checked_forward, generator=_generator(seed, collective),
         collective=collective, progress=progress, rates=rates,
     )
-    return Session(context, selection.layers, selection.excluded, selection.all_layers, gathered.graph, gathered.notes)
+    return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes)
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:
@@ -178,27 +211,22 @@ class _Gathered:
 
 
 def _gather_and_trace(
-    model: nn.Module, data: Tensor | Iterable[Batch], samples: int, selection: _Selection, forward: ForwardFn
+    model: nn.Module, data: Tensor | Iterable[Batch], samples: int, index: UnitIndex, forward: ForwardFn
 ) -> _Gathered:
     """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them."""
-    weight = next(iter(selection.layers.values())).weight
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        raise MagicInitError(f"model {type(model).__name__} has no floating-point parameter to initialize")
     batch = gather_batch(data, samples, weight.device, weight.dtype)
-    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, selection.all_layers)
-    if graph is not None and not any(name in graph.sites for name in selection.layers):
-        raise MagicInitError(
-            f"none of the layers to initialize ({', '.join(list(selection.layers)[:5])}...) ran in "
-            "forward(model, batch); check forward=... or the layers passed"
-        )
+    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index)
     return _Gathered(batch, graph, notes)
 
 
-def _trace(
-    model: nn.Module, probe: Batch, forward: ForwardFn, layers: dict[str, nn.Module]
-) -> tuple[LayerGraph | None, list[str]]:
+def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex) -> tuple[LayerGraph | None, list[str]]:
     """The graph, traced on ``probe`` in eval mode, and notes; the model must accept the data."""
     with evaluating(model), torch.no_grad():
         try:
-            return trace_graph(model, probe, forward, layers), []
+            return trace_graph(model, probe, forward, index), []
         except MagicInitError:
             raise
         except Exception as exc:  # the tracing mode itself failed; the plain model may still run

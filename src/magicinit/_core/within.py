@@ -1,12 +1,16 @@
 """Part 1 of the method: within-layer initialization (per-channel normalization).
 
-One forward pass over the init data does it all. A pre-hook on every affine
-layer draws its filters (``samplers``) and zeroes its bias just before the
-layer runs; a forward hook measures the mean ``mu_i`` and standard deviation
-``sigma_i`` of every output channel, sets ``W_i <- W_i / sigma_i`` and
-``b_i <- beta - mu_i / sigma_i``, and hands the *normalized* output on, so every
-later layer already sees the initialized layers before it. The cost is one
-forward pass plus a few element-wise passes over each layer's output.
+One forward pass over the init data does it all, under a ``TorchFunctionMode``
+that sees every affine site (``sites``). At the first site of each weight it
+draws the filters (``samplers``), makes the call with them and a zero bias,
+measures the mean ``mu_i`` and standard deviation ``sigma_i`` of every output
+channel, sets ``W_i <- W_i / sigma_i`` and ``b_i <- beta - mu_i / sigma_i`` (through
+the weight's real parameters), and hands the *normalized* output on, so every
+later site already sees the initialized ones before it. The cost is one
+forward pass plus a few element-wise passes over each site's output.
+
+A weight used at several sites is normalized at its first site in data order;
+its later sites use it as it then is.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .adapters import adapter_for
+from .adapters import AffineAdapter
 from .context import PassContext
+from .distributed import Collective
 from .errors import MagicInitError
-from .safety import temporary_hooks
 from .samplers import Sampler, SamplerRequest
+from .sites import CallInterceptor, SiteCall, UnitIndex, WeightUnit
 from .stats import ChannelMoments
 
 # A channel is treated as constant (zero variance) when its std is below this
@@ -69,73 +74,87 @@ def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, d
     return moments.std <= ZERO_VARIANCE_TOLERANCE * torch.finfo(dtype).eps * magnitude
 
 
-def _input_rms(args: tuple[Any, ...]) -> float:
+def _input_rms(layer_input: Any) -> float:
     """Root mean square of the layer input's first samples (a cheap scale reference)."""
-    if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+    if not isinstance(layer_input, Tensor) or not layer_input.is_floating_point():
         return 0.0
-    head = args[0][:2].float()
+    head = layer_input[:2].float()
     return float(head.square().mean().sqrt()) if head.numel() else 0.0
 
 
-class _WithinPass:
-    """Hooks of one Part 1 pass; state lives here, not in globals."""
+class _WithinPass(CallInterceptor):
+    """The mode of one Part 1 pass; state lives here, not in globals."""
 
     def __init__(
         self,
         context: PassContext,
+        index: UnitIndex,
+        units: dict[str, WeightUnit],
         sampler: Sampler,
+        *,
         beta: float,
         patch_budget_bytes: int,
         on_layer_done: Callable[[int], None],
     ) -> None:
+        super().__init__(index)
         self.context = context
+        self.to_initialize = units
         self.sampler = sampler
         self.beta = beta
         self.patch_budget_bytes = patch_budget_bytes
         self.on_layer_done = on_layer_done
-        self.sampler_notes: dict[str, list[str]] = {}
         self.results: dict[str, WithinLayerResult] = {}
-        self.input_rms: dict[str, float] = {}
 
-    def draw(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if name in self.input_rms:  # a later call of a shared layer: already drawn
-            return
-        rms = _input_rms(args)
-        self.input_rms[name] = rms if self.context.collective is None else self.context.collective.max(rms)
-        adapter = adapter_for(module)
-        current = adapter.to_filters(module).detach().float().cpu()
+    def on_call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
+    ) -> Any:
+        if site is None or site.unit.name not in self.to_initialize or site.unit.name in self.results:
+            return func(*args, **kwargs)  # not a site, a weight left alone, or a later site of a shared weight
+        return self._initialize(site)
+
+    def _draw(self, site: SiteCall) -> tuple[Tensor, list[str]]:
+        """New filters for the site's weight, as a weight tensor, and the sampler's notes."""
+        unit, collective = site.unit, self.context.collective
+        adapter, weight, groups = site.adapter, site.weight, site.groups
+        current = adapter.to_filters(weight, groups).detach().float().cpu()
         request = SamplerRequest(
-            name=name, module=module, shape=current.shape, current=current, layer_input=args,
-            generator=self.context.generator, patch_budget_bytes=self.patch_budget_bytes,
-            progress=self.context.progress, collective=self.context.collective,
+            name=unit.name, module=self.context.model.get_submodule(unit.owner), shape=current.shape,
+            current=current, layer_input=(site.input,), generator=self.context.generator,
+            patch_budget_bytes=self.patch_budget_bytes, progress=self.context.progress, collective=collective,
+            input_patches=site.patches,
         )
         filters = self.sampler(request)
-        self.sampler_notes[name] = request.notes
-        if filters.shape != current.shape:
+        if not isinstance(filters, Tensor) or filters.shape != current.shape:
+            got = tuple(filters.shape) if isinstance(filters, Tensor) else type(filters).__name__
             raise MagicInitError(
-                f"layer '{name}': the sampler returned filters of shape {tuple(filters.shape)}, "
-                f"expected {tuple(current.shape)}"
+                f"layer '{unit.name}': the sampler returned filters of shape {got}, expected {tuple(current.shape)}"
             )
-        weight = module.weight
-        weight.copy_(adapter.from_filters(module, filters.to(device=weight.device, dtype=weight.dtype)))
-        if module.bias is not None:
-            module.bias.zero_()
+        drawn = adapter.from_filters(filters.to(device=weight.device, dtype=weight.dtype), weight.shape, groups)
+        if unit.kind == "prune":  # pruned entries stay zero
+            drawn = drawn * getattr(self.context.model.get_submodule(unit.owner), f"{unit.attribute}_mask")
+        return drawn, request.notes
 
-    def normalize(self, name: str, module: nn.Module, output: Any) -> Tensor | None:
-        if name in self.results:
-            return None  # a later call of a shared layer: already initialized
+    def _initialize(self, site: SiteCall) -> Tensor:
+        unit, collective = site.unit, self.context.collective
+        name = unit.name
+        rms = _input_rms(site.input)
+        input_rms = rms if collective is None else collective.max(rms)
+        drawn, notes = self._draw(site)
+        bias = site.bias
+        mean_set = bias is not None and self.units.parameter_of(bias) is not None
+        output = site.call(weight=drawn, bias=None) if mean_set or bias is None else site.call(weight=drawn)
         if not isinstance(output, Tensor) or not output.is_floating_point():
             raise MagicInitError(
                 f"layer '{name}' returned {type(output).__name__}, not a floating tensor; "
                 "exclude it with skip=[...]"
             )
-        adapter = adapter_for(module)
+        adapter, groups = site.adapter, site.groups
         work = _for_statistics(output)
         view = adapter.channel_view(work)
         before = ChannelMoments.of(view, in_place=True)
-        if self.context.collective is not None:  # the moments of all ranks' data; the view re-centred on their mean
+        if collective is not None:  # the moments of all ranks' data; the view re-centred on their mean
             local_mean = before.mean
-            before = self.context.collective.merge_moments(before)
+            before = collective.merge_moments(before)
             view.add_((local_mean - before.mean).view(1, -1, 1).to(view.dtype))
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
             raise MagicInitError(
@@ -143,8 +162,8 @@ class _WithinPass:
                 f"{output.dtype}?); run the initialization in float32 and cast afterwards"
             )
         std = before.std
-        filters = adapter.to_filters(module).to(work.dtype)
-        dead = _zero_variance(before, filters, self.input_rms[name], output.dtype)
+        filters = adapter.to_filters(drawn, groups).to(work.dtype)
+        dead = _zero_variance(before, filters, input_rms, output.dtype)
         scale = 1.0 / torch.where(dead, torch.ones_like(std), std)
         if bool(dead.any()):
             if bool((~dead).any()):
@@ -153,19 +172,16 @@ class _WithinPass:
                 norms = filters.norm(dim=-1).flatten().to(scale)
                 fallback = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
             scale = torch.where(dead, fallback, scale)
-        mean_set = module.bias is not None
         mean_after = torch.full_like(scale, self.beta) if mean_set else before.mean * scale
-        groups, per_group = filters.shape[:2]
-        new_filters = filters * scale.view(groups, per_group, 1).to(filters)
-        module.weight.copy_(adapter.from_filters(module, new_filters.to(module.weight.dtype)))
+        new_filters = filters * scale.view(groups, -1, 1).to(filters)
+        weight = site.weight
+        unit.write_(self.context.model, weight, adapter.from_filters(new_filters.to(weight.dtype), weight.shape, groups))
         if mean_set:
-            module.bias.copy_((self.beta - before.mean * scale).to(module.bias.dtype))
+            bias.copy_((self.beta - before.mean * scale).to(bias.dtype))
         # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
         # a constant channel passes on its exact constant, not its rounding noise
         pass_on_scale = torch.where(dead, torch.zeros_like(scale), scale)
         view.mul_(pass_on_scale.view(1, -1, 1).to(work.dtype)).add_(mean_after.view(1, -1, 1).to(work.dtype))
-        if work is not output:
-            output.copy_(work)
         after = ChannelMoments(before.count, mean_after, before.sum_sq_dev * pass_on_scale.square())
         self.results[name] = WithinLayerResult(
             before=before,
@@ -173,49 +189,64 @@ class _WithinPass:
             scale=scale.cpu(),
             zero_variance=dead.nonzero().flatten().tolist(),
             mean_set=mean_set,
-            notes=self.sampler_notes.get(name, []),
+            notes=notes,
         )
         self.on_layer_done(1)
-        return output
+        return work if work.dtype == output.dtype else work.to(output.dtype)
 
 
 def normalize_within(
     context: PassContext,
-    layers: dict[str, nn.Module],
+    index: UnitIndex,
+    units: dict[str, WeightUnit],
     sampler: Sampler,
     *,
     beta: float,
     patch_budget_bytes: int,
 ) -> dict[str, WithinLayerResult]:
-    """Run Part 1 on ``layers`` in one forward pass of the init data; returns per-layer results.
+    """Run Part 1 on the weights ``units`` in one forward pass of the init data; returns per-weight results.
 
-    Layers that the forward pass never calls are left untouched and are
+    Weights that the forward pass never uses are left untouched and are
     absent from the result. With several processes, every channel's moments
     are those of all ranks' data. The caller restores the model on error.
     """
-    with context.progress_bar(len(layers), "magicinit: within-layer", unit="layer") as advance:
-        within = _WithinPass(context, sampler, beta, patch_budget_bytes, advance)
-        with temporary_hooks() as hooks, torch.no_grad():
-            for name, module in layers.items():
-                hooks.before(module, lambda m, args, name=name: within.draw(name, m, args))
-                hooks.after(module, lambda m, args, out, name=name: within.normalize(name, m, out))
+    with context.progress_bar(len(units), "magicinit: within-layer", unit="layer") as advance:
+        within = _WithinPass(context, index, units, sampler, beta=beta, patch_budget_bytes=patch_budget_bytes,
+                             on_layer_done=advance)
+        with torch.no_grad(), within:
             context.run()
     return within.results
 
 
-def channel_moments_of_layers(context: PassContext, layers: dict[str, nn.Module]) -> dict[str, ChannelMoments]:
-    """Channel moments of every layer's output (first call) in one no-grad pass over the init
-    data (over all ranks' data with several processes); nothing changes."""
-    moments: dict[str, ChannelMoments] = {}
-    collective = context.collective
+class _FirstSiteMoments(CallInterceptor):
+    """Records the channel moments of the first site of every weight in ``units``."""
 
-    def record(name: str, module: nn.Module, output: Any) -> None:
-        if name not in moments and isinstance(output, Tensor) and output.is_floating_point():
-            local = ChannelMoments.of(adapter_for(module).channel_view(_for_statistics(output)))
-            moments[name] = local if collective is None else collective.merge_moments(local)
+    def __init__(self, index: UnitIndex, units: dict[str, WeightUnit], collective: Collective | None) -> None:
+        super().__init__(index)
+        self.watched, self.collective = units, collective
+        self.moments: dict[str, ChannelMoments] = {}
+        self.layouts: dict[str, tuple[AffineAdapter, int]] = {}
 
-    with temporary_hooks() as hooks, torch.no_grad():
-        for name, module in layers.items():
-            hooks.after(module, lambda m, args, out, name=name: record(name, m, out))
+    def on_call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
+    ) -> Any:
+        output = func(*args, **kwargs)
+        if site is None or site.unit.name not in self.watched or site.unit.name in self.moments:
+            return output
+        if isinstance(output, Tensor) and output.is_floating_point():
+            local = ChannelMoments.of(site.adapter.channel_view(_for_statistics(output)))
+            self.moments[site.unit.name] = local if self.collective is None else self.collective.merge_moments(local)
+            self.layouts[site.unit.name] = site.layout
+        return output
+
+
+def channel_moments_of_layers(
+    context: PassContext, index: UnitIndex, units: dict[str, WeightUnit]
+) -> tuple[dict[str, ChannelMoments], dict[str, tuple[AffineAdapter, int]]]:
+    """Channel moments of the first site of every weight in ``units``, in one no-grad pass over the
+    init data (over all ranks' data with several processes), and each weight's filter layout;
+    nothing changes."""
+    recorder = _FirstSiteMoments(index, units, context.collective)
+    with torch.no_grad(), recorder:
         context.run()
-    return moments
+    return recorder.moments, recorder.layouts

@@ -1,0 +1,416 @@
+"""Affine sites and the weights they use: what the method initializes, found by the calls a forward makes.
+
+A *site* is one call of a linear map, convolution, transposed convolution,
+``addmm`` or matrix product whose weight is a trainable parameter of the
+model, a view of one (a slice, a transpose), or the tensor a weight
+reparametrization computes from its parameters (``weight_norm``, ``prune``).
+It does not matter where the call is made: in a module's own forward, in
+torch's functional code inside another module (attention's packed
+``in_proj_weight``), or in the user's forward. Sites are recognized by a
+``TorchFunctionMode`` (``CallInterceptor``) from the function called and the
+identity of its weight argument, never from module types.
+
+A *weight unit* is what one report entry describes and what Parts 1 and 2
+change: one parameter (named after its module when it is the module's
+``weight``: ``"fc"``, else by the parameter's own name:
+``"encoder.layers.0.self_attn.in_proj_weight"``), or one reparametrized weight
+(its real parameters, e.g. ``weight_g`` and ``weight_v``, are what is written).
+
+Torch's attention (``F.multi_head_attention_forward``) is one torch function
+whose inner calls a mode does not see; ``COMPOSITES`` lists such functions,
+which the interceptor runs with itself active inside them, so that their
+linear maps are sites like any other.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
+
+from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """Canonical name of a torch function: ``Tensor.__iadd__`` and ``torch.add_`` become ``add``."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    dunder = name.startswith("__") and name.endswith("__")
+    name = name.strip("_")
+    if dunder and name[:1] in "ri" and name[1:] in _REFLECTED:
+        name = ("r" if name[0] == "r" else "") + name[1:]
+    return _ALIASES.get(name, name)
+
+
+_REFLECTED = {"add", "sub", "mul", "div", "truediv", "matmul", "pow"}
+_ALIASES = {
+    "radd": "add", "rmul": "mul", "truediv": "div", "true_divide": "div", "divide": "div",
+    "rtruediv": "rdiv", "multiply": "mul", "subtract": "sub", "rmatmul": "matmul",
+    "concat": "cat", "concatenate": "cat", "clip": "clamp", "absolute": "abs", "negative": "neg",
+}
+
+
+# --- sites ---------------------------------------------------------------------------------------
+
+Slot = tuple[int, str]  # an argument's position and keyword
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """Where an affine function takes its input, weight, bias and groups, and its filter layout."""
+
+    adapter: AffineAdapter
+    input: Slot
+    weight: Slot
+    bias: Slot | None = None
+    groups: Slot | None = None
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot | None, default: Any = None) -> Any:
+    if slot is None:
+        return default
+    position, keyword = slot
+    if keyword in kwargs:
+        return kwargs[keyword]
+    return args[position] if position < len(args) else default
+
+
+_LINEAR = SiteKind(LINEAR, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"))
+_CONV = SiteKind(CONV, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"), groups=(6, "groups"))
+_CONV_T = SiteKind(CONV_TRANSPOSE, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"), groups=(6, "groups"))
+SITE_KINDS: dict[str, SiteKind] = {
+    "linear": _LINEAR,
+    "conv1d": _CONV, "conv2d": _CONV, "conv3d": _CONV,
+    "conv_transpose1d": _CONV_T, "conv_transpose2d": _CONV_T, "conv_transpose3d": _CONV_T,
+    "addmm": SiteKind(MATMUL, input=(1, "mat1"), weight=(2, "mat2"), bias=(0, "input")),
+    "matmul": SiteKind(MATMUL, input=(0, "input"), weight=(1, "other")),
+    "mm": SiteKind(MATMUL, input=(0, "input"), weight=(1, "mat2")),
+}
+
+
+@dataclass
+class SiteCall:
+    """One call of an affine function whose weight belongs to ``unit``."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    kind: SiteKind
+    unit: "WeightUnit"
+
+    @property
+    def input(self) -> Tensor:
+        """The input the weight is applied to."""
+        return _argument(self.args, self.kwargs, self.kind.input)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight tensor of the call (the parameter, a view of it, or a reparametrization's result)."""
+        return _argument(self.args, self.kwargs, self.kind.weight)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias added by the call, or None."""
+        bias = _argument(self.args, self.kwargs, self.kind.bias)
+        return bias if isinstance(bias, Tensor) else None
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups (1 for other kinds)."""
+        return int(_argument(self.args, self.kwargs, self.kind.groups, 1))
+
+    @property
+    def adapter(self) -> AffineAdapter:
+        """The filter layout of the call's weight."""
+        return self.kind.adapter
+
+    @property
+    def layout(self) -> tuple[AffineAdapter, int]:
+        """The filter layout and groups of the unit's own tensor, as this site sees it: the site's
+        where it uses the weight itself, one filter per row where it uses a view (a slice, a transpose)."""
+        if self.unit.kind == "parameter" and self.weight._base is not None:
+            return CONV, 1
+        return self.adapter, self.groups
+
+    def call(self, **replaced: Any) -> Any:
+        """The function called again with some of ``input``, ``weight``, ``bias`` replaced.
+
+        ``bias=None`` drops the bias (a zero bias where the function needs one: ``addmm``).
+        """
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for slot_name, value in replaced.items():
+            slot = getattr(self.kind, slot_name)
+            if slot_name == "bias" and value is None and self.kind.adapter is MATMUL:
+                value = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
+            position, keyword = slot
+            if keyword in kwargs or position >= len(args):
+                kwargs[keyword] = value
+            else:
+                args[position] = value
+        return self.func(*args, **kwargs)
+
+    def patches(self, layer_input: Tensor) -> Tensor | None:
+        """The input patches each filter sees: ``(groups, patches, fan_in)``, or None if unsupported.
+
+        A convolution's patches come from the call itself made with identity
+        filters, so stride, padding, dilation and groups are the call's, in the
+        filters' own element order. A linear map's or matrix product's patches
+        are its input rows. Transposed convolutions have no patches in this
+        sense (None).
+        """
+        adapter, weight = self.adapter, self.weight
+        if adapter.transposed:
+            return None
+        if adapter.channels_last_in_output:
+            fan = weight.shape[0] if adapter.weight_in_out else weight.shape[1]
+            return layer_input.reshape(1, -1, fan)
+        groups = self.groups
+        fan = weight[0].numel()
+        identity = torch.eye(fan, dtype=layer_input.dtype, device=layer_input.device)
+        identity = identity.reshape(fan, *weight.shape[1:]).repeat(groups, *([1] * (weight.dim() - 1)))
+        columns = self.call(input=layer_input, weight=identity, bias=None)  # (N, groups * fan, *positions)
+        n = columns.shape[0]
+        return columns.reshape(n, groups, fan, -1).permute(1, 0, 3, 2).reshape(groups, -1, fan)
+
+
+# --- weight units ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightUnit:
+    """One weight the method may change, and how to write it.
+
+    Attributes:
+        name: the name reports use.
+        owner: qualified name of the module that holds the weight.
+        owner_type: that module's class name.
+        attribute: the owner's attribute the forward reads (``"weight"``, ``"in_proj_weight"``).
+        kind: ``"parameter"``, or the reparametrization: ``"weight_norm"``, ``"prune"`` (both
+            written through their real parameters), ``"parametrization"``, ``"spectral_norm"``.
+        parameters: qualified names of the real parameters behind the weight.
+        aliases: other qualified names of the same parameter (a parameter shared by modules).
+        read_only: why the weight cannot be written (None where it can).
+        norm_dim: the dimension ``weight_norm`` normalizes over.
+    """
+
+    name: str
+    owner: str
+    owner_type: str
+    attribute: str
+    kind: str = "parameter"
+    parameters: tuple[str, ...] = ()
+    aliases: list[str] = field(default_factory=list)
+    read_only: str | None = None
+    norm_dim: int = 0
+
+    def real_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters behind the weight, in ``model`` (or a copy of it)."""
+        return [model.get_parameter(name) for name in self.parameters]
+
+    def tensor(self, model: nn.Module) -> Tensor:
+        """The weight as the forward uses it: the parameter, or the reparametrization's latest result."""
+        if self.kind == "parameter":
+            return model.get_parameter(self.parameters[0])
+        return getattr(model.get_submodule(self.owner), self.attribute)
+
+    def write_(self, model: nn.Module, at_site: Tensor, weight: Tensor) -> None:
+        """Make the weight used at a site ``at_site`` (the parameter, a view of it, or the
+        reparametrization's result) equal to ``weight``, through the real parameters."""
+        if self.kind == "parameter":
+            at_site.copy_(weight)
+        elif self.kind == "weight_norm":
+            g, v = self.real_parameters(model)
+            v.copy_(weight)
+            g.copy_(torch.norm_except_dim(weight, 2, self.norm_dim))
+        elif self.kind == "prune":
+            self.real_parameters(model)[0].copy_(weight)
+        else:
+            raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
+
+    def scale_(self, model: nn.Module, factor: float) -> None:
+        """Multiply the weight by ``factor``, through the real parameters."""
+        if self.kind == "weight_norm":
+            self.real_parameters(model)[0].mul_(factor)  # the magnitude g
+        elif self.kind in ("parameter", "prune"):
+            self.real_parameters(model)[0].mul_(factor)
+        else:
+            raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
+
+
+def _unit_name(owner: str, attribute: str) -> str:
+    if attribute == "weight":
+        return owner
+    return f"{owner}.{attribute}" if owner else attribute
+
+
+class UnitIndex:
+    """Every weight unit of a model, and which unit a tensor met in a call belongs to."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.units: dict[str, WeightUnit] = {}
+        self._reparametrized: list[tuple[WeightUnit, nn.Module]] = []
+        self._of_parameter: dict[int, WeightUnit] = {}
+        self._parameter_names: dict[int, str] = {}
+        claimed: set[str] = set()
+        modules = dict(model.named_modules())
+        for owner, module in modules.items():
+            for unit in _reparametrizations(owner, module):
+                self._reparametrized.append((unit, module))
+                claimed.update(unit.parameters)
+        by_name = {unit.parameters[0]: unit for unit, _ in self._reparametrized}
+        aliases: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        for name, param in model.named_parameters():
+            self._parameter_names[id(param)] = name
+            if name in claimed:
+                if name in by_name:
+                    self.units[by_name[name].name] = by_name[name]
+                continue
+            owner, _, attribute = name.rpartition(".")
+            unit_name = _unit_name(owner, attribute)
+            unit = WeightUnit(
+                name=unit_name if unit_name not in self.units else name, owner=owner, owner_type=type(modules[owner]).__name__,
+                attribute=attribute, parameters=(name,), aliases=aliases[id(param)][1:],
+            )
+            self.units[unit.name] = unit
+            self._of_parameter[id(param)] = unit
+
+    def resolve(self, tensor: Any) -> WeightUnit | None:
+        """The unit ``tensor`` is, or is a view of, or is computed by; None for anything else."""
+        if not isinstance(tensor, Tensor):
+            return None
+        unit = self._of_parameter.get(id(tensor))
+        if unit is None and tensor._base is not None:
+            unit = self._of_parameter.get(id(tensor._base))
+        if unit is not None:
+            return unit
+        for unit, module in self._reparametrized:
+            if unit.kind == "parametrization" and not parametrize._cache_enabled:
+                continue  # recomputed on every access: recognizable only while cached (the trace and Part 1)
+            try:
+                if getattr(module, unit.attribute) is tensor:
+                    return unit
+            except Exception:  # an attribute a reparametrization computes only in its forward
+                continue
+        return None
+
+    def parameter_of(self, tensor: Any) -> str | None:
+        """The qualified name of the parameter ``tensor`` is, or is a view of; None for anything else."""
+        if not isinstance(tensor, Tensor):
+            return None
+        name = self._parameter_names.get(id(tensor))
+        if name is None and tensor._base is not None:
+            name = self._parameter_names.get(id(tensor._base))
+        return name
+
+    def of_module(self, module_name: str) -> WeightUnit | None:
+        """The unit of the module's ``weight`` (for modules that are affine by type)."""
+        for unit in self.units.values():
+            if unit.owner == module_name and unit.attribute == "weight":
+                return unit
+        return None
+
+
+def _reparametrizations(owner: str, module: nn.Module) -> Iterator[WeightUnit]:
+    """Units for the reparametrized weights of one module (hooks of torch.nn.utils, or parametrize)."""
+    prefix = f"{owner}." if owner else ""
+    kind_type = type(module).__name__
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            yield WeightUnit(
+                name=_unit_name(owner, hook.name), owner=owner, owner_type=kind_type, attribute=hook.name,
+                kind="weight_norm", parameters=(f"{prefix}{hook.name}_g", f"{prefix}{hook.name}_v"), norm_dim=hook.dim,
+            )
+        elif isinstance(hook, BasePruningMethod):
+            yield WeightUnit(
+                name=_unit_name(owner, hook._tensor_name), owner=owner, owner_type=kind_type,
+                attribute=hook._tensor_name, kind="prune", parameters=(f"{prefix}{hook._tensor_name}_orig",),
+            )
+        elif isinstance(hook, SpectralNorm):
+            yield WeightUnit(
+                name=_unit_name(owner, hook.name), owner=owner, owner_type=kind_type, attribute=hook.name,
+                kind="spectral_norm", parameters=(f"{prefix}{hook.name}_orig",),
+                read_only="reparametrized by spectral_norm (torch.nn.utils.spectral_norm): its scale is "
+                "normalized away on every call, so magicinit leaves it as it is",
+            )
+    if parametrize.is_parametrized(module):
+        for attribute, chain in module.parametrizations.items():
+            names = [name for name, _ in chain.named_parameters(recurse=False)]
+            kinds = ", ".join(type(p).__name__ for p in chain)
+            yield WeightUnit(
+                name=_unit_name(owner, attribute), owner=owner, owner_type=kind_type, attribute=attribute,
+                kind="parametrization", parameters=tuple(f"{prefix}parametrizations.{attribute}.{n}" for n in names),
+                read_only=f"parametrized by {kinds} (torch.nn.utils.parametrize): left as is",
+            )
+
+
+# --- the interceptor -------------------------------------------------------------------------------
+
+# Torch functions whose inner calls should be seen: run with the mode active inside them.
+COMPOSITES: set[Callable[..., Any]] = {F.multi_head_attention_forward}
+
+
+def _traced_through(func: Callable[..., Any], cache: dict[Callable[..., Any], Callable[..., Any]]) -> Callable[..., Any]:
+    """``func`` whose own torch-function dispatch is off, so that its body runs with the mode active.
+
+    The functions in ``COMPOSITES`` first ask ``has_torch_function`` and hand
+    the whole call to the mode; this copy of ``func`` reads a
+    ``has_torch_function`` that says no, so the mode sees its inner calls
+    instead (``linear`` for the projections, ``bmm``, ``softmax``, ...).
+    """
+    if func not in cache:
+        namespace = dict(func.__globals__)
+        namespace["has_torch_function"] = lambda *_: False
+        copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+        copy.__kwdefaults__ = func.__kwdefaults__
+        cache[func] = copy
+    return cache[func]
+
+
+class CallInterceptor(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that recognizes affine sites; subclasses decide what to do with each call."""
+
+    def __init__(self, units: UnitIndex) -> None:
+        super().__init__()
+        self.units = units
+        self._copies: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in COMPOSITES:
+            with self:
+                return _traced_through(func, self._copies)(*args, **kwargs)
+        return self.on_call(func, args, kwargs, self.recognize(func, args, kwargs))
+
+    def recognize(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> SiteCall | None:
+        """The site this call is, or None."""
+        kind = SITE_KINDS.get(op_name(func))
+        if kind is None:
+            return None
+        weight = _argument(args, kwargs, kind.weight)
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            return None
+        if kind.adapter is MATMUL:
+            scaled = any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
+            if weight.dim() != 2 or scaled:
+                return None
+        unit = self.units.resolve(weight)
+        return None if unit is None else SiteCall(func, args, kwargs, kind, unit)
+
+    def on_call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
+    ) -> Any:
+        """Handle one call (``site`` is None unless it is an affine site); by default just make it."""
+        return func(*args, **kwargs)
