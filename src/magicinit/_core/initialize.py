@@ -175,14 +175,21 @@ def _count_samples(session: Session) -> dict[str, int]:
     return {"samples_used": used, "processes": processes}
 
 
-def _add_graph_facts(session: Session, entry: LayerReport) -> None:
+def _add_weight_facts(session: Session, entry: LayerReport) -> None:
+    """Notes on how the weight is held and used: other names, reparametrization, several sites, fixed scales."""
+    unit = session.all_units[entry.name]
+    if unit.aliases:
+        entry.notes.append(f"the same parameter is also registered as {', '.join(unit.aliases)}")
+    if unit.kind in ("weight_norm", "prune") and entry.name in session.units:
+        entry.notes.append(f"{unit.kind}: written through {' and '.join(unit.parameters)}")
     graph = session.graph
     if graph is None or entry.name not in graph.sites:
         return
     calls = graph.calls[entry.name]
     if calls > 1:
         entry.notes.append(
-            f"called {calls} times per forward: Part 1 normalized its first call; Part 2 scales all calls alike"
+            f"used at {calls} affine sites per forward: Part 1 normalized the first; the other {calls - 1} "
+            "are not normalized (their outputs are what this weight gives there); Part 2 scales all sites alike"
         )
     entry.input_scale_fixed_by, entry.output_scale_fixed_by = graph.pinned_by(entry.name)
     usual = {"model input", "model output"}
@@ -231,7 +238,7 @@ def _build_report(
                 )
             if not result.mean_set:
                 entry.notes.append("no bias: channel means are not set to beta (std is)")
-        _add_graph_facts(session, entry)
+        _add_weight_facts(session, entry)
         if between_result is not None and name in between_result.before.rate:
             entry.rate_before = between_result.before.rate[name]
             entry.rate_before_log_error = between_result.before.log_error[name]

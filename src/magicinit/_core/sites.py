@@ -38,7 +38,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter
+from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter, module_adapter
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -151,6 +151,8 @@ class SiteCall:
         args, kwargs = list(self.args), dict(self.kwargs)
         for slot_name, value in replaced.items():
             slot = getattr(self.kind, slot_name)
+            if slot is None:  # a function without bias (matmul): nothing to drop
+                continue
             if slot_name == "bias" and value is None and self.kind.adapter is MATMUL:
                 value = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
             position, keyword = slot
@@ -269,20 +271,22 @@ class UnitIndex:
                 self._reparametrized.append((unit, module))
                 claimed.update(unit.parameters)
         by_name = {unit.parameters[0]: unit for unit, _ in self._reparametrized}
-        aliases: dict[int, list[str]] = {}
+        names_of: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(param), []).append(name)
+            names_of.setdefault(id(param), []).append(name)
         for name, param in model.named_parameters():
             self._parameter_names[id(param)] = name
             if name in claimed:
                 if name in by_name:
                     self.units[by_name[name].name] = by_name[name]
                 continue
-            owner, _, attribute = name.rpartition(".")
+            names = _affine_module_weights_first(names_of[id(param)], modules)
+            owner, _, attribute = names[0].rpartition(".")
             unit_name = _unit_name(owner, attribute)
             unit = WeightUnit(
-                name=unit_name if unit_name not in self.units else name, owner=owner, owner_type=type(modules[owner]).__name__,
-                attribute=attribute, parameters=(name,), aliases=aliases[id(param)][1:],
+                name=unit_name if unit_name not in self.units else names[0], owner=owner,
+                owner_type=type(modules[owner]).__name__, attribute=attribute, parameters=(names[0],),
+                aliases=names[1:],
             )
             self.units[unit.name] = unit
             self._of_parameter[id(param)] = unit
@@ -321,6 +325,17 @@ class UnitIndex:
             if unit.owner == module_name and unit.attribute == "weight":
                 return unit
         return None
+
+
+def _affine_module_weights_first(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """A parameter's qualified names (one per place it is registered), the ``weight`` of an affine
+    module (conv, linear) first: a weight tied to an embedding is named after the layer that applies it."""
+
+    def affine_weight(name: str) -> bool:
+        owner, _, attribute = name.rpartition(".")
+        return attribute == "weight" and module_adapter(modules[owner]) is not None
+
+    return sorted(names, key=lambda name: not affine_weight(name))
 
 
 def _reparametrizations(owner: str, module: nn.Module) -> Iterator[WeightUnit]:
@@ -392,7 +407,13 @@ class CallInterceptor(TorchFunctionMode):
         if func in COMPOSITES:
             with self:
                 return _traced_through(func, self._copies)(*args, **kwargs)
-        return self.on_call(func, args, kwargs, self.recognize(func, args, kwargs))
+        site = self.recognize(func, args, kwargs)
+        if site is None:
+            return self.on_call(func, args, kwargs, site)
+        try:
+            return self.on_call(func, args, kwargs, site)
+        except TypeError as error:  # an operator (``x @ W``) would turn it into NotImplemented, silently
+            raise RuntimeError(f"at the affine site of '{site.unit.name}': {error}") from error
 
     def recognize(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> SiteCall | None:
         """The site this call is, or None."""

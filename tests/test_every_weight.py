@@ -1,0 +1,377 @@
+"""Every weight wherever it is used: attention, GPT-2 Conv1D, functional calls, tied, shared and reparametrized weights.
+
+The channel statistics are re-measured by a capture written here: ``torch.nn.functional.linear``
+and ``torch.addmm`` are wrapped for one forward pass (torch's attention and ``nn.Linear`` look
+them up at call time), which records every output with the identity of the weight it came from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_change
+from torch import nn
+from torch.nn.utils import prune
+
+import magicinit
+from magicinit import LayerStatus
+
+TOLERANCE = 1e-3
+
+
+@contextmanager
+def affine_outputs() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every ``(weight, output)`` of ``F.linear`` and ``torch.addmm`` calls made in the block."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    linear, addmm = F.linear, torch.addmm
+
+    def recording_linear(x, weight, bias=None):  # type: ignore[no-untyped-def]
+        out = linear(x, weight, bias)
+        calls.append((weight, out.detach().clone()))
+        return out
+
+    def recording_addmm(bias, x, weight, **kwargs):  # type: ignore[no-untyped-def]
+        out = addmm(bias, x, weight, **kwargs)
+        calls.append((weight, out.detach().clone()))
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "linear", recording_linear)
+        patch.setattr(torch, "addmm", recording_addmm)
+        yield calls
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._base if tensor._base is not None else tensor
+
+
+def site_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight, output)`` of every linear/addmm call of one eval forward, with grad enabled so that
+    torch's attention takes its Python path (its fast path skips these functions)."""
+    model.eval()
+    with affine_outputs() as calls:
+        model(x)
+    return calls
+
+
+def assert_channels_normalized(output: torch.Tensor, what: str, beta: float = 0.0) -> None:
+    """Channels last: every output channel has mean ``beta`` and population std 1 over all other dimensions."""
+    flat = output.double().reshape(-1, output.shape[-1])
+    var, mean = torch.var_mean(flat, dim=0, correction=0)
+    assert (mean - beta).abs().max() < TOLERANCE, (what, float((mean - beta).abs().max()))
+    assert (var.sqrt() - 1).abs().max() < TOLERANCE, (what, float((var.sqrt() - 1).abs().max()))
+
+
+def channel_stds(output: torch.Tensor) -> torch.Tensor:
+    return output.double().reshape(-1, output.shape[-1]).std(dim=0, correction=0)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+
+class TransformerNet(nn.Module):
+    """Token features -> 2 transformer encoder layers (attention + MLP) -> head."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        layer = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+def test_transformer_encoder_every_site_normalized_attention_included() -> None:
+    torch.manual_seed(0)
+    model, x = TransformerNet().eval(), torch.randn(48, 7, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = magicinit.init_(model, x, seed=0, between=False)
+        with torch.no_grad():
+            before = model(x)
+        rescaled = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)  # attention pins: function kept
+        with torch.no_grad():
+            assert relative_change(model(x), before) < 1e-4
+        assert all(entry.rate_before is not None for entry in rescaled.layers)
+        magicinit.init_(model, x, seed=0, between=False)
+    names = [entry.name for entry in report.layers]
+    for i in range(2):
+        assert f"encoder.layers.{i}.self_attn.in_proj_weight" in names
+        assert f"encoder.layers.{i}.self_attn.out_proj" in names
+    assert all(entry.status == LayerStatus.INITIALIZED for entry in report.layers), [
+        (e.name, e.status, e.notes) for e in report.layers
+    ]
+    calls = site_outputs(model, x)
+    attention = [p for n, p in model.named_parameters() if n.endswith("in_proj_weight")]
+    assert sum(_root(w) is attention[0] for w, _ in calls) == 1  # the packed projection: one site
+    assert len(calls) == 2 + 4 * 2  # embed, head, and 4 sites per layer (in_proj, out_proj, linear1, linear2)
+    for weight, output in calls:
+        if any(_root(weight) is a for a in attention):
+            assert output.shape[-1] == 3 * 16  # one channel per row of in_proj_weight: q, k and v
+        assert_channels_normalized(output, tuple(weight.shape))
+
+
+def test_attention_in_a_model_that_would_take_the_fast_path() -> None:
+    """A bare MultiheadAttention in eval mode, no grad anywhere: the sites are still found."""
+    torch.manual_seed(1)
+    attention = nn.MultiheadAttention(12, 3, batch_first=True).eval().requires_grad_(True)
+    model = nn.Sequential()
+    model.attention = attention
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    model, x = Wrapper(), torch.randn(32, 5, 12)
+    report = magicinit.init_(model, x, seed=0, between=False)
+    assert [e.name for e in report.layers] == ["attention.in_proj_weight", "attention.out_proj"]
+    for weight, output in site_outputs(model, x):
+        assert_channels_normalized(output, tuple(weight.shape))
+
+
+def test_cross_attention_with_separate_projections() -> None:
+    torch.manual_seed(2)
+    attention = nn.MultiheadAttention(12, 2, kdim=6, vdim=6, batch_first=True)
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            queries, memory = batch
+            return self.attention(queries, memory, memory)[0]
+
+    model = Cross()
+    batch = (torch.randn(32, 5, 12), torch.randn(32, 4, 6))
+    report = magicinit.init_(model, batch, forward=lambda m, b: m(b), seed=0, between=False)
+    expected = {f"attention.{p}_proj_weight" for p in "qkv"} | {"attention.out_proj"}
+    assert {e.name for e in report.layers} == expected
+    model.eval()
+    with affine_outputs() as calls:
+        model(batch)
+    assert len(calls) == 4
+    for weight, output in calls:
+        assert_channels_normalized(output, tuple(weight.shape))
+
+
+# --- GPT-2 Conv1D, functional calls ------------------------------------------------------------------
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored ``(in, out)``, applied with ``torch.addmm``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, width: int = 16, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(4 * width, width), Conv1D(width, 4 * width)
+        self.act = activation or nn.GELU(approximate="tanh")
+        self.head = Conv1D(3, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c_proj(self.act(self.c_fc(x))))
+
+
+def test_gpt2_conv1d_mlp_every_site_normalized() -> None:
+    torch.manual_seed(3)
+    model, x = GPT2MLP(), torch.randn(40, 6, 16)
+    report = magicinit.init_(model, x, seed=0, between=False)
+    assert [(e.name, e.type, e.shape, e.status) for e in report.layers] == [
+        ("c_fc", "Conv1D", (16, 64), "initialized"),
+        ("c_proj", "Conv1D", (64, 16), "initialized"),
+        ("head", "Conv1D", (16, 3), "initialized"),
+    ]
+    calls = site_outputs(model, x)
+    assert len(calls) == 3
+    for weight, output in calls:
+        assert_channels_normalized(output, tuple(weight.shape))
+
+
+def test_gpt2_conv1d_with_relu_is_rescaled_keeping_its_function() -> None:
+    torch.manual_seed(4)
+    model, x = GPT2MLP(activation=nn.ReLU()), torch.randn(40, 6, 16)
+    magicinit.init_(model, x, seed=0, between=False)
+    with torch.no_grad():
+        model.c_proj.weight.mul_(9.0)  # an uneven scale to equalize
+        before = model(x)
+    report = magicinit.rescale_(model, x, seed=1)
+    with torch.no_grad():
+        assert relative_change(model(x), before) < 1e-4
+    assert report.rate_spread_after < report.rate_spread_before / 10
+    assert report["c_proj"].weight_scale != 1.0
+
+
+class Functional(nn.Module):
+    """A forward that calls ``F.linear`` on a module's parameters and multiplies by a bare parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.mix = nn.Parameter(torch.randn(16, 12) * 0.1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(F.linear(x, self.proj.weight, self.proj.bias))
+        return self.head(torch.relu(hidden @ self.mix))
+
+
+def test_functional_linear_and_a_bare_matmul_parameter_are_sites() -> None:
+    torch.manual_seed(5)
+    model, x = Functional(), torch.randn(64, 8)
+    report = magicinit.init_(model, x, seed=0, between=False)
+    assert [(e.name, e.status) for e in report.layers] == [  # the model's own parameters before its modules'
+        ("mix", "initialized"), ("proj", "initialized"), ("head", "initialized"),
+    ]
+    assert "no bias: channel means are not set to beta (std is)" in report["mix"].notes
+    with torch.no_grad():
+        hidden = torch.relu(F.linear(x, model.proj.weight, model.proj.bias))
+        mixed = hidden @ model.mix
+        out = model.head(torch.relu(mixed))
+    assert_channels_normalized(F.linear(x, model.proj.weight, model.proj.bias), "proj")
+    stds = channel_stds(mixed)  # no bias: std 1, the mean is what it is
+    assert (stds - 1).abs().max() < TOLERANCE
+    assert_channels_normalized(out, "head")
+
+
+# --- tied and shared weights ---------------------------------------------------------------------------
+
+
+class TiedLanguageModel(nn.Module):
+    def __init__(self, vocabulary: int = 30, width: int = 16) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocabulary, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.tokens(ids))))
+
+
+def test_weight_tied_to_an_embedding_is_left_as_is_and_said_so() -> None:
+    torch.manual_seed(6)
+    model, ids = TiedLanguageModel(), torch.randint(0, 30, (64, 9))
+    table = model.tokens.weight.detach().clone()
+    report = magicinit.init_(model, ids, seed=0, between=False)
+    assert torch.equal(model.tokens.weight, table)  # the embedding the layers after it were fitted to
+    assert report["head"].status == LayerStatus.EXCLUDED
+    assert "tied: also read by embedding in 'tokens'" in report["head"].notes[0]
+    assert report["mix"].status == LayerStatus.INITIALIZED
+    calls = site_outputs(model, ids)
+    mix_output = next(out for weight, out in calls if weight is model.mix.weight)
+    assert_channels_normalized(mix_output, "mix, on the real embedding's output")
+
+
+class SharedWeight(nn.Module):
+    """Two Linear modules holding one Parameter (their biases are their own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_parameter_shared_by_two_modules_one_entry_first_site_normalized_others_reported() -> None:
+    torch.manual_seed(7)
+    model, x = SharedWeight(), torch.randn(64, 12)
+    report = magicinit.init_(model, x, seed=0, between=False)
+    assert [e.name for e in report.layers] == ["a", "head"]
+    entry = report["a"]
+    assert entry.status == LayerStatus.INITIALIZED and entry.calls == 2
+    assert "the same parameter is also registered as b.weight" in entry.notes
+    assert any("2 affine sites" in note and "not normalized" in note for note in entry.notes), entry.notes
+    assert all(e.status != LayerStatus.NEVER_CALLED for e in report.layers)
+    calls = site_outputs(model, x)
+    first, second, head = calls
+    assert first[0] is second[0] is model.a.weight
+    assert_channels_normalized(first[1], "a (the first site)")
+    assert_channels_normalized(head[1], "head")
+
+
+# --- reparametrized weights ------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_weight_norm_and_prune_are_initialized_through_their_real_parameters() -> None:
+    torch.manual_seed(8)
+    normed = torch.nn.utils.weight_norm(nn.Linear(8, 16))
+    pruned = prune.random_unstructured(nn.Linear(16, 16), "weight", amount=0.5)
+    model, x = nn.Sequential(normed, nn.ReLU(), pruned, nn.ReLU(), nn.Linear(16, 3)), torch.randn(64, 8)
+    g, v, orig = normed.weight_g.detach().clone(), normed.weight_v.detach().clone(), pruned.weight_orig.detach().clone()
+    report = magicinit.init_(model, x, seed=0, between=False)
+    assert not torch.equal(normed.weight_g, g) and not torch.equal(normed.weight_v, v)
+    assert not torch.equal(pruned.weight_orig, orig)
+    assert [(e.name, e.status) for e in report.layers] == [("0", "initialized"), ("2", "initialized"), ("4", "initialized")]
+    calls = site_outputs(model, x)  # the weights the hooks recompute from the real parameters
+    assert len(calls) == 3
+    for weight, output in calls:
+        assert_channels_normalized(output, tuple(weight.shape))
+    assert bool((pruned.weight[pruned.weight_mask == 0] == 0).all())  # pruned entries stay pruned
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_weight_norm_model_is_rescaled_through_its_magnitude() -> None:
+    torch.manual_seed(9)
+    normed = torch.nn.utils.weight_norm(nn.Linear(8, 16))
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), normed, nn.ReLU(), nn.Linear(16, 3)), torch.randn(64, 8)
+    with torch.no_grad():
+        normed.weight_g.mul_(20.0)
+        before = model(x)
+    g, v = normed.weight_g.detach().clone(), normed.weight_v.detach().clone()
+    report = magicinit.rescale_(model, x, seed=0)
+    with torch.no_grad():
+        assert relative_change(model(x), before) < 1e-4
+    factor = report["2"].weight_scale
+    assert abs(factor - 1.0) > 0.1 and torch.equal(normed.weight_v, v)
+    assert torch.allclose(normed.weight_g, g * factor, rtol=1e-6)  # the magnitude carries the rescaling
+    rates = [d.rate for d in magicinit.diagnose(model, x, seed=5, rate_precision=0.05).layers]
+    assert max(rates) / min(rates) < 1.3
+
+
+@pytest.mark.parametrize(
+    "wrap,named",
+    [
+        (lambda layer: torch.nn.utils.parametrizations.weight_norm(layer), "_WeightNorm"),
+        (lambda layer: torch.nn.utils.parametrizations.orthogonal(layer), "_Orthogonal"),
+        (lambda layer: torch.nn.utils.spectral_norm(layer), "spectral_norm"),
+    ],
+)
+def test_other_reparametrizations_are_left_as_is_and_named(wrap, named: str) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(10)
+    wrapped = wrap(nn.Linear(12, 12))
+    model, x = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), wrapped, nn.ReLU(), nn.Linear(12, 3)), torch.randn(64, 6)
+    saved = {name: p.detach().clone() for name, p in wrapped.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        magicinit.rescale_(model, x, seed=0, rate_precision=0.1)  # the left-alone layer is fixed in Part 2
+        report = magicinit.init_(model, x, seed=0, between=False)
+    assert report["2"].status == LayerStatus.EXCLUDED and named in report["2"].notes[0]
+    assert all(torch.equal(p, saved[name]) for name, p in wrapped.named_parameters())
+    assert report["0"].status == report["4"].status == LayerStatus.INITIALIZED
+    calls = site_outputs(model, x)
+    assert_channels_normalized(calls[0][1], "0")
+    assert_channels_normalized(calls[-1][1], "4")
