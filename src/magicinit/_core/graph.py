@@ -88,8 +88,8 @@ class ScaleGroups:
 class _Tracer(CallInterceptor):
     """Records scale relations between the tensors of one forward pass, and the affine sites."""
 
-    def __init__(self, units: UnitIndex) -> None:
-        super().__init__(units)
+    def __init__(self, index: UnitIndex) -> None:
+        super().__init__(index)
         self.groups = ScaleGroups()
         self.node_of: dict[int, int] = {}
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
@@ -140,7 +140,7 @@ class _Tracer(CallInterceptor):
         self.layouts.setdefault(unit, site.layout)
         bias = site.bias
         if bias is not None:
-            parameter = self.units.parameter_of(bias)
+            parameter = self.index.parameter_of(bias)
             if parameter is None:
                 self.groups.pin(output_node, f"a bias that is no parameter{self.where()}")
             elif parameter not in self.bias_parameters.setdefault(unit, []):
@@ -149,7 +149,7 @@ class _Tracer(CallInterceptor):
     def _note_uses(self, name: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
         """Remember where a parameter that is a weight somewhere is used other than at a site (views aside)."""
         for tensor in inputs:
-            unit = self.units.resolve(tensor)
+            unit = self.index.resolve(tensor)
             if unit is None or unit.kind != "parameter":
                 continue
             root = tensor._base if tensor._base is not None else tensor

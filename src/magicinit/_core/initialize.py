@@ -53,7 +53,9 @@ def init_(
     back-propagated Gaussian noise are as equal as the graph allows.
 
     Args:
-        model: any ``nn.Module``; its conv, transposed conv and linear layers are initialized.
+        model: any ``nn.Module``; every weight its forward applies by convolution, transposed
+            convolution, linear map, ``addmm`` or matrix product is initialized (an affine site:
+            conv and linear modules, attention's projections, ``F.linear`` in your own code, ...).
         data: a batch (tensor, ``(inputs, targets)`` tuple, dict) or an iterable of batches.
         sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"``, ``"keep"`` (the
             present weights), or from the layer's input patches: ``"pca"``, ``"zca"``,
@@ -65,7 +67,7 @@ def init_(
         seed: same seed, model and data give bit-identical weights; None uses torch's global RNG.
         samples: at most this many samples of ``data`` are used.
         forward: ``forward(model, batch) -> output`` for models with other inputs.
-        skip: qualified module names (or prefixes) whose layers are left as they are.
+        skip: qualified module or parameter names (or module prefixes) whose weights are left as they are.
         include_frozen: also initialize layers whose weight has ``requires_grad=False``.
         progress: show tqdm progress bars.
         patch_budget_mb: memory one layer's patch matrix may take (data-driven samplers, which
@@ -215,7 +217,7 @@ def _build_report(
         entry = LayerReport(
             name=name,
             type=unit.owner_type,
-            shape=tuple(unit.tensor(model).shape) if unit.kind != "parametrization" else (),
+            shape=tuple(unit.tensor(model).shape),
             calls=called.get(name, 0),
             status=_status(session, name, result, between_result),
         )

@@ -241,10 +241,8 @@ class WeightUnit:
             raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
 
     def scale_(self, model: nn.Module, factor: float) -> None:
-        """Multiply the weight by ``factor``, through the real parameters."""
-        if self.kind == "weight_norm":
-            self.real_parameters(model)[0].mul_(factor)  # the magnitude g
-        elif self.kind in ("parameter", "prune"):
+        """Multiply the weight by ``factor``, through the real parameters (``weight_norm``: its magnitude g)."""
+        if self.kind in ("parameter", "weight_norm", "prune"):
             self.real_parameters(model)[0].mul_(factor)
         else:
             raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
@@ -397,9 +395,9 @@ def _traced_through(func: Callable[..., Any], cache: dict[Callable[..., Any], Ca
 class CallInterceptor(TorchFunctionMode):
     """A ``TorchFunctionMode`` that recognizes affine sites; subclasses decide what to do with each call."""
 
-    def __init__(self, units: UnitIndex) -> None:
+    def __init__(self, index: UnitIndex) -> None:
         super().__init__()
-        self.units = units
+        self.index = index
         self._copies: dict[Callable[..., Any], Callable[..., Any]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -427,7 +425,7 @@ class CallInterceptor(TorchFunctionMode):
             scaled = any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
             if weight.dim() != 2 or scaled:
                 return None
-        unit = self.units.resolve(weight)
+        unit = self.index.resolve(weight)
         return None if unit is None else SiteCall(func, args, kwargs, kind, unit)
 
     def on_call(

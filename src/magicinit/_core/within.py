@@ -141,7 +141,7 @@ class _WithinPass(CallInterceptor):
         input_rms = rms if collective is None else collective.max(rms)
         drawn, notes = self._draw(site)
         bias = site.bias
-        mean_set = bias is not None and self.units.parameter_of(bias) is not None
+        mean_set = bias is not None and self.index.parameter_of(bias) is not None
         output = site.call(weight=drawn, bias=None) if mean_set or bias is None else site.call(weight=drawn)
         if not isinstance(output, Tensor) or not output.is_floating_point():
             raise MagicInitError(

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the data's values (default: every channel mean 0, std 1)")
     model.add_argument("--samples", type=_positive_int, default=256, help="init samples used (default 256)")
     model.add_argument("--skip", action="append", default=[], metavar="NAME",
-                       help="leave this layer (qualified module name or prefix) as it is; repeatable")
+                       help="leave this layer (qualified module or parameter name, or module prefix) as it is; repeatable")
     model.add_argument("--report", type=Path, metavar="FILE.json", help="also write the report as JSON")
     model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
 
