@@ -375,3 +375,19 @@ def test_other_reparametrizations_are_left_as_is_and_named(wrap, named: str) -> 
     calls = site_outputs(model, x)
     assert_channels_normalized(calls[0][1], "0")
     assert_channels_normalized(calls[-1][1], "4")
+
+
+class EinsumLinear(nn.Linear):
+    """A linear layer whose forward applies its weight with ``einsum`` (not an affine call magicinit knows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,oi->bo", x, self.weight) + self.bias
+
+
+def test_a_layer_that_runs_but_applies_its_weight_otherwise_is_not_called_never_called() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), EinsumLinear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    weight = model[2].weight.detach().clone()
+    report = magicinit.init_(model, torch.randn(32, 4), seed=0, between=False)
+    assert report["2"].status == LayerStatus.EXCLUDED
+    assert "its module ran" in report["2"].notes[0] and "einsum in '2'" in report["2"].notes[0]
+    assert torch.equal(model[2].weight, weight)

@@ -99,6 +99,7 @@ class _Tracer(CallInterceptor):
         self.bias_parameters: dict[str, list[str]] = {}
         self.other_uses: dict[str, list[str]] = {}
         self.scope: list[str] = []
+        self.called_modules: set[str] = set()
 
     def node(self, tensor: Tensor, reason_if_new: str = "a constant (parameter, buffer or literal)") -> int:
         """The node of ``tensor``; a tensor seen first as an input is pinned with ``reason_if_new``."""
@@ -334,6 +335,7 @@ class LayerGraph:
         layouts: each weight's filter layout and groups (from its first site).
         other_uses: operations other than affine sites that read the weight (e.g. an
             embedding lookup of a tied weight), with where they were called.
+        called_modules: qualified names of the modules whose forward ran.
     """
 
     calls: dict[str, int]
@@ -342,6 +344,7 @@ class LayerGraph:
     bias_parameters: dict[str, list[str]]
     layouts: dict[str, tuple[AffineAdapter, int]]
     other_uses: dict[str, list[str]]
+    called_modules: set[str]
     groups: ScaleGroups = field(repr=False)
     equations: list[dict[int, float]] = field(repr=False)
 
@@ -447,6 +450,7 @@ def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitI
 
     def enter(module: nn.Module, args: Any) -> None:
         tracer.scope.append(name_of.get(module, "?"))
+        tracer.called_modules.add(tracer.scope[-1])
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         if tracer.scope:
@@ -469,6 +473,7 @@ def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitI
         bias_parameters=tracer.bias_parameters,
         layouts=tracer.layouts,
         other_uses=tracer.other_uses,
+        called_modules=tracer.called_modules,
         groups=tracer.groups,
         equations=tracer.equations,
     )

@@ -103,12 +103,18 @@ def _exclusion(
         return unit.read_only
     if not include_frozen and not all(p.requires_grad for p in unit.real_parameters(model)):
         return "frozen (requires_grad=False): left as is"
-    uses = graph.other_uses.get(unit.name, []) if graph is not None else []
-    if uses and unit.name in graph.sites:
-        shown = ", ".join(dict.fromkeys(uses[:3]))
+    if graph is None:
+        return None
+    uses = ", ".join(dict.fromkeys(graph.other_uses.get(unit.name, []))) or "no operation magicinit saw"
+    if unit.name in graph.sites and unit.name in graph.other_uses:
         return (
-            f"tied: also read by {shown} (not an affine call), so it is left as is: redrawing it would change "
+            f"tied: also read by {uses} (not an affine call), so it is left as is: redrawing it would change "
             "what that operation gives the layers after it"
+        )
+    if unit.name not in graph.sites and unit.owner in graph.called_modules:
+        return (
+            f"its module ran, but not as an affine call magicinit knows (conv, linear, addmm, matmul); the weight "
+            f"was read by {uses}: left as is"
         )
     return None
 
