@@ -276,7 +276,7 @@ def test_weight_tied_to_an_embedding_is_left_as_is_and_said_so() -> None:
     report = magicinit.init_(model, ids, seed=0, between=False)
     assert torch.equal(model.tokens.weight, table)  # the embedding the layers after it were fitted to
     assert report["head"].status == LayerStatus.EXCLUDED
-    assert "tied: also read by embedding in 'tokens'" in report["head"].notes[0]
+    assert "tied: also read outside affine calls (by embedding in 'tokens')" in report["head"].notes[0]
     assert report["mix"].status == LayerStatus.INITIALIZED
     calls = site_outputs(model, ids)
     mix_output = next(out for weight, out in calls if weight is model.mix.weight)
@@ -389,5 +389,151 @@ def test_a_layer_that_runs_but_applies_its_weight_otherwise_is_not_called_never_
     weight = model[2].weight.detach().clone()
     report = magicinit.init_(model, torch.randn(32, 4), seed=0, between=False)
     assert report["2"].status == LayerStatus.EXCLUDED
-    assert "its module ran" in report["2"].notes[0] and "einsum in '2'" in report["2"].notes[0]
+    assert "read by einsum in '2', not by an affine call" in report["2"].notes[0]
     assert torch.equal(model[2].weight, weight)
+
+
+# --- found by a red-team sweep ---------------------------------------------------------------------------
+
+
+class BufferBias(nn.Module):
+    """A site whose bias is a buffer (no parameter): kept as it is, and what follows sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.register_buffer("shift", torch.full((8,), 3.0))
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.linear(x, self.weight, self.shift))
+
+
+def test_a_bias_that_is_no_parameter_is_kept_and_the_next_layer_sees_it() -> None:
+    torch.manual_seed(11)
+    model, x = BufferBias(), torch.randn(48, 8)
+    report = magicinit.init_(model, x, seed=0, between=False)
+    first, second = site_outputs(model, x)
+    assert torch.allclose(channel_stds(first[1]), torch.ones(8, dtype=torch.float64), atol=TOLERANCE)
+    measured_mean = first[1].double().mean(0)
+    assert torch.allclose(torch.tensor(report[""].channel_mean_after, dtype=torch.float64), measured_mean, atol=1e-4)
+    assert "its bias is no parameter" in report[""].notes[0] and torch.equal(model.shift, torch.full((8,), 3.0))
+    assert_channels_normalized(second[1], "out")
+
+
+def test_skip_and_frozen_reach_parameters_and_biases() -> None:
+    torch.manual_seed(12)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(48, 8)
+    model[4].bias.requires_grad_(False)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = magicinit.init_(model, x, seed=0, skip=["0.weight", "2.bias"], between=False)
+    assert report["0"].status == LayerStatus.EXCLUDED and "skipped" in report["0"].notes[0]
+    assert torch.equal(model[0].weight, saved["0.weight"]) and torch.equal(model[2].bias, saved["2.bias"])
+    assert torch.equal(model[4].bias, saved["4.bias"])  # frozen
+    for name in ("2", "4"):
+        assert report[name].status == LayerStatus.INITIALIZED and "channel means are not set" in report[name].notes[0]
+    calls = site_outputs(model, x)
+    for _, output in calls[1:]:
+        assert (channel_stds(output) - 1).abs().max() < TOLERANCE
+
+
+def test_packed_cross_attention_every_row_of_in_proj_weight_normalized() -> None:
+    torch.manual_seed(13)
+    decoder = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True)
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.decoder(*batch)
+
+    model, batch = Decoder(), (torch.randn(32, 5, 16), torch.randn(32, 7, 16))
+    before = model.decoder.multihead_attn.in_proj_weight.detach().clone()
+    report = magicinit.init_(model, batch, forward=lambda m, b: m(b), seed=0, between=False)
+    entry = report["decoder.multihead_attn.in_proj_weight"]
+    assert entry.status == LayerStatus.INITIALIZED and len(entry.channel_std_after) == 48
+    assert any("each on its own part of the weight: all normalized" in note for note in entry.notes)
+    assert not torch.equal(model.decoder.multihead_attn.in_proj_weight[16:], before[16:])
+    model.eval()
+    with affine_outputs() as calls:
+        model(batch)
+    cross = [out for weight, out in calls if _root(weight) is model.decoder.multihead_attn.in_proj_weight]
+    assert [out.shape[-1] for out in cross] == [16, 32]  # q rows, then k and v rows
+    for output in cross:
+        assert_channels_normalized(output, "cross-attention projection")
+
+
+class CastsItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(F.linear(x, self.fc.weight.to(x.dtype).contiguous(), self.fc.bias)))
+
+
+def test_a_weight_passed_through_a_no_op_cast_is_a_site() -> None:
+    report = magicinit.init_(CastsItsWeight(), torch.randn(32, 8), seed=0, between=False)
+    assert [(e.name, e.status) for e in report.layers] == [("fc", "initialized"), ("out", "initialized")]
+
+
+class AppliedOtherwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(6, 5))
+        self.E = nn.Parameter(torch.randn(6, 6))
+        self.pair = nn.Bilinear(6, 6, 6)
+        self.rnn = nn.GRU(6, 6, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.A @ x).transpose(1, 2)  # the parameter as the first operand
+        h = torch.einsum("bti,oi->bto", h, self.E)
+        return self.fc(self.rnn(self.pair(h, h))[0][:, -1])
+
+
+def test_weights_applied_by_other_operations_are_listed_as_left_alone() -> None:
+    model = AppliedOtherwise()
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = magicinit.init_(model, torch.randn(32, 5, 4), seed=0, between=False)
+    statuses = {e.name: (e.status, e.notes[0] if e.notes else "") for e in report.layers}
+    assert statuses["fc"][0] == LayerStatus.INITIALIZED
+    for name, operation in [("A", "matmul"), ("E", "einsum"), ("pair", "bilinear"), ("rnn.weight_ih_l0", "gru")]:
+        status, note = statuses[name]
+        assert status == LayerStatus.EXCLUDED and f"read by {operation}" in note, (name, note)
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if not n.startswith("fc."))
+
+
+def test_a_vector_weight_and_a_compiled_model() -> None:
+    class VectorHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.v = nn.Linear(8, 8), nn.Parameter(torch.randn(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.relu(self.fc(x)), self.v)
+
+    x = torch.randn(32, 8)
+    assert magicinit.init_(VectorHead(), x, seed=0)["fc"].status == LayerStatus.INITIALIZED
+    original = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(original, backend="eager")
+    report = magicinit.init_(compiled, x, seed=0, between=False)  # the module it wraps is initialized
+    assert [e.name for e in report.layers] == ["0", "2"]
+    assert_channels_normalized(original[0](x).detach(), "0")
+
+
+def test_a_rescaling_that_changes_nothing_is_reported_as_measured() -> None:
+    attention = nn.MultiheadAttention(12, 3, batch_first=True)
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x)[0]
+
+    report = magicinit.rescale_(SelfAttention(), torch.randn(16, 5, 12), seed=0, rate_precision=0.1)
+    assert all(e.weight_scale == 1.0 and e.status == LayerStatus.MEASURED for e in report.layers)

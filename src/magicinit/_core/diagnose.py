@@ -13,7 +13,7 @@ from .inputs import Batch
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
 from .safety import guarded
-from .session import start_session
+from .session import original_module, start_session
 from .stats import coefficient_of_variation
 from .within import channel_moments_of_layers
 
@@ -52,6 +52,7 @@ def diagnose(
     Example:
         >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
     """
+    model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=True, progress=progress, rates=options, process_group=process_group)

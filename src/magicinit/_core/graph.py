@@ -35,7 +35,6 @@ from .inputs import Batch, ForwardFn, floating_tensors
 from .safety import temporary_hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
 
-
 # Operations without a floating output that still matter: an in-place write, and
 # values read into Python (whose later use the trace cannot see).
 _WRITES_OR_ESCAPES = {"setitem", "item", "tolist", "float", "int"}
@@ -141,9 +140,9 @@ class _Tracer(CallInterceptor):
         self.layouts.setdefault(unit, site.layout)
         bias = site.bias
         if bias is not None:
-            parameter = self.index.parameter_of(bias)
+            parameter = self.index.writable(bias)
             if parameter is None:
-                self.groups.pin(output_node, f"a bias that is no parameter{self.where()}")
+                self.groups.pin(output_node, f"a bias that is no parameter, or frozen, or skipped{self.where()}")
             elif parameter not in self.bias_parameters.setdefault(unit, []):
                 self.bias_parameters[unit].append(parameter)
 
@@ -154,8 +153,8 @@ class _Tracer(CallInterceptor):
             if unit is None or unit.kind != "parameter":
                 continue
             root = tensor._base if tensor._base is not None else tensor
-            if outputs and all(out._base is root for out in outputs):
-                continue  # a view of the weight (a slice, a transpose): its uses are what count
+            if outputs and all(out is tensor or out._base is root for out in outputs):
+                continue  # the weight itself (a no-op .to, .contiguous) or a view of it: its uses are what count
             self.other_uses.setdefault(unit.name, []).append(f"{name}{self.where()}")
 
 

@@ -17,7 +17,7 @@ from .inputs import Batch, batch_size
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
 from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
-from .session import Session, start_session
+from .session import Session, original_module, start_session
 from .within import WithinLayerResult, normalize_within
 
 
@@ -90,6 +90,7 @@ def init_(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
         >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)
     """
+    model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     if not math.isfinite(beta):
         raise MagicInitError(f"beta={beta}: must be a finite number")
     if not patch_budget_mb > 0:
@@ -153,10 +154,8 @@ def rescale_(
     )
 
 
-def _between(session: Session, constant: set[str]) -> BetweenResult | None:
+def _between(session: Session, constant: set[str]) -> BetweenResult:
     """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
-    if session.graph is None:
-        return None
     fixed = {name for name in session.all_units if name not in session.units} | constant
     writable = {name: unit for name, unit in session.all_units.items() if unit.read_only is None}
     fixed |= {name for name in session.all_units if name not in writable}
@@ -177,7 +176,7 @@ def _count_samples(session: Session) -> dict[str, int]:
     return {"samples_used": used, "processes": processes}
 
 
-def _add_weight_facts(session: Session, entry: LayerReport) -> None:
+def _add_weight_facts(session: Session, entry: LayerReport, within: WithinLayerResult | None) -> None:
     """Notes on how the weight is held and used: other names, reparametrization, several sites, fixed scales."""
     unit = session.all_units[entry.name]
     if unit.aliases:
@@ -185,14 +184,23 @@ def _add_weight_facts(session: Session, entry: LayerReport) -> None:
     if unit.kind in ("weight_norm", "prune") and entry.name in session.units:
         entry.notes.append(f"{unit.kind}: written through {' and '.join(unit.parameters)}")
     graph = session.graph
-    if graph is None or entry.name not in graph.sites:
+    if entry.name not in graph.sites:
         return
-    calls = graph.calls[entry.name]
-    if calls > 1:
+    calls = graph.calls[entry.name]  # counted on the tracing probe (2 samples)
+    normalized = within.sites if within is not None else 0
+    if calls > 1 and normalized == calls:
         entry.notes.append(
-            f"used at {calls} affine sites per forward: Part 1 normalized the first; the other {calls - 1} "
-            "are not normalized (their outputs are what this weight gives there); Part 2 scales all sites alike"
+            f"used at {calls} affine sites per forward, each on its own part of the weight: all normalized, "
+            "their channels listed in site order"
         )
+    elif calls > 1 and normalized:
+        entry.notes.append(
+            f"used at {calls} affine sites per forward: Part 1 normalized {normalized} (the first use of each part "
+            f"of the weight); the other {calls - normalized} are not normalized (their outputs are what this weight "
+            "gives there); Part 2 scales all sites alike"
+        )
+    elif calls > 1:
+        entry.notes.append(f"used at {calls} affine sites per forward; Part 2 scales all sites alike")
     entry.input_scale_fixed_by, entry.output_scale_fixed_by = graph.pinned_by(entry.name)
     usual = {"model input", "model output"}
     if entry.input_scale_fixed_by and entry.input_scale_fixed_by not in usual:
@@ -210,7 +218,7 @@ def _build_report(
 ) -> Report:
     """The report: one entry per affine layer of the model, in registration order, and the call's notes."""
     layers = []
-    called = session.graph.calls if session.graph is not None else {}
+    called = session.graph.calls
     model = session.context.model
     for name, unit in session.all_units.items():
         result = within_results.get(name)
@@ -238,9 +246,7 @@ def _build_report(
                     f"(first: {result.zero_variance[:8]}): given a safe scale (the median of the others, "
                     "or unit-norm filters) and mean beta"
                 )
-            if not result.mean_set:
-                entry.notes.append("no bias: channel means are not set to beta (std is)")
-        _add_weight_facts(session, entry)
+        _add_weight_facts(session, entry, result)
         if between_result is not None and name in between_result.before.rate:
             entry.rate_before = between_result.before.rate[name]
             entry.rate_before_log_error = between_result.before.log_error[name]
@@ -275,9 +281,9 @@ def _status(
         return LayerStatus.EXCLUDED
     if within is not None:  # before the graph's word: the probe may take another path than all the data
         return LayerStatus.INITIALIZED
-    if session.graph is not None and name not in session.graph.sites:
+    if name not in session.graph.sites:
         return LayerStatus.NEVER_CALLED
-    if between is not None and name in between.before.rate and not between.reverted:
+    if between is not None and not between.reverted and between.weight_factor.get(name, 1.0) != 1.0:
         return LayerStatus.RESCALED
     return LayerStatus.MEASURED
 

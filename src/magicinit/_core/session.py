@@ -27,6 +27,12 @@ def _describe(batch: Batch) -> str:
     return ", ".join(shapes) if shapes else type(batch).__name__
 
 
+def original_module(model: Any) -> Any:
+    """The module a ``torch.compile``'d model wraps (it shares its parameters), else ``model`` itself."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(model, nn.Module) and isinstance(original, nn.Module) else model
+
+
 def guard_forward(forward: ForwardFn) -> ForwardFn:
     """``forward`` whose failures become a ``MagicInitError`` naming the input it got."""
 
@@ -55,7 +61,7 @@ class Session:
         all_units: every weight the report lists, in the model's registration order: those
             used at an affine site, and those of affine modules the forward never called.
         index: the model's weight units and how to recognize them in a call.
-        graph: the traced graph, or None if tracing failed.
+        graph: the traced graph.
         notes: things to tell the user.
     """
 
@@ -64,7 +70,7 @@ class Session:
     excluded: dict[str, str]
     all_units: dict[str, WeightUnit]
     index: UnitIndex
-    graph: LayerGraph | None
+    graph: LayerGraph
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,47 +96,66 @@ def _check_model(model: nn.Module, skip: list[str]) -> None:
             raise MagicInitError(f"skip: no module or parameter named '{prefix}' in the model")
 
 
-def _exclusion(
-    unit: WeightUnit, model: nn.Module, graph: LayerGraph | None, skip: list[str], include_frozen: bool
-) -> str | None:
-    """Why ``unit`` is left as it is, or None if the call may change it."""
-    def under(prefix: str) -> bool:
-        return prefix == "" or any(n == prefix or n.startswith(prefix + ".") for n in (unit.name, unit.owner))
+def _under(prefix: str, name: str) -> bool:
+    """Whether ``skip=[prefix]`` covers the module or parameter ``name``."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
-    if any(under(prefix) for prefix in skip):
+
+def _protected_parameters(model: nn.Module, skip: list[str], include_frozen: bool) -> frozenset[str]:
+    """Parameters that must not be written: skipped, or frozen (unless ``include_frozen``)."""
+    return frozenset(
+        name for name, param in model.named_parameters(remove_duplicate=False)
+        if any(_under(prefix, name) for prefix in skip) or (not param.requires_grad and not include_frozen)
+    )
+
+
+def _exclusion(unit: WeightUnit, model: nn.Module, graph: LayerGraph, skip: list[str], include_frozen: bool) -> str | None:
+    """Why ``unit`` is left as it is, or None if the call may change it."""
+    names = (unit.name, unit.owner, *unit.parameters, *unit.aliases)
+    if any(_under(prefix, name) for prefix in skip for name in names):
         return "skipped (skip=...)"
     if unit.read_only is not None:
         return unit.read_only
     if not include_frozen and not all(p.requires_grad for p in unit.real_parameters(model)):
         return "frozen (requires_grad=False): left as is"
-    if graph is None:
-        return None
     uses = ", ".join(dict.fromkeys(graph.other_uses.get(unit.name, []))) or "no operation magicinit saw"
     if unit.name in graph.sites and unit.name in graph.other_uses:
         return (
-            f"tied: also read by {uses} (not an affine call), so it is left as is: redrawing it would change "
+            f"tied: also read outside affine calls (by {uses}), so it is left as is: redrawing it would change "
             "what that operation gives the layers after it"
         )
-    if unit.name not in graph.sites and unit.owner in graph.called_modules:
-        return (
-            f"its module ran, but not as an affine call magicinit knows (conv, linear, addmm, matmul); the weight "
-            f"was read by {uses}: left as is"
-        )
+    if unit.name not in graph.sites:
+        if unit.owner in graph.called_modules or unit.name in graph.other_uses:
+            return (
+                f"read by {uses}, not by an affine call magicinit knows (conv, linear, addmm, or matmul with the "
+                "weight on the right): left as is"
+            )
     return None
 
 
-def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph | None, skip: list[str],
+def _is_matrix(unit: WeightUnit, model: nn.Module) -> bool:
+    """A weight with at least two dimensions of size above 1 (not a bias, scale or norm parameter)."""
+    return unit.kind == "parameter" and sum(size > 1 for size in unit.tensor(model).shape) >= 2
+
+
+def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph, skip: list[str],
                   include_frozen: bool) -> tuple[dict[str, WeightUnit], dict[str, str], dict[str, WeightUnit]]:
-    """The weights to work on, those left alone (with the reason), and all the report lists."""
+    """The weights to work on, those left alone (with the reason), and all the report lists.
+
+    The report lists every weight used at an affine site, every weight of an affine
+    module type (called or not), and every other matrix the forward read (an
+    embedding table, a weight applied by ``einsum`` or an RNN), which is left alone.
+    """
     by_type = {unit.name for name in find_affine_layers(model) if (unit := index.of_module(name)) is not None}
-    called = set(graph.sites) if graph is not None else set()
-    all_units = {name: unit for name, unit in index.units.items() if name in called or name in by_type}
-    if not all_units:
+    affine = set(graph.sites) | by_type
+    if not affine:
         raise MagicInitError(
             f"model {type(model).__name__} has no convolution, transposed convolution or linear layer, and its "
             "forward makes no affine call (conv, linear, addmm or matmul) with a parameter as weight; magicinit "
             "initializes those"
         )
+    read = {name for name in graph.other_uses if name in index.units and _is_matrix(index.units[name], model)}
+    all_units = {name: unit for name, unit in index.units.items() if name in affine or name in read}
     units, excluded = {}, {}
     for name, unit in all_units.items():
         reason = _exclusion(unit, model, graph, skip, include_frozen)
@@ -141,7 +166,7 @@ def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph | None, 
     if not units:
         reasons = "; ".join(f"'{n}': {r}" for n, r in excluded.items())
         raise MagicInitError(f"no layer left to initialize ({reasons}); unfreeze layers, pass include_frozen=True or skip fewer")
-    if graph is not None and not any(name in graph.sites for name in units):
+    if not any(name in graph.sites for name in units):
         raise MagicInitError(
             f"none of the layers to initialize ({', '.join(list(units)[:5])}...) ran in "
             "forward(model, batch); check forward=... or the layers passed"
@@ -178,7 +203,7 @@ def start_session(
         raise MagicInitError(f"seed={seed!r}: expected an int or None")
     skip = [skip] if isinstance(skip, str) else list(skip)
     _check_model(model, skip)
-    index = UnitIndex(model)
+    index = UnitIndex(model, protected=_protected_parameters(model, skip, include_frozen))
     collective = resolve_process_group(process_group)
     checked_forward = guard_forward(forward or default_forward)
     error, gathered = None, None
@@ -212,7 +237,7 @@ class _Gathered:
     """The init data as one batch, the graph traced on its first samples, and notes on the tracing."""
 
     batch: Batch
-    graph: LayerGraph | None
+    graph: LayerGraph
     notes: list[str]
 
 
@@ -228,16 +253,21 @@ def _gather_and_trace(
     return _Gathered(batch, graph, notes)
 
 
-def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex) -> tuple[LayerGraph | None, list[str]]:
-    """The graph, traced on ``probe`` in eval mode, and notes; the model must accept the data."""
+def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex) -> tuple[LayerGraph, list[str]]:
+    """The graph, traced on ``probe`` in eval mode, and notes.
+
+    If tracing fails, the model runs on ``probe`` as it is: an error there is
+    the data's (or the model's); an error that only the tracing mode brings
+    about is said to be magicinit's.
+    """
     with evaluating(model), torch.no_grad():
         try:
             return trace_graph(model, probe, forward, index), []
-        except MagicInitError:
-            raise
-        except Exception as exc:  # the tracing mode itself failed; the plain model may still run
-            forward(model, probe)
-            return None, [
-                f"the layer graph could not be traced ({type(exc).__name__}: {exc}); "
-                "between-layer rescaling is not possible for this model"
-            ]
+        except Exception as exc:
+            forward(model, probe)  # raises the data's error, if it is one
+            cause = exc.__cause__ if isinstance(exc, MagicInitError) and exc.__cause__ is not None else exc
+            raise MagicInitError(
+                f"the model runs on the init data, but not under magicinit's TorchFunctionMode, which every pass "
+                f"needs ({type(cause).__name__}: {cause}); magicinit cannot initialize this forward. "
+                "A torch.compile'd model: pass the original module (magicinit unwraps OptimizedModule itself)"
+            ) from exc

@@ -186,6 +186,35 @@ class SiteCall:
         return columns.reshape(n, groups, fan, -1).permute(1, 0, 3, 2).reshape(groups, -1, fan)
 
 
+class FirstUses:
+    """Which elements of each weight a site has used so far: a site is a weight's *first use* if
+    none of the elements it reads was read before (the packed attention projection used as
+    q rows at one site and k, v rows at another has two first uses)."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, Tensor] = {}
+
+    def claim(self, site: SiteCall) -> bool:
+        """Whether ``site`` reads no element of its weight that an earlier site read; marks them read."""
+        weight, base = site.weight, site.weight._base
+        if site.unit.kind != "parameter" or base is None:  # the whole weight
+            if site.unit.name in self._read:
+                return False
+            self._read[site.unit.name] = torch.ones((), dtype=torch.bool)
+            return True
+        read = self._read.get(site.unit.name)
+        if read is not None and read.dim() == 0:
+            return False
+        if read is None:
+            read = self._read[site.unit.name] = torch.zeros(base.numel(), dtype=torch.bool)
+        offset = weight.storage_offset() - base.storage_offset()
+        elements = torch.arange(base.numel()).as_strided(weight.shape, weight.stride(), offset)
+        if bool(read[elements].any()):
+            return False
+        read[elements] = True
+        return True
+
+
 # --- weight units ---------------------------------------------------------------------------------
 
 
@@ -255,9 +284,14 @@ def _unit_name(owner: str, attribute: str) -> str:
 
 
 class UnitIndex:
-    """Every weight unit of a model, and which unit a tensor met in a call belongs to."""
+    """Every weight unit of a model, and which unit a tensor met in a call belongs to.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``protected`` names parameters that must not be written (frozen or skipped): a
+    bias among them is used as it is, like a bias that is no parameter.
+    """
+
+    def __init__(self, model: nn.Module, protected: frozenset[str] = frozenset()) -> None:
+        self.protected = protected
         self.units: dict[str, WeightUnit] = {}
         self._reparametrized: list[tuple[WeightUnit, nn.Module]] = []
         self._of_parameter: dict[int, WeightUnit] = {}
@@ -316,6 +350,11 @@ class UnitIndex:
         if name is None and tensor._base is not None:
             name = self._parameter_names.get(id(tensor._base))
         return name
+
+    def writable(self, tensor: Any) -> str | None:
+        """The name of the parameter ``tensor`` is (or is a view of) if it may be written, else None."""
+        name = self.parameter_of(tensor)
+        return name if name is not None and name not in self.protected else None
 
     def of_module(self, module_name: str) -> WeightUnit | None:
         """The unit of the module's ``weight`` (for modules that are affine by type)."""
@@ -421,6 +460,8 @@ class CallInterceptor(TorchFunctionMode):
         weight = _argument(args, kwargs, kind.weight)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             return None
+        if weight.dim() < (2 if kind.adapter in (LINEAR, MATMUL) else 3):
+            return None  # a vector "weight" (F.linear(x, v)) or a malformed call: no channels to normalize
         if kind.adapter is MATMUL:
             scaled = any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
             if weight.dim() != 2 or scaled:

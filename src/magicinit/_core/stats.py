@@ -16,9 +16,15 @@ class ChannelMoments:
     spread of the values the init data actually produced.
     """
 
-    count: int
+    count: int | Tensor  # a Tensor (per channel) only for ``concat``'s result
     mean: Tensor
     sum_sq_dev: Tensor
+
+    @classmethod
+    def concat(cls, parts: list["ChannelMoments"]) -> "ChannelMoments":
+        """The channels of several moments side by side (each with its own count)."""
+        counts = [torch.full_like(p.mean, float(p.count)) if not isinstance(p.count, Tensor) else p.count for p in parts]
+        return cls(torch.cat(counts), torch.cat([p.mean for p in parts]), torch.cat([p.sum_sq_dev for p in parts]))
 
     @classmethod
     def of(cls, view: Tensor, in_place: bool = False) -> "ChannelMoments":

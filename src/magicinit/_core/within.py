@@ -28,7 +28,7 @@ from .context import PassContext
 from .distributed import Collective
 from .errors import MagicInitError
 from .samplers import Sampler, SamplerRequest
-from .sites import CallInterceptor, SiteCall, UnitIndex, WeightUnit
+from .sites import CallInterceptor, FirstUses, SiteCall, UnitIndex, WeightUnit
 from .stats import ChannelMoments
 
 # A channel is treated as constant (zero variance) when its std is below this
@@ -49,8 +49,10 @@ class WithinLayerResult:
         scale: the factor applied to every output channel's filter.
         zero_variance: channels that were constant on the init data; they got
             the layer's median scale (or unit-norm filters) and mean ``beta``.
-        mean_set: False for a layer without bias, whose channel means stay as they are.
+        mean_set: False for a layer without (writable) bias, whose channel means stay as they are.
         notes: what the sampler did differently (e.g. a fallback to gaussian).
+        sites: how many sites normalized a part of the weight (more than one for disjoint
+            slices of one parameter; their channels follow each other in site order).
     """
 
     before: ChannelMoments
@@ -59,6 +61,19 @@ class WithinLayerResult:
     zero_variance: list[int] = field(default_factory=list)
     mean_set: bool = True
     notes: list[str] = field(default_factory=list)
+    sites: int = 1
+
+    def followed_by(self, other: "WithinLayerResult") -> "WithinLayerResult":
+        """This result and ``other`` (a later, disjoint part of the same weight), channels side by side."""
+        return WithinLayerResult(
+            before=ChannelMoments.concat([self.before, other.before]),
+            after=ChannelMoments.concat([self.after, other.after]),
+            scale=torch.cat([self.scale, other.scale]),
+            zero_variance=self.zero_variance + [self.scale.numel() + i for i in other.zero_variance],
+            mean_set=self.mean_set and other.mean_set,
+            notes=self.notes + [n for n in other.notes if n not in self.notes],
+            sites=self.sites + other.sites,
+        )
 
 
 def _for_statistics(output: Tensor) -> Tensor:
@@ -104,12 +119,13 @@ class _WithinPass(CallInterceptor):
         self.patch_budget_bytes = patch_budget_bytes
         self.on_layer_done = on_layer_done
         self.results: dict[str, WithinLayerResult] = {}
+        self.first_uses = FirstUses()
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
     ) -> Any:
-        if site is None or site.unit.name not in self.to_initialize or site.unit.name in self.results:
-            return func(*args, **kwargs)  # not a site, a weight left alone, or a later site of a shared weight
+        if site is None or site.unit.name not in self.to_initialize or not self.first_uses.claim(site):
+            return func(*args, **kwargs)  # not a site, a weight left alone, or a later use of a weight
         return self._initialize(site)
 
     def _draw(self, site: SiteCall) -> tuple[Tensor, list[str]]:
@@ -141,8 +157,13 @@ class _WithinPass(CallInterceptor):
         input_rms = rms if collective is None else collective.max(rms)
         drawn, notes = self._draw(site)
         bias = site.bias
-        mean_set = bias is not None and self.index.parameter_of(bias) is not None
-        output = site.call(weight=drawn, bias=None) if mean_set or bias is None else site.call(weight=drawn)
+        mean_set = bias is not None and self.index.writable(bias) is not None
+        if bias is None:
+            notes = [*notes, "no bias: channel means are not set to beta (std is)"]
+        elif not mean_set:
+            notes = [*notes, "its bias is no parameter, or is frozen or skipped: channel means are not set to beta "
+                     "(std is)"]
+        output = site.call(weight=drawn, bias=None)  # measured without the bias; a bias kept is added back below
         if not isinstance(output, Tensor) or not output.is_floating_point():
             raise MagicInitError(
                 f"layer '{name}' returned {type(output).__name__}, not a floating tensor; "
@@ -175,7 +196,8 @@ class _WithinPass(CallInterceptor):
         mean_after = torch.full_like(scale, self.beta) if mean_set else before.mean * scale
         new_filters = filters * scale.view(groups, -1, 1).to(filters)
         weight = site.weight
-        unit.write_(self.context.model, weight, adapter.from_filters(new_filters.to(weight.dtype), weight.shape, groups))
+        new_weight = adapter.from_filters(new_filters.to(weight.dtype), weight.shape, groups)
+        unit.write_(self.context.model, weight, new_weight)
         if mean_set:
             bias.copy_((self.beta - before.mean * scale).to(bias.dtype))
         # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
@@ -183,7 +205,13 @@ class _WithinPass(CallInterceptor):
         pass_on_scale = torch.where(dead, torch.zeros_like(scale), scale)
         view.mul_(pass_on_scale.view(1, -1, 1).to(work.dtype)).add_(mean_after.view(1, -1, 1).to(work.dtype))
         after = ChannelMoments(before.count, mean_after, before.sum_sq_dev * pass_on_scale.square())
-        self.results[name] = WithinLayerResult(
+        if bias is not None and not mean_set:  # the kept bias, as the function adds it (its value at a zero input)
+            kept = site.call(input=torch.zeros_like(site.input), weight=new_weight)
+            work.add_(_for_statistics(kept).to(work.dtype))
+            after = ChannelMoments.of(adapter.channel_view(work))
+            if collective is not None:
+                after = collective.merge_moments(after)
+        result = WithinLayerResult(
             before=before,
             after=after,
             scale=scale.cpu(),
@@ -191,7 +219,9 @@ class _WithinPass(CallInterceptor):
             mean_set=mean_set,
             notes=notes,
         )
-        self.on_layer_done(1)
+        self.results[name] = self.results[name].followed_by(result) if name in self.results else result
+        if result.sites == self.results[name].sites:
+            self.on_layer_done(1)
         return work if work.dtype == output.dtype else work.to(output.dtype)
 
 
@@ -225,18 +255,21 @@ class _FirstSiteMoments(CallInterceptor):
         super().__init__(index)
         self.watched, self.collective = units, collective
         self.moments: dict[str, ChannelMoments] = {}
+        self.first_uses = FirstUses()
         self.layouts: dict[str, tuple[AffineAdapter, int]] = {}
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
     ) -> Any:
         output = func(*args, **kwargs)
-        if site is None or site.unit.name not in self.watched or site.unit.name in self.moments:
+        if site is None or site.unit.name not in self.watched or not isinstance(output, Tensor):
             return output
-        if isinstance(output, Tensor) and output.is_floating_point():
+        if output.is_floating_point() and self.first_uses.claim(site):
             local = ChannelMoments.of(site.adapter.channel_view(_for_statistics(output)))
-            self.moments[site.unit.name] = local if self.collective is None else self.collective.merge_moments(local)
-            self.layouts[site.unit.name] = site.layout
+            moments = local if self.collective is None else self.collective.merge_moments(local)
+            name = site.unit.name
+            self.moments[name] = ChannelMoments.concat([self.moments[name], moments]) if name in self.moments else moments
+            self.layouts.setdefault(name, site.layout)
         return output
 
 
