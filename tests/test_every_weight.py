@@ -384,7 +384,7 @@ class EinsumLinear(nn.Linear):
         return torch.einsum("bi,oi->bo", x, self.weight) + self.bias
 
 
-def test_a_layer_that_runs_but_applies_its_weight_otherwise_is_not_called_never_called() -> None:
+def test_a_layer_that_runs_but_applies_its_weight_otherwise_is_excluded_not_never_called() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), EinsumLinear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     weight = model[2].weight.detach().clone()
     report = magicinit.init_(model, torch.randn(32, 4), seed=0, between=False)
@@ -537,3 +537,124 @@ def test_a_rescaling_that_changes_nothing_is_reported_as_measured() -> None:
 
     report = magicinit.rescale_(SelfAttention(), torch.randn(16, 5, 12), seed=0, rate_precision=0.1)
     assert all(e.weight_scale == 1.0 and e.status == LayerStatus.MEASURED for e in report.layers)
+
+
+# --- found by a code review ------------------------------------------------------------------------------
+
+
+def test_an_expanded_weight_is_refused_by_name_and_the_model_left_as_it_was() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel, self.out = nn.Parameter(torch.randn(1, 1, 3, 3)), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.conv2d(x, self.kernel.expand(4, 1, 3, 3), groups=4).mean((2, 3)))
+
+    model = Shared()
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(magicinit.MagicInitError, match=r"weight 'kernel' is applied through an expanded view.*skip=\['kernel'\]"):
+        magicinit.init_(model, torch.randn(16, 4, 6, 6), seed=0)
+    assert all(torch.equal(p, saved[name]) for name, p in model.named_parameters())
+    report = magicinit.init_(model, torch.randn(16, 4, 6, 6), seed=0, skip=["kernel"], between=False)
+    assert report["kernel"].status == LayerStatus.EXCLUDED
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_reparametrized_weight_called_twice_has_the_rate_of_the_same_plain_weight() -> None:
+    torch.manual_seed(14)
+
+    class Twice(nn.Module):
+        def __init__(self, middle: nn.Module) -> None:
+            super().__init__()
+            self.inp, self.middle, self.out = nn.Linear(6, 8), middle, nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.middle(torch.relu(self.middle(torch.relu(self.inp(x)))))))
+
+    plain = Twice(nn.Linear(8, 8))
+    normed = Twice(torch.nn.utils.weight_norm(nn.Linear(8, 8)))
+    with torch.no_grad():
+        for name in ("inp.weight", "inp.bias", "out.weight", "out.bias", "middle.bias"):
+            normed.get_parameter(name).copy_(plain.get_parameter(name))
+        normed.middle.weight_v.copy_(plain.middle.weight)
+        normed.middle.weight_g.copy_(plain.middle.weight.norm(dim=1, keepdim=True))
+    x = torch.randn(64, 6)
+    rate = {name: magicinit.diagnose(net, x, seed=3, rate_precision=0.05)["middle"].rate
+            for name, net in (("plain", plain), ("normed", normed))}
+    assert rate["normed"] == pytest.approx(rate["plain"], rel=1e-4)
+    magicinit.init_(normed, x, seed=0, rate_precision=0.1)
+    copied = __import__("copy").deepcopy(normed)  # no graph left in the hook's attribute
+    with torch.no_grad():
+        expected = normed.middle.weight_g * normed.middle.weight_v / normed.middle.weight_v.norm(dim=1, keepdim=True)
+    assert torch.allclose(copied.middle.weight, expected)
+
+
+def test_skip_protects_a_shared_bias_and_accepts_alias_names() -> None:
+    torch.manual_seed(15)
+    model = SharedWeight()
+    model.b.bias = model.a.bias
+    bias = model.a.bias.detach().clone()
+    magicinit.init_(model, torch.randn(32, 12), seed=0, skip=["b"], between=False)
+    assert torch.equal(model.a.bias, bias)  # it is b's bias too, and b is skipped
+    report = magicinit.init_(SharedWeight(), torch.randn(32, 12), seed=0, skip=["b.weight"], between=False)
+    assert report["a"].status == LayerStatus.EXCLUDED
+
+
+def test_a_rescaling_of_the_bias_alone_is_reported_as_rescaled() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.inp(x))
+            return self.out(h + self.block(h))
+
+    torch.manual_seed(16)
+    model = Residual()
+    with torch.no_grad():
+        model.inp.weight.mul_(10.0)
+        model.inp.bias.mul_(10.0)
+    bias = model.block.bias.detach().clone()
+    report = magicinit.rescale_(model, torch.randn(64, 6), seed=0)
+    entry = report["block"]
+    assert entry.weight_scale == 1.0 and not torch.equal(model.block.bias, bias)
+    assert entry.status == LayerStatus.RESCALED
+
+
+def test_a_transposed_weight_has_one_channel_rate_per_output_channel() -> None:
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.out = nn.Parameter(torch.randn(5, 3)), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(F.linear(x, self.w.t())))  # (3, 5): 3 output channels
+
+    torch.manual_seed(17)
+    transposed, x = Transposed(), torch.randn(32, 5)
+    plain = nn.Sequential(nn.Linear(5, 3, bias=False), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        plain[0].weight.copy_(transposed.w.t())
+        plain[2].load_state_dict(transposed.out.state_dict())
+    seen = magicinit.diagnose(transposed, x, seed=4)["w"]
+    expected = magicinit.diagnose(plain, x, seed=4)["0"]  # the same map as a Linear: the same noise, the same rates
+    assert len(seen.channel_std) == 3
+    assert seen.rate_mean == pytest.approx(expected.rate_mean, rel=1e-5)
+    assert seen.rate_cv == pytest.approx(expected.rate_cv, rel=1e-4)
+
+
+def test_a_parametrization_without_parameters_is_left_as_is() -> None:
+    class Double(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    layer = nn.Linear(6, 6)
+    weight = layer.weight.detach().clone()
+    del layer.weight
+    layer.register_buffer("weight", weight)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), layer, nn.ReLU(), nn.Linear(6, 2))
+    report = magicinit.init_(model, torch.randn(32, 4), seed=0, between=False)
+    assert report["0"].status == report["4"].status == LayerStatus.INITIALIZED

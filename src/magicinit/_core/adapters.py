@@ -72,6 +72,8 @@ class AffineAdapter:
         return output.view(output.shape[0], output.shape[1], -1)
 
 
+Layout = tuple[AffineAdapter, int]  # a weight's filter layout and its groups
+
 CONV = AffineAdapter()
 CONV_TRANSPOSE = AffineAdapter(transposed=True)
 LINEAR = AffineAdapter(channels_last_in_output=True)

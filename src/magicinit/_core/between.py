@@ -48,6 +48,7 @@ class BetweenResult:
         after: rates re-measured with fresh noise after rescaling (``before`` itself if no
             scale changed, None if the rescaling was not kept).
         weight_factor: factor applied to each layer's weight.
+        changed: layers whose weight or bias the rescaling changed (a factor other than 1).
         equalized: layers whose rates entered the objective.
         excluded: layers left out of the objective, with the reason.
         function_change: relative output change caused by the rescaling, on the first init
@@ -59,6 +60,7 @@ class BetweenResult:
     after: ChangeRates | None
     weight_factor: dict[str, float]
     equalized: list[str]
+    changed: set[str] = field(default_factory=set)
     excluded: dict[str, str] = field(default_factory=dict)
     function_change: float = 0.0
     reverted: bool = False
@@ -66,10 +68,10 @@ class BetweenResult:
 
 def _apply_scales(
     model: nn.Module, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
-) -> dict[str, float]:
+) -> tuple[dict[str, float], set[str]]:
     """Scale every solved weight and its sites' bias parameters in ``model`` (or a copy of it),
-    in place; returns the weight factors."""
-    factors = {}
+    in place; returns the weight factors and the names of the weights whose weight or bias changed."""
+    factors, changed = {}, set()
     with torch.no_grad():
         for name, unit in units.items():
             if name not in solution.rho_in:
@@ -77,10 +79,13 @@ def _apply_scales(
             factors[name] = solution.weight_factor(name)
             if factors[name] != 1.0:
                 unit.scale_(model, factors[name])
-            if solution.bias_factor(name) != 1.0:
-                for bias in graph.bias_parameters.get(name, []):
+                changed.add(name)
+            if solution.bias_factor(name) != 1.0 and graph.bias_parameters.get(name):
+                for bias in graph.bias_parameters[name]:
                     model.get_parameter(bias).mul_(solution.bias_factor(name))
-    return factors
+                changed.add(name)
+            unit.refresh_(model)
+    return factors, changed
 
 
 FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked to keep the function
@@ -194,7 +199,7 @@ def equalize_between(
         return result
     reference = _outputs(model, probe, context.forward)
     snapshot = ModelSnapshot(model) if analysis_error is None else None  # only the fallback check can undo
-    factors = _apply_scales(model, called, solution, graph)
+    factors, result.changed = _apply_scales(model, called, solution, graph)
     result.weight_factor = factors
     result.function_change = function_change(reference, _outputs(model, probe, context.forward))
     if collective is not None:
@@ -203,9 +208,12 @@ def equalize_between(
         snapshot.restore_tensors()
         _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
-        result.weight_factor = unchanged
+        result.weight_factor, result.changed = unchanged, set()
+        with torch.no_grad():
+            for unit in called.values():
+                unit.refresh_(model)
         return result
-    if any(f != 1.0 for f in factors.values()):
+    if result.changed:
         result.after = measure_change_rates(context, called, graph.layouts, "magicinit: rates after")
     else:
         result.after = before

@@ -15,7 +15,7 @@ from .report import Diagnosis, LayerDiagnosis
 from .safety import guarded
 from .session import original_module, start_session
 from .stats import coefficient_of_variation
-from .within import channel_moments_of_layers
+from .within import first_site_moments
 
 
 def diagnose(
@@ -57,7 +57,7 @@ def diagnose(
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=True, progress=progress, rates=options, process_group=process_group)
     with guarded(model):
-        moments, layouts = channel_moments_of_layers(session.context, session.index, session.units)
+        moments, layouts = first_site_moments(session.context, session.index, session.units)
         called = {name: unit for name, unit in session.units.items() if name in moments}
         rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
     layers = []

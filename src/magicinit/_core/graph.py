@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .adapters import AffineAdapter
+from .adapters import Layout
 from .inputs import Batch, ForwardFn, floating_tensors
 from .safety import temporary_hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
@@ -94,7 +94,7 @@ class _Tracer(CallInterceptor):
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
         self.equations: list[dict[int, float]] = []
         self.sites: dict[str, list[tuple[int, int]]] = {}
-        self.layouts: dict[str, tuple[AffineAdapter, int]] = {}
+        self.layouts: dict[str, Layout] = {}
         self.bias_parameters: dict[str, list[str]] = {}
         self.other_uses: dict[str, list[str]] = {}
         self.scope: list[str] = []
@@ -126,6 +126,7 @@ class _Tracer(CallInterceptor):
         out_nodes = [self.node(t, reason_if_new="") for t in outputs]
         if site is not None and outputs:
             self._site(site, outputs[0])
+            self._note_uses(name, [site.input] if isinstance(site.input, Tensor) else [], outputs)
         else:
             self._note_uses(name, inputs, outputs)
             rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
@@ -341,7 +342,7 @@ class LayerGraph:
     sites: dict[str, list[tuple[int, int]]]
     has_bias: dict[str, bool]
     bias_parameters: dict[str, list[str]]
-    layouts: dict[str, tuple[AffineAdapter, int]]
+    layouts: dict[str, Layout]
     other_uses: dict[str, list[str]]
     called_modules: set[str]
     groups: ScaleGroups = field(repr=False)

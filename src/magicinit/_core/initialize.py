@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -107,7 +108,7 @@ def init_(
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
-    with guarded(model):
+    with _refreshed(session), guarded(model):
         if within:
             start = time.perf_counter()
             within_results = normalize_within(session.context, session.index, session.units, chosen_sampler,
@@ -154,11 +155,19 @@ def rescale_(
     )
 
 
+@contextmanager
+def _refreshed(session: Session) -> Iterator[None]:
+    """Reparametrizations' weights recomputed from their parameters when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        session.index.refresh_(session.context.model)
+
+
 def _between(session: Session, constant: set[str]) -> BetweenResult:
     """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
     fixed = {name for name in session.all_units if name not in session.units} | constant
     writable = {name: unit for name, unit in session.all_units.items() if unit.read_only is None}
-    fixed |= {name for name in session.all_units if name not in writable}
     result = equalize_between(session.context, writable, session.graph, fixed)
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
@@ -181,7 +190,7 @@ def _add_weight_facts(session: Session, entry: LayerReport, within: WithinLayerR
     unit = session.all_units[entry.name]
     if unit.aliases:
         entry.notes.append(f"the same parameter is also registered as {', '.join(unit.aliases)}")
-    if unit.kind in ("weight_norm", "prune") and entry.name in session.units:
+    if unit.kind in ("weight_norm", "prune") and entry.status in (LayerStatus.INITIALIZED, LayerStatus.RESCALED):
         entry.notes.append(f"{unit.kind}: written through {' and '.join(unit.parameters)}")
     graph = session.graph
     if entry.name not in graph.sites:
@@ -197,10 +206,10 @@ def _add_weight_facts(session: Session, entry: LayerReport, within: WithinLayerR
         entry.notes.append(
             f"used at {calls} affine sites per forward: Part 1 normalized {normalized} (the first use of each part "
             f"of the weight); the other {calls - normalized} are not normalized (their outputs are what this weight "
-            "gives there); Part 2 scales all sites alike"
+            "gives there)"
         )
     elif calls > 1:
-        entry.notes.append(f"used at {calls} affine sites per forward; Part 2 scales all sites alike")
+        entry.notes.append(f"used at {calls} affine sites per forward")
     entry.input_scale_fixed_by, entry.output_scale_fixed_by = graph.pinned_by(entry.name)
     usual = {"model input", "model output"}
     if entry.input_scale_fixed_by and entry.input_scale_fixed_by not in usual:
@@ -283,7 +292,7 @@ def _status(
         return LayerStatus.INITIALIZED
     if name not in session.graph.sites:
         return LayerStatus.NEVER_CALLED
-    if between is not None and not between.reverted and between.weight_factor.get(name, 1.0) != 1.0:
+    if between is not None and not between.reverted and name in between.changed:
         return LayerStatus.RESCALED
     return LayerStatus.MEASURED
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapters import AffineAdapter
+from .adapters import Layout
 from .context import MIN_RATE_ROUNDS, PassContext
 from .distributed import Collective
 from .errors import MagicInitError
 from .inputs import batch_size, floating_tensors, split_batch
+from .safety import temporary_hooks
 from .sites import WeightUnit
 
 
@@ -54,9 +55,6 @@ def _output_tensors(output: object) -> list[Tensor]:
             "with a gradient); pass forward=... returning the network's output tensor"
         )
     return tensors
-
-
-Layout = tuple[AffineAdapter, int]  # a weight's filter layout and groups
 
 
 def _squared_filter_norms(weight: Tensor, layout: Layout, grad: Tensor | None) -> Tensor:
@@ -101,21 +99,36 @@ def measure_change_rates(
     channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
     draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
     rounds = 0
-    with context.progress_bar(options.max_rounds * len(starts), desc, unit="draw") as advance:
+    computed: dict[str, list[Tensor]] = {}  # a reparametrized weight as each call of its module computed it
+    with context.progress_bar(options.max_rounds * len(starts), desc, unit="draw") as advance, \
+            temporary_hooks() as hooks:
+        for name, unit in units.items():
+            if unit.kind != "parameter":  # after the reparametrization's own pre-hook: its result of this call
+                hooks.before(model.get_submodule(unit.owner),
+                             lambda m, args, name=name, unit=unit: computed.setdefault(name, []).append(
+                                 getattr(m, unit.attribute)))
         while rounds < options.max_rounds:
             rounds += 1
             round_totals: dict[str, list[Tensor]] = {name: [] for name in names}
             for start in starts:
                 chunk = split_batch(context.batch, start, start + options.chunk_size)
+                computed.clear()
                 with torch.enable_grad():
                     outputs = _output_tensors(context.run(chunk))
-                    weights = [units[name].tensor(model) for name in names]  # reparametrized: this pass's
+                    used = [computed.get(name, []) if units[name].kind != "parameter" else [units[name].tensor(model)]
+                            for name in names]
                     noise = [
                         torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t) for t in outputs
                     ]
-                    grads = torch.autograd.grad(outputs, weights, grad_outputs=noise, allow_unused=True)
-                for name, weight, grad in zip(names, weights, grads):
-                    per_channel = _squared_filter_norms(weight, layouts[name], grad)
+                    flat = torch.autograd.grad(outputs, [t for ts in used for t in ts], grad_outputs=noise,
+                                               allow_unused=True)
+                grads, position = [], 0
+                for tensors in used:  # a weight's gradient: the sum over the calls that used it
+                    parts = [g for g in flat[position:position + len(tensors)] if g is not None]
+                    grads.append(torch.stack(parts).sum(0) if parts else None)
+                    position += len(tensors)
+                for name, grad in zip(names, grads):
+                    per_channel = _squared_filter_norms(units[name].tensor(model), layouts[name], grad)
                     channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
                     round_totals[name].append(per_channel.sum())
                 advance(1)
@@ -125,6 +138,9 @@ def measure_change_rates(
                 errors = _log_errors(draw_totals, collective)
                 if all(e <= options.precision for e in errors.values()):
                     break
+    with torch.no_grad():  # the reparametrizations' attributes hold this pass's graph: recompute them without
+        for unit in units.values():
+            unit.refresh_(model)
     n_draws = len(starts) * rounds
     if collective is not None:
         n_draws = collective.total(n_draws)

@@ -38,7 +38,7 @@ class LayerStatus(StrEnum):
     INITIALIZED = "initialized"  # Part 1 set it (Part 2 may have rescaled it too)
     RESCALED = "rescaled"  # Part 2 only: its weight was rescaled (a factor other than 1) and the rescaling kept
     MEASURED = "measured"  # its change rate was measured; its weights are as they were (factor 1, or not kept)
-    EXCLUDED = "excluded"  # left alone: skipped, frozen or reparametrized (the note says which)
+    EXCLUDED = "excluded"  # left alone: skipped, frozen, tied, reparametrized, or applied otherwise (the note says)
     NEVER_CALLED = "never called"  # the forward pass on the init data never called it
 
 

@@ -51,9 +51,9 @@ class SamplerRequest:
         module: the module that holds the weight (the layer itself for a conv or linear module).
         shape: ``(groups, out_per_group, fan_in)``, the shape to return.
         current: the layer's present filters (float32, CPU).
-        layer_input: the positional arguments of the layer's call on the init
-            data, with all earlier layers already initialized (for samplers
-            that draw filters from the data).
+        layer_input: ``(input,)``: what the site's weight is applied to on the init data,
+            with all earlier layers already initialized (for samplers that draw filters
+            from the data).
         generator: the random generator to draw from (None: torch's global one).
         patch_budget_bytes: memory the layer's patch matrix may take (float32); more
             patches are subsampled at random.

@@ -90,9 +90,10 @@ def _check_model(model: nn.Module, skip: list[str]) -> None:
                 f"layer '{layer}': its parameters are on the meta device; materialize the model "
                 "(model.to_empty(device=...)) before initializing it"
             )
-    module_names = {name for name, _ in model.named_modules()}
+    known = {name for name, _ in model.named_modules()}
+    known |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for prefix in skip:
-        if prefix not in module_names and prefix not in dict(model.named_parameters()):
+        if prefix not in known:
             raise MagicInitError(f"skip: no module or parameter named '{prefix}' in the model")
 
 
@@ -267,7 +268,7 @@ def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex)
             forward(model, probe)  # raises the data's error, if it is one
             cause = exc.__cause__ if isinstance(exc, MagicInitError) and exc.__cause__ is not None else exc
             raise MagicInitError(
-                f"the model runs on the init data, but not under magicinit's TorchFunctionMode, which every pass "
-                f"needs ({type(cause).__name__}: {cause}); magicinit cannot initialize this forward. "
-                "A torch.compile'd model: pass the original module (magicinit unwraps OptimizedModule itself)"
+                f"the model runs on the init data, but not under magicinit's TorchFunctionMode, which it needs "
+                f"to find the affine calls ({type(cause).__name__}: {cause}); magicinit cannot initialize this forward "
+                "(a model compiled as a whole is unwrapped; compiled submodules are not)"
             ) from exc

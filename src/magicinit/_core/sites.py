@@ -38,7 +38,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter, module_adapter
+from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter, Layout, module_adapter
+from .errors import MagicInitError
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -136,12 +137,24 @@ class SiteCall:
         return self.kind.adapter
 
     @property
-    def layout(self) -> tuple[AffineAdapter, int]:
+    def through_view(self) -> bool:
+        """Whether the site uses a view of its weight's parameter (a slice, a transpose)."""
+        return self.unit.kind == "parameter" and self.weight._base is not None
+
+    @property
+    def layout(self) -> Layout:
         """The filter layout and groups of the unit's own tensor, as this site sees it: the site's
-        where it uses the weight itself, one filter per row where it uses a view (a slice, a transpose)."""
-        if self.unit.kind == "parameter" and self.weight._base is not None:
-            return CONV, 1
-        return self.adapter, self.groups
+        own where it uses the weight itself or a slice of a matrix along its channels; the other
+        matrix layout for a transposed matrix; else one filter per row."""
+        if not self.through_view:
+            return self.adapter, self.groups
+        weight, base = self.weight, self.weight._base
+        if self.adapter in (LINEAR, MATMUL) and weight.dim() == base.dim() == 2:
+            transposed = (weight.stride(0) < weight.stride(1)) != (base.stride(0) < base.stride(1))
+            if not transposed:
+                return self.adapter, 1
+            return (MATMUL if self.adapter is LINEAR else LINEAR), 1
+        return CONV, 1
 
     def call(self, **replaced: Any) -> Any:
         """The function called again with some of ``input``, ``weight``, ``bias`` replaced.
@@ -186,32 +199,60 @@ class SiteCall:
         return columns.reshape(n, groups, fan, -1).permute(1, 0, 3, 2).reshape(groups, -1, fan)
 
 
+def _storage_positions(view: Tensor, base: Tensor) -> Tensor:
+    """The positions (in ``base``'s storage, from its start) of every element of ``view``."""
+    positions = torch.full((), view.storage_offset() - base.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(view.shape, view.stride()):
+        positions = positions.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return positions.flatten()
+
+
+def _span(view: Tensor, base: Tensor) -> tuple[int, int]:
+    """The first and last storage positions ``view`` reads (relative to ``base``)."""
+    start = view.storage_offset() - base.storage_offset()
+    extent = sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()) if size > 0)
+    return start, start + extent
+
+
 class FirstUses:
-    """Which elements of each weight a site has used so far: a site is a weight's *first use* if
-    none of the elements it reads was read before (the packed attention projection used as
-    q rows at one site and k, v rows at another has two first uses)."""
+    """Which parts of each weight a site has used so far: a site is a weight's *first use* if it
+    reads none of the elements an earlier site read (the packed attention projection used as q
+    rows at one site and as k, v rows at another has two first uses)."""
 
     def __init__(self) -> None:
-        self._read: dict[str, Tensor] = {}
+        self._whole: set[str] = set()
+        self._views: dict[str, list[Tensor]] = {}
 
     def claim(self, site: SiteCall) -> bool:
-        """Whether ``site`` reads no element of its weight that an earlier site read; marks them read."""
-        weight, base = site.weight, site.weight._base
-        if site.unit.kind != "parameter" or base is None:  # the whole weight
-            if site.unit.name in self._read:
+        """Whether ``site`` reads no element of its weight that an earlier site read; marks them read.
+
+        Raises ``MagicInitError`` for a view that reads one element at several places
+        (``expand``): its filters cannot be set channel by channel.
+        """
+        name = site.unit.name
+        if name in self._whole:
+            return False
+        if not site.through_view:
+            if name in self._views:
                 return False
-            self._read[site.unit.name] = torch.ones((), dtype=torch.bool)
+            self._whole.add(name)
             return True
-        read = self._read.get(site.unit.name)
-        if read is not None and read.dim() == 0:
-            return False
-        if read is None:
-            read = self._read[site.unit.name] = torch.zeros(base.numel(), dtype=torch.bool)
-        offset = weight.storage_offset() - base.storage_offset()
-        elements = torch.arange(base.numel()).as_strided(weight.shape, weight.stride(), offset)
-        if bool(read[elements].any()):
-            return False
-        read[elements] = True
+        weight, base = site.weight, site.weight._base
+        start, stop = _span(weight, base)
+        mine: Tensor | None = None
+        for earlier in self._views.get(name, []):
+            earlier_start, earlier_stop = _span(earlier, base)
+            if earlier_stop < start or stop < earlier_start:
+                continue  # apart in memory (q rows and k, v rows): no element to compare
+            mine = _storage_positions(weight, base) if mine is None else mine
+            if bool(torch.isin(mine, _storage_positions(earlier, base)).any()):
+                return False
+        if any(stride == 0 for size, stride in zip(weight.shape, weight.stride()) if size > 1):
+            raise MagicInitError(
+                f"weight '{name}' is applied through an expanded view (one element at several places), whose "
+                f"filters cannot be set channel by channel; leave it out with skip=['{name}']"
+            )
+        self._views.setdefault(name, []).append(weight)
         return True
 
 
@@ -269,6 +310,17 @@ class WeightUnit:
         else:
             raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
 
+    def refresh_(self, model: nn.Module) -> None:
+        """Recompute a ``weight_norm``/``prune`` hook's attribute from the real parameters (call without grad)."""
+        if self.kind not in ("weight_norm", "prune"):
+            return
+        module = model.get_submodule(self.owner)
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm) and self.kind == "weight_norm" and hook.name == self.attribute:
+                setattr(module, self.attribute, hook.compute_weight(module))
+            elif isinstance(hook, BasePruningMethod) and self.kind == "prune" and hook._tensor_name == self.attribute:
+                setattr(module, self.attribute, hook.apply_mask(module))
+
     def scale_(self, model: nn.Module, factor: float) -> None:
         """Multiply the weight by ``factor``, through the real parameters (``weight_norm``: its magnitude g)."""
         if self.kind in ("parameter", "weight_norm", "prune"):
@@ -291,7 +343,7 @@ class UnitIndex:
     """
 
     def __init__(self, model: nn.Module, protected: frozenset[str] = frozenset()) -> None:
-        self.protected = protected
+        self._protected = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in protected}
         self.units: dict[str, WeightUnit] = {}
         self._reparametrized: list[tuple[WeightUnit, nn.Module]] = []
         self._of_parameter: dict[int, WeightUnit] = {}
@@ -302,7 +354,7 @@ class UnitIndex:
             for unit in _reparametrizations(owner, module):
                 self._reparametrized.append((unit, module))
                 claimed.update(unit.parameters)
-        by_name = {unit.parameters[0]: unit for unit, _ in self._reparametrized}
+        by_name = {unit.parameters[0]: unit for unit, _ in self._reparametrized if unit.parameters}
         names_of: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             names_of.setdefault(id(param), []).append(name)
@@ -327,14 +379,12 @@ class UnitIndex:
         """The unit ``tensor`` is, or is a view of, or is computed by; None for anything else."""
         if not isinstance(tensor, Tensor):
             return None
-        unit = self._of_parameter.get(id(tensor))
-        if unit is None and tensor._base is not None:
-            unit = self._of_parameter.get(id(tensor._base))
+        unit = _of_tensor_or_its_base(self._of_parameter, tensor)
         if unit is not None:
             return unit
         for unit, module in self._reparametrized:
             if unit.kind == "parametrization" and not parametrize._cache_enabled:
-                continue  # recomputed on every access: recognizable only while cached (the trace and Part 1)
+                continue  # recomputed on every access: recognizable only while cached (the trace)
             try:
                 if getattr(module, unit.attribute) is tensor:
                     return unit
@@ -344,17 +394,22 @@ class UnitIndex:
 
     def parameter_of(self, tensor: Any) -> str | None:
         """The qualified name of the parameter ``tensor`` is, or is a view of; None for anything else."""
-        if not isinstance(tensor, Tensor):
-            return None
-        name = self._parameter_names.get(id(tensor))
-        if name is None and tensor._base is not None:
-            name = self._parameter_names.get(id(tensor._base))
-        return name
+        return _of_tensor_or_its_base(self._parameter_names, tensor) if isinstance(tensor, Tensor) else None
 
     def writable(self, tensor: Any) -> str | None:
         """The name of the parameter ``tensor`` is (or is a view of) if it may be written, else None."""
         name = self.parameter_of(tensor)
-        return name if name is not None and name not in self.protected else None
+        if name is None:
+            return None
+        param = tensor if id(tensor) in self._parameter_names else tensor._base
+        return None if id(param) in self._protected else name
+
+    def refresh_(self, model: nn.Module) -> None:
+        """Recompute, without grad, the weights that ``weight_norm`` and ``prune`` hooks keep as
+        attributes, so that they show the parameters' present values (and hold no graph)."""
+        with torch.no_grad():
+            for unit, _ in self._reparametrized:
+                unit.refresh_(model)
 
     def of_module(self, module_name: str) -> WeightUnit | None:
         """The unit of the module's ``weight`` (for modules that are affine by type)."""
@@ -362,6 +417,14 @@ class UnitIndex:
             if unit.owner == module_name and unit.attribute == "weight":
                 return unit
         return None
+
+
+def _of_tensor_or_its_base(table: dict[int, Any], tensor: Tensor) -> Any:
+    """``table``'s entry (keyed by tensor id) for ``tensor``, or for the tensor it is a view of."""
+    entry = table.get(id(tensor))
+    if entry is None and tensor._base is not None:
+        entry = table.get(id(tensor._base))
+    return entry
 
 
 def _affine_module_weights_first(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
@@ -439,7 +502,7 @@ class CallInterceptor(TorchFunctionMode):
         self.index = index
         self._copies: dict[Callable[..., Any], Callable[..., Any]] = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in COMPOSITES:
             with self:
@@ -455,8 +518,9 @@ class CallInterceptor(TorchFunctionMode):
     def recognize(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> SiteCall | None:
         """The site this call is, or None."""
         kind = SITE_KINDS.get(op_name(func))
-        if kind is None:
-            return None
+        raw = getattr(func, "__name__", "")
+        if kind is None or raw.startswith("__r") or (raw.endswith("_") and not raw.endswith("__")):
+            return None  # not affine, or its reflected (``W @ x`` from the right) or in-place form
         weight = _argument(args, kwargs, kind.weight)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             return None

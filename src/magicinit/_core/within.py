@@ -1,7 +1,8 @@
 """Part 1 of the method: within-layer initialization (per-channel normalization).
 
 One forward pass over the init data does it all, under a ``TorchFunctionMode``
-that sees every affine site (``sites``). At the first site of each weight it
+that sees every affine site (``sites``). At the first use of each weight (of
+each disjoint part of it, for the slices of a packed projection) it
 draws the filters (``samplers``), makes the call with them and a zero bias,
 measures the mean ``mu_i`` and standard deviation ``sigma_i`` of every output
 channel, sets ``W_i <- W_i / sigma_i`` and ``b_i <- beta - mu_i / sigma_i`` (through
@@ -9,8 +10,8 @@ the weight's real parameters), and hands the *normalized* output on, so every
 later site already sees the initialized ones before it. The cost is one
 forward pass plus a few element-wise passes over each site's output.
 
-A weight used at several sites is normalized at its first site in data order;
-its later sites use it as it then is.
+A weight used at several sites is normalized at its first use in data order;
+its later uses see it as it then is.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import AffineAdapter
+from .adapters import Layout
 from .context import PassContext
 from .distributed import Collective
 from .errors import MagicInitError
@@ -126,7 +127,14 @@ class _WithinPass(CallInterceptor):
     ) -> Any:
         if site is None or site.unit.name not in self.to_initialize or not self.first_uses.claim(site):
             return func(*args, **kwargs)  # not a site, a weight left alone, or a later use of a weight
-        return self._initialize(site)
+        try:
+            return self._initialize(site)
+        except MagicInitError:
+            raise
+        except Exception as error:  # the sampler's, or magicinit's: not the data's
+            raise MagicInitError(
+                f"layer '{site.unit.name}': Part 1 failed at its site ({type(error).__name__}: {error})"
+            ) from error
 
     def _draw(self, site: SiteCall) -> tuple[Tensor, list[str]]:
         """New filters for the site's weight, as a weight tensor, and the sampler's notes."""
@@ -245,6 +253,7 @@ def normalize_within(
                              on_layer_done=advance)
         with torch.no_grad(), within:
             context.run()
+    index.refresh_(context.model)
     return within.results
 
 
@@ -256,7 +265,7 @@ class _FirstSiteMoments(CallInterceptor):
         self.watched, self.collective = units, collective
         self.moments: dict[str, ChannelMoments] = {}
         self.first_uses = FirstUses()
-        self.layouts: dict[str, tuple[AffineAdapter, int]] = {}
+        self.layouts: dict[str, Layout] = {}
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
@@ -273,9 +282,9 @@ class _FirstSiteMoments(CallInterceptor):
         return output
 
 
-def channel_moments_of_layers(
+def first_site_moments(
     context: PassContext, index: UnitIndex, units: dict[str, WeightUnit]
-) -> tuple[dict[str, ChannelMoments], dict[str, tuple[AffineAdapter, int]]]:
+) -> tuple[dict[str, ChannelMoments], dict[str, Layout]]:
     """Channel moments of the first site of every weight in ``units``, in one no-grad pass over the
     init data (over all ranks' data with several processes), and each weight's filter layout;
     nothing changes."""
