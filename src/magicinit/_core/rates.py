@@ -125,7 +125,7 @@ def measure_change_rates(
                 grads, position = [], 0
                 for tensors in used:  # a weight's gradient: the sum over the calls that used it
                     parts = [g for g in flat[position:position + len(tensors)] if g is not None]
-                    grads.append(torch.stack(parts).sum(0) if parts else None)
+                    grads.append(None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
                     position += len(tensors)
                 for name, grad in zip(names, grads):
                     per_channel = _squared_filter_norms(units[name].tensor(model), layouts[name], grad)
