@@ -519,7 +519,7 @@ class CallInterceptor(TorchFunctionMode):
         """The site this call is, or None."""
         kind = SITE_KINDS.get(op_name(func))
         raw = getattr(func, "__name__", "")
-        if kind is None or raw.startswith("__r") or (raw.endswith("_") and not raw.endswith("__")):
+        if kind is None or raw.startswith(("__r", "__i")) or (raw.endswith("_") and not raw.endswith("__")):
             return None  # not affine, or its reflected (``W @ x`` from the right) or in-place form
         weight = _argument(args, kwargs, kind.weight)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
