@@ -84,7 +84,6 @@ def _apply_scales(
                 for bias in graph.bias_parameters[name]:
                     model.get_parameter(bias).mul_(solution.bias_factor(name))
                 changed.add(name)
-            unit.refresh_(model)
     return factors, changed
 
 
@@ -209,9 +208,6 @@ def equalize_between(
         _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
         result.weight_factor, result.changed = unchanged, set()
-        with torch.no_grad():
-            for unit in called.values():
-                unit.refresh_(model)
         return result
     if result.changed:
         result.after = measure_change_rates(context, called, graph.layouts, "magicinit: rates after")

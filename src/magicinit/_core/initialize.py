@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,6 +18,7 @@ from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
 from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
 from .session import Session, original_module, start_session
+from .sites import refreshed
 from .within import WithinLayerResult, normalize_within
 
 
@@ -108,7 +108,7 @@ def init_(
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
-    with _refreshed(session), guarded(model):
+    with refreshed(model, session.all_units.values()), guarded(model):
         if within:
             start = time.perf_counter()
             within_results = normalize_within(session.context, session.index, session.units, chosen_sampler,
@@ -153,15 +153,6 @@ def rescale_(
         include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
         rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, process_group=process_group,
     )
-
-
-@contextmanager
-def _refreshed(session: Session) -> Iterator[None]:
-    """Reparametrizations' weights recomputed from their parameters when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        session.index.refresh_(session.context.model)
 
 
 def _between(session: Session, constant: set[str]) -> BetweenResult:

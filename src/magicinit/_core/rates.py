@@ -27,7 +27,7 @@ from .distributed import Collective
 from .errors import MagicInitError
 from .inputs import batch_size, floating_tensors, split_batch
 from .safety import temporary_hooks
-from .sites import WeightUnit
+from .sites import WeightUnit, refreshed
 
 
 @dataclass
@@ -100,8 +100,9 @@ def measure_change_rates(
     draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
     rounds = 0
     computed: dict[str, list[Tensor]] = {}  # a reparametrized weight as each call of its module computed it
+    # the reparametrizations' attributes hold this pass's graph: recomputed without it at the end
     with context.progress_bar(options.max_rounds * len(starts), desc, unit="draw") as advance, \
-            temporary_hooks() as hooks:
+            temporary_hooks() as hooks, refreshed(model, units.values()):
         for name, unit in units.items():
             if unit.kind != "parameter":  # after the reparametrization's own pre-hook: its result of this call
                 hooks.before(model.get_submodule(unit.owner),
@@ -138,9 +139,6 @@ def measure_change_rates(
                 errors = _log_errors(draw_totals, collective)
                 if all(e <= options.precision for e in errors.values()):
                     break
-    with torch.no_grad():  # the reparametrizations' attributes hold this pass's graph: recompute them without
-        for unit in units.values():
-            unit.refresh_(model)
     n_draws = len(starts) * rounds
     if collective is not None:
         n_draws = collective.total(n_draws)

@@ -25,7 +25,8 @@ linear maps are sites like any other.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,6 +375,7 @@ class UnitIndex:
             )
             self.units[unit.name] = unit
             self._of_parameter[id(param)] = unit
+        self._module_weights = {unit.owner: unit for unit in self.units.values() if unit.attribute == "weight"}
 
     def resolve(self, tensor: Any) -> WeightUnit | None:
         """The unit ``tensor`` is, or is a view of, or is computed by; None for anything else."""
@@ -404,19 +406,22 @@ class UnitIndex:
         param = tensor if id(tensor) in self._parameter_names else tensor._base
         return None if id(param) in self._protected else name
 
-    def refresh_(self, model: nn.Module) -> None:
-        """Recompute, without grad, the weights that ``weight_norm`` and ``prune`` hooks keep as
-        attributes, so that they show the parameters' present values (and hold no graph)."""
-        with torch.no_grad():
-            for unit, _ in self._reparametrized:
-                unit.refresh_(model)
-
     def of_module(self, module_name: str) -> WeightUnit | None:
         """The unit of the module's ``weight`` (for modules that are affine by type)."""
-        for unit in self.units.values():
-            if unit.owner == module_name and unit.attribute == "weight":
-                return unit
-        return None
+        return self._module_weights.get(module_name)
+
+
+@contextmanager
+def refreshed(model: nn.Module, units: Iterable[WeightUnit]) -> Iterator[None]:
+    """When the block ends, however it ends, recompute without grad the weights that ``weight_norm``
+    and ``prune`` hooks keep as attributes, so that they show the parameters' present values and
+    hold no graph (a model holding one cannot be deep-copied)."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for unit in units:
+                unit.refresh_(model)
 
 
 def _of_tensor_or_its_base(table: dict[int, Any], tensor: Tensor) -> Any:

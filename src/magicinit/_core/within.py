@@ -253,7 +253,6 @@ def normalize_within(
                              on_layer_done=advance)
         with torch.no_grad(), within:
             context.run()
-    index.refresh_(context.model)
     return within.results
 
 
