@@ -145,6 +145,16 @@ def _check_both_parts_leave_bit_identical_ranks(rank: int, world: int) -> None:
     rescaled = magicinit.rescale_(model, shards[rank], seed=1, rate_precision=0.03)
     _same_on_every_rank(_checksum(model), world)
     assert rescaled.output_change < 1e-4 and rescaled.rate_spread_after < 1.15
+    # approximate mode: the operations treated as homogeneous, the rounds and the output change agree too
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.LocalResponseNorm(3), torch.nn.Conv2d(8, 8, 3),
+        torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 4),
+    )
+    report = magicinit.init_(model, shards[rank], seed=0, rate_precision=0.05, scale_mode="approximate")
+    _same_on_every_rank(_checksum(model), world)
+    _same_on_every_rank(report.to_dict() | {"seconds": None}, world)
+    assert report.approximated and report.normalizations
 
 
 def _check_errors_reach_every_rank(rank: int, world: int) -> None:

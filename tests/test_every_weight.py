@@ -524,7 +524,7 @@ def test_a_vector_weight_and_a_compiled_model() -> None:
     assert_channels_normalized(original[0](x).detach(), "0")
 
 
-def test_a_rescaling_that_changes_nothing_is_reported_as_measured() -> None:
+def test_a_rescaling_that_can_change_nothing_measures_nothing_and_says_so() -> None:
     attention = nn.MultiheadAttention(12, 3, batch_first=True)
 
     class SelfAttention(nn.Module):
@@ -535,8 +535,12 @@ def test_a_rescaling_that_changes_nothing_is_reported_as_measured() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.attention(x, x, x)[0]
 
-    report = magicinit.rescale_(SelfAttention(), torch.randn(16, 5, 12), seed=0, rate_precision=0.1)
-    assert all(e.weight_scale == 1.0 and e.status == LayerStatus.MEASURED for e in report.layers)
+    model = SelfAttention()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    report = magicinit.rescale_(model, torch.randn(16, 5, 12), seed=0, rate_precision=0.1)
+    assert all(e.status == LayerStatus.FIXED and e.rate_before is None for e in report.layers)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert any("changed nothing" in note and "diagnose" in note for note in report.notes)
 
 
 # --- found by a code review ------------------------------------------------------------------------------

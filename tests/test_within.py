@@ -171,17 +171,19 @@ def test_layer_never_called_is_left_untouched_and_reported() -> None:
     assert report["unused"].status == "never called"
 
 
-def test_layer_before_batch_norm_is_normalized_and_bn_state_untouched() -> None:
+def test_layer_before_batch_norm_is_normalized_and_bn_state_untouched_by_part1() -> None:
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 3))
     model.train()
     bn_state = {k: v.clone() for k, v in model[1].state_dict().items()}
     x = torch.randn(16, 3, 8, 8)
-    report = magicinit.init_(model, x, seed=0)
+    report = magicinit.init_(model, x, seed=0, between=False)
     assert model.training and model[1].training
     for key, value in model[1].state_dict().items():
         assert torch.equal(value, bn_state[key]), key
-    assert any("batch_norm in '1'" in note for note in report["0"].notes)
-    assert report["0"].weight_scale == 1.0  # its output scale is fixed by the batch norm
+    assert model[1].eps == 1e-5
+    _, std = channel_stats(model[0], first_call_outputs(model, x)["0"])
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-4)
+    assert report["0"].status == "initialized"
 
 
 def test_float64_and_bfloat16_models() -> None:

@@ -1,10 +1,15 @@
 """Part 2 of the method: between-layer scale adjustment (equal change rates).
 
 The layers' change rates are measured (``rates``); the rescaling is the
-least-squares problem of ``graph.LayerGraph.solve`` (see docs/method.md): one
-measurement, one solve, one application that keeps the network's function
-(first checked on a float64 copy of the model, so that rounding is not
-mistaken for a change), one verification.
+least-squares problem of ``graph.LayerGraph.solve`` (see docs/method.md).
+
+- ``scale_mode="exact"``: one measurement, one solve, one application that
+  keeps the network's function (first checked on a float64 copy of the model,
+  so that rounding is not mistaken for a change), one verification. Where the
+  graph leaves no scale free, nothing is measured.
+- ``scale_mode="approximate"``: operations homogeneous on the data within a
+  tolerance are tied too; then rounds of trace, measure, solve and a damped
+  application, until the rates agree within their precision.
 """
 
 from __future__ import annotations
@@ -12,17 +17,19 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .context import PassContext
-from .graph import LayerGraph, ScaleSolution
+from .distributed import Collective
+from .graph import HomogeneityTest, LayerGraph, ScaleSolution, compensate_normalization, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .rates import ChangeRates, measure_change_rates
 from .safety import ModelSnapshot
-from .sites import WeightUnit
+from .sites import UnitIndex, WeightUnit
 
 
 def _norm(tensors: list[Tensor]) -> float:
@@ -39,12 +46,24 @@ def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
     return _difference(reference, current) / norm if norm > 0 else _difference(reference, current)
 
 
+def output_scale(reference: list[Tensor], current: list[Tensor], collective: Collective | None = None) -> float:
+    """The global factor ``g`` that brings ``reference`` closest to ``current`` (``current ~ g * reference``),
+    over every process's outputs."""
+    sums = torch.tensor([
+        sum(float((a.double() * b.double()).sum()) for a, b in zip(reference, current)), _norm(reference) ** 2,
+    ], dtype=torch.float64)
+    if collective is not None:
+        sums = collective.sum(sums)
+    inner, size = float(sums[0]), float(sums[1])
+    return inner / size if size > 0 else 1.0
+
+
 @dataclass
 class BetweenResult:
     """What Part 2 measured and did.
 
     Attributes:
-        before: rates before rescaling.
+        before: rates before rescaling (None if nothing could change, so nothing was measured).
         after: rates re-measured with fresh noise after rescaling (``before`` itself if no
             scale changed, None if the rescaling was not kept).
         weight_factor: factor applied to each layer's weight.
@@ -52,26 +71,45 @@ class BetweenResult:
         equalized: layers whose rates entered the objective.
         excluded: layers left out of the objective, with the reason.
         function_change: relative output change caused by the rescaling, on the first init
-            samples, in the model's own precision (rounding only).
+            samples, in the model's own precision (rounding only, in exact mode).
+        output_scale: the global factor the outputs changed by (1 in exact mode).
+        change_beyond_scale: relative output change once that factor is taken out.
         reverted: True if the rescaling would have changed the function and was not kept.
+        nothing_to_do: why nothing was measured or changed, when no scale was free.
+        approximated: operations treated as homogeneous ("approximate" mode), with their largest
+            measured deviation.
+        normalizations: normalization modules whose ``eps`` (and running statistics) were
+            compensated, with the factor their input was scaled by.
+        rounds: rescaling rounds made.
     """
 
-    before: ChangeRates
+    before: ChangeRates | None
     after: ChangeRates | None
     weight_factor: dict[str, float]
     equalized: list[str]
     changed: set[str] = field(default_factory=set)
     excluded: dict[str, str] = field(default_factory=dict)
     function_change: float = 0.0
+    output_scale: float = 1.0
+    change_beyond_scale: float = 0.0
     reverted: bool = False
+    nothing_to_do: str | None = None
+    approximated: dict[str, float] = field(default_factory=dict)
+    normalizations: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+    graph: LayerGraph | None = None  # the graph of the last round, where it differs from the session's
 
 
 def _apply_scales(
     model: nn.Module, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
 ) -> tuple[dict[str, float], set[str]]:
     """Scale every solved weight and its sites' bias parameters in ``model`` (or a copy of it),
-    in place; returns the weight factors and the names of the weights whose weight or bias changed."""
+    in place, and compensate the normalizations whose input scale changed; returns the weight
+    factors and the names of the weights whose weight or bias changed."""
     factors, changed = {}, set()
+    for module, rho in solution.normalization_rho.items():
+        if rho != 0.0:
+            compensate_normalization(model.get_submodule(module), rho, graph.normalizations[module].running_statistics)
     with torch.no_grad():
         for name, unit in units.items():
             if name not in solution.rho_in:
@@ -156,27 +194,11 @@ def _warn_not_kept(change: float, where: str) -> None:
     )
 
 
-def equalize_between(
-    context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, fixed: set[str]
-) -> BetweenResult:
-    """Rescale the weights ``units`` so their change rates are as equal as the graph allows.
-
-    Weights in ``fixed`` keep their weights and biases. The function of the
-    network is kept: the rescaling is first applied to a float64 copy of the
-    model and must leave its outputs on the first init samples unchanged (up
-    to 1e-9, relative); otherwise it is not applied, with a warning. Where no
-    float64 copy can be made, it is applied and undone again if the model's
-    own outputs moved by more than rounding allows. With several processes,
-    the rates are those of all ranks' data and every check takes the worst
-    rank, so all ranks apply the same scales or none.
-    """
-    model, collective = context.model, context.collective
-    called = {name: unit for name, unit in units.items() if name in graph.sites}
-    before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
-    excluded: dict[str, str] = {}
-    log_rates: dict[str, float] = {}
-    for name in called:
-        rate = before.rate[name]
+def _log_rates(rates: ChangeRates, names: Iterable[str], fixed: set[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """The log-rates that enter the objective, and the layers left out of it with the reason."""
+    log_rates, excluded = {}, {}
+    for name in names:
+        rate = rates.rate[name]
         if name in fixed:
             continue
         if rate == 0.0:
@@ -185,12 +207,46 @@ def equalize_between(
             excluded[name] = "its weight is zero"
         else:
             log_rates[name] = math.log(rate)
+    return log_rates, excluded
+
+
+NOTHING_FREE = (
+    "no function-keeping rescaling can change any layer's change rate relative to the others (each layer's "
+    "notes say what fixes its input and output scales), so no rate was measured; magicinit.diagnose measures them"
+)
+
+
+def equalize_between(
+    context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, fixed: set[str], index: UnitIndex
+) -> BetweenResult:
+    """Rescale the weights ``units`` so their change rates are as equal as the graph allows.
+
+    Weights in ``fixed`` keep their weights and biases. In ``"exact"`` mode
+    (``context.scaling``) the function of the network is kept: the rescaling
+    is first applied to a float64 copy of the model and must leave its outputs
+    on the first init samples unchanged (up to 1e-9, relative); otherwise it is
+    not applied, with a warning. Where no float64 copy can be made, it is
+    applied and undone again if the model's own outputs moved by more than
+    rounding allows. Where no scale is free, nothing is measured. In
+    ``"approximate"`` mode see ``_equalize_approximately``; ``index`` finds the
+    weights when it traces the graph again. With several processes, the rates
+    are those of all ranks' data and every check takes the worst rank, so all
+    ranks apply the same scales or none.
+    """
+    called = {name: unit for name, unit in units.items() if name in graph.sites}
+    if context.scaling.mode == "approximate":
+        return _equalize_approximately(context, called, fixed, index)
+    unchanged = {name: 1.0 for name in called}
+    if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
+        return BetweenResult(None, None, unchanged, [], nothing_to_do=NOTHING_FREE)
+    model, collective = context.model, context.collective
+    before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
+    log_rates, excluded = _log_rates(before, called, fixed)
     solution = graph.solve(log_rates, fixed=fixed)
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
     if collective is not None and analysis_error is not None:
         analysis_error = collective.max(analysis_error)
-    unchanged = {name: 1.0 for name in called}
     result = BetweenResult(before, None, unchanged, list(log_rates), excluded)
     if analysis_error is not None and analysis_error > EXACT_TOLERANCE:
         _warn_not_kept(analysis_error, "in a float64 copy of the model")
@@ -199,18 +255,130 @@ def equalize_between(
     reference = _outputs(model, probe, context.forward)
     snapshot = ModelSnapshot(model) if analysis_error is None else None  # only the fallback check can undo
     factors, result.changed = _apply_scales(model, called, solution, graph)
-    result.weight_factor = factors
-    result.function_change = function_change(reference, _outputs(model, probe, context.forward))
-    if collective is not None:
-        result.function_change = collective.max(result.function_change)
+    result.weight_factor, result.rounds = factors, 1
+    result.normalizations = _normalization_factors(solution)
+    _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
     if snapshot is not None and result.function_change > _rounding_tolerance(model):
-        snapshot.restore_tensors()
+        snapshot.restore()
         _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
-        result.weight_factor, result.changed = unchanged, set()
+        result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
         return result
     if result.changed:
         result.after = measure_change_rates(context, called, graph.layouts, "magicinit: rates after")
     else:
         result.after = before
     return result
+
+
+def _normalization_factors(solution: ScaleSolution) -> dict[str, float]:
+    return {module: math.exp(rho) for module, rho in solution.normalization_rho.items() if rho != 0.0}
+
+
+def _record_output_change(
+    result: BetweenResult, reference: list[Tensor], current: list[Tensor], collective: Collective | None
+) -> None:
+    """The output change (raw, and beyond one global factor) on the check samples, worst rank's."""
+    scale = output_scale(reference, current, collective)
+    result.function_change = function_change(reference, current)
+    result.output_scale = scale
+    result.change_beyond_scale = function_change([scale * t.double() for t in reference], current)
+    if collective is not None:
+        result.function_change = collective.max(result.function_change)
+        result.change_beyond_scale = collective.max(result.change_beyond_scale)
+
+
+def _agreed_deviations(collective: Collective | None) -> Callable[[list[float]], list[float]] | None:
+    """Every process's largest deviation per measured operation (processes that traced different
+    operations agree on treating none as homogeneous)."""
+    if collective is None:
+        return None
+
+    def agree(deviations: list[float]) -> list[float]:
+        counts = collective.gather(torch.tensor([len(deviations)], dtype=torch.int64))
+        if len({int(count.item()) for count in counts}) > 1:
+            return [math.inf] * len(deviations)
+        if not deviations:
+            return []
+        parts = collective.gather(torch.tensor(deviations, dtype=torch.float64))
+        return torch.stack(parts).amax(0).tolist()
+
+    return agree
+
+
+def _worst_deviation(log_rates: dict[str, float]) -> float:
+    """The largest distance of a log-rate from their mean."""
+    if not log_rates:
+        return 0.0
+    mean = sum(log_rates.values()) / len(log_rates)
+    return max(abs(value - mean) for value in log_rates.values())
+
+
+def _equalize_approximately(
+    context: PassContext, called: dict[str, WeightUnit], fixed: set[str], index: UnitIndex
+) -> BetweenResult:
+    """Part 2 in ``"approximate"`` mode: rounds of trace, measure, solve and damped application.
+
+    Each round traces the graph again on the first init samples, tying the
+    operations that are homogeneous there within the tolerance, measures the
+    rates, solves, and applies the solution scaled down (the paper's damping)
+    so that no tied operation's input moves by more than the factors it was
+    tested at; a round that made the rates agree less halves the next step.
+    It stops when every log-rate is within three times the rate precision of
+    their mean, when no scale is free, or after ``max_rounds``. The outputs'
+    change, raw and beyond one global factor, is measured on the same samples.
+    """
+    model, collective, options = context.model, context.collective, context.scaling
+    probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
+    test, agree = HomogeneityTest(options.tolerance), _agreed_deviations(collective)
+    reference = _outputs(model, probe, context.forward)
+    unchanged = {name: 1.0 for name in called}
+
+    def trace() -> LayerGraph:
+        with torch.no_grad():
+            return trace_graph(model, probe, context.forward, index, test, agree)
+
+    graph = trace()
+    result = BetweenResult(None, None, unchanged, [])
+    if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
+        result.nothing_to_do, result.graph = NOTHING_FREE, graph
+        return result
+    rates = result.before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
+    total = dict(unchanged)
+    step, target = 1.0, 3 * context.rates.precision
+    for _ in range(options.max_rounds):
+        log_rates, result.excluded = _log_rates(rates, called, fixed)
+        result.equalized = list(log_rates)
+        spread_now = _worst_deviation(log_rates)
+        if spread_now <= target or not graph.can_change_rates(log_rates, fixed):
+            break
+        solution = graph.solve(log_rates, fixed=fixed)
+        largest = max(solution.approximated_rho.values(), default=0.0)
+        limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
+        solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
+        for description, deviation in graph.approximated.items():
+            result.approximated[description] = max(deviation, result.approximated.get(description, 0.0))
+        factors, changed = _apply_scales(model, called, solution, graph)
+        for name, factor in _normalization_factors(solution).items():
+            result.normalizations[name] = result.normalizations.get(name, 1.0) * factor
+        total = {name: total[name] * factors.get(name, 1.0) for name in total}
+        result.changed |= changed
+        result.rounds += 1
+        graph = trace()
+        rates = measure_change_rates(context, called, graph.layouts, f"magicinit: rates, round {result.rounds}")
+        if _worst_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
+            step /= 2
+    result.weight_factor, result.after, result.graph = total, rates, graph
+    _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
+    if result.change_beyond_scale > APPROXIMATE_WARNING:
+        warnings.warn(
+            f"magicinit: scale_mode='approximate' changed the network's output by {result.change_beyond_scale:.2e} "
+            f"(relative, beyond a global factor of {result.output_scale:.3g}); lower scale_tolerance to tie fewer "
+            "operations",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return result
+
+
+APPROXIMATE_WARNING = 0.1  # output change beyond a global factor that "approximate" mode warns about

@@ -53,6 +53,37 @@ class RateOptions:
         return {f"rate_{f.name}": getattr(self, f.name) for f in fields(self)}
 
 
+SCALE_MODES = ("exact", "approximate")
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """How Part 2 may rescale (the ``scale_mode`` and ``scale_tolerance`` keywords).
+
+    Attributes:
+        mode: ``"exact"`` keeps the network's function (to rounding): every
+            operation that is not homogeneous fixes the scales around it.
+            ``"approximate"`` also rescales across operations that behave
+            homogeneously on the init data within ``tolerance`` (LRN at small
+            activations, GELU or tanh near their linear range, ...), in damped
+            rounds of measure, solve, apply, until the rates agree; the output
+            may then change slightly beyond a global scale (the report says how much).
+        tolerance: largest relative deviation ``||f(r x) - r f(x)|| / ||r f(x)||``
+            (``r`` = 1/2 and 2, on the init data) of an operation tied in ``"approximate"`` mode.
+        max_rounds: rounds of measure-solve-apply at most in ``"approximate"`` mode.
+    """
+
+    mode: str = "exact"
+    tolerance: float = 0.05
+    max_rounds: int = 6
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCALE_MODES:
+            raise MagicInitError(f"scale_mode={self.mode!r}: must be one of {', '.join(map(repr, SCALE_MODES))}")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise MagicInitError(f"scale_tolerance={self.tolerance!r}: must be a number in [0, 1)")
+
+
 @dataclass(frozen=True, eq=False)
 class PassContext:
     """What one call's passes over the init data share.
@@ -65,6 +96,7 @@ class PassContext:
         collective: the processes whose statistics are reduced together (None: this one alone).
         progress: show tqdm progress bars.
         rates: how change rates are estimated.
+        scaling: how Part 2 may rescale.
     """
 
     model: nn.Module
@@ -74,6 +106,7 @@ class PassContext:
     collective: Collective | None
     progress: bool
     rates: RateOptions
+    scaling: ScaleOptions = ScaleOptions()
 
     def run(self, batch: Batch | None = None) -> Any:
         """The model's output on ``batch`` (default: all the init data)."""

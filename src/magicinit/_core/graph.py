@@ -8,9 +8,16 @@ function exactly if every other operation's scales agree:
 - homogeneous operations of degree 1 (ReLU, pooling, reshapes, sums, concatenations, ...)
   *tie* their floating inputs and outputs to one scale;
 - products add scales (``rho_out = rho_a + rho_b``), powers multiply them;
-- everything else (sigmoid, tanh, GELU, normalizations, an added constant, an
-  operation this module does not know) *pins* its inputs and outputs to
-  ``rho = 0``, as do the model's inputs, its outputs and all constants.
+- a normalization module (batch, layer, group, instance or RMS norm) leaves
+  the scale of its input *free* and fixes that of its output: scaling its input
+  by ``r`` keeps its output when its ``eps`` is scaled by ``r**2`` and its running
+  mean and variance by ``r`` and ``r**2`` (``NORMALIZATIONS``; the compensation is
+  part of applying the scales);
+- everything else (sigmoid, tanh, GELU, an added constant, an operation this
+  module does not know) *pins* its inputs and outputs to ``rho = 0``, as do the
+  model's inputs, its outputs and all constants. Optionally (``scale_mode=
+  "approximate"``) such an operation with one varying input is *tied* instead
+  when it behaves homogeneously on the data (``HomogeneityTest``).
 
 These relations are recorded by a probe forward pass under a
 ``TorchFunctionMode`` (so arbitrary ``forward`` code works, with no tracing
@@ -87,9 +94,19 @@ class ScaleGroups:
 class _Tracer(CallInterceptor):
     """Records scale relations between the tensors of one forward pass, and the affine sites."""
 
-    def __init__(self, index: UnitIndex) -> None:
+    def __init__(
+        self, index: UnitIndex, modules: dict[str, nn.Module], homogeneity: HomogeneityTest | None = None
+    ) -> None:
         super().__init__(index)
+        self.modules = modules
+        self.homogeneity = homogeneity
         self.groups = ScaleGroups()
+        self.produced: set[int] = set()  # ids of tensors that operations computed (not constants)
+        self.normalizations: dict[str, Normalization] = {}
+        self.approximated: dict[str, float] = {}
+        self.approximated_inputs: list[tuple[str, int]] = []
+        # operations measured for homogeneity: (description, deviation, [input node, *output nodes])
+        self.candidates: list[tuple[str, float, list[int]]] = []
         self.node_of: dict[int, int] = {}
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
         self.equations: list[dict[int, float]] = []
@@ -108,6 +125,8 @@ class _Tracer(CallInterceptor):
             self.alive.append(tensor)
             if reason_if_new:
                 self.groups.pin(self.node_of[key], reason_if_new)
+            else:
+                self.produced.add(key)
         return self.node_of[key]
 
     def where(self) -> str:
@@ -116,22 +135,71 @@ class _Tracer(CallInterceptor):
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
     ) -> Any:
+        name = op_name(func)
+        deviation = None
+        if self.homogeneity is not None and site is None and name not in SCALE_RULES and name not in NORMALIZATIONS:
+            varying = [t for t in floating_tensors((args, kwargs)) if id(t) in self.produced]
+            if len(varying) == 1 and "out" not in kwargs:  # measured before the call: it may work in place
+                deviation = self.homogeneity.deviation(func, args, kwargs, varying[0])
+                deviation = math.inf if deviation is None else deviation
         out = func(*args, **kwargs)
         outputs = list(floating_tensors(out))
-        name = op_name(func)
         if not outputs and name not in _WRITES_OR_ESCAPES:
             return out  # sizes, shapes, comparisons: no floating data flows on
         inputs = list(floating_tensors((args, kwargs)))
         in_nodes = [self.node(t) for t in inputs]
         out_nodes = [self.node(t, reason_if_new="") for t in outputs]
+        op = _Op(name, args, kwargs, inputs, in_nodes, out_nodes)
         if site is not None and outputs:
             self._site(site, outputs[0])
             self._note_uses(name, [site.input] if isinstance(site.input, Tensor) else [], outputs)
+            return out
+        self._note_uses(name, inputs, outputs)
+        if name in NORMALIZATIONS and outputs:
+            self._normalization(op)
+        elif deviation is not None and outputs:  # tied or pinned once every process's measurement is in
+            varying = [n for t, n in zip(inputs, in_nodes) if id(t) in self.produced]
+            self.candidates.append((f"{name}{self.where()}", deviation, varying + out_nodes))
         else:
-            self._note_uses(name, inputs, outputs)
             rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
-            rule(self, _Op(name, args, kwargs, inputs, in_nodes, out_nodes))
+            rule(self, op)
         return out
+
+    def decide_homogeneity(self, deviations: list[float]) -> None:
+        """Tie each measured operation whose deviation (one per candidate, in call order) is within the
+        tolerance, and pin the others."""
+        assert self.homogeneity is not None
+        for (description, _, nodes), deviation in zip(self.candidates, deviations):
+            if deviation <= self.homogeneity.tolerance:
+                self.approximated[description] = max(deviation, self.approximated.get(description, 0.0))
+                self.approximated_inputs.append((description, nodes[0]))
+                self.groups.tie(nodes)
+            else:
+                for node in nodes:
+                    self.groups.pin(node, f"{description} (not homogeneous on the data: off by {deviation:.1e})")
+
+    def _normalization(self, op: _Op) -> None:
+        """A normalization: its output's scale is its own; its input's is free if its module can compensate."""
+        spec = NORMALIZATIONS[op.name]
+        where = self.where()
+        for n in op.out_nodes:
+            self.groups.pin(n, f"{op.name}{where}")
+        data = op.args[0] if op.args else op.kwargs.get("input")
+        if not isinstance(data, Tensor):
+            return
+        data_node = self.node(data)
+        module_name = self.scope[-1] if self.scope else None
+        module = self.modules.get(module_name) if module_name is not None else None
+        reason = spec.compensation_problem(module, op.args, op.kwargs)
+        if reason is not None:
+            self.groups.pin(data_node, f"{op.name}{where} ({reason})")
+            return
+        assert module_name is not None
+        known = self.normalizations.get(module_name)
+        if known is None:
+            self.normalizations[module_name] = Normalization(data_node, spec.uses_running_statistics(op.args, op.kwargs))
+        else:  # one eps for every call of the module: one scale
+            self.groups.tie([known.input_node, data_node])
 
     def _site(self, site: SiteCall, output: Tensor) -> None:
         """Record one call of an affine site: its input and output nodes, its bias and its layout."""
@@ -157,6 +225,126 @@ class _Tracer(CallInterceptor):
             if outputs and all(out is tensor or out._base is root for out in outputs):
                 continue  # the weight itself (a no-op .to, .contiguous) or a view of it: its uses are what count
             self.other_uses.setdefault(unit.name, []).append(f"{name}{self.where()}")
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str, default: Any) -> Any:
+    return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else default
+
+
+@dataclass(frozen=True)
+class NormalizationSpec:
+    """Where a normalization function takes its ``eps`` and running statistics.
+
+    Scaling its input by ``r`` keeps its output exactly when ``eps`` is
+    scaled by ``r**2`` and the running mean and variance (if it uses them) by
+    ``r`` and ``r**2``: possible when it is called by a module whose ``eps``
+    attribute and running-statistic buffers are what it reads.
+    """
+
+    eps_position: int
+    eps_default: float | None
+    running_positions: tuple[int, int] | None = None
+
+    def running(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """The running mean and variance arguments (None, None if the function has none)."""
+        if self.running_positions is None:
+            return None, None
+        mean_at, var_at = self.running_positions
+        return (_argument(args, kwargs, mean_at, "running_mean", None),
+                _argument(args, kwargs, var_at, "running_var", None))
+
+    def uses_running_statistics(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call reads running statistics (which then scale with the input)."""
+        return any(isinstance(t, Tensor) for t in self.running(args, kwargs))
+
+    def compensation_problem(self, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Why ``module`` cannot compensate a change of this call's input scale, or None if it can."""
+        eps = _argument(args, kwargs, self.eps_position, "eps", self.eps_default)
+        if module is None or not isinstance(getattr(module, "eps", None), float) or module.eps != eps:
+            return "its eps is no float attribute of the module calling it, so it cannot follow the input's scale"
+        mean, var = self.running(args, kwargs)
+        for tensor, buffer in ((mean, "running_mean"), (var, "running_var")):
+            if isinstance(tensor, Tensor) and getattr(module, buffer, None) is not tensor:
+                return f"it reads running statistics that are not its module's {buffer} buffer"
+        return None
+
+
+NORMALIZATIONS: dict[str, NormalizationSpec] = {
+    "batch_norm": NormalizationSpec(7, 1e-5, (1, 2)),
+    "instance_norm": NormalizationSpec(7, 1e-5, (1, 2)),
+    "layer_norm": NormalizationSpec(4, 1e-5),
+    "group_norm": NormalizationSpec(4, 1e-5),
+    "rms_norm": NormalizationSpec(3, None),  # eps=None follows the dtype: no float to compensate
+}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A normalization module in the graph: its input's node and whether it keeps running statistics."""
+
+    input_node: int
+    running_statistics: bool
+
+
+def compensate_normalization(module: nn.Module, log_scale: float, running_statistics: bool) -> None:
+    """Make ``module`` give the same output for an input scaled by ``exp(log_scale)``: its ``eps``
+    times ``exp(2 log_scale)``, its running mean and variance times ``exp(log_scale)`` and ``exp(2 log_scale)``."""
+    factor = math.exp(log_scale)
+    module.eps = module.eps * factor**2
+    if running_statistics:
+        with torch.no_grad():
+            module.running_mean.mul_(factor)
+            module.running_var.mul_(factor**2)
+
+
+def _substitute(obj: Any, target: Tensor, replacement: Tensor) -> Any:
+    """``obj`` (nested tuples, lists, dicts) with ``target`` replaced by ``replacement``."""
+    if obj is target:
+        return replacement
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        return type(obj)(_substitute(item, target, replacement) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _substitute(value, target, replacement) for key, value in obj.items()}
+    return obj
+
+
+@dataclass(frozen=True)
+class HomogeneityTest:
+    """Whether an operation behaves homogeneously (degree 1) on the data it meets.
+
+    The deviation of ``f`` at input ``x`` is the largest relative difference
+    ``||f(r x) - r f(x)|| / ||r f(x)||`` over the factors ``r`` (0.5 and 2 by
+    default); an operation within ``tolerance`` is tied rather than pinned.
+    Part 2 then changes such an operation's input scale by at most those
+    factors per round, so that it stays where it was measured.
+    """
+
+    tolerance: float
+    factors: tuple[float, ...] = (0.5, 2.0)
+
+    def deviation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor) -> float | None:
+        """The deviation of ``func`` in its argument ``x`` (the others held); None if it cannot be measured.
+
+        Evaluated on copies of ``x`` (``func`` may work in place), with the random
+        number generators restored afterwards (``func`` may draw).
+        """
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                base_args, base_kwargs = _substitute((args, kwargs), x, x.clone())
+                base = [t.double() for t in floating_tensors(func(*base_args, **base_kwargs))]
+                worst = 0.0
+                for factor in self.factors:
+                    new_args, new_kwargs = _substitute((args, kwargs), x, x * factor)
+                    scaled = [t.double() for t in floating_tensors(func(*new_args, **new_kwargs))]
+                    if len(scaled) != len(base) or any(a.shape != b.shape for a, b in zip(scaled, base)):
+                        return None
+                    size = math.sqrt(sum(float((factor * b).square().sum()) for b in base))
+                    gap = math.sqrt(sum(float((a - factor * b).square().sum()) for a, b in zip(scaled, base)))
+                    worst = max(worst, gap / size if size > 0 else (0.0 if gap == 0 else math.inf))
+                return worst
+        except Exception:  # an operation that does not accept other values is not homogeneous here
+            return None
 
 
 @dataclass
@@ -313,6 +501,18 @@ class ScaleSolution:
     rho_in: dict[str, float]
     rho_out: dict[str, float]
     predicted_log_rate: dict[str, float]
+    normalization_rho: dict[str, float] = field(default_factory=dict)  # input log-scale per normalization module
+    approximated_rho: dict[str, float] = field(default_factory=dict)  # largest |input log-scale| per approximated op
+
+    def damped(self, step: float) -> "ScaleSolution":
+        """The same direction, ``step`` times as far (every constraint is linear: still function-keeping)."""
+        return ScaleSolution(
+            {k: step * v for k, v in self.rho_in.items()},
+            {k: step * v for k, v in self.rho_out.items()},
+            {k: v for k, v in self.predicted_log_rate.items()},
+            {k: step * v for k, v in self.normalization_rho.items()},
+            {k: step * v for k, v in self.approximated_rho.items()},
+        )
 
     def weight_factor(self, layer: str) -> float:
         """Factor applied to the layer's weight, ``exp(rho_out - rho_in)``."""
@@ -336,6 +536,10 @@ class LayerGraph:
         other_uses: operations other than affine sites that read the weight (e.g. an
             embedding lookup of a tied weight), with where they were called.
         called_modules: qualified names of the modules whose forward ran.
+        normalizations: normalization modules whose input scale is free (compensated by their
+            ``eps`` and running statistics), by qualified name.
+        approximated: operations tied because they were homogeneous on the data within the
+            tolerance (only with a ``HomogeneityTest``), with their largest deviation.
     """
 
     calls: dict[str, int]
@@ -347,20 +551,17 @@ class LayerGraph:
     called_modules: set[str]
     groups: ScaleGroups = field(repr=False)
     equations: list[dict[int, float]] = field(repr=False)
+    normalizations: dict[str, Normalization] = field(default_factory=dict)
+    approximated: dict[str, float] = field(default_factory=dict)
+    approximated_inputs: list[tuple[str, int]] = field(default_factory=list, repr=False)
 
     def pinned_by(self, layer: str) -> tuple[str | None, str | None]:
         """Why the layer's input and output scales are fixed (None where free)."""
         input_node, output_node = self.sites[layer][0]
         return self.groups.reason(input_node), self.groups.reason(output_node)
 
-    def solve(self, log_rates: dict[str, float], fixed: Iterable[str] = ()) -> ScaleSolution:
-        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
-
-        Minimizes the spread of ``log C_k + 2 (rho_in_k - rho_out_k)`` over the
-        layers in ``log_rates`` (a linear least-squares problem); layers in
-        ``fixed`` keep their weights and biases as they are. Among the best
-        solutions it takes the one with the smallest scale changes.
-        """
+    def _system(self, layers: list[str], fixed: Iterable[str]) -> "_ScaleSystem":
+        """The scale variables left free, the constraints on them, and each layer's log-rate change."""
         groups = self.groups.copy()
         equations = list(self.equations)
         for layer in fixed:
@@ -376,39 +577,40 @@ class LayerGraph:
                     groups.tie([first_in, input_node])
                 else:
                     equations.append({output_node: 1.0, input_node: -1.0, first_out: -1.0, first_in: 1.0})
-
-        def free(index: int) -> int | None:
-            return None if groups.reason(index) is not None else groups.find(index)
-
-        columns: dict[int, int] = {}  # free group root -> variable index
-
-        def row(node_coefficients: Iterable[tuple[int, float]]) -> dict[int, float]:
-            entries: dict[int, float] = {}
-            for node, coefficient in node_coefficients:
-                root = free(node)
-                if root is not None:
-                    column = columns.setdefault(root, len(columns))
-                    entries[column] = entries.get(column, 0.0) + coefficient
-            return entries
-
-        equation_rows = [row(equation.items()) for equation in equations]
-        layers = [layer for layer in log_rates if layer in self.sites]
-        objective_rows = [row(((self.sites[l][0][0], 2.0), (self.sites[l][0][1], -2.0))) for l in layers]
-
-        n_vars = len(columns)
-        rho = torch.zeros(n_vars, dtype=torch.float64)
+        system = _ScaleSystem(groups)
+        equation_rows = [system.row(equation.items()) for equation in equations]
+        objective_rows = [system.row(((self.sites[l][0][0], 2.0), (self.sites[l][0][1], -2.0))) for l in layers]
+        n_vars = len(system.columns)
         if n_vars and layers:
-            constraint = _dense(equation_rows, n_vars)
-            null_space = _null_space(constraint)
-            design = _dense(objective_rows, n_vars)
-            rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
+            system.null_space = _null_space(_dense(equation_rows, n_vars))
             centre = torch.eye(len(layers), dtype=torch.float64) - 1.0 / len(layers)
-            reduced = centre @ design @ null_space
-            z = -torch.linalg.pinv(reduced, rtol=1e-10) @ (centre @ rates)
-            rho = null_space @ z
+            system.reduced = centre @ _dense(objective_rows, n_vars) @ system.null_space
+            system.centre = centre
+        return system
+
+    def can_change_rates(self, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
+        """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""
+        system = self._system([layer for layer in layers if layer in self.sites], fixed)
+        return system.reduced is not None and bool((system.reduced.abs() > 1e-9).any())
+
+    def solve(self, log_rates: dict[str, float], fixed: Iterable[str] = ()) -> ScaleSolution:
+        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
+
+        Minimizes the spread of ``log C_k + 2 (rho_in_k - rho_out_k)`` over the
+        layers in ``log_rates`` (a linear least-squares problem); layers in
+        ``fixed`` keep their weights and biases as they are. Among the best
+        solutions it takes the one with the smallest scale changes.
+        """
+        layers = [layer for layer in log_rates if layer in self.sites]
+        system = self._system(layers, fixed)
+        rho = torch.zeros(len(system.columns), dtype=torch.float64)
+        if system.reduced is not None and system.reduced.numel():
+            rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
+            z = -torch.linalg.pinv(system.reduced, rtol=1e-10) @ (system.centre @ rates)
+            rho = system.null_space @ z
 
         def value(index: int) -> float:
-            column = columns.get(free(index))  # a free group in no row keeps rho = 0 (minimum norm)
+            column = system.column(index)  # a free group in no row keeps rho = 0 (minimum norm)
             return 0.0 if column is None else float(rho[column])
 
         rho_in = {layer: value(sites[0][0]) for layer, sites in self.sites.items()}
@@ -416,7 +618,37 @@ class LayerGraph:
         predicted = {
             layer: log_rates[layer] + 2.0 * (rho_in[layer] - rho_out[layer]) for layer in layers
         }
-        return ScaleSolution(rho_in, rho_out, predicted)
+        normalization_rho = {name: value(norm.input_node) for name, norm in self.normalizations.items()}
+        approximated_rho: dict[str, float] = {}  # the largest change of an input of each such operation
+        for op, node in self.approximated_inputs:
+            approximated_rho[op] = max(abs(value(node)), approximated_rho.get(op, 0.0))
+        return ScaleSolution(rho_in, rho_out, predicted, normalization_rho, approximated_rho)
+
+
+@dataclass
+class _ScaleSystem:
+    """The free scale groups of a graph as variables (columns), with the constraints' null space."""
+
+    groups: ScaleGroups
+    columns: dict[int, int] = field(default_factory=dict)  # free group root -> variable index
+    null_space: Tensor | None = None
+    reduced: Tensor | None = None  # centred objective rows on the null space
+    centre: Tensor | None = None
+
+    def column(self, node: int) -> int | None:
+        """The variable of ``node``'s group, None if pinned or in no row."""
+        if self.groups.reason(node) is not None:
+            return None
+        return self.columns.get(self.groups.find(node))
+
+    def row(self, node_coefficients: Iterable[tuple[int, float]]) -> dict[int, float]:
+        """A linear form over nodes as one over the free variables (new ones numbered as met)."""
+        entries: dict[int, float] = {}
+        for node, coefficient in node_coefficients:
+            if self.groups.reason(node) is None:
+                column = self.columns.setdefault(self.groups.find(node), len(self.columns))
+                entries[column] = entries.get(column, 0.0) + coefficient
+        return entries
 
 
 def _dense(rows: list[dict[int, float]], n_vars: int) -> Tensor:
@@ -438,15 +670,24 @@ def _null_space(matrix: Tensor) -> Tensor:
     return vh[rank:].T
 
 
-def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitIndex) -> LayerGraph:
+def trace_graph(
+    model: nn.Module,
+    batch: Batch,
+    forward: ForwardFn,
+    units: UnitIndex,
+    homogeneity: HomogeneityTest | None = None,
+    agree: Callable[[list[float]], list[float]] | None = None,
+) -> LayerGraph:
     """Run ``forward(model, batch)`` once under a tracing mode and record the sites and scale relations.
 
     The caller provides grad mode and eval mode; nothing in the model changes.
     Parametrized weights are computed once for the pass (``parametrize.cached``),
-    so that their sites are recognized.
+    so that their sites are recognized. With ``homogeneity``, operations that
+    would be pinned are measured on ``batch`` and tied where they pass it;
+    ``agree`` turns this process's deviations into those all processes use.
     """
-    tracer = _Tracer(units)
     name_of = {module: name for name, module in model.named_modules()}
+    tracer = _Tracer(units, {name: module for module, name in name_of.items()}, homogeneity)
 
     def enter(module: nn.Module, args: Any) -> None:
         tracer.scope.append(name_of.get(module, "?"))
@@ -466,6 +707,9 @@ def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitI
             output = forward(model, batch)
         for tensor in floating_tensors(output):
             tracer.groups.pin(tracer.node(tensor), "model output")
+    if homogeneity is not None:
+        deviations = [deviation for _, deviation, _ in tracer.candidates]
+        tracer.decide_homogeneity(agree(deviations) if agree is not None else deviations)
     return LayerGraph(
         calls={unit: len(sites) for unit, sites in tracer.sites.items()},
         sites=tracer.sites,
@@ -476,4 +720,7 @@ def trace_graph(model: nn.Module, batch: Batch, forward: ForwardFn, units: UnitI
         called_modules=tracer.called_modules,
         groups=tracer.groups,
         equations=tracer.equations,
+        normalizations=tracer.normalizations,
+        approximated=tracer.approximated,
+        approximated_inputs=tracer.approximated_inputs,
     )

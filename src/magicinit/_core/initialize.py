@@ -10,9 +10,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from .between import BetweenResult, equalize_between
-from .context import RateOptions
+from .context import RateOptions, ScaleOptions
 from .distributed import ProcessGroupArg
 from .errors import MagicInitError
+from .graph import LayerGraph
 from .inputs import Batch, batch_size
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
@@ -40,6 +41,8 @@ def init_(
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
+    scale_mode: str = ScaleOptions.mode,
+    scale_tolerance: float = ScaleOptions.tolerance,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
@@ -52,6 +55,9 @@ def init_(
     rescales layers, keeping the network's function, so that their relative
     change rates :math:`C_k = \sqrt{E\|\nabla_{W_k} L\|^2 / \|W_k\|^2}` under
     back-propagated Gaussian noise are as equal as the graph allows.
+    Normalization layers (batch, layer, group, instance, RMS norm) leave the
+    scale of their input free: their ``eps`` and running statistics are
+    scaled with it, so train- and eval-mode outputs are kept.
 
     Args:
         model: any ``nn.Module``; every weight its forward applies by convolution, transposed
@@ -76,6 +82,13 @@ def init_(
         rate_chunk_size: samples per noise draw when estimating change rates.
         rate_precision: target standard error of each ``log C_k``.
         rate_max_rounds: at most this many passes over the data per rate estimate.
+        scale_mode: ``"exact"`` (Part 2 keeps the function to rounding; an operation that is not
+            homogeneous fixes the scales around it) or ``"approximate"`` (operations homogeneous
+            on the init data within ``scale_tolerance``, such as LRN at small activations, are
+            rescaled across too, in damped rounds; the report gives the output change beyond
+            one global factor, and which operations were treated so).
+        scale_tolerance: largest relative deviation ``||f(r x) - r f(x)|| / ||r f(x)||`` (r = 1/2
+            and 2, on the init data) of an operation treated as homogeneous in ``"approximate"`` mode.
         process_group: the ``torch.distributed`` processes that initialize this model together,
             each on its own shard of the data: every statistic is reduced over them and all end
             with bit-identical weights (``samples`` is per process). ``"default"``: the default
@@ -98,12 +111,14 @@ def init_(
         raise MagicInitError(f"patch_budget_mb={patch_budget_mb}: must be positive")
     chosen_sampler = get_sampler(sampler)
     rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
+    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance)
     settings = {
         "sampler": sampler_name(sampler), "within": within, "between": between, "beta": beta, "seed": seed,
         "samples": samples, "patch_budget_mb": patch_budget_mb, **rates.keywords(),
+        "scale_mode": scale_mode, "scale_tolerance": scale_tolerance,
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=include_frozen, progress=progress, rates=rates,
+                            include_frozen=include_frozen, progress=progress, rates=rates, scaling=scaling,
                             process_group=process_group)
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
@@ -136,13 +151,15 @@ def rescale_(
     rate_chunk_size: int = RateOptions.chunk_size,
     rate_precision: float = RateOptions.precision,
     rate_max_rounds: int = RateOptions.max_rounds,
+    scale_mode: str = ScaleOptions.mode,
+    scale_tolerance: float = ScaleOptions.tolerance,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
 
     For fine-tuning a pre-trained network: the layers are rescaled as in
-    ``init_(..., within=False)``; outputs stay the same up to rounding. The
-    arguments are those of ``init_``.
+    ``init_(..., within=False)``; outputs stay the same up to rounding (in the
+    default ``scale_mode="exact"``). The arguments are those of ``init_``.
 
     Example:
         >>> report = magicinit.rescale_(pretrained, loader, seed=0)  # doctest: +SKIP
@@ -151,7 +168,8 @@ def rescale_(
     return init_(
         model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
         include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
-        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, process_group=process_group,
+        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
+        scale_tolerance=scale_tolerance, process_group=process_group,
     )
 
 
@@ -159,7 +177,7 @@ def _between(session: Session, constant: set[str]) -> BetweenResult:
     """Part 2 on the session; layers left alone and layers constant on the data stay fixed."""
     fixed = {name for name in session.all_units if name not in session.units} | constant
     writable = {name: unit for name, unit in session.all_units.items() if unit.read_only is None}
-    result = equalize_between(session.context, writable, session.graph, fixed)
+    result = equalize_between(session.context, writable, session.graph, fixed, session.index)
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
     return result
@@ -176,8 +194,11 @@ def _count_samples(session: Session) -> dict[str, int]:
     return {"samples_used": used, "processes": processes}
 
 
-def _add_weight_facts(session: Session, entry: LayerReport, within: WithinLayerResult | None) -> None:
-    """Notes on how the weight is held and used: other names, reparametrization, several sites, fixed scales."""
+def _add_weight_facts(
+    session: Session, entry: LayerReport, within: WithinLayerResult | None, pinned: LayerGraph
+) -> None:
+    """Notes on how the weight is held and used: other names, reparametrization, several sites, and
+    what fixes its scales in ``pinned`` (the graph Part 2 used last)."""
     unit = session.all_units[entry.name]
     if unit.aliases:
         entry.notes.append(f"the same parameter is also registered as {', '.join(unit.aliases)}")
@@ -201,7 +222,7 @@ def _add_weight_facts(session: Session, entry: LayerReport, within: WithinLayerR
         )
     elif calls > 1:
         entry.notes.append(f"used at {calls} affine sites per forward")
-    entry.input_scale_fixed_by, entry.output_scale_fixed_by = graph.pinned_by(entry.name)
+    entry.input_scale_fixed_by, entry.output_scale_fixed_by = pinned.pinned_by(entry.name)
     usual = {"model input", "model output"}
     if entry.input_scale_fixed_by and entry.input_scale_fixed_by not in usual:
         entry.notes.append(f"input scale fixed by {entry.input_scale_fixed_by}")
@@ -220,6 +241,7 @@ def _build_report(
     layers = []
     called = session.graph.calls
     model = session.context.model
+    pinned = between_result.graph if between_result is not None and between_result.graph else session.graph
     for name, unit in session.all_units.items():
         result = within_results.get(name)
         entry = LayerReport(
@@ -246,8 +268,8 @@ def _build_report(
                     f"(first: {result.zero_variance[:8]}): given a safe scale (the median of the others, "
                     "or unit-norm filters) and mean beta"
                 )
-        _add_weight_facts(session, entry, result)
-        if between_result is not None and name in between_result.before.rate:
+        _add_weight_facts(session, entry, result, pinned)
+        if between_result is not None and between_result.before is not None and name in between_result.before.rate:
             entry.rate_before = between_result.before.rate[name]
             entry.rate_before_log_error = between_result.before.log_error[name]
             if between_result.after is not None:
@@ -259,18 +281,47 @@ def _build_report(
         layers.append(entry)
     report = Report(layers, settings, list(session.notes), seconds)
     if between_result is not None:
-        report.output_change = between_result.function_change
-        report.rate_spread_before = _spread(between_result.before.rate, between_result.equalized)
-        if between_result.after is not None:
-            report.rate_spread_after = _spread(between_result.after.rate, between_result.equalized)
-        report.notes.append(
-            f"change rates from {between_result.before.draws} noise draws "
-            f"(chunks of {settings['rate_chunk_size']} samples); the rescaling changed the output by "
-            f"{between_result.function_change:.1e} (relative, rounding)"
-        )
-        if between_result.reverted:
-            report.notes.append("between-layer rescaling was not kept: it would change the network's output")
+        _add_between_facts(report, between_result, settings)
     return report
+
+
+def _add_between_facts(report: Report, between: BetweenResult, settings: dict[str, Any]) -> None:
+    """Part 2's summary: rate spreads, output change, compensated normalizations, approximations, notes."""
+    if between.nothing_to_do is not None:
+        report.notes.append(f"Part 2 changed nothing: {between.nothing_to_do}")
+        return
+    assert between.before is not None
+    report.output_change = between.function_change
+    report.output_scale = between.output_scale
+    report.output_change_beyond_scale = between.change_beyond_scale
+    report.normalizations = dict(between.normalizations)
+    report.approximated = dict(between.approximated)
+    report.scale_rounds = between.rounds
+    report.rate_spread_before = _spread(between.before.rate, between.equalized)
+    if between.after is not None:
+        report.rate_spread_after = _spread(between.after.rate, between.equalized)
+    if settings.get("scale_mode") == "approximate":
+        report.notes.append(
+            f"scale_mode='approximate': {between.rounds} rescaling round(s), change rates from "
+            f"{between.before.draws} noise draws per measurement; the output changed by "
+            f"{between.change_beyond_scale:.1e} (relative) beyond a global factor of {between.output_scale:.4g}"
+        )
+        if between.approximated:
+            listed = ", ".join(f"{op} ({deviation:.1e})" for op, deviation in between.approximated.items())
+            report.notes.append(f"treated as homogeneous on the init data (largest deviation): {listed}")
+    else:
+        report.notes.append(
+            f"change rates from {between.before.draws} noise draws "
+            f"(chunks of {settings['rate_chunk_size']} samples); the rescaling changed the output by "
+            f"{between.function_change:.1e} (relative, rounding)"
+        )
+    if between.normalizations:
+        report.notes.append(
+            f"{len(between.normalizations)} normalization layer(s) had their input rescaled, with eps (and running "
+            "statistics) scaled to match, so their output is unchanged"
+        )
+    if between.reverted:
+        report.notes.append("between-layer rescaling was not kept: it would change the network's output")
 
 
 def _status(
@@ -285,6 +336,8 @@ def _status(
         return LayerStatus.NEVER_CALLED
     if between is not None and not between.reverted and name in between.changed:
         return LayerStatus.RESCALED
+    if between is not None and between.nothing_to_do is not None:
+        return LayerStatus.FIXED
     return LayerStatus.MEASURED
 
 

@@ -38,6 +38,7 @@ class LayerStatus(StrEnum):
     INITIALIZED = "initialized"  # Part 1 set it (Part 2 may have rescaled it too)
     RESCALED = "rescaled"  # Part 2 only: its weight was rescaled (a factor other than 1) and the rescaling kept
     MEASURED = "measured"  # its change rate was measured; its weights are as they were (factor 1, or not kept)
+    FIXED = "fixed"  # Part 2 found its scales fixed by the graph (its notes say by what): left as is, not measured
     EXCLUDED = "excluded"  # left alone: skipped, frozen, tied, reparametrized, or applied otherwise (the note says)
     NEVER_CALLED = "never called"  # the forward pass on the init data never called it
 
@@ -100,6 +101,11 @@ class Report:
     rate_spread_before: float | None = None
     rate_spread_after: float | None = None
     output_change: float | None = None  # relative output change caused by Part 2 on the init data
+    output_scale: float | None = None  # global factor of that change (1 in exact mode)
+    output_change_beyond_scale: float | None = None  # relative change once that factor is taken out
+    scale_rounds: int = 0  # Part 2's rescaling rounds
+    normalizations: dict[str, float] = field(default_factory=dict)  # input factor per compensated normalization
+    approximated: dict[str, float] = field(default_factory=dict)  # ops treated as homogeneous, largest deviation
 
     def __getitem__(self, name: str) -> LayerReport:
         return _by_name(self.layers, name)

@@ -31,22 +31,26 @@ class ModelFlags:
 
 
 class ModelSnapshot:
-    """A copy of every parameter and buffer of a model (its flags: ``ModelFlags``)."""
+    """A copy of every parameter and buffer of a model, and of every module's ``eps`` (which Part 2
+    may change to compensate a normalization's input scale); its flags: ``ModelFlags``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.tensors = {name: t.detach().clone() for name, t in self._state(model)}
+        self.eps = {module: module.eps for module in model.modules() if hasattr(module, "eps")}
 
     @staticmethod
     def _state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield from model.named_parameters(remove_duplicate=True)
         yield from model.named_buffers(remove_duplicate=True)
 
-    def restore_tensors(self) -> None:
-        """Put back every parameter and buffer, bit for bit."""
+    def restore(self) -> None:
+        """Put back every parameter and buffer, bit for bit, and every ``eps``."""
         with torch.no_grad():
             for name, tensor in self._state(self.model):
                 tensor.copy_(self.tensors[name])
+        for module, eps in self.eps.items():
+            module.eps = eps
 
 
 @contextmanager
@@ -72,7 +76,7 @@ def guarded(model: nn.Module) -> Iterator[ModelSnapshot]:
         try:
             yield snapshot
         except BaseException:
-            snapshot.restore_tensors()
+            snapshot.restore()
             raise
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from .adapters import find_affine_layers
-from .context import PassContext, RateOptions
+from .context import PassContext, RateOptions, ScaleOptions
 from .distributed import Collective, ProcessGroupArg, resolve_process_group
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
@@ -190,6 +190,7 @@ def start_session(
     include_frozen: bool,
     progress: bool,
     rates: RateOptions,
+    scaling: ScaleOptions = ScaleOptions(),
     process_group: ProcessGroupArg = "default",
 ) -> Session:
     """Validate the arguments, gather the data, trace the graph and choose the weights.
@@ -220,7 +221,7 @@ def start_session(
     units, excluded, all_units = _select_units(model, index, gathered.graph, skip, include_frozen)
     context = PassContext(
         model=model, batch=gathered.batch, forward=checked_forward, generator=_generator(seed, collective),
-        collective=collective, progress=progress, rates=rates,
+        collective=collective, progress=progress, rates=rates, scaling=scaling,
     )
     return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes)
 

@@ -1,0 +1,323 @@
+"""Part 2 beyond plain ReLU nets: normalization layers, ``scale_mode="approximate"``, nothing-to-do.
+
+Every claim is checked by a measurement made here: outputs compared in eval and
+train mode, change rates from this file's own noise back-propagation
+(``conftest.noise_rates``), homogeneity deviations computed from captured inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import affine_weights, geometric_spread, noise_rates, relative_change, state_copy
+from torch import nn
+
+import magicinit
+from magicinit import LayerStatus
+from magicinit._core import between as between_module
+from magicinit.tools.nets import caffenet
+
+
+def _uneven(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A 'trained' model: each affine layer at its own arbitrary scale, batch norms with running statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.mul_(float(torch.empty(1).uniform_(0.2, 5.0, generator=generator)))
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
+                module.running_mean.normal_(0, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model
+
+
+def _outputs_in_both_modes(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs in eval mode and in train mode (batch statistics; running statistics restored after)."""
+    saved = state_copy(model)
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+        trained = model.train()(x)
+    model.load_state_dict(saved)
+    model.eval()
+    return evaluated, trained
+
+
+def _norm_net(norm: str) -> nn.Module:
+    def make(channels: int) -> nn.Module:
+        return {
+            "batch": lambda: nn.BatchNorm2d(channels),
+            "layer": lambda: nn.GroupNorm(1, channels),  # layer norm over (C, H, W)
+            "group": lambda: nn.GroupNorm(2, channels, eps=1e-3),
+            "instance": lambda: nn.InstanceNorm2d(channels, affine=True, track_running_stats=True),
+            "rms": lambda: nn.RMSNorm([channels, 8, 8], eps=1e-6),
+            "layer_norm": lambda: nn.LayerNorm([channels, 8, 8]),
+        }[norm]()
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), make(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), make(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 64, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "group", "instance", "rms", "layer_norm"])
+def test_normalization_layers_leave_their_input_scale_free_and_keep_the_function(norm: str) -> None:
+    model = _uneven(_norm_net(norm))
+    if norm == "instance":  # running statistics worth keeping
+        with torch.no_grad():
+            model.train()(torch.randn(32, 3, 8, 8) * 3)
+    x = torch.randn(48, 3, 8, 8)
+    eval_before, train_before = _outputs_in_both_modes(model, x)
+    eps_before = [m.eps for m in (model[1], model[4])]
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
+    eval_after, train_after = _outputs_in_both_modes(model, x)
+    assert relative_change(eval_after, eval_before) < 1e-4
+    assert relative_change(train_after, train_before) < 1e-4
+    # both convolutions feed a normalization: their output scale is free, and was used
+    for conv in ("0", "3"):
+        assert report[conv].output_scale_fixed_by is None
+        assert report[conv].status == LayerStatus.RESCALED
+    # the first normalization's input is conv 0's output, whose input (the data) is fixed: it was
+    # scaled by conv 0's weight factor, so its eps must be scaled by that factor squared
+    factor = report["0"].weight_scale
+    assert model[1].eps / eps_before[0] == pytest.approx(factor**2, rel=1e-6)
+    assert len(report.normalizations) == 2
+    assert report["7"].input_scale_fixed_by is not None  # the layer after the last norm: fixed by it
+
+
+def test_resnet18_rates_equalized_through_batch_norm_with_both_modes_kept() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():  # running statistics of a few "training" batches
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2)
+    x = torch.randn(48, 3, 32, 32)
+    weights = affine_weights(model)
+    before = noise_rates(model, x[:24], weights)
+    eval_before, train_before = _outputs_in_both_modes(model, x)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03)
+    eval_after, train_after = _outputs_in_both_modes(model, x)
+    assert relative_change(eval_after, eval_before) < 1e-4
+    assert relative_change(train_after, train_before) < 1e-4
+    after = noise_rates(model, x[:24], weights, seed=7)
+    spread_before = max(before.values()) / min(before.values())
+    spread_after = max(after.values()) / min(after.values())
+    assert spread_before > 10
+    assert spread_after <= 1.3, after
+    assert all(report[name].status == LayerStatus.RESCALED for name in weights if name != "fc")
+
+
+def test_a_normalization_whose_eps_is_a_literal_fixes_the_scale_and_says_why() -> None:
+    class FunctionalNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.layer_norm(self.conv1(x), [8, 8, 8], eps=1e-5)  # eps is no module attribute
+            return self.head(torch.relu(self.conv2(torch.relu(h))).mean((2, 3)))
+
+    model = _uneven(FunctionalNorm())
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
+    with torch.no_grad():
+        assert relative_change(model(x), reference) < 1e-5
+    reason = report["conv1"].output_scale_fixed_by
+    assert reason is not None and "layer_norm" in reason and "eps" in reason
+    assert report["conv1"].weight_scale == 1.0
+
+
+def test_the_float64_check_still_guards_exact_mode_against_a_wrong_compensation(monkeypatch) -> None:
+    # Fault injection: a compensation that forgets the running statistics changes eval-mode outputs.
+    def eps_only(module: nn.Module, log_scale: float, running_statistics: bool) -> None:
+        module.eps = module.eps * math.exp(2 * log_scale)
+
+    monkeypatch.setattr(between_module, "compensate_normalization", eps_only)
+    model = _uneven(_norm_net("batch")).eval()
+    x = torch.randn(32, 3, 8, 8)
+    saved = state_copy(model)
+    with pytest.warns(RuntimeWarning, match="left as it was"):
+        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert model[1].eps == 1e-5 and model[4].eps == 1e-5
+    assert any("not kept" in note for note in report.notes)
+
+
+def test_an_interrupt_after_the_scales_were_applied_restores_weights_buffers_and_eps(monkeypatch) -> None:
+    measure = between_module.measure_change_rates
+    calls = []
+
+    def interrupted_after_first(*args, **kwargs):  # the second measurement comes after applying the scales
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(between_module, "measure_change_rates", interrupted_after_first)
+    model = _uneven(_norm_net("batch"))
+    saved = state_copy(model)
+    with pytest.raises(KeyboardInterrupt):
+        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1)
+    assert len(calls) == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert model[1].eps == 1e-5 and model[4].eps == 1e-5
+
+
+# --- nothing to do ------------------------------------------------------------------------------------------
+
+
+class _ViTBlock(nn.Module):
+    """Patch embedding plus position embedding, a pre-norm encoder block, a linear head."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, width, 4, stride=4)
+        self.position = nn.Parameter(torch.randn(1, 4, width) * 0.1)
+        self.block = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, activation="gelu", batch_first=True,
+                                                norm_first=True)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.block(tokens).mean(1))
+
+
+def test_with_no_free_scale_part2_measures_nothing_and_says_why() -> None:
+    model = _ViTBlock()
+    x = torch.randn(32, 3, 8, 8)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    saved = state_copy(model)
+    report = magicinit.rescale_(model, x, seed=0)
+    assert sum(calls) <= 3 * len(x)  # at most the cost of about 3 passes (here: one 2-sample trace)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert all(layer.status in (LayerStatus.FIXED, LayerStatus.EXCLUDED) for layer in report.layers)
+    assert any(layer.status == LayerStatus.FIXED for layer in report.layers)
+    assert report.rate_spread_before is None
+    assert any("changed nothing" in note for note in report.notes)
+    fixed = [layer for layer in report.layers if layer.status == LayerStatus.FIXED]
+    assert all(layer.input_scale_fixed_by or layer.output_scale_fixed_by for layer in fixed)
+
+
+# --- scale_mode="approximate" ---------------------------------------------------------------------------------
+
+
+def _deviation(op, inputs: torch.Tensor) -> float:
+    """This test's own measure of how far ``op`` is from homogeneous on ``inputs``."""
+    with torch.no_grad():
+        base = op(inputs).double()
+        return max(float((op(r * inputs).double() - r * base).norm() / (r * base).norm()) for r in (0.5, 2.0))
+
+
+def _captured_inputs(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    captured = []
+    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@pytest.fixture(scope="module")
+def small_caffenet() -> tuple[nn.Module, torch.Tensor]:
+    """The paper's CaffeNet layout (LRN, grouped convolutions, dropout), narrow, after Part 1."""
+    torch.manual_seed(0)
+    model = caffenet(classes=10, width=0.125)
+    x = torch.randn(48, 3, 67, 67, generator=torch.Generator().manual_seed(3))
+    magicinit.init_(model, x, seed=0, between=False)
+    return model, x
+
+
+def test_exact_mode_keeps_the_caffenet_function(small_caffenet) -> None:
+    model, x = copy.deepcopy(small_caffenet[0]), small_caffenet[1]
+    with torch.no_grad():
+        reference = model.eval()(x)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
+    with torch.no_grad():
+        assert relative_change(model(x), reference) < 1e-4
+    assert "local_response_norm" in (report["0"].output_scale_fixed_by or "")
+    assert report.approximated == {}
+
+
+def test_approximate_mode_equalizes_caffenet_across_lrn(small_caffenet) -> None:
+    model, x = copy.deepcopy(small_caffenet[0]), small_caffenet[1]
+    weights = affine_weights(model)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    before = noise_rates(model, x[:24], weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, scale_mode="approximate")
+    after = noise_rates(model, x[:24], weights, seed=5)
+    assert geometric_spread(list(before.values())) > 0.5
+    assert geometric_spread(list(after.values())) <= 0.15, after
+    with torch.no_grad():
+        output = model(x)
+    scale = float((output.double() * reference.double()).sum() / reference.double().square().sum())
+    beyond = relative_change(output, scale * reference)
+    assert beyond <= 0.05
+    assert report.output_change_beyond_scale == pytest.approx(beyond, rel=0.2, abs=1e-3)  # on its 32 samples
+    assert set(report.approximated) == {"local_response_norm in '3'", "local_response_norm in '7'"}
+    assert report.scale_rounds >= 1 and report.settings["scale_mode"] == "approximate"
+
+
+def _tanh_net() -> nn.Sequential:
+    """tanh on small inputs (nearly linear there): the first layer's weights are tiny."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(0.05)
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+        model[4].weight.mul_(8.0)
+    return model
+
+
+def test_the_tolerance_decides_from_a_deviation_measured_on_the_data() -> None:
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    model = _tanh_net()
+    own = _deviation(torch.tanh, _captured_inputs(model, model[1], x[:32]))  # magicinit measures on 32 samples
+    assert 0 < own < 0.05
+    # below the deviation: tanh stays pinned, nothing can change, the model is left bit for bit
+    strict = _tanh_net()
+    saved = state_copy(strict)
+    report = magicinit.rescale_(strict, x, seed=0, scale_mode="approximate", scale_tolerance=own / 2)
+    assert report.approximated == {}
+    for key, value in strict.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert "off by" in (report["0"].output_scale_fixed_by or "")
+    # above it: tanh is tied, with the deviation this test measured (the first round's)
+    loose = _tanh_net()
+    report = magicinit.rescale_(loose, x, seed=0, scale_mode="approximate", scale_tolerance=own * 2)
+    assert "tanh in '1'" in report.approximated
+    assert report.approximated["tanh in '1'"] >= own * (1 - 1e-6)
+    assert all(deviation <= own * 2 for deviation in report.approximated.values())
+    assert report["0"].status == LayerStatus.RESCALED
+
+
+@pytest.mark.parametrize("mode, tolerance, message", [
+    ("fast", 0.05, "scale_mode='fast'"),
+    ("approximate", 1.5, "scale_tolerance=1.5"),
+    ("approximate", -0.1, "scale_tolerance=-0.1"),
+])
+def test_bad_scale_options_are_refused_by_name(mode: str, tolerance: float, message: str) -> None:
+    model = _tanh_net()
+    saved = state_copy(model)
+    with pytest.raises(magicinit.MagicInitError, match=message):
+        magicinit.init_(model, torch.randn(8, 6), scale_mode=mode, scale_tolerance=tolerance)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
