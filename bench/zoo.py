@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 import torchvision
+from results_file import BENCH, commit, replace_section
 from torch import nn
 
 import magicinit
 from magicinit import Report
 from magicinit.tools.cli import load_model
 from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
-from results_file import BENCH, commit, replace_section
 
 USUAL_PINS = {"model input", "model output"}
 

@@ -263,6 +263,8 @@ def test_tied_weights_round_trip_through_safetensors(tmp_path: Path) -> None:
         (["--out", "w.pt", "--rate-max-rounds", "1"], "--rate-max-rounds: 1: must be at least 2"),
         (["--out", "w.pt", "--rate-precision", "nan"], "--rate-precision"),
         (["--out", "w.pt", "--beta", "inf"], "--beta"),
+        (["--out", "w.pt", "--scale-tolerance", "2"], "--scale-tolerance: 2: must be in [0, 1)"),
+        (["--out", "w.pt", "--scale-mode", "fast"], "--scale-mode: invalid choice: 'fast'"),
     ],
 )
 def test_bad_outputs_and_option_values_are_usage_errors_before_any_work(
@@ -307,3 +309,11 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     images = load_images(str(folder), input_size=8, channels=1, standardize=False)
     assert images.shape == (3, 1, 8, 8)
     assert images.min() < 0.05 and images.max() > 0.95 and images.std() > 0.2
+
+
+def test_cli_scale_mode_reaches_the_report(tmp_path: Path) -> None:
+    result = run_cli("init", "plain-cnn", "--data", "smooth", *SMALL, "--out", "w.pt", "--report", "r.json",
+                     "--scale-mode", "approximate", "--scale-tolerance", "0.02", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert settings["scale_mode"] == "approximate" and settings["scale_tolerance"] == 0.02

@@ -321,3 +321,93 @@ def test_bad_scale_options_are_refused_by_name(mode: str, tolerance: float, mess
         magicinit.init_(model, torch.randn(8, 6), scale_mode=mode, scale_tolerance=tolerance)
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+# --- concatenations -----------------------------------------------------------------------------------------
+
+
+class _Fire(nn.Module):
+    """SqueezeNet's fire module: squeeze, then two expanding branches concatenated."""
+
+    def __init__(self, channels_in: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(channels_in, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+def _fire_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _Fire(16, 4, 8), nn.MaxPool2d(2), _Fire(16, 4, 12),
+        nn.Dropout(0.2), nn.Conv2d(24, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def _slice_norms(weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    per_input = weight.detach().double().square().sum([d for d in range(weight.dim()) if d != 1])
+    return torch.stack([part.sum().sqrt() for part in torch.split(per_input, sizes)])
+
+
+def test_concatenated_branches_get_scales_of_their_own_and_rates_agree() -> None:
+    torch.manual_seed(0)
+    model = _uneven(_fire_net(), seed=3)
+    with torch.no_grad():  # branches at very different scales, as after training
+        model[2].expand1x1.weight.mul_(6.0)
+        model[4].expand3x3.weight.mul_(0.2)
+    x = torch.randn(48, 3, 12, 12)
+    weights = affine_weights(model)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    consumer_before = _slice_norms(model[4].squeeze.weight, [8, 8])
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03)
+    with torch.no_grad():
+        assert relative_change(model(x), reference) < 1e-4
+    after = noise_rates(model, x, weights, rounds=4, seed=11)
+    assert max(after.values()) / min(after.values()) <= 1.15, after
+    # the two branches were scaled apart: their output channels by different factors, and the
+    # consumer's input channels compensated slice by slice (a constant factor within each slice)
+    assert report["2.expand1x1"].weight_scale != pytest.approx(report["2.expand3x3"].weight_scale, rel=0.05)
+    ratio = _slice_norms(model[4].squeeze.weight, [8, 8]) / consumer_before
+    assert float(ratio[0] / ratio[1]) != pytest.approx(1.0, rel=0.05)
+
+
+def test_a_concatenation_read_by_anything_but_slice_wise_operations_keeps_one_scale() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # reads the concatenation: no slices
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.stem(x))
+            joined = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+            return self.head(torch.relu(self.grouped(joined)).mean((2, 3)))
+
+    model = _uneven(Mixed(), seed=1)
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
+    with torch.no_grad():
+        assert relative_change(model(x), reference) < 1e-4
+    # both branches' outputs share one scale: their weights moved by the same factor
+    assert report["a"].status == LayerStatus.RESCALED
+    assert report["a"].weight_scale == pytest.approx(report["b"].weight_scale, rel=1e-9)
+
+
+def test_squeezenet_rates_agree_across_its_fire_modules() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(num_classes=10)
+    x = torch.randn(32, 3, 48, 48)
+    weights = affine_weights(model)
+    report = magicinit.init_(model, x, seed=0, rate_precision=0.05)
+    after = noise_rates(model, x[:16], weights, seed=2)
+    assert max(after.values()) / min(after.values()) <= 1.2, after  # 2.8 with one scale per concatenation
+    assert report.output_change < 1e-4

@@ -114,10 +114,18 @@ def _apply_scales(
         for name, unit in units.items():
             if name not in solution.rho_in:
                 continue
-            factors[name] = solution.weight_factor(name)
-            if factors[name] != 1.0:
-                unit.scale_(model, factors[name])
-                changed.add(name)
+            slice_factors = solution.input_factors(name)
+            if slice_factors is not None:  # a concatenated input: each slice's input channels apart
+                before = float(unit.tensor(model).double().norm())
+                if any(factor != 1.0 for factor in slice_factors):
+                    unit.scale_input_slices_(model, slice_factors, graph.input_parts[name].sizes)
+                    changed.add(name)
+                factors[name] = float(unit.tensor(model).double().norm()) / before if before > 0 else 1.0
+            else:
+                factors[name] = solution.weight_factor(name)
+                if factors[name] != 1.0:
+                    unit.scale_(model, factors[name])
+                    changed.add(name)
             if solution.bias_factor(name) != 1.0 and graph.bias_parameters.get(name):
                 for bias in graph.bias_parameters[name]:
                     model.get_parameter(bias).mul_(solution.bias_factor(name))
@@ -216,6 +224,27 @@ NOTHING_FREE = (
 )
 
 
+def _measure(context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, desc: str) -> ChangeRates:
+    """The rates of ``units``, with the slices of concatenated inputs that ``graph`` found."""
+    slices = {name: concatenation.sizes for name, concatenation in graph.input_parts.items()}
+    return measure_change_rates(context, units, graph.layouts, desc, input_slices=slices)
+
+
+def _slice_shares(
+    model: nn.Module, units: dict[str, WeightUnit], graph: LayerGraph, rates: ChangeRates
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Squared gradient and weight norms of every slice of each concatenated input (``LayerGraph.solve``)."""
+    shares = {}
+    for name, concatenation in graph.input_parts.items():
+        if name not in units or name not in rates.input_slice_gradient:
+            continue
+        weight = units[name].tensor(model).detach()
+        per_input = weight.double().square().sum([d for d in range(weight.dim()) if d != 1])
+        weight_norms = [float(part.sum()) for part in torch.split(per_input, list(concatenation.sizes))]
+        shares[name] = (rates.input_slice_gradient[name].tolist(), weight_norms)
+    return shares
+
+
 def equalize_between(
     context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, fixed: set[str], index: UnitIndex
 ) -> BetweenResult:
@@ -240,9 +269,9 @@ def equalize_between(
     if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
         return BetweenResult(None, None, unchanged, [], nothing_to_do=NOTHING_FREE)
     model, collective = context.model, context.collective
-    before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
+    before = _measure(context, called, graph, "magicinit: rates before")
     log_rates, excluded = _log_rates(before, called, fixed)
-    solution = graph.solve(log_rates, fixed=fixed)
+    solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
     if collective is not None and analysis_error is not None:
@@ -265,7 +294,7 @@ def equalize_between(
         result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
         return result
     if result.changed:
-        result.after = measure_change_rates(context, called, graph.layouts, "magicinit: rates after")
+        result.after = _measure(context, called, graph, "magicinit: rates after")
     else:
         result.after = before
     return result
@@ -343,7 +372,7 @@ def _equalize_approximately(
     if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
         result.nothing_to_do, result.graph = NOTHING_FREE, graph
         return result
-    rates = result.before = measure_change_rates(context, called, graph.layouts, "magicinit: rates before")
+    rates = result.before = _measure(context, called, graph, "magicinit: rates before")
     total = dict(unchanged)
     step, target = 1.0, 3 * context.rates.precision
     for _ in range(options.max_rounds):
@@ -352,7 +381,7 @@ def _equalize_approximately(
         spread_now = _worst_deviation(log_rates)
         if spread_now <= target or not graph.can_change_rates(log_rates, fixed):
             break
-        solution = graph.solve(log_rates, fixed=fixed)
+        solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
         largest = max(solution.approximated_rho.values(), default=0.0)
         limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
         solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
@@ -365,7 +394,7 @@ def _equalize_approximately(
         result.changed |= changed
         result.rounds += 1
         graph = trace()
-        rates = measure_change_rates(context, called, graph.layouts, f"magicinit: rates, round {result.rounds}")
+        rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
         if _worst_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
             step /= 2
     result.weight_factor, result.after, result.graph = total, rates, graph

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .adapters import Layout
+from .adapters import CONV, LINEAR, Layout
 from .inputs import Batch, ForwardFn, floating_tensors
 from .safety import temporary_hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
@@ -105,6 +105,9 @@ class _Tracer(CallInterceptor):
         self.normalizations: dict[str, Normalization] = {}
         self.approximated: dict[str, float] = {}
         self.approximated_inputs: list[tuple[str, int]] = []
+        self.concatenations: dict[int, Concatenation] = {}  # by tensor id: tensors whose slices keep own scales
+        # per weight: the input node and concatenation of every site that reads one
+        self.sliced_sites: dict[str, list[tuple[int, Concatenation]]] = {}
         # operations measured for homogeneity: (description, deviation, [input node, *output nodes])
         self.candidates: list[tuple[str, float, list[int]]] = []
         self.node_of: dict[int, int] = {}
@@ -155,6 +158,10 @@ class _Tracer(CallInterceptor):
             self._note_uses(name, [site.input] if isinstance(site.input, Tensor) else [], outputs)
             return out
         self._note_uses(name, inputs, outputs)
+        if name in CONCATENATIONS and outputs and self._concatenate(op, outputs[0]):
+            return out
+        if any(id(t) in self.concatenations for t in inputs) and self._keeps_slices(op, inputs, outputs):
+            return out
         if name in NORMALIZATIONS and outputs:
             self._normalization(op)
         elif deviation is not None and outputs:  # tied or pinned once every process's measurement is in
@@ -177,6 +184,61 @@ class _Tracer(CallInterceptor):
             else:
                 for node in nodes:
                     self.groups.pin(node, f"{description} (not homogeneous on the data: off by {deviation:.1e})")
+
+    def _concatenate(self, op: _Op, output: Tensor) -> bool:
+        """Record a concatenation of several floating tensors as slices with scales of their own."""
+        tensors = op.args[0] if op.args else op.kwargs.get("tensors")
+        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", op.kwargs.get("axis", 0))
+        if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int):
+            return False
+        if not all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() == output.dim() for t in tensors):
+            return False
+        dim = dim % output.dim()
+        parts: list[int] = []
+        sizes: list[int] = []
+        for tensor in tensors:
+            inner = self.concatenations.get(id(tensor))
+            if inner is not None and inner.dim == dim:  # a concatenation of concatenations: one list of slices
+                parts.extend(inner.parts)
+                sizes.extend(inner.sizes)
+            else:
+                if inner is not None:
+                    self._collapse(tensor)
+                parts.append(self.node(tensor))
+                sizes.append(tensor.shape[dim])
+        self.concatenations[id(output)] = Concatenation(dim, tuple(parts), tuple(sizes))
+        return True
+
+    def _keeps_slices(self, op: _Op, inputs: list[Tensor], outputs: list[Tensor]) -> bool:
+        """Pass a concatenation's slices through an operation that treats every slice alike and is
+        homogeneous in each; otherwise give every concatenation among ``inputs`` one scale."""
+        concatenated = [t for t in inputs if id(t) in self.concatenations]
+        source = concatenated[0]
+        concatenation = self.concatenations[id(source)]
+        varying = [t for t in inputs if id(t) in self.produced]
+        output = outputs[0] if len(outputs) == 1 else None
+        kept = (
+            len(varying) == 1 and varying[0] is source and output is not None and output.dim() == source.dim()
+            and output.shape[concatenation.dim] == source.shape[concatenation.dim]
+            and (
+                (op.name in SLICE_WISE and output.shape == source.shape)
+                or (op.name in CHANNEL_WISE and concatenation.dim == 1 and source.dim() >= 3)
+            )
+            and not (op.name in ("pad", "constant_pad_nd") and _pad_value(op))
+        )
+        if kept:
+            assert output is not None
+            self.concatenations[id(output)] = concatenation
+            return True
+        for tensor in concatenated:
+            self._collapse(tensor)
+        return False
+
+    def _collapse(self, tensor: Tensor) -> None:
+        """Give a concatenation one scale: its slices and the whole are tied."""
+        concatenation = self.concatenations.pop(id(tensor), None)
+        if concatenation is not None:
+            self.groups.tie([self.node(tensor), *concatenation.parts])
 
     def _normalization(self, op: _Op) -> None:
         """A normalization: its output's scale is its own; its input's is free if its module can compensate."""
@@ -204,7 +266,18 @@ class _Tracer(CallInterceptor):
     def _site(self, site: SiteCall, output: Tensor) -> None:
         """Record one call of an affine site: its input and output nodes, its bias and its layout."""
         unit = site.unit.name
+        concatenation = self.concatenations.get(id(site.input))
+        if concatenation is not None:
+            adapter, groups = site.layout
+            sliceable = not site.through_view and site.unit.kind in ("parameter", "weight_norm", "prune") and (
+                (adapter is CONV and groups == 1 and concatenation.dim == 1)
+                or (adapter is LINEAR and concatenation.dim == site.input.dim() - 1)
+            )
+            if not sliceable:
+                self._collapse(site.input)
         input_node, output_node = self.node(site.input), self.node(output)
+        if concatenation is not None and id(site.input) in self.concatenations:
+            self.sliced_sites.setdefault(unit, []).append((input_node, concatenation))
         self.sites.setdefault(unit, []).append((input_node, output_node))
         self.layouts.setdefault(unit, site.layout)
         bias = site.bias
@@ -347,6 +420,30 @@ class HomogeneityTest:
             return None
 
 
+CONCATENATIONS = {"cat", "concat", "concatenate"}
+# operations that act on every element alike and are homogeneous: a concatenation's slices pass through
+SLICE_WISE = {"relu", "leaky_relu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout",
+              "alpha_dropout", "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16", "type",
+              "cpu", "cuda", "abs", "neg", "positive"}
+# operations over the spatial dimensions of each channel (dimension 1) alone
+CHANNEL_WISE = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+                "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+                "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+                "adaptive_max_pool3d_with_indices", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+                "pad", "constant_pad_nd"}
+
+
+@dataclass(frozen=True)
+class Concatenation:
+    """A tensor concatenated from parts along ``dim``, each part with a scale of its own (or what
+    slice-wise operations made of it): the node and size of every part."""
+
+    dim: int
+    parts: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
 @dataclass
 class _Op:
     name: str
@@ -447,9 +544,14 @@ def _clamp(tracer: _Tracer, op: _Op) -> None:
         _pin(tracer, op)
 
 
+def _pad_value(op: _Op) -> Any:
+    """The constant a ``pad``/``constant_pad_nd`` call fills with (None or 0: homogeneous)."""
+    position = 3 if op.name == "pad" else 2
+    return op.kwargs.get("value", op.args[position] if len(op.args) > position else None)
+
+
 def _pad(tracer: _Tracer, op: _Op) -> None:
-    value = op.kwargs.get("value", op.args[3] if len(op.args) > 3 else None)
-    (_tie if not value else _pin)(tracer, op)
+    (_tie if not _pad_value(op) else _pin)(tracer, op)
 
 
 def _affine(tracer: _Tracer, op: _Op) -> None:
@@ -503,6 +605,12 @@ class ScaleSolution:
     predicted_log_rate: dict[str, float]
     normalization_rho: dict[str, float] = field(default_factory=dict)  # input log-scale per normalization module
     approximated_rho: dict[str, float] = field(default_factory=dict)  # largest |input log-scale| per approximated op
+    input_part_rho: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per slice of a concatenated input
+
+    def input_factors(self, layer: str) -> list[float] | None:
+        """Factors of the weight's input-channel slices, ``exp(rho_out - rho_slice)`` (None: one factor)."""
+        parts = self.input_part_rho.get(layer)
+        return None if parts is None else [math.exp(self.rho_out[layer] - rho) for rho in parts]
 
     def damped(self, step: float) -> "ScaleSolution":
         """The same direction, ``step`` times as far (every constraint is linear: still function-keeping)."""
@@ -512,6 +620,7 @@ class ScaleSolution:
             {k: v for k, v in self.predicted_log_rate.items()},
             {k: step * v for k, v in self.normalization_rho.items()},
             {k: step * v for k, v in self.approximated_rho.items()},
+            {k: tuple(step * x for x in v) for k, v in self.input_part_rho.items()},
         )
 
     def weight_factor(self, layer: str) -> float:
@@ -540,6 +649,9 @@ class LayerGraph:
             ``eps`` and running statistics), by qualified name.
         approximated: operations tied because they were homogeneous on the data within the
             tolerance (only with a ``HomogeneityTest``), with their largest deviation.
+        input_parts: weights whose (only) site reads a concatenation, through slice-wise
+            operations: each slice of its input, and the matching input channels of the
+            weight, may take a scale of its own.
     """
 
     calls: dict[str, int]
@@ -554,19 +666,21 @@ class LayerGraph:
     normalizations: dict[str, Normalization] = field(default_factory=dict)
     approximated: dict[str, float] = field(default_factory=dict)
     approximated_inputs: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    input_parts: dict[str, Concatenation] = field(default_factory=dict)
 
     def pinned_by(self, layer: str) -> tuple[str | None, str | None]:
         """Why the layer's input and output scales are fixed (None where free)."""
         input_node, output_node = self.sites[layer][0]
         return self.groups.reason(input_node), self.groups.reason(output_node)
 
-    def _system(self, layers: list[str], fixed: Iterable[str]) -> "_ScaleSystem":
+    def _system(self, layers: list[str], fixed: frozenset[str]) -> "_ScaleSystem":
         """The scale variables left free, the constraints on them, and each layer's log-rate change."""
         groups = self.groups.copy()
         equations = list(self.equations)
         for layer in fixed:
+            parts = self.input_parts[layer].parts if layer in self.input_parts else ()
             for input_node, output_node in self.sites.get(layer, []):
-                groups.tie([input_node, output_node])
+                groups.tie([input_node, output_node, *parts])
                 if self.has_bias[layer]:
                     groups.pin(output_node, "fixed layer")
         for layer, sites in self.sites.items():
@@ -579,7 +693,7 @@ class LayerGraph:
                     equations.append({output_node: 1.0, input_node: -1.0, first_out: -1.0, first_in: 1.0})
         system = _ScaleSystem(groups)
         equation_rows = [system.row(equation.items()) for equation in equations]
-        objective_rows = [system.row(((self.sites[l][0][0], 2.0), (self.sites[l][0][1], -2.0))) for l in layers]
+        objective_rows = [system.row(self._rate_change(layer, fixed)) for layer in layers]
         n_vars = len(system.columns)
         if n_vars and layers:
             system.null_space = _null_space(_dense(equation_rows, n_vars))
@@ -590,23 +704,54 @@ class LayerGraph:
 
     def can_change_rates(self, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
         """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""
-        system = self._system([layer for layer in layers if layer in self.sites], fixed)
+        system = self._system([layer for layer in layers if layer in self.sites], frozenset(fixed))
         return system.reduced is not None and bool((system.reduced.abs() > 1e-9).any())
 
-    def solve(self, log_rates: dict[str, float], fixed: Iterable[str] = ()) -> ScaleSolution:
+    def _rate_change(self, layer: str, fixed: frozenset[str]) -> list[tuple[int, float]]:
+        """``d log C / d rho`` per node at no change (slices of a concatenated input: equal shares)."""
+        input_node, output_node = self.sites[layer][0]
+        if layer not in self.input_parts or layer in fixed:
+            return [(input_node, 2.0), (output_node, -2.0)]
+        parts = self.input_parts[layer].parts
+        return [(part, 2.0 / len(parts)) for part in parts] + [(output_node, -2.0)]
+
+    def solve(
+        self,
+        log_rates: dict[str, float],
+        fixed: Iterable[str] = (),
+        slice_shares: dict[str, tuple[list[float], list[float]]] | None = None,
+    ) -> ScaleSolution:
         """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
 
-        Minimizes the spread of ``log C_k + 2 (rho_in_k - rho_out_k)`` over the
-        layers in ``log_rates`` (a linear least-squares problem); layers in
-        ``fixed`` keep their weights and biases as they are. Among the best
-        solutions it takes the one with the smallest scale changes.
+        Minimizes the spread of the rates after rescaling over the layers in
+        ``log_rates`` (least squares in the log-rates); layers in ``fixed`` keep
+        their weights and biases as they are. Among the best solutions it takes
+        the one with the smallest scale changes. A layer's log-rate changes by
+        ``2 (rho_in - rho_out)``; where its input is a concatenation whose
+        slices are scaled apart, by ``log(sum_j g_j e^{2(rho_j - rho_out)}) / 2 -
+        log(sum_j a_j e^{2(rho_out - rho_j)}) / 2``, with ``g_j`` and ``a_j`` the
+        slices' shares of the squared gradient and weight norms
+        (``slice_shares``; equal shares where not given). That is exact, not
+        linear: it is solved by Gauss-Newton steps from no change (one step
+        when no such layer takes part).
         """
+        fixed = frozenset(fixed)
         layers = [layer for layer in log_rates if layer in self.sites]
         system = self._system(layers, fixed)
         rho = torch.zeros(len(system.columns), dtype=torch.float64)
+        sliced = [layer for layer in layers if layer in self.input_parts and layer not in fixed]
+        shares = {layer: _shares(self.input_parts[layer], (slice_shares or {}).get(layer)) for layer in sliced}
         if system.reduced is not None and system.reduced.numel():
+            assert system.null_space is not None and system.centre is not None
             rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
-            z = -torch.linalg.pinv(system.reduced, rtol=1e-10) @ (system.centre @ rates)
+            z = torch.zeros(system.null_space.shape[1], dtype=torch.float64)
+            for _ in range(GAUSS_NEWTON_STEPS if sliced else 1):
+                values, jacobian = self._log_rates_after(layers, rates, system.null_space @ z, system, shares)
+                step = -torch.linalg.pinv(system.centre @ jacobian @ system.null_space, rtol=1e-10) @ (
+                    system.centre @ values)
+                z = z + step
+                if not step.numel() or float(step.abs().max()) < 1e-12:
+                    break
             rho = system.null_space @ z
 
         def value(index: int) -> float:
@@ -615,14 +760,71 @@ class LayerGraph:
 
         rho_in = {layer: value(sites[0][0]) for layer, sites in self.sites.items()}
         rho_out = {layer: value(sites[0][1]) for layer, sites in self.sites.items()}
-        predicted = {
-            layer: log_rates[layer] + 2.0 * (rho_in[layer] - rho_out[layer]) for layer in layers
-        }
+        input_part_rho = {layer: tuple(value(part) for part in self.input_parts[layer].parts) for layer in sliced}
+        predicted_values, _ = self._log_rates_after(
+            layers, torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64), rho, system, shares)
+        predicted = dict(zip(layers, predicted_values.tolist()))
         normalization_rho = {name: value(norm.input_node) for name, norm in self.normalizations.items()}
         approximated_rho: dict[str, float] = {}  # the largest change of an input of each such operation
         for op, node in self.approximated_inputs:
             approximated_rho[op] = max(abs(value(node)), approximated_rho.get(op, 0.0))
-        return ScaleSolution(rho_in, rho_out, predicted, normalization_rho, approximated_rho)
+        return ScaleSolution(rho_in, rho_out, predicted, normalization_rho, approximated_rho, input_part_rho)
+
+    def _log_rates_after(
+        self,
+        layers: list[str],
+        log_rates: Tensor,
+        rho: Tensor,
+        system: "_ScaleSystem",
+        shares: dict[str, tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor]:
+        """The log-rates after the scales ``rho`` (one per free variable), and their Jacobian."""
+        values = log_rates.clone()
+        jacobian = torch.zeros(len(layers), len(rho), dtype=torch.float64)
+
+        def at(node: int) -> tuple[float, int | None]:
+            column = system.column(node)
+            return (0.0 if column is None else float(rho[column])), column
+
+        for row, layer in enumerate(layers):
+            input_node, output_node = self.sites[layer][0]
+            out_value, out_column = at(output_node)
+            if layer not in shares:
+                in_value, in_column = at(input_node)
+                values[row] += 2.0 * (in_value - out_value)
+                coefficients = [(in_column, 2.0), (out_column, -2.0)]
+            else:
+                gradient_share, weight_share = shares[layer]
+                located = [at(part) for part in self.input_parts[layer].parts]
+                part_values = torch.tensor([v for v, _ in located], dtype=torch.float64)
+                gradient_terms = gradient_share * torch.exp(2.0 * (part_values - out_value))
+                weight_terms = weight_share * torch.exp(2.0 * (out_value - part_values))
+                values[row] += 0.5 * (torch.log(gradient_terms.sum()) - torch.log(weight_terms.sum()))
+                d_parts = gradient_terms / gradient_terms.sum() + weight_terms / weight_terms.sum()
+                coefficients = [(column, float(d)) for (_, column), d in zip(located, d_parts)]
+                coefficients.append((out_column, -2.0))
+            for column, coefficient in coefficients:
+                if column is not None:
+                    jacobian[row, column] += coefficient
+        return values, jacobian
+
+
+GAUSS_NEWTON_STEPS = 30
+
+
+def _shares(concatenation: Concatenation, given: tuple[list[float], list[float]] | None) -> tuple[Tensor, Tensor]:
+    """Normalized gradient and weight shares of a concatenated input's slices (equal where unknown
+    or degenerate)."""
+    equal = torch.full((len(concatenation.parts),), 1.0 / len(concatenation.parts), dtype=torch.float64)
+    if given is None:
+        return equal, equal
+    result = []
+    for values in given:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        total = float(tensor.sum())
+        usable = total > 0 and math.isfinite(total) and bool((tensor >= 0).all())
+        result.append(tensor / total if usable else equal)
+    return result[0], result[1]
 
 
 @dataclass
@@ -706,7 +908,15 @@ def trace_graph(
         with tracer:
             output = forward(model, batch)
         for tensor in floating_tensors(output):
+            tracer._collapse(tensor)
             tracer.groups.pin(tracer.node(tensor), "model output")
+    input_parts = {}
+    for unit, concatenations in tracer.sliced_sites.items():
+        if len(concatenations) == 1 and len(tracer.sites[unit]) == 1:
+            input_parts[unit] = concatenations[0][1]
+        else:  # a weight used at several sites keeps one input scale
+            for input_node, concatenation in concatenations:
+                tracer.groups.tie([input_node, *concatenation.parts])
     if homogeneity is not None:
         deviations = [deviation for _, deviation, _ in tracer.candidates]
         tracer.decide_homogeneity(agree(deviations) if agree is not None else deviations)
@@ -723,4 +933,5 @@ def trace_graph(
         normalizations=tracer.normalizations,
         approximated=tracer.approximated,
         approximated_inputs=tracer.approximated_inputs,
+        input_parts=input_parts,
     )

@@ -223,6 +223,12 @@ def _add_weight_facts(
     elif calls > 1:
         entry.notes.append(f"used at {calls} affine sites per forward")
     entry.input_scale_fixed_by, entry.output_scale_fixed_by = pinned.pinned_by(entry.name)
+    if entry.name in pinned.input_parts:
+        sizes = pinned.input_parts[entry.name].sizes
+        entry.notes.append(
+            f"its input is a concatenation of {len(sizes)} slices ({'+'.join(map(str, sizes))} channels): "
+            "Part 2 may scale each slice, and the matching input channels of this weight, apart"
+        )
     usual = {"model input", "model output"}
     if entry.input_scale_fixed_by and entry.input_scale_fixed_by not in usual:
         entry.notes.append(f"input scale fixed by {entry.input_scale_fixed_by}")

@@ -16,7 +16,7 @@ samples.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,12 +39,15 @@ class ChangeRates:
         log_error: standard error of ``log C_k`` (the estimate's spread).
         channel_rate: per output channel ``sqrt(E||dL/dW_i||^2 / ||W_i||^2)``.
         draws: number of noise draws (chunks times rounds) averaged.
+        input_slice_gradient: for weights measured with ``input_slices``, ``E||dL/dW_s||^2`` of
+            every slice ``s`` of their input channels (float64, on the CPU).
     """
 
     rate: dict[str, float]
     log_error: dict[str, float]
     channel_rate: dict[str, Tensor]
     draws: int
+    input_slice_gradient: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _output_tensors(output: object) -> list[Tensor]:
@@ -74,12 +77,15 @@ def measure_change_rates(
     units: dict[str, WeightUnit],
     layouts: dict[str, Layout],
     desc: str = "magicinit: change rates",
+    input_slices: dict[str, tuple[int, ...]] | None = None,
 ) -> ChangeRates:
     """Estimate the change rate of every weight in ``units`` from back-propagated noise.
 
     ``layouts`` gives each weight's filter layout (``graph.LayerGraph.layouts``).
     The rate is that of the weight as the forward uses it: the parameter, or a
-    reparametrization's result. The model's parameters are not changed.
+    reparametrization's result. For the weights in ``input_slices`` (sizes of
+    consecutive slices of input channels, dimension 1), the squared gradient
+    norm of every slice is averaged too. The model's parameters are not changed.
     Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written);
     the real parameters' ``requires_grad`` is switched on for the duration and
     the caller restores it. With a
@@ -97,6 +103,8 @@ def measure_change_rates(
             param.requires_grad_(True)
     starts = list(range(0, batch_size(context.batch), options.chunk_size))
     channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
+    slices = {name: sizes for name, sizes in (input_slices or {}).items() if name in units}
+    slice_sums: dict[str, Tensor] = {}
     draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][chunk]
     rounds = 0
     computed: dict[str, list[Tensor]] = {}  # a reparametrized weight as each call of its module computed it
@@ -132,6 +140,9 @@ def measure_change_rates(
                     per_channel = _squared_filter_norms(units[name].tensor(model), layouts[name], grad)
                     channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
                     round_totals[name].append(per_channel.sum())
+                    if name in slices:
+                        per_slice = _squared_slice_norms(units[name].tensor(model), slices[name], grad)
+                        slice_sums[name] = slice_sums[name] + per_slice if name in slice_sums else per_slice
                 advance(1)
             for name in names:  # one transfer per layer and round, not per draw
                 draw_totals[name].append(torch.stack(round_totals[name]).tolist())
@@ -143,6 +154,7 @@ def measure_change_rates(
     if collective is not None:
         n_draws = collective.total(n_draws)
         channel_sums = {name: collective.sum(channel_sums[name]) for name in names}
+        slice_sums = {name: collective.sum(slice_sums[name]) for name in slice_sums}
     rate, channel_rate = {}, {}
     for name in names:
         adapter, groups = layouts[name]
@@ -152,7 +164,17 @@ def measure_change_rates(
         weight_norm_sq = float(channel_norm_sq.sum())
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
-    return ChangeRates(rate, _log_errors(draw_totals, collective), channel_rate, n_draws)
+    slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
+    return ChangeRates(rate, _log_errors(draw_totals, collective), channel_rate, n_draws, slice_gradient)
+
+
+def _squared_slice_norms(weight: Tensor, sizes: tuple[int, ...], grad: Tensor | None) -> Tensor:
+    """``||dL/dW_s||^2`` of consecutive slices ``s`` of the input channels (dimension 1), in float64."""
+    if grad is None:
+        return weight.new_zeros(len(sizes), dtype=torch.float64)
+    dims = [d for d in range(grad.dim()) if d != 1]
+    per_input = grad.double().square().sum(dims)
+    return torch.stack([part.sum() for part in torch.split(per_input, list(sizes))])
 
 
 def _log_errors(draw_totals: dict[str, list[list[float]]], collective: Collective | None = None) -> dict[str, float]:

@@ -330,6 +330,18 @@ class WeightUnit:
             raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
 
 
+    def scale_input_slices_(self, model: nn.Module, factors: list[float], sizes: tuple[int, ...]) -> None:
+        """Multiply consecutive slices of the weight's input channels (dimension 1) by ``factors``."""
+        weight = self.tensor(model)
+        shape = [1] * weight.dim()
+        shape[1] = -1
+        multiplier = torch.repeat_interleave(
+            torch.tensor(factors, dtype=weight.dtype, device=weight.device),
+            torch.tensor(sizes, device=weight.device),
+        ).view(shape)
+        self.write_(model, weight, weight.detach() * multiplier)
+
+
 def _unit_name(owner: str, attribute: str) -> str:
     if attribute == "weight":
         return owner

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import SAMPLERS, Diagnosis, MagicInitError, Report, diagnose, init_, rescale_
 from .._core.adapters import find_affine_layers
-from .._core.context import MIN_RATE_ROUNDS, RateOptions
+from .._core.context import MIN_RATE_ROUNDS, SCALE_MODES, RateOptions, ScaleOptions
 from .._core.samplers import PATCH_BUDGET_MB
 from .demo import DemoSettings, TrainingRun, run_demo
 from .nets import ZOO, build_model
@@ -76,6 +76,13 @@ def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be in [0, 1)")
     return value
 
 
@@ -131,7 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         rates.add_argument(f"--rate-{option.name.replace('_', '-')}", type=_RATE_OPTION_TYPES[option.name],
                            default=option.default, help=f"{option.metadata['help']} (default {option.default})")
 
-    init = commands.add_parser("init", parents=[common, model, rates], help="initialize a model, write its weights",
+    scaling = argparse.ArgumentParser(add_help=False)
+    scaling.add_argument("--scale-mode", choices=SCALE_MODES, default=ScaleOptions.mode,
+                         help="Part 2: 'exact' keeps the function; 'approximate' also rescales across operations "
+                              f"homogeneous on the data within --scale-tolerance (default {ScaleOptions.mode})")
+    scaling.add_argument("--scale-tolerance", type=_fraction, default=ScaleOptions.tolerance,
+                         help="largest deviation from homogeneity of an operation rescaled across in 'approximate' "
+                              f"mode (default {ScaleOptions.tolerance})")
+
+    init = commands.add_parser("init", parents=[common, model, rates, scaling],
+                               help="initialize a model, write its weights",
                                description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
     init.add_argument("--out", type=Path, required=True, metavar="WEIGHTS",
                       help="where to write the state_dict (torch.save; .safetensors by suffix)")
@@ -144,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"memory for one layer's input patches (data-driven samplers; default {PATCH_BUDGET_MB:g})")
     init.add_argument("--include-frozen", action="store_true", help="also initialize layers with requires_grad=False")
 
-    rescale = commands.add_parser("rescale", parents=[common, model, rates],
+    rescale = commands.add_parser("rescale", parents=[common, model, rates, scaling],
                                   help="Part 2 only: equalize change rates of trained weights",
                                   description="Rescale trained weights so all layers learn at the same rate, "
                                               "keeping the network's function.")
@@ -333,14 +349,22 @@ def _run_init(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
     report = init_(
         model, images, sampler=args.sampler, within=args.within, between=args.between, beta=args.beta,
-        include_frozen=args.include_frozen, patch_budget_mb=args.patch_budget_mb, **_library_options(args),
+        include_frozen=args.include_frozen, patch_budget_mb=args.patch_budget_mb, **_scale_options(args),
+        **_library_options(args),
     )
     _write_weights(args, model, report)
 
 
 def _run_rescale(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    _write_weights(args, model, rescale_(model, images, include_frozen=args.include_frozen, **_library_options(args)))
+    report = rescale_(model, images, include_frozen=args.include_frozen, **_scale_options(args),
+                      **_library_options(args))
+    _write_weights(args, model, report)
+
+
+def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2's ``scale_mode`` and ``scale_tolerance`` (init and rescale; argparse checked them)."""
+    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance)
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
