@@ -12,8 +12,13 @@ and tabulates, from the report:
   count), with the change-rate spread (max/min over all layers) before and after;
 * the time of ``init_`` over the time of one forward pass of the same inputs.
 
-Output: the table on stdout, and the ``## bench/zoo.py`` section of
-``bench/RESULTS.md``. Run from the repository root (about 2 minutes on 2 CPU cores)::
+The built-in ``caffenet`` (the paper's layout with LRN, width 1/4) comes last.
+A second table runs every model again with ``scale_mode="approximate"``: layers
+rescaled, rate spread after, the operations treated as homogeneous on the data,
+the output change beyond one global factor, and the rounds.
+
+Output: the tables on stdout, and the ``## bench/zoo.py`` section of
+``bench/RESULTS.md``. Run from the repository root (about 8 minutes on 2 CPU cores)::
 
     pip install -c constraints.txt -e ".[test,bench]"
     python bench/zoo.py
@@ -56,6 +61,9 @@ class ZooRow:
     spread_after: float | None
     warnings: list[str]
     init_over_forward: float
+    output_change_beyond_scale: float | None = None
+    approximated: int = 0
+    rounds: int = 0
 
 
 def fixing_op(reason: str | None) -> str | None:
@@ -84,18 +92,24 @@ def summarize(name: str, report: Report, caught: list[warnings.WarningMessage], 
         spread_after=report.rate_spread_after,
         warnings=[str(w.message) for w in caught],
         init_over_forward=ratio,
+        output_change_beyond_scale=report.output_change_beyond_scale,
+        approximated=len(report.approximated),
+        rounds=report.scale_rounds,
     )
 
 
+BUILT_IN = {"caffenet": {"width": 0.25, "classes": 1000}}  # built-in nets of magicinit.tools.nets, and their arguments
+
+
 def build(name: str) -> nn.Module:
-    """The model as the command line's ``torchvision:NAME`` builds it (no pretrained weights), seeded."""
+    """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, seeded."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet's note about its future default init
-        return load_model(f"torchvision:{name}", {})
+        return load_model(name, BUILT_IN[name]) if name in BUILT_IN else load_model(f"torchvision:{name}", {})
 
 
-def measure(name: str, inputs: torch.Tensor) -> ZooRow:
+def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact") -> ZooRow:
     """Initialize one model and time ``init_`` against one eval-mode forward pass."""
     model = build(name)
     with torch.no_grad():
@@ -107,7 +121,7 @@ def measure(name: str, inputs: torch.Tensor) -> ZooRow:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = time.perf_counter()
-        report = magicinit.init_(model, inputs, seed=0)
+        report = magicinit.init_(model, inputs, seed=0, scale_mode=scale_mode)
         init_seconds = time.perf_counter() - started
     return summarize(name, report, caught, init_seconds / forward_seconds)
 
@@ -133,22 +147,46 @@ def markdown_table(rows: list[ZooRow]) -> str:
     return "\n".join(lines)
 
 
+def approximate_table(exact: list[ZooRow], approximate: list[ZooRow]) -> str:
+    """The approximate-mode rows beside the exact ones, as a markdown table."""
+    lines = [
+        "| model | rescaled layers: exact → approximate | rate spread after: exact → approximate | "
+        "operations treated as homogeneous | output change beyond a global factor | rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, other in zip(exact, approximate):
+        change = "-" if other.output_change_beyond_scale is None else f"{other.output_change_beyond_scale:.1e}"
+        lines.append(
+            f"| {row.name} | {row.rescaled} → {other.rescaled} | {spread(row.spread_after)} → "
+            f"{spread(other.spread_after)} | {other.approximated} | {change} | {other.rounds} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(TORCHVISION_CLASSIFIERS), metavar="NAME")
+    parser.add_argument("--models", nargs="+", default=[*TORCHVISION_CLASSIFIERS, *BUILT_IN], metavar="NAME")
+    parser.add_argument("--no-approximate", dest="approximate", action="store_false",
+                        help="skip the second table (scale_mode='approximate')")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
                         help="the markdown file whose '## bench/zoo.py' section is replaced")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    rows = []
+    rows, approximate_rows = [], []
     for name in args.models:
         rows.append(measure(name, inputs))
+        if args.approximate:
+            approximate_rows.append(measure(name, inputs, scale_mode="approximate"))
         print(f"  {name} done", flush=True)
     table = markdown_table(rows)
+    if approximate_rows:
+        table += ("\n\nThe same with `scale_mode=\"approximate\"` (rescaled layers and spreads of both modes; the "
+                  "output change is on the first 32 init samples, after removing one global factor):\n\n"
+                  + approximate_table(rows, approximate_rows))
     print(table)
-    notes = [f"- {row.name}: warning: {message}" for row in rows for message in row.warnings]
+    notes = [f"- {row.name}: warning: {message}" for row in rows + approximate_rows for message in row.warnings]
     section = (
         f"## bench/zoo.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "

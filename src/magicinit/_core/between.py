@@ -25,11 +25,13 @@ from torch import Tensor, nn
 
 from .context import PassContext
 from .distributed import Collective
-from .graph import HomogeneityTest, LayerGraph, ScaleSolution, compensate_normalization, trace_graph
+from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
+from .operations import HomogeneityTest, compensate_normalization
 from .rates import ChangeRates, measure_change_rates
 from .safety import ModelSnapshot
 from .sites import UnitIndex, WeightUnit
+from .solve import ScaleSolution
 
 
 def _norm(tensors: list[Tensor]) -> float:

@@ -33,14 +33,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .adapters import CONV, LINEAR, Layout
 from .inputs import Batch, ForwardFn, floating_tensors
+from .operations import NORMALIZATIONS, HomogeneityTest, Normalization
 from .safety import temporary_hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
+from .solve import ScaleSolution, can_change_rates, solve_scales
 
 # Operations without a floating output that still matter: an in-place write, and
 # values read into Python (whose later use the trace cannot see).
@@ -300,126 +301,6 @@ class _Tracer(CallInterceptor):
             self.other_uses.setdefault(unit.name, []).append(f"{name}{self.where()}")
 
 
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, keyword: str, default: Any) -> Any:
-    return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else default
-
-
-@dataclass(frozen=True)
-class NormalizationSpec:
-    """Where a normalization function takes its ``eps`` and running statistics.
-
-    Scaling its input by ``r`` keeps its output exactly when ``eps`` is
-    scaled by ``r**2`` and the running mean and variance (if it uses them) by
-    ``r`` and ``r**2``: possible when it is called by a module whose ``eps``
-    attribute and running-statistic buffers are what it reads.
-    """
-
-    eps_position: int
-    eps_default: float | None
-    running_positions: tuple[int, int] | None = None
-
-    def running(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        """The running mean and variance arguments (None, None if the function has none)."""
-        if self.running_positions is None:
-            return None, None
-        mean_at, var_at = self.running_positions
-        return (_argument(args, kwargs, mean_at, "running_mean", None),
-                _argument(args, kwargs, var_at, "running_var", None))
-
-    def uses_running_statistics(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Whether this call reads running statistics (which then scale with the input)."""
-        return any(isinstance(t, Tensor) for t in self.running(args, kwargs))
-
-    def compensation_problem(self, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        """Why ``module`` cannot compensate a change of this call's input scale, or None if it can."""
-        eps = _argument(args, kwargs, self.eps_position, "eps", self.eps_default)
-        if module is None or not isinstance(getattr(module, "eps", None), float) or module.eps != eps:
-            return "its eps is no float attribute of the module calling it, so it cannot follow the input's scale"
-        mean, var = self.running(args, kwargs)
-        for tensor, buffer in ((mean, "running_mean"), (var, "running_var")):
-            if isinstance(tensor, Tensor) and getattr(module, buffer, None) is not tensor:
-                return f"it reads running statistics that are not its module's {buffer} buffer"
-        return None
-
-
-NORMALIZATIONS: dict[str, NormalizationSpec] = {
-    "batch_norm": NormalizationSpec(7, 1e-5, (1, 2)),
-    "instance_norm": NormalizationSpec(7, 1e-5, (1, 2)),
-    "layer_norm": NormalizationSpec(4, 1e-5),
-    "group_norm": NormalizationSpec(4, 1e-5),
-    "rms_norm": NormalizationSpec(3, None),  # eps=None follows the dtype: no float to compensate
-}
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """A normalization module in the graph: its input's node and whether it keeps running statistics."""
-
-    input_node: int
-    running_statistics: bool
-
-
-def compensate_normalization(module: nn.Module, log_scale: float, running_statistics: bool) -> None:
-    """Make ``module`` give the same output for an input scaled by ``exp(log_scale)``: its ``eps``
-    times ``exp(2 log_scale)``, its running mean and variance times ``exp(log_scale)`` and ``exp(2 log_scale)``."""
-    factor = math.exp(log_scale)
-    module.eps = module.eps * factor**2
-    if running_statistics:
-        with torch.no_grad():
-            module.running_mean.mul_(factor)
-            module.running_var.mul_(factor**2)
-
-
-def _substitute(obj: Any, target: Tensor, replacement: Tensor) -> Any:
-    """``obj`` (nested tuples, lists, dicts) with ``target`` replaced by ``replacement``."""
-    if obj is target:
-        return replacement
-    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
-        return type(obj)(_substitute(item, target, replacement) for item in obj)
-    if isinstance(obj, dict):
-        return {key: _substitute(value, target, replacement) for key, value in obj.items()}
-    return obj
-
-
-@dataclass(frozen=True)
-class HomogeneityTest:
-    """Whether an operation behaves homogeneously (degree 1) on the data it meets.
-
-    The deviation of ``f`` at input ``x`` is the largest relative difference
-    ``||f(r x) - r f(x)|| / ||r f(x)||`` over the factors ``r`` (0.5 and 2 by
-    default); an operation within ``tolerance`` is tied rather than pinned.
-    Part 2 then changes such an operation's input scale by at most those
-    factors per round, so that it stays where it was measured.
-    """
-
-    tolerance: float
-    factors: tuple[float, ...] = (0.5, 2.0)
-
-    def deviation(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor) -> float | None:
-        """The deviation of ``func`` in its argument ``x`` (the others held); None if it cannot be measured.
-
-        Evaluated on copies of ``x`` (``func`` may work in place), with the random
-        number generators restored afterwards (``func`` may draw).
-        """
-        devices = [x.device] if x.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                base_args, base_kwargs = _substitute((args, kwargs), x, x.clone())
-                base = [t.double() for t in floating_tensors(func(*base_args, **base_kwargs))]
-                worst = 0.0
-                for factor in self.factors:
-                    new_args, new_kwargs = _substitute((args, kwargs), x, x * factor)
-                    scaled = [t.double() for t in floating_tensors(func(*new_args, **new_kwargs))]
-                    if len(scaled) != len(base) or any(a.shape != b.shape for a, b in zip(scaled, base)):
-                        return None
-                    size = math.sqrt(sum(float((factor * b).square().sum()) for b in base))
-                    gap = math.sqrt(sum(float((a - factor * b).square().sum()) for a, b in zip(scaled, base)))
-                    worst = max(worst, gap / size if size > 0 else (0.0 if gap == 0 else math.inf))
-                return worst
-        except Exception:  # an operation that does not accept other values is not homogeneous here
-            return None
-
-
 CONCATENATIONS = {"cat", "concat", "concatenate"}
 # operations that act on every element alike and are homogeneous: a concatenation's slices pass through
 SLICE_WISE = {"relu", "leaky_relu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout",
@@ -597,42 +478,6 @@ for _names, _rule in [
 
 
 @dataclass
-class ScaleSolution:
-    """Log-scales of every layer's input and output, and the rates they predict."""
-
-    rho_in: dict[str, float]
-    rho_out: dict[str, float]
-    predicted_log_rate: dict[str, float]
-    normalization_rho: dict[str, float] = field(default_factory=dict)  # input log-scale per normalization module
-    approximated_rho: dict[str, float] = field(default_factory=dict)  # largest |input log-scale| per approximated op
-    input_part_rho: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per slice of a concatenated input
-
-    def input_factors(self, layer: str) -> list[float] | None:
-        """Factors of the weight's input-channel slices, ``exp(rho_out - rho_slice)`` (None: one factor)."""
-        parts = self.input_part_rho.get(layer)
-        return None if parts is None else [math.exp(self.rho_out[layer] - rho) for rho in parts]
-
-    def damped(self, step: float) -> "ScaleSolution":
-        """The same direction, ``step`` times as far (every constraint is linear: still function-keeping)."""
-        return ScaleSolution(
-            {k: step * v for k, v in self.rho_in.items()},
-            {k: step * v for k, v in self.rho_out.items()},
-            {k: v for k, v in self.predicted_log_rate.items()},
-            {k: step * v for k, v in self.normalization_rho.items()},
-            {k: step * v for k, v in self.approximated_rho.items()},
-            {k: tuple(step * x for x in v) for k, v in self.input_part_rho.items()},
-        )
-
-    def weight_factor(self, layer: str) -> float:
-        """Factor applied to the layer's weight, ``exp(rho_out - rho_in)``."""
-        return math.exp(self.rho_out[layer] - self.rho_in[layer])
-
-    def bias_factor(self, layer: str) -> float:
-        """Factor applied to the layer's bias, ``exp(rho_out)``."""
-        return math.exp(self.rho_out[layer])
-
-
-@dataclass
 class LayerGraph:
     """What one probe forward pass revealed about the model.
 
@@ -673,47 +518,9 @@ class LayerGraph:
         input_node, output_node = self.sites[layer][0]
         return self.groups.reason(input_node), self.groups.reason(output_node)
 
-    def _system(self, layers: list[str], fixed: frozenset[str]) -> "_ScaleSystem":
-        """The scale variables left free, the constraints on them, and each layer's log-rate change."""
-        groups = self.groups.copy()
-        equations = list(self.equations)
-        for layer in fixed:
-            parts = self.input_parts[layer].parts if layer in self.input_parts else ()
-            for input_node, output_node in self.sites.get(layer, []):
-                groups.tie([input_node, output_node, *parts])
-                if self.has_bias[layer]:
-                    groups.pin(output_node, "fixed layer")
-        for layer, sites in self.sites.items():
-            first_in, first_out = sites[0]
-            for input_node, output_node in sites[1:]:
-                if self.has_bias[layer]:
-                    groups.tie([first_out, output_node])
-                    groups.tie([first_in, input_node])
-                else:
-                    equations.append({output_node: 1.0, input_node: -1.0, first_out: -1.0, first_in: 1.0})
-        system = _ScaleSystem(groups)
-        equation_rows = [system.row(equation.items()) for equation in equations]
-        objective_rows = [system.row(self._rate_change(layer, fixed)) for layer in layers]
-        n_vars = len(system.columns)
-        if n_vars and layers:
-            system.null_space = _null_space(_dense(equation_rows, n_vars))
-            centre = torch.eye(len(layers), dtype=torch.float64) - 1.0 / len(layers)
-            system.reduced = centre @ _dense(objective_rows, n_vars) @ system.null_space
-            system.centre = centre
-        return system
-
     def can_change_rates(self, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
         """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""
-        system = self._system([layer for layer in layers if layer in self.sites], frozenset(fixed))
-        return system.reduced is not None and bool((system.reduced.abs() > 1e-9).any())
-
-    def _rate_change(self, layer: str, fixed: frozenset[str]) -> list[tuple[int, float]]:
-        """``d log C / d rho`` per node at no change (slices of a concatenated input: equal shares)."""
-        input_node, output_node = self.sites[layer][0]
-        if layer not in self.input_parts or layer in fixed:
-            return [(input_node, 2.0), (output_node, -2.0)]
-        parts = self.input_parts[layer].parts
-        return [(part, 2.0 / len(parts)) for part in parts] + [(output_node, -2.0)]
+        return can_change_rates(self, layers, fixed)
 
     def solve(
         self,
@@ -721,155 +528,9 @@ class LayerGraph:
         fixed: Iterable[str] = (),
         slice_shares: dict[str, tuple[list[float], list[float]]] | None = None,
     ) -> ScaleSolution:
-        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function.
-
-        Minimizes the spread of the rates after rescaling over the layers in
-        ``log_rates`` (least squares in the log-rates); layers in ``fixed`` keep
-        their weights and biases as they are. Among the best solutions it takes
-        the one with the smallest scale changes. A layer's log-rate changes by
-        ``2 (rho_in - rho_out)``; where its input is a concatenation whose
-        slices are scaled apart, by ``log(sum_j g_j e^{2(rho_j - rho_out)}) / 2 -
-        log(sum_j a_j e^{2(rho_out - rho_j)}) / 2``, with ``g_j`` and ``a_j`` the
-        slices' shares of the squared gradient and weight norms
-        (``slice_shares``; equal shares where not given). That is exact, not
-        linear: it is solved by Gauss-Newton steps from no change (one step
-        when no such layer takes part).
-        """
-        fixed = frozenset(fixed)
-        layers = [layer for layer in log_rates if layer in self.sites]
-        system = self._system(layers, fixed)
-        rho = torch.zeros(len(system.columns), dtype=torch.float64)
-        sliced = [layer for layer in layers if layer in self.input_parts and layer not in fixed]
-        shares = {layer: _shares(self.input_parts[layer], (slice_shares or {}).get(layer)) for layer in sliced}
-        if system.reduced is not None and system.reduced.numel():
-            assert system.null_space is not None and system.centre is not None
-            rates = torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64)
-            z = torch.zeros(system.null_space.shape[1], dtype=torch.float64)
-            for _ in range(GAUSS_NEWTON_STEPS if sliced else 1):
-                values, jacobian = self._log_rates_after(layers, rates, system.null_space @ z, system, shares)
-                step = -torch.linalg.pinv(system.centre @ jacobian @ system.null_space, rtol=1e-10) @ (
-                    system.centre @ values)
-                z = z + step
-                if not step.numel() or float(step.abs().max()) < 1e-12:
-                    break
-            rho = system.null_space @ z
-
-        def value(index: int) -> float:
-            column = system.column(index)  # a free group in no row keeps rho = 0 (minimum norm)
-            return 0.0 if column is None else float(rho[column])
-
-        rho_in = {layer: value(sites[0][0]) for layer, sites in self.sites.items()}
-        rho_out = {layer: value(sites[0][1]) for layer, sites in self.sites.items()}
-        input_part_rho = {layer: tuple(value(part) for part in self.input_parts[layer].parts) for layer in sliced}
-        predicted_values, _ = self._log_rates_after(
-            layers, torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64), rho, system, shares)
-        predicted = dict(zip(layers, predicted_values.tolist()))
-        normalization_rho = {name: value(norm.input_node) for name, norm in self.normalizations.items()}
-        approximated_rho: dict[str, float] = {}  # the largest change of an input of each such operation
-        for op, node in self.approximated_inputs:
-            approximated_rho[op] = max(abs(value(node)), approximated_rho.get(op, 0.0))
-        return ScaleSolution(rho_in, rho_out, predicted, normalization_rho, approximated_rho, input_part_rho)
-
-    def _log_rates_after(
-        self,
-        layers: list[str],
-        log_rates: Tensor,
-        rho: Tensor,
-        system: "_ScaleSystem",
-        shares: dict[str, tuple[Tensor, Tensor]],
-    ) -> tuple[Tensor, Tensor]:
-        """The log-rates after the scales ``rho`` (one per free variable), and their Jacobian."""
-        values = log_rates.clone()
-        jacobian = torch.zeros(len(layers), len(rho), dtype=torch.float64)
-
-        def at(node: int) -> tuple[float, int | None]:
-            column = system.column(node)
-            return (0.0 if column is None else float(rho[column])), column
-
-        for row, layer in enumerate(layers):
-            input_node, output_node = self.sites[layer][0]
-            out_value, out_column = at(output_node)
-            if layer not in shares:
-                in_value, in_column = at(input_node)
-                values[row] += 2.0 * (in_value - out_value)
-                coefficients = [(in_column, 2.0), (out_column, -2.0)]
-            else:
-                gradient_share, weight_share = shares[layer]
-                located = [at(part) for part in self.input_parts[layer].parts]
-                part_values = torch.tensor([v for v, _ in located], dtype=torch.float64)
-                gradient_terms = gradient_share * torch.exp(2.0 * (part_values - out_value))
-                weight_terms = weight_share * torch.exp(2.0 * (out_value - part_values))
-                values[row] += 0.5 * (torch.log(gradient_terms.sum()) - torch.log(weight_terms.sum()))
-                d_parts = gradient_terms / gradient_terms.sum() + weight_terms / weight_terms.sum()
-                coefficients = [(column, float(d)) for (_, column), d in zip(located, d_parts)]
-                coefficients.append((out_column, -2.0))
-            for column, coefficient in coefficients:
-                if column is not None:
-                    jacobian[row, column] += coefficient
-        return values, jacobian
-
-
-GAUSS_NEWTON_STEPS = 30
-
-
-def _shares(concatenation: Concatenation, given: tuple[list[float], list[float]] | None) -> tuple[Tensor, Tensor]:
-    """Normalized gradient and weight shares of a concatenated input's slices (equal where unknown
-    or degenerate)."""
-    equal = torch.full((len(concatenation.parts),), 1.0 / len(concatenation.parts), dtype=torch.float64)
-    if given is None:
-        return equal, equal
-    result = []
-    for values in given:
-        tensor = torch.tensor(values, dtype=torch.float64)
-        total = float(tensor.sum())
-        usable = total > 0 and math.isfinite(total) and bool((tensor >= 0).all())
-        result.append(tensor / total if usable else equal)
-    return result[0], result[1]
-
-
-@dataclass
-class _ScaleSystem:
-    """The free scale groups of a graph as variables (columns), with the constraints' null space."""
-
-    groups: ScaleGroups
-    columns: dict[int, int] = field(default_factory=dict)  # free group root -> variable index
-    null_space: Tensor | None = None
-    reduced: Tensor | None = None  # centred objective rows on the null space
-    centre: Tensor | None = None
-
-    def column(self, node: int) -> int | None:
-        """The variable of ``node``'s group, None if pinned or in no row."""
-        if self.groups.reason(node) is not None:
-            return None
-        return self.columns.get(self.groups.find(node))
-
-    def row(self, node_coefficients: Iterable[tuple[int, float]]) -> dict[int, float]:
-        """A linear form over nodes as one over the free variables (new ones numbered as met)."""
-        entries: dict[int, float] = {}
-        for node, coefficient in node_coefficients:
-            if self.groups.reason(node) is None:
-                column = self.columns.setdefault(self.groups.find(node), len(self.columns))
-                entries[column] = entries.get(column, 0.0) + coefficient
-        return entries
-
-
-def _dense(rows: list[dict[int, float]], n_vars: int) -> Tensor:
-    """Sparse rows (column -> coefficient) as a float64 matrix."""
-    matrix = torch.zeros(len(rows), n_vars, dtype=torch.float64)
-    for i, entries in enumerate(rows):
-        for column, coefficient in entries.items():
-            matrix[i, column] = coefficient
-    return matrix
-
-
-def _null_space(matrix: Tensor) -> Tensor:
-    """Orthonormal basis (columns) of the null space of ``matrix``."""
-    n_vars = matrix.shape[1]
-    if matrix.shape[0] == 0:
-        return torch.eye(n_vars, dtype=matrix.dtype)
-    _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
-    rank = int((singular > 1e-10 * max(float(singular.max()), 1.0)).sum())
-    return vh[rank:].T
+        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function
+        (``solve.solve_scales``)."""
+        return solve_scales(self, log_rates, fixed, slice_shares)
 
 
 def trace_graph(
