@@ -99,6 +99,7 @@ class BetweenResult:
     approximated: dict[str, float] = field(default_factory=dict)
     normalizations: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
+    limited: str | None = None  # what stopped the approximate rounds short, if anything did
     graph: LayerGraph | None = None  # the graph of the last round, where it differs from the session's
 
 
@@ -118,11 +119,14 @@ def _apply_scales(
                 continue
             slice_factors = solution.input_factors(name)
             if slice_factors is not None:  # a concatenated input: each slice's input channels apart
-                before = float(unit.tensor(model).double().norm())
+                sizes = graph.input_parts[name].sizes
+                norms = _slice_norms_squared(unit.tensor(model), sizes)
+                total = sum(norms)
+                factors[name] = (math.sqrt(sum(n * f * f for n, f in zip(norms, slice_factors)) / total)
+                                 if total > 0 else 1.0)  # the weight's norm ratio
                 if any(factor != 1.0 for factor in slice_factors):
-                    unit.scale_input_slices_(model, slice_factors, graph.input_parts[name].sizes)
+                    unit.scale_input_slices_(model, slice_factors, sizes)
                     changed.add(name)
-                factors[name] = float(unit.tensor(model).double().norm()) / before if before > 0 else 1.0
             else:
                 factors[name] = solution.weight_factor(name)
                 if factors[name] != 1.0:
@@ -185,7 +189,8 @@ def _change_in_float64(
     # there, and must also pass on the jittered inputs themselves.
     typical = max(_norm(reference), _norm(reference_jittered))
     change_here = _difference(reference, rescaled) / typical if typical > 0 else change
-    return max(change_here, function_change(reference_jittered, _outputs(twin, jittered64, forward))), jittered
+    elsewhere = function_change(reference_jittered, _outputs(twin, jittered64, forward))
+    return (math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)), jittered
 
 
 def _rounding_tolerance(model: nn.Module) -> float:
@@ -226,6 +231,12 @@ NOTHING_FREE = (
 )
 
 
+def _slice_norms_squared(weight: Tensor, sizes: tuple[int, ...]) -> list[float]:
+    """``||W_s||^2`` of consecutive slices ``s`` of the weight's input channels (dimension 1)."""
+    per_input = weight.detach().double().square().sum([d for d in range(weight.dim()) if d != 1])
+    return [float(part.sum()) for part in torch.split(per_input, list(sizes))]
+
+
 def _measure(context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, desc: str) -> ChangeRates:
     """The rates of ``units``, with the slices of concatenated inputs that ``graph`` found."""
     slices = {name: concatenation.sizes for name, concatenation in graph.input_parts.items()}
@@ -240,9 +251,7 @@ def _slice_shares(
     for name, concatenation in graph.input_parts.items():
         if name not in units or name not in rates.input_slice_gradient:
             continue
-        weight = units[name].tensor(model).detach()
-        per_input = weight.double().square().sum([d for d in range(weight.dim()) if d != 1])
-        weight_norms = [float(part.sum()) for part in torch.split(per_input, list(concatenation.sizes))]
+        weight_norms = _slice_norms_squared(units[name].tensor(model), concatenation.sizes)
         shares[name] = (rates.input_slice_gradient[name].tolist(), weight_norms)
     return shares
 
@@ -279,7 +288,7 @@ def equalize_between(
     if collective is not None and analysis_error is not None:
         analysis_error = collective.max(analysis_error)
     result = BetweenResult(before, None, unchanged, list(log_rates), excluded)
-    if analysis_error is not None and analysis_error > EXACT_TOLERANCE:
+    if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
         _warn_not_kept(analysis_error, "in a float64 copy of the model")
         result.reverted = True
         return result
@@ -289,7 +298,7 @@ def equalize_between(
     result.weight_factor, result.rounds = factors, 1
     result.normalizations = _normalization_factors(solution)
     _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
-    if snapshot is not None and result.function_change > _rounding_tolerance(model):
+    if snapshot is not None and not result.function_change <= _rounding_tolerance(model):
         snapshot.restore()
         _warn_not_kept(result.function_change, "in the model's own precision")
         result.reverted = True
@@ -306,17 +315,23 @@ def _normalization_factors(solution: ScaleSolution) -> dict[str, float]:
     return {module: math.exp(rho) for module, rho in solution.normalization_rho.items() if rho != 0.0}
 
 
+def _change_beyond_scale(
+    reference: list[Tensor], current: list[Tensor], collective: Collective | None
+) -> tuple[float, float]:
+    """The global factor between the outputs, and the relative change beyond it (worst rank's)."""
+    scale = output_scale(reference, current, collective)
+    change = function_change([scale * t.double() for t in reference], current)
+    return scale, (collective.max(change) if collective is not None else change)
+
+
 def _record_output_change(
     result: BetweenResult, reference: list[Tensor], current: list[Tensor], collective: Collective | None
 ) -> None:
     """The output change (raw, and beyond one global factor) on the check samples, worst rank's."""
-    scale = output_scale(reference, current, collective)
+    result.output_scale, result.change_beyond_scale = _change_beyond_scale(reference, current, collective)
     result.function_change = function_change(reference, current)
-    result.output_scale = scale
-    result.change_beyond_scale = function_change([scale * t.double() for t in reference], current)
     if collective is not None:
         result.function_change = collective.max(result.function_change)
-        result.change_beyond_scale = collective.max(result.change_beyond_scale)
 
 
 def _agreed_deviations(collective: Collective | None) -> Callable[[list[float]], list[float]] | None:
@@ -345,6 +360,14 @@ def _worst_deviation(log_rates: dict[str, float]) -> float:
     return max(abs(value - mean) for value in log_rates.values())
 
 
+def _rms_deviation(log_rates: dict[str, float]) -> float:
+    """The root-mean-square distance of the log-rates from their mean (what the solve minimizes)."""
+    if not log_rates:
+        return 0.0
+    mean = sum(log_rates.values()) / len(log_rates)
+    return math.sqrt(sum((value - mean) ** 2 for value in log_rates.values()) / len(log_rates))
+
+
 def _equalize_approximately(
     context: PassContext, called: dict[str, WeightUnit], fixed: set[str], index: UnitIndex
 ) -> BetweenResult:
@@ -355,9 +378,13 @@ def _equalize_approximately(
     rates, solves, and applies the solution scaled down (the paper's damping)
     so that no tied operation's input moves by more than the factors it was
     tested at; a round that made the rates agree less halves the next step.
-    It stops when every log-rate is within three times the rate precision of
-    their mean, when no scale is free, or after ``max_rounds``. The outputs'
-    change, raw and beyond one global factor, is measured on the same samples.
+    A step that would move the outputs on those samples by more than the
+    tolerance beyond one global factor is undone and halved (three times at
+    most), so the operations' small deviations cannot add up past it. It stops
+    when every log-rate is within three times the rate precision of their mean,
+    when the solve predicts less agreement gained than the rate precision (in
+    the root-mean-square spread it minimizes), when no scale is free, when
+    the output budget allows no step, or after ``max_rounds``.
     """
     model, collective, options = context.model, context.collective, context.scaling
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
@@ -370,6 +397,7 @@ def _equalize_approximately(
             return trace_graph(model, probe, context.forward, index, test, agree)
 
     graph = trace()
+    called = {name: unit for name, unit in called.items() if name in graph.sites}  # (this probe's path)
     result = BetweenResult(None, None, unchanged, [])
     if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
         result.nothing_to_do, result.graph = NOTHING_FREE, graph
@@ -380,36 +408,57 @@ def _equalize_approximately(
     for _ in range(options.max_rounds):
         log_rates, result.excluded = _log_rates(rates, called, fixed)
         result.equalized = list(log_rates)
-        spread_now = _worst_deviation(log_rates)
-        if spread_now <= target or not graph.can_change_rates(log_rates, fixed):
+        spread_now = _rms_deviation(log_rates)
+        if _worst_deviation(log_rates) <= target or not graph.can_change_rates(log_rates, fixed):
             break
         solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
+        if spread_now - _rms_deviation(solution.predicted_log_rate) <= context.rates.precision:
+            break  # what is left is the graph's, not the last step's
         largest = max(solution.approximated_rho.values(), default=0.0)
         limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
         solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
+        applied = _apply_within_budget(context, called, solution, graph, reference)
+        if applied is None:
+            result.limited = (
+                f"a further step would change the output by more than scale_tolerance={options.tolerance:g} "
+                "beyond a global factor"
+            )
+            break
+        solution, factors, changed = applied
         for description, deviation in graph.approximated.items():
             result.approximated[description] = max(deviation, result.approximated.get(description, 0.0))
-        factors, changed = _apply_scales(model, called, solution, graph)
         for name, factor in _normalization_factors(solution).items():
             result.normalizations[name] = result.normalizations.get(name, 1.0) * factor
         total = {name: total[name] * factors.get(name, 1.0) for name in total}
         result.changed |= changed
         result.rounds += 1
         graph = trace()
+        called = {name: unit for name, unit in called.items() if name in graph.sites}
         rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
-        if _worst_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
+        if _rms_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
             step /= 2
     result.weight_factor, result.after, result.graph = total, rates, graph
     _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
-    if result.change_beyond_scale > APPROXIMATE_WARNING:
-        warnings.warn(
-            f"magicinit: scale_mode='approximate' changed the network's output by {result.change_beyond_scale:.2e} "
-            f"(relative, beyond a global factor of {result.output_scale:.3g}); lower scale_tolerance to tie fewer "
-            "operations",
-            RuntimeWarning,
-            stacklevel=4,
-        )
     return result
 
 
-APPROXIMATE_WARNING = 0.1  # output change beyond a global factor that "approximate" mode warns about
+BACKTRACKING_STEPS = 4  # tries of one approximate step: the full (damped) step, then halves
+
+
+def _apply_within_budget(
+    context: PassContext, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph,
+    reference: list[Tensor],
+) -> tuple[ScaleSolution, dict[str, float], set[str]] | None:
+    """Apply ``solution`` or a fraction of it whose outputs on the check samples stay within the
+    tolerance of ``reference`` beyond one global factor; None (model as it was) if none does."""
+    model, collective = context.model, context.collective
+    probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
+    snapshot = ModelSnapshot(model)
+    for _ in range(BACKTRACKING_STEPS):
+        factors, changed = _apply_scales(model, units, solution, graph)
+        _, change = _change_beyond_scale(reference, _outputs(model, probe, context.forward), collective)
+        if change <= context.scaling.tolerance:
+            return solution, factors, changed
+        snapshot.restore()
+        solution = solution.damped(0.5)
+    return None

@@ -68,8 +68,10 @@ class ScaleOptions:
             activations, GELU or tanh near their linear range, ...), in damped
             rounds of measure, solve, apply, until the rates agree; the output
             may then change slightly beyond a global scale (the report says how much).
-        tolerance: largest relative deviation ``||f(r x) - r f(x)|| / ||r f(x)||``
-            (``r`` = 1/2 and 2, on the init data) of an operation tied in ``"approximate"`` mode.
+        tolerance: in ``"approximate"`` mode, the largest relative deviation
+            ``||f(r x) - r f(x)|| / ||r f(x)||`` (``r`` = 1/2 and 2, on the init data) of an
+            operation tied, and the largest relative output change beyond one global factor
+            that the rounds may cause (a step beyond it is undone and halved).
         max_rounds: rounds of measure-solve-apply at most in ``"approximate"`` mode.
     """
 

@@ -16,8 +16,12 @@ function exactly if every other operation's scales agree:
 - everything else (sigmoid, tanh, GELU, an added constant, an operation this
   module does not know) *pins* its inputs and outputs to ``rho = 0``, as do the
   model's inputs, its outputs and all constants. Optionally (``scale_mode=
-  "approximate"``) such an operation with one varying input is *tied* instead
-  when it behaves homogeneously on the data (``HomogeneityTest``).
+  "approximate"``) an operation without a rule here and with one varying input
+  is *tied* instead when it behaves homogeneously on the data
+  (``operations.HomogeneityTest``); the conditional pins of the rules (an added
+  constant, ``clamp(max=)``, padding with a value) stay pins;
+- a concatenation's slices keep scales of their own while only slice-wise
+  operations and one affine site read it (``Concatenation``).
 
 These relations are recorded by a probe forward pass under a
 ``TorchFunctionMode`` (so arbitrary ``forward`` code works, with no tracing
@@ -270,9 +274,14 @@ class _Tracer(CallInterceptor):
         concatenation = self.concatenations.get(id(site.input))
         if concatenation is not None:
             adapter, groups = site.layout
-            sliceable = not site.through_view and site.unit.kind in ("parameter", "weight_norm", "prune") and (
-                (adapter is CONV and groups == 1 and concatenation.dim == 1)
-                or (adapter is LINEAR and concatenation.dim == site.input.dim() - 1)
+            weight = site.weight
+            sliceable = (
+                not site.through_view and site.unit.kind in ("parameter", "weight_norm", "prune")
+                and isinstance(weight, Tensor) and sum(concatenation.sizes) == weight.shape[1]
+                and (
+                    (adapter is CONV and groups == 1 and concatenation.dim == 1 and site.input.dim() == weight.dim())
+                    or (adapter is LINEAR and concatenation.dim == site.input.dim() - 1)
+                )
             )
             if not sliceable:
                 self._collapse(site.input)
@@ -514,9 +523,19 @@ class LayerGraph:
     input_parts: dict[str, Concatenation] = field(default_factory=dict)
 
     def pinned_by(self, layer: str) -> tuple[str | None, str | None]:
-        """Why the layer's input and output scales are fixed (None where free)."""
+        """Why the layer's input and output scales are fixed (None where free; for a concatenated
+        input, the slices' reasons where every slice is fixed)."""
         input_node, output_node = self.sites[layer][0]
-        return self.groups.reason(input_node), self.groups.reason(output_node)
+        input_reason = self.groups.reason(input_node)
+        if layer in self.input_parts:
+            reasons = [self.groups.reason(part) for part in self.input_parts[layer].parts]
+            input_reason = None if None in reasons else "; ".join(dict.fromkeys(r for r in reasons if r))
+        return input_reason, self.groups.reason(output_node)
+
+    def has_free_slices(self, layer: str) -> bool:
+        """Whether some slice of the layer's concatenated input has a free scale."""
+        parts = self.input_parts[layer].parts if layer in self.input_parts else ()
+        return any(self.groups.reason(part) is None for part in parts)
 
     def can_change_rates(self, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
         """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""

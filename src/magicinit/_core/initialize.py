@@ -222,8 +222,10 @@ def _add_weight_facts(
         )
     elif calls > 1:
         entry.notes.append(f"used at {calls} affine sites per forward")
+    if entry.name not in pinned.sites:  # Part 2's last trace (on more samples) took another path
+        pinned = graph
     entry.input_scale_fixed_by, entry.output_scale_fixed_by = pinned.pinned_by(entry.name)
-    if entry.name in pinned.input_parts:
+    if entry.name in pinned.input_parts and pinned.has_free_slices(entry.name):
         sizes = pinned.input_parts[entry.name].sizes
         entry.notes.append(
             f"its input is a concatenation of {len(sizes)} slices ({'+'.join(map(str, sizes))} channels): "
@@ -287,11 +289,11 @@ def _build_report(
         layers.append(entry)
     report = Report(layers, settings, list(session.notes), seconds)
     if between_result is not None:
-        _add_between_facts(report, between_result, settings)
+        _add_between_facts(report, between_result, settings, model)
     return report
 
 
-def _add_between_facts(report: Report, between: BetweenResult, settings: dict[str, Any]) -> None:
+def _add_between_facts(report: Report, between: BetweenResult, settings: dict[str, Any], model: nn.Module) -> None:
     """Part 2's summary: rate spreads, output change, compensated normalizations, approximations, notes."""
     if between.nothing_to_do is not None:
         report.notes.append(f"Part 2 changed nothing: {between.nothing_to_do}")
@@ -300,7 +302,10 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     report.output_change = between.function_change
     report.output_scale = between.output_scale
     report.output_change_beyond_scale = between.change_beyond_scale
-    report.normalizations = dict(between.normalizations)
+    report.normalizations = {
+        name: {"input_factor": factor, "eps": float(model.get_submodule(name).eps)}
+        for name, factor in between.normalizations.items()
+    }
     report.approximated = dict(between.approximated)
     report.scale_rounds = between.rounds
     report.rate_spread_before = _spread(between.before.rate, between.equalized)
@@ -315,6 +320,8 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
         if between.approximated:
             listed = ", ".join(f"{op} ({deviation:.1e})" for op, deviation in between.approximated.items())
             report.notes.append(f"treated as homogeneous on the init data (largest deviation): {listed}")
+        if between.limited:
+            report.notes.append(f"the rounds stopped early: {between.limited}")
     else:
         report.notes.append(
             f"change rates from {between.before.draws} noise draws "
@@ -324,10 +331,16 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     if between.normalizations:
         report.notes.append(
             f"{len(between.normalizations)} normalization layer(s) had their input rescaled, with eps (and running "
-            "statistics) scaled to match, so their output is unchanged"
+            f"statistics) scaled to match, so their output is unchanged. {EPS_NOT_IN_STATE_DICT}"
         )
     if between.reverted:
         report.notes.append("between-layer rescaling was not kept: it would change the network's output")
+
+
+EPS_NOT_IN_STATE_DICT = (
+    "eps is a module attribute, not in state_dict(): keep the model object, or after load_state_dict set each "
+    "module's eps from report.normalizations"
+)
 
 
 def _status(

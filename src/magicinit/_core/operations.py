@@ -120,8 +120,13 @@ class HomogeneityTest:
         """The deviation of ``func`` in its argument ``x`` (the others held); None if it cannot be measured.
 
         Evaluated on copies of ``x`` (``func`` may work in place), with the random
-        number generators restored afterwards (``func`` may draw).
+        number generators restored afterwards (``func`` may draw). An in-place
+        operation on another argument (``buffer.lerp_(x, w)``) is not measured: it
+        would be applied again.
         """
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and not (args and args[0] is x):
+            return None
         devices = [x.device] if x.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():

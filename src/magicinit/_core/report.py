@@ -104,7 +104,8 @@ class Report:
     output_scale: float | None = None  # global factor of that change (1 in exact mode)
     output_change_beyond_scale: float | None = None  # relative change once that factor is taken out
     scale_rounds: int = 0  # Part 2's rescaling rounds
-    normalizations: dict[str, float] = field(default_factory=dict)  # input factor per compensated normalization
+    # per normalization module whose input Part 2 rescaled: {"input_factor": ..., "eps": its new eps}
+    normalizations: dict[str, dict[str, float]] = field(default_factory=dict)
     approximated: dict[str, float] = field(default_factory=dict)  # ops treated as homogeneous, largest deviation
 
     def __getitem__(self, name: str) -> LayerReport:

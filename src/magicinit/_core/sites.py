@@ -331,7 +331,9 @@ class WeightUnit:
 
 
     def scale_input_slices_(self, model: nn.Module, factors: list[float], sizes: tuple[int, ...]) -> None:
-        """Multiply consecutive slices of the weight's input channels (dimension 1) by ``factors``."""
+        """Multiply consecutive slices of the weight's input channels (dimension 1) by ``factors``,
+        through the real parameters (``prune``: its original weight; ``weight_norm``: direction and
+        magnitude rewritten, since the magnitude is per output channel)."""
         weight = self.tensor(model)
         shape = [1] * weight.dim()
         shape[1] = -1
@@ -339,7 +341,10 @@ class WeightUnit:
             torch.tensor(factors, dtype=weight.dtype, device=weight.device),
             torch.tensor(sizes, device=weight.device),
         ).view(shape)
-        self.write_(model, weight, weight.detach() * multiplier)
+        if self.kind in ("parameter", "prune"):
+            self.real_parameters(model)[0].mul_(multiplier)
+        else:
+            self.write_(model, weight, weight.detach() * multiplier)
 
 
 def _unit_name(owner: str, attribute: str) -> str:

@@ -144,7 +144,10 @@ def solve_scales(
 
     rho_in = {layer: value(sites[0][0]) for layer, sites in graph.sites.items()}
     rho_out = {layer: value(sites[0][1]) for layer, sites in graph.sites.items()}
-    input_part_rho = {layer: tuple(value(part) for part in graph.input_parts[layer].parts) for layer in sliced}
+    input_part_rho = {  # every consumer of slices, in the objective or not: its slices moved for the others
+        layer: tuple(value(part) for part in concatenation.parts)
+        for layer, concatenation in graph.input_parts.items() if layer not in fixed
+    }
     predicted_values, _ = _log_rates_after(graph, 
         layers, torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64), rho, system, shares)
     predicted = dict(zip(layers, predicted_values.tolist()))

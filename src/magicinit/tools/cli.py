@@ -343,6 +343,12 @@ def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -
     _emit(args, report, f"magicinit {args.command} {args.model}")
     if not args.quiet:
         print(f"wrote {args.out}")
+    if report.normalizations:  # the one change a state_dict does not carry
+        eps = ", ".join(f"{name}={values['eps']:.3g}" for name, values in list(report.normalizations.items())[:4])
+        more = ", ..." if len(report.normalizations) > 4 else ""
+        print(f"magicinit: warning: {len(report.normalizations)} normalization layer(s) need their new eps, which "
+              f"{args.out} (a state_dict) does not hold: {eps}{more}; all of them are in the report "
+              "(--report, 'normalizations')", file=sys.stderr)
 
 
 def _run_init(args: argparse.Namespace) -> None:
