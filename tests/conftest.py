@@ -9,6 +9,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
+import magicinit
 from magicinit.tools import nets
 
 # The default run draws the same examples every time, so that a test run (and CI)
@@ -139,6 +140,18 @@ def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
     diff = float((a.double() - b.double()).norm())
     norm = float(b.double().norm())
     return diff / norm if norm > 0 else diff
+
+
+def rescale_keeping_function(
+    model: nn.Module, x: torch.Tensor, tolerance: float = 1e-4, **options: object
+) -> magicinit.Report:
+    """``magicinit.rescale_(model, x, **options)``, asserting that the outputs on ``x`` stay within ``tolerance``."""
+    with torch.no_grad():
+        before = model(x)
+    report = magicinit.rescale_(model, x, **options)
+    with torch.no_grad():
+        assert relative_change(model(x), before) < tolerance
+    return report
 
 
 def geometric_spread(rates: list[float]) -> float:

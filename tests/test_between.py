@@ -15,7 +15,7 @@ from conftest import (
     assert_same_state,
     geometric_spread,
     plain_cnn,
-    relative_change,
+    rescale_keeping_function,
     state_copy,
 )
 from torch import nn
@@ -40,16 +40,6 @@ def _with_uneven_scales(model: nn.Module) -> nn.Module:
     return model
 
 
-def _rescale_keeping_function(model: nn.Module, x: torch.Tensor, **options: object) -> magicinit.Report:
-    """``rescale_(model, x, **options)``, asserting that the outputs on ``x`` stay within 1e-4."""
-    with torch.no_grad():
-        before = model(x)
-    report = magicinit.rescale_(model, x, **options)
-    with torch.no_grad():
-        assert relative_change(model(x), before) < 1e-4
-    return report
-
-
 @pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.2)])
 def test_chain_rates_end_within_ten_percent_and_function_is_kept(activation) -> None:
     model = nn.Sequential(
@@ -59,7 +49,7 @@ def test_chain_rates_end_within_ten_percent_and_function_is_kept(activation) -> 
     ).eval()  # dropout off for the before/after comparison (magicinit's own passes run in eval mode)
     x = torch.randn(64, 3, 16, 16)
     magicinit.init_(model, x, between=False, seed=0)
-    report = _rescale_keeping_function(model, x, seed=1)
+    report = rescale_keeping_function(model, x, seed=1)
     assert report.rate_spread_before > 2  # there was something to equalize
     rates = _rates(model, x, seed=99)
     assert geometric_spread(list(rates.values())) < 0.10, rates
@@ -81,7 +71,7 @@ def test_init_with_both_parts_on_plain_cnn_and_report_figures() -> None:
 def test_rescale_of_trained_model_keeps_function_and_equalizes() -> None:
     model = _with_uneven_scales(plain_cnn(6))
     x = torch.randn(48, 3, 12, 12)
-    _rescale_keeping_function(model, x, seed=0)
+    rescale_keeping_function(model, x, seed=0)
     assert geometric_spread(list(_rates(model, x, seed=3).values())) < 0.10
 
 
@@ -89,7 +79,7 @@ def test_rescale_of_trained_model_keeps_function_and_equalizes() -> None:
 def test_graph_with_sums_or_concat_keeps_function_and_reaches_the_solved_rates(build, shape) -> None:
     model = _with_uneven_scales(build())
     x = torch.randn(48, *shape)
-    report = _rescale_keeping_function(model, x, seed=0)
+    report = rescale_keeping_function(model, x, seed=0)
     assert report.rate_spread_after <= report.rate_spread_before
     # rates measured afresh are those the scaling law predicts: C_k / (weight factor)^2
     predicted = {e.name: e.rate_before / e.weight_scale**2 for e in report.layers}
@@ -126,7 +116,7 @@ def test_residual_block_scale_constraints() -> None:
 def test_non_homogeneous_activations_pin_scales_and_keep_function(activation) -> None:
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), activation(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(64, 6)
-    report = _rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
+    report = rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     name = activation.__name__.lower() if activation is not nn.GELU else "gelu"
     assert any(f"output scale fixed by {name} in '3'" in n for n in report["2"].notes), report["2"].notes
     assert any(f"input scale fixed by {name} in '3'" in n for n in report["4"].notes)
@@ -217,7 +207,7 @@ def test_shared_layer_is_scaled_alike_at_every_call_and_function_kept(bias: bool
 
     model = _with_uneven_scales(Shared())
     x = torch.randn(48, 4)
-    report = _rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
+    report = rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     assert report["shared"].calls == 2 and report.rate_spread_after < report.rate_spread_before
 
 
@@ -240,7 +230,7 @@ def test_bilinear_branches_trade_scale_and_function_is_kept(bias: bool) -> None:
     model, x = _with_uneven_scales(BilinearNet(bias)), torch.randn(64, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = _rescale_keeping_function(model, x, seed=0)
+        report = rescale_keeping_function(model, x, seed=0)
     assert report.rate_spread_after < report.rate_spread_before
     assert report["a"].weight_scale != 1.0 and report["b"].weight_scale != 1.0
     if bias:  # the two branches' output scales cancel in the product
