@@ -383,7 +383,8 @@ def _equalize_approximately(
     most), so the operations' small deviations cannot add up past it. It stops
     when every log-rate is within three times the rate precision of their mean,
     when the solve predicts less agreement gained than the rate precision (in
-    the root-mean-square spread it minimizes), when no scale is free, when
+    the root-mean-square spread it minimizes), after one round if no operation
+    was treated as homogeneous (the rescaling was exact), when no scale is free, when
     the output budget allows no step, or after ``max_rounds``.
     """
     model, collective, options = context.model, context.collective, context.scaling
@@ -411,6 +412,8 @@ def _equalize_approximately(
         spread_now = _rms_deviation(log_rates)
         if _worst_deviation(log_rates) <= target or not graph.can_change_rates(log_rates, fixed):
             break
+        if result.rounds and not graph.approximated:
+            break  # every relation is exact: the first solve predicted these rates, more rounds chase noise
         solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
         if spread_now - _rms_deviation(solution.predicted_log_rate) <= context.rates.precision:
             break  # what is left is the graph's, not the last step's
