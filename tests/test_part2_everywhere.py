@@ -162,7 +162,7 @@ def test_an_interrupt_after_the_scales_were_applied_restores_weights_buffers_and
     measure = between_module.measure_change_rates
     calls = []
 
-    def interrupted_after_first(*args, **kwargs):  # the second measurement comes after applying the scales
+    def interrupted_after_first(*args, **kwargs):  # the verifying measurement comes after applying the scales
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -172,7 +172,7 @@ def test_an_interrupt_after_the_scales_were_applied_restores_weights_buffers_and
     model = _uneven(_norm_net("batch"))
     saved = state_copy(model)
     with pytest.raises(KeyboardInterrupt):
-        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1)
+        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1, verify_rates=True)
     assert len(calls) == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
@@ -471,3 +471,26 @@ def test_a_consumer_whose_slices_are_all_fixed_names_what_fixes_them() -> None:
     reason = report["c"].input_scale_fixed_by or ""
     assert "sigmoid" in reason and "tanh" in reason
     assert not any("concatenation" in note for note in report["c"].notes)
+
+
+# --- rates after an exact rescaling: predicted, not measured again -------------------------------------------
+
+
+def test_exact_rescaling_predicts_the_rates_after_and_spends_no_second_measurement() -> None:
+    from conftest import plain_cnn
+
+    model = _uneven(plain_cnn(6, width=8))
+    x = torch.randn(32, 3, 8, 8)
+    predicted_model = copy.deepcopy(model)
+    calls: dict[str, int] = {"predicted": 0, "verified": 0}
+    predicted_model.register_forward_pre_hook(lambda module, args: calls.__setitem__("predicted", calls["predicted"] + 1))
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__("verified", calls["verified"] + 1))
+    report = rescale_keeping_function(predicted_model, x, seed=0, rate_precision=0.03)
+    verified = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, verify_rates=True)
+    assert report.rates_after_predicted and not verified.rates_after_predicted
+    assert any("predicted" in note for note in report.notes)
+    assert calls["verified"] > calls["predicted"] * 1.5  # a second measurement costs as much as the first
+    # the prediction agrees with a fresh measurement made here, layer by layer, within the noise
+    own = noise_rates(predicted_model, x, affine_weights(predicted_model), rounds=8, seed=21)
+    for layer in report.layers:
+        assert layer.rate_after == pytest.approx(own[layer.name], rel=0.15), layer.name

@@ -99,6 +99,7 @@ class BetweenResult:
     approximated: dict[str, float] = field(default_factory=dict)
     normalizations: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
+    after_predicted: bool = False  # ``after`` was predicted from the exact factors, not measured
     limited: str | None = None  # what stopped the approximate rounds short, if anything did
     graph: LayerGraph | None = None  # the graph of the last round, where it differs from the session's
 
@@ -304,11 +305,26 @@ def equalize_between(
         result.reverted = True
         result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
         return result
-    if result.changed:
+    if result.changed and context.scaling.verify:
         result.after = _measure(context, called, graph, "magicinit: rates after")
+    elif result.changed:
+        result.after, result.after_predicted = _predicted_rates(before, solution, log_rates), True
     else:
         result.after = before
     return result
+
+
+def _predicted_rates(before: ChangeRates, solution: ScaleSolution, log_rates: dict[str, float]) -> ChangeRates:
+    """The rates after an exact rescaling, from those before: the solve's prediction for the layers
+    it equalized (exact: ``log C`` moves by ``2 (rho_in - rho_out)``, or by the slice formula); the
+    others keep their rates (fixed layers keep input and output scales; a rate of 0 or inf stays).
+    The errors are those of the measurement before; per-channel rates move by the layer's factor."""
+    rate, channel_rate = dict(before.rate), dict(before.channel_rate)
+    for name, predicted in solution.predicted_log_rate.items():
+        factor = math.exp(predicted - log_rates[name])
+        rate[name] = before.rate[name] * factor
+        channel_rate[name] = before.channel_rate[name] * factor
+    return ChangeRates(rate, dict(before.log_error), channel_rate, before.draws, dict(before.input_slice_gradient))
 
 
 def _normalization_factors(solution: ScaleSolution) -> dict[str, float]:

@@ -73,17 +73,23 @@ class ScaleOptions:
             operation tied, and the largest relative output change beyond one global factor
             that the rounds may cause (a step beyond it is undone and halved).
         max_rounds: rounds of measure-solve-apply at most in ``"approximate"`` mode.
+        verify: measure the rates again after an exact rescaling. By default they are
+            predicted: an exact rescaling moves every rate by a known factor (``"approximate"``
+            mode always measures).
     """
 
     mode: str = "exact"
     tolerance: float = 0.05
     max_rounds: int = 6
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in SCALE_MODES:
             raise MagicInitError(f"scale_mode={self.mode!r}: must be one of {', '.join(map(repr, SCALE_MODES))}")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
             raise MagicInitError(f"scale_tolerance={self.tolerance!r}: must be a number in [0, 1)")
+        if not isinstance(self.verify, bool):
+            raise MagicInitError(f"verify_rates={self.verify!r}: must be True or False")
 
 
 @dataclass(frozen=True, eq=False)

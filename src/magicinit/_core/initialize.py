@@ -43,6 +43,7 @@ def init_(
     rate_max_rounds: int = RateOptions.max_rounds,
     scale_mode: str = ScaleOptions.mode,
     scale_tolerance: float = ScaleOptions.tolerance,
+    verify_rates: bool = ScaleOptions.verify,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
@@ -88,7 +89,11 @@ def init_(
             rescaled across too, in damped rounds; the report gives the output change beyond
             one global factor, and which operations were treated so).
         scale_tolerance: largest relative deviation ``||f(r x) - r f(x)|| / ||r f(x)||`` (r = 1/2
-            and 2, on the init data) of an operation treated as homogeneous in ``"approximate"`` mode.
+            and 2, on the init data) of an operation treated as homogeneous in ``"approximate"`` mode,
+            and the largest output change beyond one global factor its rounds may cause.
+        verify_rates: measure the change rates again after an exact rescaling; by default the
+            report's rates after Part 2 are predicted (each measured rate times its layer's known
+            factor), which saves a second measurement.
         process_group: the ``torch.distributed`` processes that initialize this model together,
             each on its own shard of the data: every statistic is reduced over them and all end
             with bit-identical weights (``samples`` is per process). ``"default"``: the default
@@ -111,11 +116,11 @@ def init_(
         raise MagicInitError(f"patch_budget_mb={patch_budget_mb}: must be positive")
     chosen_sampler = get_sampler(sampler)
     rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
-    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance)
+    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance, verify=verify_rates)
     settings = {
         "sampler": sampler_name(sampler), "within": within, "between": between, "beta": beta, "seed": seed,
         "samples": samples, "patch_budget_mb": patch_budget_mb, **rates.keywords(),
-        "scale_mode": scale_mode, "scale_tolerance": scale_tolerance,
+        "scale_mode": scale_mode, "scale_tolerance": scale_tolerance, "verify_rates": verify_rates,
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=include_frozen, progress=progress, rates=rates, scaling=scaling,
@@ -153,6 +158,7 @@ def rescale_(
     rate_max_rounds: int = RateOptions.max_rounds,
     scale_mode: str = ScaleOptions.mode,
     scale_tolerance: float = ScaleOptions.tolerance,
+    verify_rates: bool = ScaleOptions.verify,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
@@ -169,7 +175,7 @@ def rescale_(
         model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
         include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
         rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
-        scale_tolerance=scale_tolerance, process_group=process_group,
+        scale_tolerance=scale_tolerance, verify_rates=verify_rates, process_group=process_group,
     )
 
 
@@ -328,6 +334,12 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
             f"(chunks of {settings['rate_chunk_size']} samples); the rescaling changed the output by "
             f"{between.function_change:.1e} (relative, rounding)"
         )
+    if between.after_predicted:
+        report.notes.append(
+            "rates after Part 2: predicted from the exact rescaling (each measured rate times its layer's known "
+            "factor), not measured again; verify_rates=True measures them"
+        )
+    report.rates_after_predicted = between.after_predicted
     if between.normalizations:
         report.notes.append(
             f"{len(between.normalizations)} normalization layer(s) had their input rescaled, with eps (and running "

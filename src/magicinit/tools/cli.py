@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="largest deviation from homogeneity of an operation rescaled across in 'approximate' "
                               f"mode (default {ScaleOptions.tolerance})")
 
+    scaling.add_argument("--verify-rates", action="store_true",
+                         help="measure the change rates again after an exact rescaling (default: predicted)")
+
     init = commands.add_parser("init", parents=[common, model, rates, scaling],
                                help="initialize a model, write its weights",
                                description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
@@ -370,7 +373,7 @@ def _run_rescale(args: argparse.Namespace) -> None:
 
 def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
     """Part 2's ``scale_mode`` and ``scale_tolerance`` (init and rescale; argparse checked them)."""
-    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance)
+    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance, verify_rates=args.verify_rates)
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
