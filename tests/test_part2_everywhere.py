@@ -482,15 +482,63 @@ def test_exact_rescaling_predicts_the_rates_after_and_spends_no_second_measureme
     model = _uneven(plain_cnn(6, width=8))
     x = torch.randn(32, 3, 8, 8)
     predicted_model = copy.deepcopy(model)
-    calls: dict[str, int] = {"predicted": 0, "verified": 0}
-    predicted_model.register_forward_pre_hook(lambda module, args: calls.__setitem__("predicted", calls["predicted"] + 1))
-    model.register_forward_pre_hook(lambda module, args: calls.__setitem__("verified", calls["verified"] + 1))
-    report = rescale_keeping_function(predicted_model, x, seed=0, rate_precision=0.03)
-    verified = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, verify_rates=True)
+    measurements: list[str] = []
+    measure = between_module.measure_change_rates
+
+    def counted(*args, **kwargs):
+        measurements.append(args[3] if len(args) > 3 else kwargs.get("desc", ""))
+        return measure(*args, **kwargs)
+
+    between_module.measure_change_rates = counted
+    try:
+        report = rescale_keeping_function(predicted_model, x, seed=0, rate_precision=0.03)
+        predicted_measurements = len(measurements)
+        verified = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, verify_rates=True)
+    finally:
+        between_module.measure_change_rates = measure
     assert report.rates_after_predicted and not verified.rates_after_predicted
     assert any("predicted" in note for note in report.notes)
-    assert calls["verified"] > calls["predicted"] * 1.5  # a second measurement costs as much as the first
+    assert predicted_measurements == 1 and len(measurements) == 3  # verifying measures a second time
     # the prediction agrees with a fresh measurement made here, layer by layer, within the noise
     own = noise_rates(predicted_model, x, affine_weights(predicted_model), rounds=8, seed=21)
     for layer in report.layers:
         assert layer.rate_after == pytest.approx(own[layer.name], rel=0.15), layer.name
+
+
+# --- per-sample gradients in one vectorized pass -------------------------------------------------------------
+
+
+def test_vectorized_rates_equal_the_one_sample_loop_with_far_fewer_model_calls(monkeypatch) -> None:
+    from conftest import plain_cnn
+
+    from magicinit._core import rates as rates_module
+
+    model = plain_cnn(5, width=8)
+    x = torch.randn(24, 3, 8, 8)
+    calls = {"count": 0}
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__("count", calls["count"] + 1))
+    vectorized = magicinit.diagnose(model, x, seed=3, rate_precision=0.05)
+    vectorized_calls, calls["count"] = calls["count"], 0
+    monkeypatch.setattr(rates_module._Vectorized, "try_build", classmethod(lambda cls, *args: "forced by the test"))
+    looped = magicinit.diagnose(model, x, seed=3, rate_precision=0.05)
+    assert vectorized.draws == looped.draws
+    for ours, theirs in zip(vectorized.layers, looped.layers):  # the same noise: equal up to rounding
+        assert ours.rate == pytest.approx(theirs.rate, rel=1e-4), ours.name
+    assert vectorized_calls * 5 < calls["count"]
+
+
+def test_a_forward_that_cannot_be_vectorized_falls_back_to_one_sample_at_a_time() -> None:
+    class DynamicShape(nn.Module):  # nonzero() has a data-dependent shape: torch.func cannot vectorize it
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            return self.b(h + 0 * h.nonzero().shape[0])
+
+    x = torch.randn(16, 6)
+    report = rescale_keeping_function(_uneven(DynamicShape()), x, seed=0, rate_precision=0.05)
+    assert any("one sample at a time (the forward could not be vectorized" in note for note in report.notes)
+    plain = rescale_keeping_function(_uneven(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))), x, seed=0)
+    assert any("vectorized per-sample gradients" in note for note in plain.notes)

@@ -27,20 +27,21 @@ def default_forward(model: nn.Module, batch: Batch) -> Any:
     return model(model_input)
 
 
-def _map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
+def map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
+    """``batch`` with ``fn`` applied to every tensor in it (nested tuple/list/dict; other values kept)."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, (tuple, list)):
-        mapped = [_map_tensors(fn, item) for item in batch]
+        mapped = [map_tensors(fn, item) for item in batch]
         return type(batch)(mapped) if isinstance(batch, list) else tuple(mapped)
     if isinstance(batch, dict):
-        return {key: _map_tensors(fn, value) for key, value in batch.items()}
+        return {key: map_tensors(fn, value) for key, value in batch.items()}
     return batch
 
 
 def cast_floating(batch: Batch, dtype: torch.dtype) -> Batch:
     """The batch with every floating tensor cast to ``dtype``."""
-    return _map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
 
 
 def jitter_floating(batch: Batch, seed: int) -> Batch:
@@ -59,7 +60,7 @@ def jitter_floating(batch: Batch, seed: int) -> Batch:
         size = size or float(tensor.double().abs().mean()) or 1.0
         return tensor + size * noise
 
-    return _map_tensors(jitter, batch)
+    return map_tensors(jitter, batch)
 
 
 def floating_tensors(obj: Any) -> Iterator[Tensor]:
@@ -90,7 +91,7 @@ def batch_size(batch: Batch) -> int:
 
 def split_batch(batch: Batch, start: int, stop: int) -> Batch:
     """Samples ``start:stop`` of every tensor in the batch."""
-    return _map_tensors(lambda tensor: tensor[start:stop], batch)
+    return map_tensors(lambda tensor: tensor[start:stop], batch)
 
 
 def _concat(batches: list[Batch]) -> Batch:
@@ -162,4 +163,4 @@ def gather_batch(
             return tensor.to(device=device, dtype=dtype)
         return tensor.to(device=device)
 
-    return _map_tensors(to_model, joined)
+    return map_tensors(to_model, joined)
