@@ -180,7 +180,7 @@ def measure_change_rates(
     return ChangeRates(rate, _log_errors(draw_totals, collective), channel_rate, n_draws, slice_gradient, method)
 
 
-VECTORIZED_FLOATS = 2**25  # per-sample gradient values held at once by the vectorized pass (128 MiB of float32)
+VECTORIZED_FLOATS = 2**23  # per-sample gradient values held at once by the vectorized pass (32 MiB of float32)
 
 
 class _Vectorized:
