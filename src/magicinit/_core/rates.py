@@ -214,6 +214,8 @@ class _Vectorized:
     def try_build(cls, context: PassContext, units: dict[str, WeightUnit],
                   generator: torch.Generator | None) -> "_Vectorized | str":
         """The vectorized pass, tried on the first samples (the generator left as it was), or why not."""
+        if not units:
+            return "no weights"
         if context.rates.chunk_size != 1:
             return "rate_chunk_size is not 1"
         if any(unit.kind != "parameter" for unit in units.values()):
