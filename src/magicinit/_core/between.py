@@ -28,7 +28,7 @@ from .distributed import Collective
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .operations import HomogeneityTest, compensate_normalization
-from .rates import ChangeRates, measure_change_rates
+from .rates import ChangeRates, measure_change_rates, squared_slice_norms
 from .safety import ModelSnapshot
 from .sites import UnitIndex, WeightUnit
 from .solve import ScaleSolution
@@ -121,7 +121,7 @@ def _apply_scales(
             slice_factors = solution.input_factors(name)
             if slice_factors is not None:  # a concatenated input: each slice's input channels apart
                 sizes = graph.input_parts[name].sizes
-                norms = _slice_norms_squared(unit.tensor(model), sizes)
+                norms = squared_slice_norms(unit.tensor(model), sizes).tolist()
                 total = sum(norms)
                 factors[name] = (math.sqrt(sum(n * f * f for n, f in zip(norms, slice_factors)) / total)
                                  if total > 0 else 1.0)  # the weight's norm ratio
@@ -232,12 +232,6 @@ NOTHING_FREE = (
 )
 
 
-def _slice_norms_squared(weight: Tensor, sizes: tuple[int, ...]) -> list[float]:
-    """``||W_s||^2`` of consecutive slices ``s`` of the weight's input channels (dimension 1)."""
-    per_input = weight.detach().double().square().sum([d for d in range(weight.dim()) if d != 1])
-    return [float(part.sum()) for part in torch.split(per_input, list(sizes))]
-
-
 def _measure(context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, desc: str) -> ChangeRates:
     """The rates of ``units``, with the slices of concatenated inputs that ``graph`` found."""
     slices = {name: concatenation.sizes for name, concatenation in graph.input_parts.items()}
@@ -252,7 +246,7 @@ def _slice_shares(
     for name, concatenation in graph.input_parts.items():
         if name not in units or name not in rates.input_slice_gradient:
             continue
-        weight_norms = _slice_norms_squared(units[name].tensor(model), concatenation.sizes)
+        weight_norms = squared_slice_norms(units[name].tensor(model), concatenation.sizes).tolist()
         shares[name] = (rates.input_slice_gradient[name].tolist(), weight_norms)
     return shares
 
@@ -436,7 +430,7 @@ def _equalize_approximately(
         largest = max(solution.approximated_rho.values(), default=0.0)
         limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
         solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
-        applied = _apply_within_budget(context, called, solution, graph, reference)
+        applied = _apply_within_budget(context, called, solution, graph, probe, reference)
         if applied is None:
             result.limited = (
                 f"a further step would change the output by more than scale_tolerance={options.tolerance:g} "
@@ -466,12 +460,11 @@ BACKTRACKING_STEPS = 4  # tries of one approximate step: the full (damped) step,
 
 def _apply_within_budget(
     context: PassContext, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph,
-    reference: list[Tensor],
+    probe: Batch, reference: list[Tensor],
 ) -> tuple[ScaleSolution, dict[str, float], set[str]] | None:
-    """Apply ``solution`` or a fraction of it whose outputs on the check samples stay within the
-    tolerance of ``reference`` beyond one global factor; None (model as it was) if none does."""
+    """Apply ``solution`` or a fraction of it whose outputs on the check samples ``probe`` stay within
+    the tolerance of ``reference`` beyond one global factor; None (model as it was) if none does."""
     model, collective = context.model, context.collective
-    probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     snapshot = ModelSnapshot(model)
     for _ in range(BACKTRACKING_STEPS):
         factors, changed = _apply_scales(model, units, solution, graph)

@@ -153,7 +153,8 @@ def measure_change_rates(
                     channel_sums[name] = channel_sums[name] + per_channel if name in channel_sums else per_channel
                     round_totals[name].append(per_channel.sum())
                     if name in slices:
-                        per_slice = _squared_slice_norms(units[name].tensor(model), slices[name], grad)
+                        per_slice = (squared_slice_norms(grad, slices[name]) if grad is not None
+                                     else torch.zeros(len(slices[name]), dtype=torch.float64))
                         slice_sums[name] = slice_sums[name] + per_slice if name in slice_sums else per_slice
                 advance(1)
             for name in names:  # one transfer per layer and round, not per draw
@@ -287,12 +288,10 @@ class _NoiseLoss(nn.Module):
         return torch.stack([(output * n).sum() for output, n in zip(outputs, noise)]).sum()
 
 
-def _squared_slice_norms(weight: Tensor, sizes: tuple[int, ...], grad: Tensor | None) -> Tensor:
-    """``||dL/dW_s||^2`` of consecutive slices ``s`` of the input channels (dimension 1), in float64."""
-    if grad is None:
-        return weight.new_zeros(len(sizes), dtype=torch.float64)
-    dims = [d for d in range(grad.dim()) if d != 1]
-    per_input = grad.double().square().sum(dims)
+def squared_slice_norms(tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Squared norms of consecutive slices of a weight-shaped ``tensor`` (a weight or its gradient)
+    along the input channels (dimension 1), in float64."""
+    per_input = tensor.detach().double().square().sum([d for d in range(tensor.dim()) if d != 1])
     return torch.stack([part.sum() for part in torch.split(per_input, list(sizes))])
 
 
