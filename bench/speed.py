@@ -15,7 +15,14 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   quotient of the two medians;
 * samplers: Part 1 with every sampler other than gaussian over Part 1 with
   gaussian timed right before it, on the ``--sampler-depth`` (16) plain CNN with
-  the same samples (median of ``--repeats`` pairs); the target for kmeans is <= 5;
+  the same samples, at every width of ``--sampler-widths`` (32 and 64; median of
+  ``--repeats`` pairs); the target for kmeans is <= 5 at every width;
+* rescale_: the whole call ``magicinit.rescale_(model, x2, seed=0)`` (Part 2 alone, on the model's
+  default weights) over ``--part2-samples`` samples, divided by a forward+backward over the same samples
+  timed right before it (median of ``--repeats`` pairs; the target at depth 16 is <= 4); then the
+  rescaled model's change rates measured again by this script, independently of magicinit (one sample
+  per draw, its own noise, plain autograd, ``--check-rounds`` draws per sample), and their largest
+  deviation from their geometric mean (the target is <= 10 %);
 * Part 2: ``report.seconds["between"]`` of ``magicinit.init_(model, x2, seed=0)`` over
   ``--part2-samples`` samples, divided by one forward+backward pass over those same
   samples (minimum times over ``--repeats``); the model calls Part 2 made (each a
@@ -45,6 +52,7 @@ import argparse
 import copy
 import importlib.metadata
 import inspect
+import math
 import os
 import platform
 import resource
@@ -87,6 +95,10 @@ PART1_WITHIN = "part1 within"  # its report.seconds["within"]
 LSUV = "lsuv"  # lsuv.lsuv_with_singlebatch on a fresh copy
 FORWARD_BACKWARD = "forward+backward"  # over the Part 2 samples
 PART2_BETWEEN = "part2 between"  # report.seconds["between"] of a full init_ over the Part 2 samples
+RESCALE_FORWARD_BACKWARD = "rescale fwd+bwd"  # forward+backward over the Part 2 samples, just before each rescale_
+RESCALE = "rescale_"  # the whole rescale_ call over the Part 2 samples, on the model's default weights
+RESCALE_TARGET = 4.0  # rescale_ / (fwd+bwd) at depth 16
+DEVIATION_TARGET = 0.10  # largest deviation of a re-measured rate from the geometric mean, after rescale_
 PART1_CALLS = 2  # model calls of init_(between=False): the 2-sample probe and the one Part 1 pass
 MEMORY_PROBES = ("forward+backward", "init_")
 
@@ -100,6 +112,7 @@ class DepthResult:
     model_calls: dict[str, int] = field(default_factory=dict)  # calls of the model in one run, by measurement
     rate_spread_before: float | None = None
     rate_spread_after: float | None = None
+    rescale_deviation: float | None = None  # after rescale_, measured by this script: max |rate / geomean - 1|
     peak_bytes: dict[str, int] = field(default_factory=dict)  # extra peak memory, by MEMORY_PROBES
     messages: set[str] = field(default_factory=set)
 
@@ -223,6 +236,18 @@ def measure_depth(
         result.seconds[FORWARD_BACKWARD].append(timed(lambda: forward_backward(model, part2_inputs), device)[0])
         model.zero_grad(set_to_none=True)
 
+        result.seconds[RESCALE_FORWARD_BACKWARD].append(
+            timed(lambda: forward_backward(model, part2_inputs), device)[0])
+        model.zero_grad(set_to_none=True)
+        rescaled = copy.deepcopy(model)
+        rescale_calls = count_model_calls(rescaled)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seconds, report = timed(lambda: magicinit.rescale_(rescaled, part2_inputs, seed=0), device)
+        result.messages.update(f"rescale_ {w.category.__name__}: {w.message}" for w in caught)
+        result.seconds[RESCALE].append(seconds)
+        result.model_calls[RESCALE] = rescale_calls()
+
         part2_model = copy.deepcopy(model)
         part2_calls = count_model_calls(part2_model)
         report = init_recording_warnings(result, part2_model, part2_inputs)
@@ -230,8 +255,31 @@ def measure_depth(
         result.seconds[PART2_BETWEEN].append(report.seconds["between"])
         result.rate_spread_before = report.rate_spread_before
         result.rate_spread_after = report.rate_spread_after
+    rates = independent_rates(rescaled, part2_inputs, args.check_rounds)
+    mean_log = statistics.fmean(math.log(rate) for rate in rates.values())
+    result.rescale_deviation = max(abs(rate / math.exp(mean_log) - 1) for rate in rates.values())
     result.peak_bytes = peak_memory(depth, args, device)
     return result
+
+
+def independent_rates(model: nn.Module, inputs: Tensor, rounds: int, seed: int = 12345) -> dict[str, float]:
+    """Every conv/linear layer's change rate ``sqrt(E||dL/dW||^2 / ||W||^2)``, measured here without magicinit:
+    ``L = noise . model(sample)``, one sample per draw with noise from this script's own generator, plain
+    autograd, ``rounds`` draws per sample, in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    totals = {name: 0.0 for name in layers}
+    model.eval()
+    for _ in range(rounds):
+        for index in range(len(inputs)):
+            output = model(inputs[index : index + 1])
+            noise = torch.randn(output.shape, generator=generator).to(output)
+            grads = torch.autograd.grad(output, [m.weight for m in layers.values()], grad_outputs=noise)
+            for name, grad in zip(layers, grads):
+                totals[name] += float(grad.double().square().sum())
+    draws = rounds * len(inputs)
+    return {name: math.sqrt(totals[name] / draws / float(m.weight.double().square().sum()))
+            for name, m in layers.items()}
 
 
 def build_model(depth: int, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -295,10 +343,11 @@ def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> d
 SAMPLER_TARGETS = {"kmeans": 5.0}  # init time / gaussian's, on the --sampler-depth plain CNN
 
 
-def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.device) -> dict[str, list[float]]:
-    """Per sampler, the ratios of its Part 1 time to a gaussian Part 1 timed right before it."""
+def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.device,
+                     width: int) -> dict[str, list[float]]:
+    """Per sampler, the ratios of its Part 1 time to a gaussian Part 1 timed right before it, at ``width``."""
     torch.manual_seed(args.sampler_depth)
-    model = plain_cnn(args.sampler_depth, args.width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
+    model = plain_cnn(args.sampler_depth, width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
     ratios: dict[str, list[float]] = {name: [] for name in sorted(magicinit.SAMPLERS) if name != "gaussian"}
     for _ in range(args.repeats):
         for name in ratios:
@@ -312,13 +361,14 @@ def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.dev
     return ratios
 
 
-def sampler_table(ratios: dict[str, list[float]]) -> str:
-    lines = ["| sampler | Part 1 time / gaussian's (median) | every pair | target |", "|---|---|---|---|"]
-    for name, values in ratios.items():
-        target = SAMPLER_TARGETS.get(name)
-        verdict = "-" if target is None else f"≤ {target}: {'PASS' if statistics.median(values) <= target else 'MISS'}"
-        pairs = "/".join(f"{v:.2f}" for v in values)
-        lines.append(f"| {name} | {statistics.median(values):.2f} | {pairs} | {verdict} |")
+def sampler_table(ratios_by_width: dict[int, dict[str, list[float]]]) -> str:
+    lines = ["| width | sampler | Part 1 time / gaussian's (median) | every pair | target |", "|---|---|---|---|---|"]
+    for width, ratios in ratios_by_width.items():
+        for name, values in ratios.items():
+            target = SAMPLER_TARGETS.get(name)
+            verdict = "-" if target is None else f"≤ {target}: {'PASS' if statistics.median(values) <= target else 'MISS'}"
+            pairs = "/".join(f"{v:.2f}" for v in values)
+            lines.append(f"| {width} | {name} | {statistics.median(values):.2f} | {pairs} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -350,6 +400,7 @@ def print_details(result: DepthResult) -> None:
     timed_names = {
         FORWARD: "forward", PART1_WALL: "Part 1", LSUV: "lsuv",
         FORWARD_BACKWARD: "fwd+bwd (Part 2 samples)", PART2_BETWEEN: "Part 2",
+        RESCALE_FORWARD_BACKWARD: "fwd+bwd before rescale_", RESCALE: "rescale_",
     }
     times = [
         f"{label} " + "/".join(f"{seconds:.3f}" for seconds in result.seconds[measurement])
@@ -371,6 +422,12 @@ def part2_calls_cell(result: DepthResult, samples: int) -> str:
     return "-" if calls is None else f"{calls} ({calls / samples:.1f})"
 
 
+def deviation_cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f} % ({'PASS' if value <= DEVIATION_TARGET else 'MISS'} ≤ {100 * DEVIATION_TARGET:.0f} %)"
+
+
 def memory_cell(result: DepthResult) -> str:
     """``init_``'s extra peak over forward+backward's, with both in MiB."""
     init_peak, reference = (result.peak_bytes.get(kind) for kind in ("init_", "forward+backward"))
@@ -383,12 +440,14 @@ def markdown_table(results: Sequence[DepthResult], args: argparse.Namespace) -> 
     header = [
         "depth", "forward s", "Part 1 s (within)", "Part 1 / forward", f"≤ {PART1_TARGET}?",
         "lsuv s", "lsuv / forward", "lsuv / Part 1", "Part 2 / (fwd+bwd)", "Part 2 model calls (passes)",
-        "rate spread before → after", "peak memory: init_ / (fwd+bwd)",
+        "rate spread before → after", "rescale_ / (fwd+bwd)", f"≤ {RESCALE_TARGET:g}?",
+        "after rescale_, re-measured here: max deviation from geometric mean", "peak memory: init_ / (fwd+bwd)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         part1_ratio = result.part1_ratio
         lsuv_ratio = result.paired_ratio(LSUV, LSUV_FORWARD)
+        rescale_ratio = result.paired_ratio(RESCALE, RESCALE_FORWARD_BACKWARD)
         cells = [
             str(result.depth),
             seconds_cell(result.best(FORWARD)),
@@ -401,6 +460,9 @@ def markdown_table(results: Sequence[DepthResult], args: argparse.Namespace) -> 
             ratio(result.best(PART2_BETWEEN), result.best(FORWARD_BACKWARD)),
             part2_calls_cell(result, args.part2_samples),
             f"{spread_cell(result.rate_spread_before)} → {spread_after_cell(result)}",
+            "-" if rescale_ratio is None else f"{rescale_ratio:.2f}",
+            "-" if rescale_ratio is None else ("PASS" if rescale_ratio <= RESCALE_TARGET else "MISS"),
+            deviation_cell(result.rescale_deviation),
             memory_cell(result),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -448,7 +510,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="depths 8 16, 1 repeat")
     parser.add_argument("--no-lsuv", action="store_true", help="leave out the lsuv measurements")
     parser.add_argument("--sampler-depth", type=int, default=16, help="depth of the model for the sampler rows")
+    parser.add_argument("--sampler-widths", type=int, nargs="+", default=[32, 64],
+                        help="widths of the model for the sampler rows")
     parser.add_argument("--no-samplers", action="store_true", help="leave out the sampler rows")
+    parser.add_argument("--check-rounds", type=int, default=4,
+                        help="draws per sample of this script's own re-measurement of the rates after rescale_")
     parser.add_argument("--memory-probe", choices=MEMORY_PROBES, help=argparse.SUPPRESS)  # internal: one probe
     args = parser.parse_args(argv)
     if args.quick:
@@ -495,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Samplers: Part 1 (init_(between=False)) with each sampler over the same one with gaussian, "
               f"depth-{args.sampler_depth} plain CNN, {args.samples} samples, {args.repeats} pairs:")
         print()
-        print(sampler_table(measure_samplers(args, inputs, device)))
+        print(sampler_table({width: measure_samplers(args, inputs, device, width) for width in args.sampler_widths}))
         print()
     missed = [result.depth for result in results if not result.meets_target]
     verdict = "met at every depth" if not missed else f"missed at depth {', '.join(map(str, missed))}"

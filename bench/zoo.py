@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 import warnings
 from collections import Counter
@@ -45,6 +46,8 @@ from magicinit.tools.cli import load_model
 from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 
 USUAL_PINS = {"model input", "model output"}
+FORWARD_REPEATS = 5  # the forward is timed this many times; the median is the ratio's denominator
+RATE_WAYS = ("from site activations", "vectorized per-sample gradients", "one sample at a time")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class ZooRow:
     output_change_beyond_scale: float | None = None
     approximated: int = 0
     rounds: int = 0
+    rate_way: str = "-"
 
 
 def fixing_op(reason: str | None) -> str | None:
@@ -95,6 +99,7 @@ def summarize(name: str, report: Report, caught: list[warnings.WarningMessage], 
         output_change_beyond_scale=report.output_change_beyond_scale,
         approximated=len(report.approximated),
         rounds=report.scale_rounds,
+        rate_way=next((way for note in report.notes for way in RATE_WAYS if f"samples; {way}" in note), "-"),
     )
 
 
@@ -114,9 +119,12 @@ def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact") -> ZooRo
     model = build(name)
     with torch.no_grad():
         model.eval()(inputs)  # warm-up
-        started = time.perf_counter()
-        model(inputs)
-        forward_seconds = time.perf_counter() - started
+        forwards = []
+        for _ in range(FORWARD_REPEATS):
+            started = time.perf_counter()
+            model(inputs)
+            forwards.append(time.perf_counter() - started)
+        forward_seconds = statistics.median(forwards)
     model.train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,15 +142,15 @@ def markdown_table(rows: list[ZooRow]) -> str:
     """The rows as a markdown table."""
     lines = [
         "| model | conv/linear layers | Part 1: normalized | Part 2: rescaled layers | scales fixed by | "
-        "rate spread before → after | init_ / forward |",
-        "|---|---|---|---|---|---|---|",
+        "rate spread before → after | per-sample gradient norms | init_ / forward |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         part1 = f"{row.normalized}" + (f" ({row.never_called} never called)" if row.never_called else "")
         ops = ", ".join(f"{op} ×{count}" for op, count in row.fixing_ops.most_common()) or "-"
         lines.append(
             f"| {row.name} | {row.layers} | {part1} | {row.rescaled} | {ops} | "
-            f"{spread(row.spread_before)} → {spread(row.spread_after)} | {row.init_over_forward:.0f} |"
+            f"{spread(row.spread_before)} → {spread(row.spread_after)} | {row.rate_way} | {row.init_over_forward:.0f} |"
         )
     return "\n".join(lines)
 
@@ -193,8 +201,9 @@ def main() -> int:
         f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
         f"```\npip install -c constraints.txt -e \".[test,bench]\"\npython bench/zoo.py\n```\n\n"
         "`init_(model, x, seed=0)` with its defaults on 8 Gaussian 3 x 64 x 64 inputs; "
-        "init_ / forward is the time of init_ over that of one eval-mode forward pass of the same inputs, "
-        "in the same run.\n\n"
+        "init_ / forward is the time of init_ over that of one eval-mode forward pass of the same inputs "
+        f"(the median of {FORWARD_REPEATS}), in the same run; the per-sample gradient norms column says how "
+        "Part 2 computed them (see docs/method.md).\n\n"
         f"{table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "No warnings.\n\n")
     )
     replace_section(args.results, "## bench/zoo.py", section)

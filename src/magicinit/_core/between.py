@@ -15,10 +15,12 @@ least-squares problem of ``graph.LayerGraph.solve`` (see docs/method.md).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +30,8 @@ from .distributed import Collective
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .operations import HomogeneityTest, compensate_normalization
-from .rates import ChangeRates, measure_change_rates, squared_slice_norms
+from .per_sample import squared_slice_norms
+from .rates import ChangeRates, measure_change_rates
 from .safety import ModelSnapshot
 from .sites import UnitIndex, WeightUnit
 from .solve import ScaleSolution
@@ -169,29 +172,48 @@ def _change_in_float64(
     model, forward = context.model, context.forward
     if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
         return None, probe
-    try:
-        twin = copy.deepcopy(model).double()
-    except Exception:  # a model holding something deepcopy cannot copy
+    twin = _float64_twin(model)
+    if twin is None:
         return None, probe
-    jittered = jitter_floating(probe, seed=0)
-    probe64, jittered64 = cast_floating(probe, torch.float64), cast_floating(jittered, torch.float64)
+    probe64 = cast_floating(probe, torch.float64)
     reference = _outputs(twin, probe64, forward)
-    try:
-        reference_jittered = _outputs(twin, jittered64, forward)
-    except Exception:  # the model does not accept other values (indices stored as floats, say)
-        reference_jittered = None
     _apply_scales(twin, units, solution, graph)
     rescaled = _outputs(twin, probe64, forward)
     change = function_change(reference, rescaled)
-    if change <= EXACT_TOLERANCE or reference_jittered is None:
+    if change <= EXACT_TOLERANCE:
         return change, probe
     # Measured against the size the outputs have on other inputs, a change that is only
     # large relative to cancelled outputs becomes small; a wrong analysis stays large
-    # there, and must also pass on the jittered inputs themselves.
+    # there, and must also pass on the jittered inputs themselves (on a second twin: the
+    # first one is rescaled).
+    jittered = jitter_floating(probe, seed=0)
+    jittered64 = cast_floating(jittered, torch.float64)
+    original = _float64_twin(model)
+    try:
+        assert original is not None  # the first copy succeeded
+        reference_jittered = _outputs(original, jittered64, forward)
+    except Exception:  # the model does not accept other values (indices stored as floats, say)
+        return change, probe
+    del original
     typical = max(_norm(reference), _norm(reference_jittered))
     change_here = _difference(reference, rescaled) / typical if typical > 0 else change
     elsewhere = function_change(reference_jittered, _outputs(twin, jittered64, forward))
     return (math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)), jittered
+
+
+def _float64_twin(model: nn.Module) -> nn.Module | None:
+    """A float64 copy of ``model`` (None where it cannot be copied). Its floating parameters and buffers
+    are converted while copying, so the float32 ones are never copied first."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point() and id(tensor) not in memo:
+            twin_tensor = tensor.detach().double()
+            memo[id(tensor)] = nn.Parameter(twin_tensor, tensor.requires_grad) if isinstance(
+                tensor, nn.Parameter) else twin_tensor
+    try:
+        return copy.deepcopy(model, memo).double()
+    except Exception:  # a model holding something deepcopy cannot copy
+        return None
 
 
 def _rounding_tolerance(model: nn.Module) -> float:

@@ -15,7 +15,6 @@ from .distributed import ProcessGroupArg
 from .errors import MagicInitError
 from .graph import LayerGraph
 from .inputs import Batch, batch_size
-from .rates import ChangeRates
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
 from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
@@ -321,7 +320,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     if settings.get("scale_mode") == "approximate":
         report.notes.append(
             f"scale_mode='approximate': {between.rounds} rescaling round(s), change rates from "
-            f"{between.before.draws} noise draws per measurement ({_method(between.before)}); the output changed by "
+            f"{between.before.draws} noise draws per measurement ({between.before.method}); the output changed by "
             f"{between.change_beyond_scale:.1e} (relative) beyond a global factor of {between.output_scale:.4g}"
         )
         if between.approximated:
@@ -332,7 +331,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     else:
         report.notes.append(
             f"change rates from {between.before.draws} noise draws "
-            f"(chunks of {settings['rate_chunk_size']} samples; {_method(between.before)}); the rescaling changed "
+            f"(chunks of {settings['rate_chunk_size']} samples; {between.before.method}); the rescaling changed "
             "the output by "
             f"{between.function_change:.1e} (relative, rounding)"
         )
@@ -349,11 +348,6 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
         )
     if between.reverted:
         report.notes.append("between-layer rescaling was not kept: it would change the network's output")
-
-
-def _method(rates: ChangeRates) -> str:
-    """How the per-sample gradients were computed, for the report."""
-    return "vectorized per-sample gradients" if rates.method == "vectorized" else rates.method
 
 
 EPS_NOT_IN_STATE_DICT = (

@@ -170,7 +170,9 @@ def keep(request: SamplerRequest) -> Tensor:
 
 # --- data-driven samplers ------------------------------------------------------
 
-KMEANS_ITERATIONS = 20  # at most; k-means stops earlier once no assignment changes
+KMEANS_ITERATIONS = 20  # at most; k-means stops earlier once it has settled
+KMEANS_SETTLED = 1e-3  # settled: at most this fraction of the patches changed cluster in an iteration
+KMEANS_SEEDING_POINTS = 32  # k-means++ seeds are drawn from this many random patches per cluster at most
 PATCHES_PER_FILTER = 128  # patches drawn per output channel of a group (at least 4 x fan_in)
 WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (regularized whitening)
 # Directions whose eigenvalue is below this fraction of the largest carry no signal
@@ -388,30 +390,39 @@ def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
 
     Centroids start from k-means++ seeding (on the sphere, distance ``2 - 2 cos``,
     the squared distance of unit vectors); empty clusters are re-seeded with
-    random patches; at most ``KMEANS_ITERATIONS`` iterations, fewer once no
-    assignment changes.
+    random patches; at most ``KMEANS_ITERATIONS`` iterations, fewer once at most
+    ``KMEANS_SETTLED`` of the patches change cluster in one.
     Centroids are mapped back through the whitening.
     """
     points = _unit_rows(stats.whiten())  # (groups, M, fan)
     clusters = request.shape[1]
-    centroids = _kmeans_plus_plus(points, clusters, request.generator)
+    seeding, own_generator = points, request.own_data_generator()  # called alike on every rank
+    if points.shape[1] > KMEANS_SEEDING_POINTS * clusters:  # seeding is sequential: on a random subset
+        seeding = points[:, _subsample(points.shape[1], KMEANS_SEEDING_POINTS * clusters, own_generator,
+                                       points.device)]
+    centroids = _kmeans_plus_plus(seeding, clusters, request.generator)
     collective = request.collective
     if collective is not None:  # every rank seeds on its own points, then takes rank 0's seeds
         centroids = collective.broadcast(centroids)
     assignment = None
     steps = range(KMEANS_ITERATIONS)
     bar = tqdm(steps, desc=f"magicinit: kmeans '{request.name}'", unit="it", leave=False) if request.progress else None
+    groups, count, fan = points.shape
+    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)  # a cluster index per group
     for _ in bar if bar is not None else steps:
         new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
-        unchanged = assignment is not None and torch.equal(new_assignment, assignment)
+        changed = count * groups if assignment is None else int((new_assignment != assignment).sum())
         if collective is not None:
-            unchanged = collective.total(0 if unchanged else 1) == 0
-        if unchanged:
+            changed, total = collective.total(changed), collective.total(count * groups)
+        else:
+            total = count * groups
+        if changed <= KMEANS_SETTLED * total:
             break
         assignment = new_assignment
-        one_hot = torch.nn.functional.one_hot(assignment, clusters).to(points.dtype)  # (groups, M, clusters)
-        sums = one_hot.transpose(1, 2) @ points
-        members = one_hot.sum(dim=1)  # (groups, clusters)
+        flat = (assignment + offsets).flatten()  # (groups * M,): the sums by scatter, not a one-hot product
+        sums = points.new_zeros(groups * clusters, fan).index_add_(0, flat, points.reshape(-1, fan))
+        sums = sums.view(groups, clusters, fan)
+        members = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters).to(points.dtype)
         if collective is not None:
             sums, members = collective.sum(sums), collective.sum(members)
         empty = members == 0

@@ -1,0 +1,605 @@
+"""Squared gradient norms of every noise draw: the three ways ``rates.py`` gets them.
+
+A *draw* is one chunk of the init data (one sample by default) with its own
+Gaussian noise ``eta`` on the model's outputs; what the change rates need of it
+is ``||dL/dW_i||^2`` for every output channel ``i`` of every weight (and, for
+weights reading a concatenation, of every slice of input channels), under
+``L = eta . output``. All three ways draw the same noise, in the same order, so
+they give the same estimate:
+
+* **from site activations** (``FromActivations``): one batched forward over the
+  data, kept for every round, and per round one backward of all the draws'
+  noise at once. At every affine site the input ``x`` and the output gradient
+  ``g`` of each sample give its norms directly: for a linear map on one vector
+  per sample ``||dL/dW_i||^2 = g_i^2 ||x||^2``; with several positions (a
+  sequence, a convolution's patches) the sample's gradient ``g^T x`` is formed in
+  small blocks of samples. This is the cost of about one backward pass per
+  round. It needs every weight to be a plain parameter used by linear maps,
+  matrix products and convolutions, and the samples to be independent of each
+  other; both are checked on the first samples against the one-draw-at-a-time
+  gradients, and where they do not hold the next way is used;
+* **vectorized** (``Vectorized``): ``torch.func.vmap`` of the per-sample gradient;
+* **one draw at a time** (``OneDrawAtATime``): a forward and backward per draw,
+  for every model (reparametrized weights, random operations, chunks of several
+  samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.func import grad as gradient_of
+from torch.func import vmap
+
+from .adapters import CONV, LINEAR, MATMUL, Layout
+from .context import PassContext
+from .errors import MagicInitError
+from .inputs import Batch, all_tensors, batch_size, floating_tensors, map_tensors, split_batch
+from .safety import Hooks
+from .sites import CallInterceptor, SiteCall, UnitIndex, WeightUnit, _argument
+
+BLOCK_FLOATS = 2**23  # per-sample gradient values (or patches) held at once (32 MiB of float32)
+CACHED_PATCH_FLOATS = 4 * BLOCK_FLOATS  # convolution patches kept between rounds, over all sites
+AGREEMENT = 1e-3  # relative difference allowed between two ways on the check samples (float32 rounding)
+
+
+@dataclass
+class DrawNorms:
+    """Squared gradient norms of consecutive draws, in float64 on the model's device.
+
+    Attributes:
+        count: the number of draws.
+        channel: per weight, ``(count, output channels)``.
+        slices: per weight measured by input slices, ``(count, slices)``.
+    """
+
+    count: int
+    channel: dict[str, Tensor]
+    slices: dict[str, Tensor]
+
+
+def squared_slice_norms(tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Squared norms of consecutive slices of a weight-shaped ``tensor`` (a weight or its gradient)
+    along the input channels (dimension 1), in float64."""
+    norm_dtype = torch.promote_types(tensor.dtype, torch.float32)
+    dims = [d for d in range(tensor.dim()) if d != 1]
+    per_input = torch.linalg.vector_norm(tensor.detach(), dim=dims, dtype=norm_dtype).double().square()
+    return torch.stack([part.sum() for part in torch.split(per_input, list(sizes))])
+
+
+def squared_filter_norms(filters: Tensor) -> Tensor:
+    """``||f||^2`` of every filter ``(..., fan_in)`` in float64: a float32 norm per filter (accurate to
+    ~1e-7, and far faster on a CPU than squaring a float64 copy), squared in float64."""
+    norm_dtype = torch.promote_types(filters.dtype, torch.float32)
+    return torch.linalg.vector_norm(filters, dim=-1, dtype=norm_dtype).double().square()
+
+
+class Estimate:
+    """What the three ways share: the weights measured, their layouts, slices and the noise."""
+
+    def __init__(self, context: PassContext, units: dict[str, WeightUnit], layouts: dict[str, Layout],
+                 slices: dict[str, tuple[int, ...]], generator: torch.Generator | None) -> None:
+        self.context, self.units, self.layouts, self.slices = context, units, layouts, slices
+        self.generator = generator
+        self.names = list(units)
+
+    def noise(self, shapes: list[torch.Size], count: int) -> list[list[Tensor]]:
+        """For each of ``count`` draws in order, float32 noise of every output shape (on the CPU
+        generator's stream, so every way draws the same numbers)."""
+        return [[torch.randn(shape, generator=self.generator, dtype=torch.float32) for shape in shapes]
+                for _ in range(count)]
+
+    def gradient_norms(self, grads: list[Tensor | None]) -> DrawNorms:
+        """The norms of one draw from every weight's gradient (None: no gradient reached it)."""
+        model, channel, slices = self.context.model, {}, {}
+        for name, grad in zip(self.names, grads):
+            adapter, groups = self.layouts[name]
+            weight = self.units[name].tensor(model)
+            if grad is None:
+                channel[name] = weight.new_zeros(1, adapter.out_channels(weight, groups), dtype=torch.float64)
+            else:
+                channel[name] = squared_filter_norms(adapter.to_filters(grad, groups)).reshape(1, -1)
+            if name in self.slices:
+                sizes = self.slices[name]
+                slices[name] = (squared_slice_norms(grad, sizes) if grad is not None else
+                                torch.zeros(len(sizes), dtype=torch.float64, device=weight.device)).reshape(1, -1)
+        return DrawNorms(1, channel, slices)
+
+    def rng_state(self) -> Tensor:
+        return self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        self.generator.set_state(state) if self.generator is not None else torch.set_rng_state(state)
+
+
+def _output_tensors(output: object) -> list[Tensor]:
+    tensors = [t for t in floating_tensors(output) if t.requires_grad]
+    if not tensors:
+        raise MagicInitError(
+            "the model's output does not depend on any initialized weight (no floating output "
+            "with a gradient); pass forward=... returning the network's output tensor"
+        )
+    return tensors
+
+
+# --- one draw at a time -------------------------------------------------------------------------------
+
+
+class OneDrawAtATime:
+    """A forward and a backward per draw (chunks of ``rate_chunk_size`` samples): works for every model."""
+
+    description = "one sample at a time"
+
+    def __init__(self, estimate: Estimate, hooks: Hooks) -> None:
+        self.estimate = estimate
+        context, units = estimate.context, estimate.units
+        self.starts = list(range(0, batch_size(context.batch), context.rates.chunk_size))
+        self.computed: dict[str, list[Tensor]] = {}  # a reparametrized weight as each call of its module computed it
+        for name, unit in units.items():
+            if unit.kind != "parameter":  # after the reparametrization's own pre-hook: its result of this call
+                hooks.before(context.model.get_submodule(unit.owner),
+                             lambda m, args, name=name, unit=unit: self.computed.setdefault(name, []).append(
+                                 getattr(m, unit.attribute)))
+
+    def gradients(self, start: int) -> list[Tensor | None]:
+        """The gradient of every weight for the chunk at ``start``, under fresh noise."""
+        estimate = self.estimate
+        context, units, names = estimate.context, estimate.units, estimate.names
+        chunk = split_batch(context.batch, start, start + context.rates.chunk_size)
+        self.computed.clear()
+        with torch.enable_grad():
+            outputs = _output_tensors(context.run(chunk))
+            used = [self.computed.get(name, []) if units[name].kind != "parameter"
+                    else [units[name].tensor(context.model)] for name in names]
+            noise = [n.to(t) for n, t in zip(estimate.noise([t.shape for t in outputs], 1)[0], outputs)]
+            flat = torch.autograd.grad(outputs, [t for ts in used for t in ts], grad_outputs=noise, allow_unused=True)
+        grads, position = [], 0
+        for tensors in used:  # a weight's gradient: the sum over the calls that used it
+            parts = [g for g in flat[position:position + len(tensors)] if g is not None]
+            grads.append(None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+            position += len(tensors)
+        return grads
+
+    def norms(self, start: int) -> DrawNorms:
+        return self.estimate.gradient_norms(self.gradients(start))
+
+    def rounds(self) -> Iterator[DrawNorms]:
+        """One round: every draw, in order."""
+        return map(self.norms, self.starts)
+
+    def close(self) -> None:
+        """Nothing held between rounds."""
+
+
+def _per_sample_draws_possible(context: PassContext, units: dict[str, WeightUnit]) -> str | None:
+    """Why draws of one sample each cannot be batched (None: they can be tried)."""
+    if not units:
+        return "no weights"
+    if context.rates.chunk_size != 1:
+        return "rate_chunk_size is not 1"
+    if any(unit.kind != "parameter" for unit in units.values()):
+        return "a reparametrized weight"
+    if not all(t.dim() >= 1 and t.shape[0] == batch_size(context.batch) for t in all_tensors(context.batch)):
+        return "a batch entry without the sample dimension"
+    return None
+
+
+def _one_sample_output_shapes(context: PassContext) -> list[torch.Size]:
+    with torch.no_grad():
+        return [t.shape for t in floating_tensors(context.run(split_batch(context.batch, 0, 1)))]
+
+
+# --- from site activations ----------------------------------------------------------------------------
+
+
+class _Unsupported(MagicInitError):
+    """The model cannot be measured from site activations (the message says why). A ``MagicInitError``
+    so that it passes the forward's wrapper of the model's own errors unchanged; never raised to users."""
+
+
+def _sample_blocks(count: int, per_sample_floats: int) -> Iterator[slice]:
+    step = max(1, BLOCK_FLOATS // max(1, per_sample_floats))
+    for start in range(0, count, step):
+        yield slice(start, min(count, start + step))
+
+
+def _tuple(value: Any, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def _conv_patches(site: SiteCall, x: Tensor) -> Tensor:
+    """The input patches of every sample and output position: ``(n, groups, fan_in, positions)``, in the
+    filters' element order (1-d and 2-d convolutions by ``unfold``, others by the call with identity filters)."""
+    weight, groups = site.weight, site.groups
+    dims, fan = weight.dim() - 2, weight[0].numel()
+    n = x.shape[0]
+    if dims in (1, 2):
+        kernel = tuple(weight.shape[2:])
+        stride, dilation = (_tuple(_argument(site.args, site.kwargs, slot, 1), dims)
+                            for slot in ((3, "stride"), (5, "dilation")))
+        padding = _argument(site.args, site.kwargs, (4, "padding"), 0)
+        if isinstance(padding, str):
+            if padding == "same":  # torch's own split: the extra element on the right
+                totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+                pads = [p for total in reversed(totals) for p in (total // 2, total - total // 2)]
+                x = F.pad(x, pads)
+            padding = (0,) * dims
+        padding = _tuple(padding, dims)
+        if dims == 1:
+            x, kernel, stride, dilation, padding = (x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation),
+                                                    (0, *padding))
+        columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return columns.reshape(n, groups, fan, -1)
+    identity = torch.eye(fan, dtype=x.dtype, device=x.device).reshape(fan, *weight.shape[1:])
+    identity = identity.repeat(groups, *([1] * (weight.dim() - 1)))
+    return site.call(input=x, weight=identity, bias=None).reshape(n, groups, fan, -1)
+
+
+@dataclass
+class _SiteRecord:
+    """One affine call of a measured weight in the batched forward: its input and how to read its gradient."""
+
+    name: str
+    site: SiteCall
+    input: Tensor
+    patches: Tensor | None = None  # a convolution's patches, kept between rounds where memory allows
+
+
+class _SiteCapture(CallInterceptor):
+    """Records the affine calls of the measured weights, and hooks their outputs' gradients."""
+
+    def __init__(self, index: UnitIndex, names: dict[int, str], on_gradient: Callable[[_SiteRecord, Tensor], None]):
+        super().__init__(index)
+        self.names, self.on_gradient = names, on_gradient
+        self.records: list[_SiteRecord] = []
+        self.backward_to: list[Tensor] = []
+
+    def on_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                site: SiteCall | None) -> Any:
+        output = func(*args, **kwargs)
+        if site is None:
+            return output
+        weight = site.weight
+        name = self.names.get(id(weight)) if weight._base is None else self.names.get(id(weight._base))
+        if name is None:
+            return output  # a weight not measured (skipped or frozen)
+        if weight._base is not None:
+            raise _Unsupported(f"'{name}' is used through a view")
+        if site.adapter not in (LINEAR, MATMUL, CONV):
+            raise _Unsupported(f"'{name}' is used by {getattr(func, '__name__', func)}")
+        layer_input = site.input
+        if not isinstance(layer_input, Tensor) or layer_input.dim() < (2 if site.adapter is not CONV else weight.dim()):
+            raise _Unsupported(f"'{name}' reads an input without a sample dimension")
+        if isinstance(output, Tensor) and output.requires_grad:
+            record = _SiteRecord(name, site, layer_input.detach())
+            self.records.append(record)
+            output.register_hook(lambda grad, record=record: self.on_gradient(record, grad))
+            # what the backward must reach for this site's output gradient to be formed: its input where that
+            # has a gradient (a conv or linear map keeps its input for the backward, so no later in-place
+            # operation changes it), else its weight; the weights' own gradients are then never computed
+            self.backward_to.append(layer_input if layer_input.requires_grad else weight)
+        return output
+
+
+class FromActivations:
+    """Every draw's norms from the inputs and output gradients of the affine sites (see the module text)."""
+
+    description = "from site activations"
+
+    def __init__(self, estimate: Estimate, output_shapes: list[torch.Size]) -> None:
+        self.estimate, self.output_shapes = estimate, output_shapes
+        context = estimate.context
+        self.count = batch_size(context.batch)
+        self.samples = context.batch
+        self.index = UnitIndex(context.model)
+        self.parameter_names = {id(estimate.units[name].tensor(context.model)): name for name in estimate.names}
+        self.graph: tuple[list[Tensor], list[Tensor], dict[str, int]] | None = None  # outputs, backward targets, uses
+        self.channel: dict[str, Tensor] = {}
+        self.slice_sums: dict[str, Tensor] = {}
+        self.gradient_sums: dict[str, Tensor] = {}  # per-sample gradients of weights used at several sites
+        self.sites: dict[str, int] = {}
+        self.problem: str | None = None
+        self.pending: DrawNorms | None = None
+        self.cached_floats = 0
+
+    def _forward(self) -> None:
+        context = self.estimate.context
+        capture = _SiteCapture(self.index, self.parameter_names, self._on_gradient)
+        with torch.enable_grad(), capture:
+            outputs = _output_tensors(context.run(self.samples))
+        expected = [torch.Size((self.count, *shape[1:])) for shape in self.output_shapes]
+        if [t.shape for t in outputs] != expected or any(shape[:1] != (1,) for shape in self.output_shapes):
+            raise _Unsupported("the outputs are not stacked along the sample dimension")
+        sites: dict[str, int] = {}
+        layouts: dict[str, set[tuple[int, int]]] = {}
+        for record in capture.records:
+            sites[record.name] = sites.get(record.name, 0) + 1
+            layouts.setdefault(record.name, set()).add((id(record.site.adapter), record.site.groups))
+        if any(len(found) > 1 for found in layouts.values()):
+            raise _Unsupported("a weight is used by affine maps of different layouts")
+        for name, uses in sites.items():
+            if uses > 1 and self.count * self.estimate.units[name].tensor(context.model).numel() > 4 * BLOCK_FLOATS:
+                raise _Unsupported(f"'{name}' is used at {uses} sites and is too large to hold per sample")
+        targets = list({id(t): t for t in capture.backward_to}.values())
+        self.graph, self.sites = (outputs, targets, sites), sites
+
+    def rounds(self) -> Iterator[DrawNorms]:
+        """One round: every sample's norms under fresh noise (one backward over the kept forward). The
+        first is the round ``choose_way`` checked, if it left one."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            yield pending
+            return
+        if self.graph is None:
+            self._forward()
+        assert self.graph is not None
+        outputs, targets, _ = self.graph
+        estimate, model = self.estimate, self.estimate.context.model
+        noise = estimate.noise(self.output_shapes, self.count)
+        stacked = [torch.cat([draw[k] for draw in noise]).to(outputs[k]) for k in range(len(outputs))]
+        self.channel, self.slice_sums, self.gradient_sums, self.problem = {}, {}, {}, None
+        if targets:
+            torch.autograd.grad(outputs, targets, grad_outputs=stacked, retain_graph=True, allow_unused=True)
+        if self.problem is not None:
+            raise _Unsupported(self.problem)
+        for name, total in self.gradient_sums.items():
+            self._add_filter_norms(name, total)
+        channel, slices = {}, {}
+        for name in estimate.names:
+            adapter, groups = estimate.layouts[name]
+            weight = estimate.units[name].tensor(model)
+            zeros = weight.new_zeros(self.count, adapter.out_channels(weight, groups), dtype=torch.float64)
+            channel[name] = self.channel.get(name, zeros)
+            if name in estimate.slices:
+                slices[name] = self.slice_sums.get(
+                    name, weight.new_zeros(self.count, len(estimate.slices[name]), dtype=torch.float64))
+        yield DrawNorms(self.count, channel, slices)
+
+    def close(self) -> None:
+        """Let go of the kept forward."""
+        self.graph = None
+
+    # per site, from the input x and the output gradient g of every sample
+
+    def _on_gradient(self, record: _SiteRecord, grad: Tensor) -> None:
+        try:
+            self._site_norms(record, grad)
+        except _Unsupported as reason:  # raised after the backward: an exception in a hook is not always ours
+            self.problem = self.problem or str(reason)
+
+    def _site_norms(self, record: _SiteRecord, grad: Tensor) -> None:
+        x, site, name, n = record.input, record.site, record.name, self.count
+        if x.shape[0] != n or grad.shape[0] != n:
+            raise _Unsupported(f"'{name}' is called on a tensor whose first dimension is not the samples")
+        shared = self.sites[name] > 1
+        sizes = self.estimate.slices.get(name)
+        if site.adapter is CONV:
+            self._per_sample_gradients(name, self._conv_gradients(record, grad), shared, sizes)
+            return
+        rows_in, rows_out = x.reshape(n, -1, x.shape[-1]), grad.reshape(n, -1, grad.shape[-1])
+        if rows_in.shape[1] == 1 and not shared:  # one vector per sample: no per-sample gradient to form
+            g_squared = rows_out[:, 0].double().square()
+            x_squared = rows_in[:, 0].double().square()
+            self._add(self.channel, name, g_squared * x_squared.sum(1, keepdim=True))
+            if sizes is not None:
+                per_slice = torch.stack([part.sum(1) for part in torch.split(x_squared, list(sizes), dim=1)], 1)
+                self._add(self.slice_sums, name, g_squared.sum(1, keepdim=True) * per_slice)
+            return
+
+        def gradients() -> Iterator[tuple[slice, Tensor]]:
+            per_sample = rows_out.shape[2] * rows_in.shape[2] + rows_in[0].numel()
+            for block in _sample_blocks(n, per_sample):  # (samples, out, in), the filters of a linear map
+                yield block, torch.einsum("nto,nti->noi", rows_out[block], rows_in[block]).unsqueeze(1)
+
+        self._per_sample_gradients(name, gradients(), shared, sizes)
+
+    def _conv_gradients(self, record: _SiteRecord, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        site, x = record.site, record.input
+        weight, groups = site.weight, site.groups
+        out, fan = weight.shape[0], weight[0].numel()
+        positions = grad[0].numel() // out
+        per_sample = groups * fan * positions + out * fan
+        for block in _sample_blocks(x.shape[0], per_sample):
+            patches = record.patches if record.patches is not None else _conv_patches(site, x[block])
+            if block == slice(0, self.count) and self.cached_floats + patches.numel() <= CACHED_PATCH_FLOATS:
+                record.patches = patches  # the same in every round: kept while the budget allows
+                self.cached_floats += patches.numel()
+            g = grad[block].reshape(patches.shape[0], groups, out // groups, -1)
+            yield block, torch.einsum("ngop,ngfp->ngof", g, patches)
+
+    def _per_sample_gradients(self, name: str, blocks: Iterator[tuple[slice, Tensor]], shared: bool,
+                              sizes: tuple[int, ...] | None) -> None:
+        """Per-sample gradients as filters ``(samples, groups, out/groups, fan_in)``: their norms, or (for a
+        weight used at several sites) their sum over the sites, whose norms come after the backward."""
+        if shared:
+            total = self.gradient_sums.get(name)
+            for block, filters in blocks:
+                if total is None:
+                    total = filters.new_zeros(self.count, *filters.shape[1:])
+                total[block] += filters
+            if total is not None:
+                self.gradient_sums[name] = total
+            return
+        for _, filters in blocks:
+            self._add_filter_norms(name, filters, append=True)
+        for table in (self.channel, self.slice_sums):
+            if isinstance(table.get(name), list):
+                table[name] = torch.cat(table[name])
+
+    def _add_filter_norms(self, name: str, filters: Tensor, append: bool = False) -> None:
+        """The squared norms of per-sample filters ``(samples, groups, out/groups, fan_in)``: of every output
+        channel, and of every slice of input channels where the weight reads a concatenation. Squares are
+        summed in float32 (positive terms: accurate to ~1e-6), the sums kept in float64. With ``append``,
+        a block of samples is appended to the ones before it."""
+        squares = (filters if filters.dtype in (torch.float32, torch.float64) else filters.float()).square()
+        values = [(self.channel, squares.sum(-1).flatten(1).double())]
+        sizes = self.estimate.slices.get(name)
+        if sizes is not None:  # ungrouped filters: (samples, 1, out, inputs * kernel)
+            n = squares.shape[0]
+            per_input = squares.reshape(n, -1, sum(sizes), squares.shape[-1] // sum(sizes)).sum((1, 3)).double()
+            values.append((self.slice_sums,
+                           torch.stack([part.sum(1) for part in torch.split(per_input, list(sizes), 1)], 1)))
+        for table, value in values:
+            if append:
+                table.setdefault(name, []).append(value)
+            else:
+                self._add(table, name, value)
+
+    @staticmethod
+    def _add(table: dict[str, Tensor], name: str, value: Tensor) -> None:
+        table[name] = table[name] + value if name in table else value
+
+
+# --- vectorized -----------------------------------------------------------------------------------------
+
+
+class Vectorized:
+    """Per-sample gradients of many samples in one pass (``torch.func.vmap`` of ``grad``).
+
+    Used when the way from site activations is not possible (a weight used by
+    another operation, or through a view, samples that interact) but the
+    forward can be vectorized (no data-dependent Python control flow, no random
+    operations, no ``.item()``).
+    """
+
+    description = "vectorized per-sample gradients"
+
+    def __init__(self, estimate: Estimate, output_shapes: list[torch.Size], fallback: OneDrawAtATime,
+                 stop: int | None = None) -> None:
+        self.estimate, self.output_shapes, self.fallback = estimate, output_shapes, fallback
+        context = estimate.context
+        self.parameters = {name: unit.tensor(context.model).detach() for name, unit in estimate.units.items()}
+        size = max(1, sum(p.numel() for p in self.parameters.values()))
+        self.count = batch_size(context.batch) if stop is None else stop
+        self.block = max(1, min(self.count, BLOCK_FLOATS // size))
+        self.loss = _NoiseLoss(context)
+        self.qualified = {name: f"model.{unit.parameters[0]}" for name, unit in estimate.units.items()}
+        first = next(iter(self.parameters.values()))
+        self.device, self.dtype = first.device, first.dtype
+
+    def sample_loss(self, weights: dict[str, Tensor], sample: Batch, noise: list[Tensor]) -> Tensor:
+        """One sample's noise loss, with ``weights`` in place of the model's."""
+        batch = map_tensors(lambda t: t.unsqueeze(0), sample)
+        swapped = {self.qualified[name]: weight for name, weight in weights.items()}
+        return functional_call(self.loss, swapped, (batch, noise))
+
+    def rounds(self, strict: bool = False) -> Iterator[DrawNorms]:
+        """One round, a block of samples at a time. A block the vectorized pass fails on (a sample taking
+        another path) is done one sample at a time (``strict``: the failure is raised)."""
+        estimate = self.estimate
+        for start in range(0, self.count, self.block):
+            samples = split_batch(estimate.context.batch, start, min(start + self.block, self.count))
+            count = batch_size(samples)
+            noise = estimate.noise(self.output_shapes, count)
+            stacked = [torch.stack([n[k] for n in noise]).to(device=self.device, dtype=self.dtype)
+                       for k in range(len(self.output_shapes))]
+            try:
+                with torch.no_grad():  # the gradients are values here, not part of an outer graph
+                    grads = vmap(gradient_of(self.sample_loss), in_dims=(None, 0, 0), randomness="error")(
+                        self.parameters, samples, stacked)
+            except Exception:
+                if strict:
+                    raise
+                yield from (self.fallback.norms(sample) for sample in range(start, start + count))
+                continue
+            per_sample = [estimate.gradient_norms([grads[name][i] for name in estimate.names]) for i in range(count)]
+            yield DrawNorms(count, {name: torch.cat([d.channel[name] for d in per_sample]) for name in estimate.names},
+                            {name: torch.cat([d.slices[name] for d in per_sample]) for name in estimate.slices})
+
+    def close(self) -> None:
+        """Nothing held between rounds."""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _is_vectorization_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is torch.func's refusal to vectorize an operation."""
+    text = " ".join(str(e) for e in (error, _root_cause(error))).lower()
+    return any(word in text for word in ("vmap", "batching rule", "functorch", "batched tensor"))
+
+
+class _NoiseLoss(nn.Module):
+    """``sum(noise . output)`` of ``forward(model, batch)``, as a module ``functional_call`` can give weights to."""
+
+    def __init__(self, context: PassContext) -> None:
+        super().__init__()
+        self.model = context.model
+        self.run_forward = context.forward
+
+    def forward(self, batch: Batch, noise: list[Tensor]) -> Tensor:
+        outputs = list(floating_tensors(self.run_forward(self.model, batch)))
+        return torch.stack([(output * n).sum() for output, n in zip(outputs, noise)]).sum()
+
+
+# --- choosing -------------------------------------------------------------------------------------------
+
+Way = FromActivations | Vectorized | OneDrawAtATime
+
+
+def _agree(first: DrawNorms, second: DrawNorms) -> bool:
+    """Whether two ways gave the same norms for the same draws (to float32 rounding, relative to each
+    weight's largest channel)."""
+    for table in ("channel", "slices"):
+        ours, theirs = getattr(first, table), getattr(second, table)
+        for name, value in theirs.items():
+            scale = float(value.abs().max()) if value.numel() else 0.0
+            if not torch.allclose(ours[name], value, rtol=AGREEMENT, atol=AGREEMENT * scale + 1e-300):
+                return False
+    return True
+
+
+def _concatenated(draws: list[DrawNorms]) -> DrawNorms:
+    return DrawNorms(sum(d.count for d in draws),
+                     {name: torch.cat([d.channel[name] for d in draws]) for name in draws[0].channel},
+                     {name: torch.cat([d.slices[name] for d in draws]) for name in draws[0].slices})
+
+
+def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
+    """The fastest way that gives this model's draws, and a description of it (with the reason where it is
+    not the first). The way from site activations is checked on the first round's first sample against
+    the one-draw-at-a-time gradients of that sample alone (the same noise), and keeps that first round
+    for the estimate; a vectorized trial leaves the noise generator as it was."""
+    context, units = estimate.context, estimate.units
+    reason = _per_sample_draws_possible(context, units)
+    if reason is not None:
+        return loop, f"{loop.description} ({reason})"
+    shapes = _one_sample_output_shapes(context)
+    state = estimate.rng_state()
+    reference = loop.norms(0)
+    estimate.set_rng_state(state)
+    activations = FromActivations(estimate, shapes)
+    try:
+        first_round = _concatenated(list(activations.rounds()))
+        sample = DrawNorms(1, {name: value[:1] for name, value in first_round.channel.items()},
+                           {name: value[:1] for name, value in first_round.slices.items()})
+        agreed = _agree(sample, reference)
+        why_not = "its norms of a sample disagreed with those of the sample alone (samples that interact?)"
+    except _Unsupported as unsupported:
+        agreed, why_not = False, str(unsupported)
+    if agreed:
+        activations.pending = first_round
+        return activations, FromActivations.description
+    activations.close()
+    estimate.set_rng_state(state)
+    trial = min(2, batch_size(context.batch))
+    vectorized = Vectorized(estimate, shapes, loop, stop=trial)
+    try:
+        next(iter(vectorized.rounds(strict=True)))
+    except Exception as error:  # an operation without a batching rule, data-dependent control flow, ...
+        if not _is_vectorization_error(error):
+            raise  # the forward's own error: the loop would meet it too
+        return loop, (f"{loop.description} (not from site activations: {why_not}; the forward could not be "
+                      f"vectorized: {type(_root_cause(error)).__name__})")
+    finally:
+        estimate.set_rng_state(state)
+    return Vectorized(estimate, shapes, loop), f"{Vectorized.description} (not from site activations: {why_not})"

@@ -1,0 +1,193 @@
+"""Part 2's change rates at the cost of a few batched passes (issue 14): the three ways of getting each
+draw's gradient norms give the same estimate, the fast ones fall back where they cannot hold, and the
+k-means sampler settles early without losing its clusters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import affine_weights, noise_rates, plain_cnn, rescale_keeping_function
+from torch import nn
+
+import magicinit
+from magicinit._core import per_sample, samplers
+from magicinit._core import rates as rates_module
+
+
+class Mixed(nn.Module):
+    """Every kind of site the way from site activations handles: convolutions (1-, 2- and 3-d, 'same'
+    padding, dilation, stride, groups), a concatenation read by a conv (per-slice norms), a linear map on
+    sequences and on vectors, a weight used at two sites, and a matrix product with a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding="same", dilation=2)
+        self.left, self.right = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(10, 8, 3, stride=2, groups=2)
+        self.line = nn.Conv1d(8, 6, 3, padding=1)
+        self.cube = nn.Conv3d(1, 2, 2)
+        self.tied = nn.Linear(6, 6)
+        self.product = nn.Parameter(torch.randn(6, 5) / 3)
+        self.head = nn.Linear(5 + 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.cat([torch.relu(self.left(h)), torch.relu(self.right(h))], 1)
+        h = torch.relu(self.grouped(h))  # (n, 8, 3, 3)
+        seq = torch.relu(self.line(h.flatten(2))).transpose(1, 2)  # (n, 9, 6): a sequence of 9 vectors
+        seq = torch.relu(self.tied(torch.relu(self.tied(seq))))
+        pooled = (seq @ self.product).mean(1)  # (n, 5)
+        cube = self.cube(h[:, :2].unsqueeze(1)).flatten(2).mean(2)  # (n, 2)
+        return self.head(torch.cat([pooled, cube], 1))
+
+
+def _forced(monkeypatch: pytest.MonkeyPatch, way: str) -> None:
+    """Make Part 2 take ``way``: "loop" (one draw at a time) or "vectorized" (the site way refused)."""
+    if way == "loop":
+        monkeypatch.setattr(per_sample, "_per_sample_draws_possible", lambda context, units: "forced by the test")
+    else:
+        def refuse(self: per_sample.FromActivations) -> None:
+            raise per_sample._Unsupported("forced by the test")
+
+        monkeypatch.setattr(per_sample.FromActivations, "_forward", refuse)
+
+
+def _diagnosis_with_way(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[magicinit.Diagnosis, str]:
+    """``magicinit.diagnose`` and the way its rates were computed (as ``choose_way`` described it)."""
+    chosen = []
+    original = rates_module.choose_way
+
+    def recording(*args: object) -> tuple[object, str]:
+        way, description = original(*args)
+        chosen.append(description)
+        return way, description
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rates_module, "choose_way", recording)
+        diagnosis = magicinit.diagnose(model, x, **options)
+    return diagnosis, chosen[-1]
+
+
+@pytest.mark.parametrize("way", ["loop", "vectorized"])
+def test_norms_from_site_activations_equal_the_per_sample_gradients(monkeypatch, way: str) -> None:
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(12, 3, 6, 6)
+    fast, description = _diagnosis_with_way(model, x, seed=3, rate_precision=0.05)
+    assert description == "from site activations"
+    with monkeypatch.context() as patch:
+        _forced(patch, way)
+        reference, other = _diagnosis_with_way(model, x, seed=3, rate_precision=0.05)
+    assert other.startswith("one sample at a time" if way == "loop" else "vectorized")
+    assert fast.draws == reference.draws and len(fast.layers) == 9
+    for ours, theirs in zip(fast.layers, reference.layers):  # the same noise: equal up to float32 rounding
+        assert ours.rate == pytest.approx(theirs.rate, rel=1e-5), ours.name
+        assert ours.rate > 0, ours.name
+
+
+def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(monkeypatch) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(16, 3, 6, 6)
+    fast = Mixed()
+    with torch.no_grad():
+        fast.left.weight.mul_(4.0)  # one slice of the concatenation far from the other
+    slow = Mixed()
+    slow.load_state_dict(fast.state_dict())
+    report = rescale_keeping_function(fast, x, seed=5, rate_precision=0.05)
+    assert any("from site activations" in note for note in report.notes)
+    with monkeypatch.context() as patch:
+        _forced(patch, "loop")
+        looped = rescale_keeping_function(slow, x, seed=5, rate_precision=0.05)
+    for ours, theirs in zip(report.layers, looped.layers):
+        assert ours.weight_scale == pytest.approx(theirs.weight_scale, rel=1e-4), ours.name
+    for name, tensor in fast.state_dict().items():
+        torch.testing.assert_close(tensor, slow.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_estimate_agrees_with_rates_measured_here() -> None:
+    torch.manual_seed(2)
+    model, x = plain_cnn(6, width=8), torch.randn(32, 3, 8, 8)
+    diagnosis, description = _diagnosis_with_way(model, x, seed=0, rate_precision=0.02)
+    assert description == "from site activations"
+    own = noise_rates(model, x, affine_weights(model), rounds=8, seed=4)
+    for layer in diagnosis.layers:
+        assert layer.rate == pytest.approx(own[layer.name], rel=0.15), layer.name
+
+
+class InteractingSamples(nn.Module):
+    """Samples that interact (each is compared with the batch mean) and a shape that depends on the data
+    (torch.func cannot vectorize ``nonzero``): only one draw at a time gives each sample's own gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = h - h.mean(0, keepdim=True) + 0 * h.nonzero().shape[0]
+        return self.b(h)
+
+
+def test_samples_that_interact_fall_back_to_one_draw_at_a_time(monkeypatch) -> None:
+    torch.manual_seed(3)
+    model, x = InteractingSamples(), torch.randn(16, 6)
+    diagnosis, description = _diagnosis_with_way(model, x, seed=1, rate_precision=0.05)
+    assert description.startswith("one sample at a time (not from site activations: its norms of a sample "
+                                   "disagreed with those of the sample alone")
+    assert "could not be vectorized" in description
+    with monkeypatch.context() as patch:
+        _forced(patch, "loop")
+        looped = magicinit.diagnose(model, x, seed=1, rate_precision=0.05)
+    for ours, theirs in zip(diagnosis.layers, looped.layers):  # the fallback starts from the same noise
+        assert ours.rate == pytest.approx(theirs.rate, rel=1e-6), ours.name
+
+
+def test_a_weight_used_through_a_view_is_measured_by_vectorized_gradients() -> None:
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)  # b's weight read transposed
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.a(x)) @ self.b.weight.t()
+
+    _, description = _diagnosis_with_way(Transposed(), torch.randn(8, 6), seed=0, rate_precision=0.1)
+    assert description == "vectorized per-sample gradients (not from site activations: 'b' is used through a view)"
+
+
+def test_part2_makes_few_model_calls() -> None:
+    torch.manual_seed(4)
+    model, x = plain_cnn(6, width=8), torch.randn(64, 3, 8, 8)
+    calls = {"count": 0}
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__("count", calls["count"] + 1))
+    report = magicinit.init_(model, x, seed=0)
+    # Part 1: a 2-sample probe and one pass; Part 2: the graph trace, a 1-sample shape probe, one draw alone
+    # for the check, one batched forward for all rounds, and the function checks (no call per draw)
+    assert calls["count"] <= 12, calls["count"]
+    assert report.rate_spread_after < 1.01 and report.rate_spread_before > 3
+
+
+def test_kmeans_settles_before_its_iteration_cap_with_tight_clusters(monkeypatch) -> None:
+    torch.manual_seed(5)
+    centres = F.normalize(torch.randn(4, 6), dim=1)
+    points = centres[torch.randint(4, (400,))] + 0.05 * torch.randn(400, 6)  # 4 tight clusters
+    iterations = []
+    original_argmax = torch.Tensor.argmax
+
+    def counting(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.dim() == 3 and self.shape[-1] == 4:
+            iterations.append(1)
+        return original_argmax(self, *args, **kwargs)
+
+    request = samplers.SamplerRequest(
+        name="layer", module=nn.Linear(6, 4), shape=torch.Size((1, 4, 6)), current=torch.zeros(1, 4, 6),
+        layer_input=(points,), generator=torch.Generator().manual_seed(0),
+        input_patches=lambda layer_input: layer_input.reshape(1, -1, 6),
+    )
+    monkeypatch.setattr(torch.Tensor, "argmax", counting)
+    filters = samplers.SAMPLERS["kmeans"](request)
+    monkeypatch.undo()
+    assert 1 < len(iterations) < samplers.KMEANS_ITERATIONS
+    # every cluster found: each filter responds most to its own cluster's points
+    responses = (points @ filters[0].T).argmax(1)
+    assert len(set(responses.tolist())) == 4
