@@ -11,8 +11,9 @@ from conftest import affine_weights, noise_rates, plain_cnn, rescale_keeping_fun
 from torch import nn
 
 import magicinit
-from magicinit._core import per_sample, samplers
+from magicinit._core import per_sample
 from magicinit._core import rates as rates_module
+from magicinit._core import samplers
 
 
 class Mixed(nn.Module):
