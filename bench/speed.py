@@ -17,8 +17,8 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   gaussian timed right before it, on the ``--sampler-depth`` (16) plain CNN with
   the same samples, at every width of ``--sampler-widths`` (32 and 64; median of
   ``--repeats`` pairs); the target for kmeans is <= 5 at every width;
-* rescale_: the whole call ``magicinit.rescale_(model, x2, seed=0)`` (Part 2 alone, on the model's
-  default weights) over ``--part2-samples`` samples, divided by a forward+backward over the same samples
+* rescale_: the whole call ``magicinit.rescale_(model, x2, seed=0)`` (Part 2 alone, on the model after
+  Part 1, ``init_(between=False)``) over ``--part2-samples`` samples, divided by a forward+backward over the same samples
   timed right before it (median of ``--repeats`` pairs; the target at depth 16 is <= 4); then the
   rescaled model's change rates measured again by this script, independently of magicinit (one sample
   per draw, its own noise, plain autograd, ``--check-rounds`` draws per sample), and their largest
@@ -96,7 +96,7 @@ LSUV = "lsuv"  # lsuv.lsuv_with_singlebatch on a fresh copy
 FORWARD_BACKWARD = "forward+backward"  # over the Part 2 samples
 PART2_BETWEEN = "part2 between"  # report.seconds["between"] of a full init_ over the Part 2 samples
 RESCALE_FORWARD_BACKWARD = "rescale fwd+bwd"  # forward+backward over the Part 2 samples, just before each rescale_
-RESCALE = "rescale_"  # the whole rescale_ call over the Part 2 samples, on the model's default weights
+RESCALE = "rescale_"  # the whole rescale_ call over the Part 2 samples, on the model after Part 1
 RESCALE_TARGET = 4.0  # rescale_ / (fwd+bwd) at depth 16
 DEVIATION_TARGET = 0.10  # largest deviation of a re-measured rate from the geometric mean, after rescale_
 PART1_CALLS = 2  # model calls of init_(between=False): the 2-sample probe and the one Part 1 pass
@@ -224,6 +224,10 @@ def measure_depth(
         result.seconds[PART1_WALL].append(seconds)
         result.seconds[PART1_WITHIN].append(report.seconds["within"])
         result.model_calls[PART1_WALL] = part1_calls()
+    within_only = copy.deepcopy(model)  # Part 1 only: what rescale_ is timed on, as Part 2 meets it in init_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        magicinit.init_(within_only, part2_inputs, between=False, seed=0)
     for _ in range(args.repeats):
         if not args.no_lsuv:
             result.seconds[LSUV_FORWARD].append(timed(lambda: plain_forward(model, inputs), device)[0])
@@ -239,7 +243,7 @@ def measure_depth(
         result.seconds[RESCALE_FORWARD_BACKWARD].append(
             timed(lambda: forward_backward(model, part2_inputs), device)[0])
         model.zero_grad(set_to_none=True)
-        rescaled = copy.deepcopy(model)
+        rescaled = copy.deepcopy(within_only)
         rescale_calls = count_model_calls(rescaled)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -278,7 +282,7 @@ def independent_rates(model: nn.Module, inputs: Tensor, rounds: int, seed: int =
             for name, grad in zip(layers, grads):
                 totals[name] += float(grad.double().square().sum())
     draws = rounds * len(inputs)
-    return {name: math.sqrt(totals[name] / draws / float(m.weight.double().square().sum()))
+    return {name: math.sqrt(totals[name] / draws / float(m.weight.detach().double().square().sum()))
             for name, m in layers.items()}
 
 

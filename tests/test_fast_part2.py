@@ -18,8 +18,9 @@ from magicinit._core import samplers
 
 class Mixed(nn.Module):
     """Every kind of site the way from site activations handles: convolutions (1-, 2- and 3-d, 'same'
-    padding, dilation, stride, groups), a concatenation read by a conv (per-slice norms), a linear map on
-    sequences and on vectors, a weight used at two sites, and a matrix product with a parameter."""
+    padding, dilation, stride, groups), a site output changed in place, a concatenation read by a conv
+    (per-slice norms), a linear map on sequences and on vectors, a weight used at two sites, and a matrix
+    product with a parameter."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +34,7 @@ class Mixed(nn.Module):
         self.head = nn.Linear(5 + 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
+        h = self.stem(x).relu_()  # changed in place: its gradient is still the stem output's
         h = torch.cat([torch.relu(self.left(h)), torch.relu(self.right(h))], 1)
         h = torch.relu(self.grouped(h))  # (n, 8, 3, 3)
         seq = torch.relu(self.line(h.flatten(2))).transpose(1, 2)  # (n, 9, 6): a sequence of 9 vectors
