@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .context import PassContext
 from .distributed import Collective
+from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .operations import HomogeneityTest, compensate_normalization
@@ -176,7 +177,10 @@ def _change_in_float64(
     if twin is None:
         return None, probe
     probe64 = cast_floating(probe, torch.float64)
-    reference = _outputs(twin, probe64, forward)
+    try:
+        reference = _outputs(twin, probe64, forward)
+    except MagicInitError:  # the forward casts (x.float()) or refuses float64: check in the model's precision
+        return None, probe
     _apply_scales(twin, units, solution, graph)
     rescaled = _outputs(twin, probe64, forward)
     change = function_change(reference, rescaled)
@@ -222,11 +226,20 @@ def _rounding_tolerance(model: nn.Module) -> float:
     return max(1e-3, 50 * torch.finfo(dtype).eps)
 
 
-def _warn_not_kept(change: float, where: str) -> None:
+def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch) -> None:
+    """Warn that the rescaling was not kept, naming the cause: a forward that is not repeatable (a random
+    operation), else an operation whose scale behaviour magicinit did not recognize."""
+    first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
+    randomness = function_change(first, second)
+    if randomness > 0:
+        cause = (f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
+                 "(relative) in eval mode, so a random operation runs in it (dropout forced on with "
+                 "training=True, torch.rand, ...); pass forward=... without it")
+    else:
+        cause = "some operation's scale behaviour was not recognized. Please report the model to magicinit"
     warnings.warn(
         f"magicinit: the between-layer rescaling would change the network's output by {change:.2e} "
-        f"(relative, {where}); some operation's scale behaviour was not recognized, so the model was "
-        "left as it was. Please report the model to magicinit.",
+        f"(relative, {where}), so the model was left as it was: {cause}.",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -306,7 +319,7 @@ def equalize_between(
         analysis_error = collective.max(analysis_error)
     result = BetweenResult(before, None, unchanged, list(log_rates), excluded)
     if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
-        _warn_not_kept(analysis_error, "in a float64 copy of the model")
+        _warn_not_kept(analysis_error, "in a float64 copy of the model", context, probe)
         result.reverted = True
         return result
     reference = _outputs(model, probe, context.forward)
@@ -317,7 +330,7 @@ def equalize_between(
     _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
     if snapshot is not None and not result.function_change <= _rounding_tolerance(model):
         snapshot.restore()
-        _warn_not_kept(result.function_change, "in the model's own precision")
+        _warn_not_kept(result.function_change, "in the model's own precision", context, probe)
         result.reverted = True
         result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
         return result

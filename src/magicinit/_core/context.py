@@ -11,11 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arguments import CHECKS
 from .distributed import Collective
-from .errors import MagicInitError
 from .inputs import Batch, ForwardFn
 
-MIN_RATE_ROUNDS = 2  # passes over the init data at least: the noise error needs two
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,8 @@ class RateOptions:
     max_rounds: int = field(default=16, metadata={"help": "at most this many passes over the data per rate estimate"})
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise MagicInitError(f"rate_chunk_size={self.chunk_size}: must be at least 1")
-        if not self.precision > 0:
-            raise MagicInitError(f"rate_precision={self.precision}: must be positive")
-        if self.max_rounds < MIN_RATE_ROUNDS:
-            raise MagicInitError(
-                f"rate_max_rounds={self.max_rounds}: must be at least {MIN_RATE_ROUNDS} (the noise error needs two rounds)"
-            )
+        for name, value in self.keywords().items():
+            CHECKS[name](name, value)
 
     def keywords(self) -> dict[str, Any]:
         """The options as the keywords of ``init_``/``rescale_``/``diagnose`` (``rate_chunk_size``, ...)."""
@@ -84,12 +77,9 @@ class ScaleOptions:
     verify: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in SCALE_MODES:
-            raise MagicInitError(f"scale_mode={self.mode!r}: must be one of {', '.join(map(repr, SCALE_MODES))}")
-        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
-            raise MagicInitError(f"scale_tolerance={self.tolerance!r}: must be a number in [0, 1)")
-        if not isinstance(self.verify, bool):
-            raise MagicInitError(f"verify_rates={self.verify!r}: must be True or False")
+        for name, value in (("scale_mode", self.mode), ("scale_tolerance", self.tolerance),
+                            ("verify_rates", self.verify)):
+            CHECKS[name](name, value)
 
 
 @dataclass(frozen=True, eq=False)

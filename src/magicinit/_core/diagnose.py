@@ -7,17 +7,19 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .arguments import check_arguments
 from .context import RateOptions
 from .distributed import ProcessGroupArg
 from .inputs import Batch
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
-from .safety import guarded
-from .session import original_module, start_session
+from .safety import buffers_kept, guarded
+from .session import outside_inference_mode, original_module, start_session
 from .stats import coefficient_of_variation
 from .within import first_site_moments
 
 
+@outside_inference_mode
 def diagnose(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
@@ -52,11 +54,14 @@ def diagnose(
     Example:
         >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
     """
+    check_arguments(dict(seed=seed, samples=samples, forward=forward, skip=skip, progress=progress,
+                         rate_chunk_size=rate_chunk_size, rate_precision=rate_precision,
+                         rate_max_rounds=rate_max_rounds))
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=True, progress=progress, rates=options, process_group=process_group)
-    with guarded(model):
+    with guarded(model), buffers_kept(model):
         moments, layouts = first_site_moments(session.context, session.index, session.units)
         called = {name: unit for name, unit in session.units.items() if name in moments}
         rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")

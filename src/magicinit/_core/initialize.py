@@ -10,19 +10,20 @@ from typing import Any
 from torch import Tensor, nn
 
 from .between import BetweenResult, equalize_between
+from .arguments import check_arguments
 from .context import RateOptions, ScaleOptions
 from .distributed import ProcessGroupArg
-from .errors import MagicInitError
 from .graph import LayerGraph
 from .inputs import Batch, batch_size
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
 from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
-from .session import Session, original_module, start_session
+from .session import outside_inference_mode, Session, original_module, start_session
 from .sites import refreshed
 from .within import WithinLayerResult, normalize_within
 
 
+@outside_inference_mode
 def init_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
@@ -109,11 +110,12 @@ def init_(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
         >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)
     """
+    check_arguments(dict(sampler=sampler, within=within, between=between, beta=beta, seed=seed, samples=samples,
+                         forward=forward, skip=skip, include_frozen=include_frozen, progress=progress,
+                         patch_budget_mb=patch_budget_mb, rate_chunk_size=rate_chunk_size,
+                         rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
+                         scale_tolerance=scale_tolerance, verify_rates=verify_rates))
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
-    if not math.isfinite(beta):
-        raise MagicInitError(f"beta={beta}: must be a finite number")
-    if not patch_budget_mb > 0:
-        raise MagicInitError(f"patch_budget_mb={patch_budget_mb}: must be positive")
     chosen_sampler = get_sampler(sampler)
     rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance, verify=verify_rates)

@@ -9,6 +9,8 @@ split into chunks.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -27,16 +29,34 @@ def default_forward(model: nn.Module, batch: Batch) -> Any:
     return model(model_input)
 
 
+def _rebuilt(container: tuple | list, items: list[Any]) -> tuple | list:
+    """A tuple or list of ``container``'s own type holding ``items`` (a namedtuple stays that namedtuple)."""
+    if hasattr(container, "_fields"):  # a namedtuple: its fields are positional arguments
+        return type(container)(*items)
+    try:
+        return type(container)(items)
+    except Exception:  # a subclass whose constructor takes something else
+        return list(items) if isinstance(container, list) else tuple(items)
+
+
 def map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
-    """``batch`` with ``fn`` applied to every tensor in it (nested tuple/list/dict; other values kept)."""
+    """``batch`` with ``fn`` applied to every tensor in it (nested tuple/list/dict, their subclasses and
+    namedtuples keeping their type; other values kept)."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, (tuple, list)):
-        mapped = [map_tensors(fn, item) for item in batch]
-        return type(batch)(mapped) if isinstance(batch, list) else tuple(mapped)
+        return _rebuilt(batch, [map_tensors(fn, item) for item in batch])
     if isinstance(batch, dict):
-        return {key: map_tensors(fn, value) for key, value in batch.items()}
+        return _rebuilt_dict(batch, {key: map_tensors(fn, value) for key, value in batch.items()})
     return batch
+
+
+def _rebuilt_dict(container: dict, items: dict) -> dict:
+    """A dict of ``container``'s own type holding ``items`` (a plain dict where its type cannot be built so)."""
+    try:
+        return type(container)(items)
+    except Exception:
+        return items
 
 
 def cast_floating(batch: Batch, dtype: torch.dtype) -> Batch:
@@ -64,12 +84,13 @@ def jitter_floating(batch: Batch, seed: int) -> Batch:
 
 
 def floating_tensors(obj: Any) -> Iterator[Tensor]:
-    """Yield every floating-point tensor inside ``obj`` (nested tuple/list/dict)."""
+    """Yield every floating-point tensor inside ``obj`` (see ``all_tensors``)."""
     return (tensor for tensor in all_tensors(obj) if tensor.is_floating_point())
 
 
 def all_tensors(obj: Any) -> Iterator[Tensor]:
-    """Yield every tensor inside ``obj`` (nested tuple/list/dict)."""
+    """Yield every tensor inside ``obj``: nested tuples, lists, dicts (Hugging Face's ``ModelOutput`` is
+    one) and dataclass instances."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
@@ -78,6 +99,9 @@ def all_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for value in obj.values():
             yield from all_tensors(value)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for item in dataclasses.fields(obj):
+            yield from all_tensors(getattr(obj, item.name))
 
 
 def batch_size(batch: Batch) -> int:
@@ -99,10 +123,9 @@ def _concat(batches: list[Batch]) -> Batch:
     if isinstance(first, Tensor):
         return torch.cat(batches, dim=0) if len(batches) > 1 else first
     if isinstance(first, (tuple, list)):
-        items = [_concat([batch[i] for batch in batches]) for i in range(len(first))]
-        return items if isinstance(first, list) else tuple(items)
+        return _rebuilt(first, [_concat([batch[i] for batch in batches]) for i in range(len(first))])
     if isinstance(first, dict):
-        return {key: _concat([batch[key] for batch in batches]) for key in first}
+        return _rebuilt_dict(first, {key: _concat([batch[key] for batch in batches]) for key in first})
     return first
 
 
@@ -116,6 +139,32 @@ def _check_finite(batch: Batch, index: int) -> None:
             raise MagicInitError(
                 f"data: batch {index} contains NaN or Inf values; clean or filter the init data first"
             )
+
+
+def _is_one_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch rather than an iterable of batches.
+
+    A tensor, a dict and a tuple holding a tensor are one batch. A list of tensors is a list of batches
+    when the tensors could be batches of one input (the same shape past dimension 0 and the same dtype);
+    otherwise, if they share dimension 0, it is one batch of several entries, as a DataLoader's
+    ``next(iter(loader))`` gives ``[inputs, targets]``. A list of two or more tensors of one shape and
+    dtype is both: it is taken as batches, with a warning.
+    """
+    if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and any(isinstance(t, Tensor) for t in data)):
+        return True
+    if not isinstance(data, list) or not data or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in data):
+        return False
+    alike = all(t.shape[1:] == data[0].shape[1:] and t.dtype == data[0].dtype for t in data)
+    same_samples = all(t.shape[0] == data[0].shape[0] for t in data)
+    if alike:
+        if len(data) > 1 and same_samples:
+            warnings.warn(
+                f"magicinit: data is a list of {len(data)} tensors of one shape {tuple(data[0].shape)}; they are "
+                "taken as that many batches of one input. For one batch of several inputs, pass a tuple",
+                UserWarning, stacklevel=4,
+            )
+        return False
+    return same_samples
 
 
 def gather_batch(
@@ -132,10 +181,7 @@ def gather_batch(
     """
     if max_samples < 1:
         raise MagicInitError(f"samples={max_samples}: the sample cap must be at least 1")
-    if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and any(isinstance(t, Tensor) for t in data)):
-        batches: Iterable[Batch] = [data]
-    else:
-        batches = data
+    batches: Iterable[Batch] = [data] if _is_one_batch(data) else data
     collected: list[Batch] = []
     count = 0
     try:
@@ -159,8 +205,7 @@ def gather_batch(
     joined = _concat(collected)
 
     def to_model(tensor: Tensor) -> Tensor:
-        if tensor.is_floating_point():
-            return tensor.to(device=device, dtype=dtype)
-        return tensor.to(device=device)
+        moved = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device=device)
+        return moved.clone() if moved.is_inference() else moved  # made in inference mode: no autograd
 
     return map_tensors(to_model, joined)

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .adapters import Layout
-from .context import MIN_RATE_ROUNDS, PassContext
+from .arguments import MIN_RATE_ROUNDS
+from .context import PassContext
 from .distributed import Collective
 from .inputs import batch_size
 from .per_sample import Estimate, OneDrawAtATime, choose_way, squared_filter_norms

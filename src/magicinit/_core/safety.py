@@ -1,7 +1,14 @@
-"""Leaving the user's model as it was: snapshot and restore, modes, temporary hooks."""
+"""Leaving the user's model as it was: snapshot and restore, modes, temporary hooks.
+
+What restores the model (putting back tensors, modes and flags, removing hooks)
+runs with Ctrl-C deferred (``uninterrupted``): a ``KeyboardInterrupt`` arriving
+meanwhile is raised once the restore is complete, never halfway through it.
+"""
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -9,6 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Run a block that must not stop halfway (a restore): a SIGINT (Ctrl-C) arriving meanwhile is
+    handed to the previous handler when the block ends (by default: ``KeyboardInterrupt`` raised
+    there). Only the main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 class ModelFlags:
@@ -24,10 +52,11 @@ class ModelFlags:
 
     def restore(self) -> None:
         """Put back every module's mode and every parameter's ``requires_grad``."""
-        for module, training in self.training.items():
-            module.training = training
-        for param, requires_grad in self.requires_grad.items():
-            param.requires_grad_(requires_grad)
+        with uninterrupted():
+            for module, training in self.training.items():
+                module.training = training
+            for param, requires_grad in self.requires_grad.items():
+                param.requires_grad_(requires_grad)
 
 
 class ModelSnapshot:
@@ -46,11 +75,25 @@ class ModelSnapshot:
 
     def restore(self) -> None:
         """Put back every parameter and buffer, bit for bit, and every ``eps``."""
-        with torch.no_grad():
+        with uninterrupted(), torch.no_grad():
             for name, tensor in self._state(self.model):
                 tensor.copy_(self.tensors[name])
-        for module, eps in self.eps.items():
-            module.eps = eps
+            for module, eps in self.eps.items():
+                module.eps = eps
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run a block that must leave ``model``'s buffers as they were (a forward that updates a counter or
+    statistics of its own even in eval mode): they are put back, bit for bit, however it ends."""
+    saved = {name: tensor.detach().clone() for name, tensor in model.named_buffers(remove_duplicate=True)}
+    try:
+        yield
+    finally:
+        with uninterrupted(), torch.no_grad():
+            for name, tensor in model.named_buffers(remove_duplicate=True):
+                if name in saved:
+                    tensor.copy_(saved[name])
 
 
 @contextmanager
@@ -88,11 +131,13 @@ class Hooks:
 
     def before(self, module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...]], Any]) -> None:
         """``hook(module, args)`` before every call of ``module``."""
-        self.handles.append(module.register_forward_pre_hook(hook))
+        with uninterrupted():  # registered and recorded for removal, or neither
+            self.handles.append(module.register_forward_pre_hook(hook))
 
     def after(self, module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> None:
         """``hook(module, args, output)`` after every call of ``module`` (a non-None return replaces the output)."""
-        self.handles.append(module.register_forward_hook(hook))
+        with uninterrupted():
+            self.handles.append(module.register_forward_hook(hook))
 
 
 @contextmanager
@@ -102,5 +147,6 @@ def temporary_hooks() -> Iterator[Hooks]:
     try:
         yield hooks
     finally:
-        for handle in hooks.handles:
-            handle.remove()
+        with uninterrupted():
+            for handle in hooks.handles:
+                handle.remove()

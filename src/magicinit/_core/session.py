@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,22 @@ def original_module(model: Any) -> Any:
     """The module a ``torch.compile``'d model wraps (it shares its parameters), else ``model`` itself."""
     original = getattr(model, "_orig_mod", None)
     return original if isinstance(model, nn.Module) and isinstance(original, nn.Module) else model
+
+
+Entry = TypeVar("Entry", bound=Callable[..., Any])
+
+
+def outside_inference_mode(entry: Entry) -> Entry:
+    """``entry`` (``init_``, ``diagnose``) run with inference mode off, whatever mode its caller is in: Part 2
+    needs autograd, which ``torch.inference_mode()`` switches off even inside ``torch.enable_grad()``.
+    (Inference tensors in the data are copied when the data is gathered.)"""
+
+    @functools.wraps(entry)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return entry(*args, **kwargs)
+
+    return cast(Entry, run)
 
 
 def guard_forward(forward: ForwardFn) -> ForwardFn:
@@ -201,8 +218,11 @@ def start_session(
     """
     if not isinstance(model, nn.Module):
         raise MagicInitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if seed is not None and not isinstance(seed, int):
-        raise MagicInitError(f"seed={seed!r}: expected an int or None")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise MagicInitError(
+            f"model: a TorchScript module ({type(model).__name__}, from torch.jit.script or torch.jit.trace) runs "
+            "compiled code magicinit cannot see into; initialize the Python module first, then script it"
+        )
     skip = [skip] if isinstance(skip, str) else list(skip)
     _check_model(model, skip)
     index = UnitIndex(model, protected=_protected_parameters(model, skip, include_frozen))
@@ -223,7 +243,19 @@ def start_session(
         model=model, batch=gathered.batch, forward=checked_forward, generator=_generator(seed, collective),
         collective=collective, progress=progress, rates=rates, scaling=scaling,
     )
-    return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes)
+    return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes + _user_hooks(model))
+
+
+def _user_hooks(model: nn.Module) -> list[str]:
+    """A note on the modules with forward hooks of the user's own, which run during the passes."""
+    hooked = [name or type(model).__name__ for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if not hooked:
+        return []
+    shown = ", ".join(f"'{name}'" for name in hooked[:5]) + (", ..." if len(hooked) > 5 else "")
+    return [f"forward hooks of your own on {shown} ran during initialization; the statistics are those of each "
+            "layer's own output, so a hook that changes a module's output changes what the layers after it "
+            "see (remove such hooks while initializing)"]
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:

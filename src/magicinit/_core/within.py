@@ -36,6 +36,7 @@ from .stats import ChannelMoments
 # many units of rounding of the output's dtype, where one unit is the rounding
 # a dot product of the channel's filter with the layer's input can make.
 ZERO_VARIANCE_TOLERANCE = 4.0
+EXTREME_MAGNITUDE = 1e18  # float32 outputs beyond it (or below its inverse) get float64 statistics
 
 
 @dataclass
@@ -78,23 +79,40 @@ class WithinLayerResult:
 
 
 def _for_statistics(output: Tensor) -> Tensor:
-    """``output`` in float32 or better and contiguous: itself where it already is, else a copy."""
+    """``output`` in float32 or better and contiguous: itself where it already is, else a copy. Outputs
+    whose magnitude is beyond ``EXTREME_MAGNITUDE`` (or below its inverse) get float64, where their
+    squares neither overflow nor underflow."""
     dtype = output.dtype if output.dtype in (torch.float32, torch.float64) else torch.float32
+    if dtype != torch.float64 and output.numel():
+        smallest, biggest = torch.aminmax(output.detach())
+        largest = max(-float(smallest), float(biggest))
+        if math.isfinite(largest) and not 1 / EXTREME_MAGNITUDE <= largest <= EXTREME_MAGNITUDE and largest > 0:
+            dtype = torch.float64
     return output.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, dtype: torch.dtype) -> Tensor:
-    """Channels whose std on the init data is no more than rounding noise."""
+    """Channels whose std on the init data is no more than rounding noise.
+
+    One unit of noise is what rounding makes of a channel's values: the output's own rounding
+    (its dtype's resolution times the channel's typical magnitude, ``|mean| + ||filter|| * input rms``)
+    plus the accumulation's over the fan-in (float32's resolution, or float64's for float64 layers,
+    times ``sqrt(fan_in)`` times that magnitude: a random walk of the products' roundings).
+    """
     filter_norms = filters.norm(dim=-1).flatten().to(moments.mean)
-    magnitude = moments.mean.abs() + filter_norms * input_rms * math.sqrt(filters.shape[-1])
-    return moments.std <= ZERO_VARIANCE_TOLERANCE * torch.finfo(dtype).eps * magnitude
+    typical = filter_norms * input_rms
+    accumulation = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    noise = (torch.finfo(dtype).eps * (moments.mean.abs() + typical)
+             + accumulation * math.sqrt(filters.shape[-1]) * typical)
+    return moments.std <= ZERO_VARIANCE_TOLERANCE * noise
 
 
 def _input_rms(layer_input: Any) -> float:
-    """Root mean square of the layer input's first samples (a cheap scale reference)."""
+    """Root mean square of the layer input's first samples (a cheap scale reference, in float64: init
+    data of magnitude 1e-30 or 1e30 neither underflows nor overflows)."""
     if not isinstance(layer_input, Tensor) or not layer_input.is_floating_point():
         return 0.0
-    head = layer_input[:2].float()
+    head = layer_input[:2].double()
     return float(head.square().mean().sqrt()) if head.numel() else 0.0
 
 

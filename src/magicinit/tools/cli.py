@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import tempfile
+import os
 import logging
 import math
 import sys
@@ -25,7 +27,8 @@ from torch import nn
 
 from .. import SAMPLERS, Diagnosis, MagicInitError, Report, diagnose, init_, rescale_
 from .._core.adapters import find_affine_layers
-from .._core.context import MIN_RATE_ROUNDS, SCALE_MODES, RateOptions, ScaleOptions
+from .._core.arguments import MIN_RATE_ROUNDS, SEED_RANGE
+from .._core.context import SCALE_MODES, RateOptions, ScaleOptions
 from .._core.samplers import PATCH_BUDGET_MB
 from .demo import DemoSettings, TrainingRun, run_demo
 from .nets import ZOO, build_model
@@ -72,6 +75,17 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 _positive_int = _int_at_least(1)
 
 
+def _seed(text: str) -> int:
+    low, high = SEED_RANGE
+    value = int(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [{low}, 2**63 - 1]")
+    return value
+
+
+_seed.__name__ = "integer"
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -110,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="print nothing but errors")
     common.add_argument("--progress", action="store_true", help="show progress bars")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    common.add_argument("--seed", type=int, default=0, help="seed of all random draws (default 0)")
+    common.add_argument("--seed", type=_seed, default=0, help="seed of all random draws (default 0)")
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", metavar="MODEL",
@@ -198,8 +212,25 @@ def _first_in_channels(model: nn.Module) -> int | None:
     return None
 
 
+def _refused_arguments(spec: str, error: TypeError) -> UsageError | None:
+    """A usage error naming ``--model-args`` where the factory refused one of them, else None."""
+    if "unexpected keyword argument" in str(error) or "got an unexpected" in str(error):
+        return UsageError(f"--model-args: model {spec!r} does not take them ({error})")
+    return None
+
+
 def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     """The model named by ``spec``: a zoo name, ``torchvision:NAME`` or ``package.module:factory``."""
+    try:
+        return _load_model(spec, model_args)
+    except TypeError as error:
+        refused = _refused_arguments(spec, error)
+        if refused is not None:
+            raise refused from None
+        raise
+
+
+def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     if spec in ZOO:
         return build_model(spec, **model_args)
     if spec.startswith("torchvision:"):
@@ -229,6 +260,9 @@ def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
         raise UsageError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
     try:
         built = factory(**model_args)
+    except TypeError as error:
+        raise _refused_arguments(spec, error) or MagicInitError(
+            f"model {spec!r}: the factory raised TypeError: {error}") from None
     except Exception as error:
         raise MagicInitError(f"model {spec!r}: the factory raised {type(error).__name__}: {error}") from None
     if not isinstance(built, nn.Module):
@@ -308,15 +342,50 @@ def _device(name: str) -> torch.device:
 
 
 def _check_output(path: Path | None, option: str, suffixes: set[str] | None = None) -> None:
-    """Before any work: ``path`` must be a writable file name in an existing folder."""
+    """Before any work: ``path`` must be a writable file name in an existing, writable folder."""
     if path is None:
         return
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise UsageError(f"{option} {path}: the folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the folder {str(path.parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: the file exists and is not writable")
     if suffixes is not None and path.suffix.lower().lstrip(".") not in suffixes:
         raise UsageError(f"{option} {path}: the file type must be one of {', '.join(sorted(suffixes))}")
+
+
+def _check_distinct(outputs: dict[str, Path | None]) -> None:
+    """Two options naming one file would overwrite each other: a usage error."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved in seen:
+            raise UsageError(f"{seen[resolved]} and {option} name the same file {path}; give each its own")
+        seen[resolved] = option
+
+
+@contextmanager
+def _staged(outputs: list[Path]) -> Iterator[dict[Path, Path]]:
+    """Temporary files beside ``outputs`` (same folder, same suffix) to write to; each is moved into place
+    only when the block ends without error, all of them then. After an error or Ctrl-C none of the
+    outputs is touched and the temporary files are gone."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path in outputs:
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+            os.close(handle)
+            staged[path] = Path(name)
+        yield staged
+        for path, temporary in staged.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
 
 
 def _figure_types() -> set[str]:
@@ -325,11 +394,16 @@ def _figure_types() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
-def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str) -> None:
-    if args.report is not None:
-        args.report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    if args.plot is not None:
-        plot_layer_statistics(result, args.plot, title=title)
+def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str, model: nn.Module | None = None) -> None:
+    """Write the outputs asked for (weights, report, plot), all or none, then print the result."""
+    outputs = [path for path in (getattr(args, "out", None), args.report, args.plot) if path is not None]
+    with _staged(outputs) as staged:
+        if model is not None:
+            save_weights(model, staged[args.out])
+        if args.report is not None:
+            staged[args.report].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        if args.plot is not None:
+            plot_layer_statistics(result, staged[args.plot], title=title)
     if not args.quiet:
         print(result)
 
@@ -342,8 +416,7 @@ def _library_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -> None:
-    save_weights(model, args.out)
-    _emit(args, report, f"magicinit {args.command} {args.model}")
+    _emit(args, report, f"magicinit {args.command} {args.model}", model)
     if not args.quiet:
         print(f"wrote {args.out}")
     if report.normalizations:  # the one change a state_dict does not carry
@@ -440,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 _check_output(args.plot, "--plot", _figure_types())
             _check_output(getattr(args, "out", None), "--out")
             _check_output(args.report, "--report")
+            _check_distinct({"--out": getattr(args, "out", None), "--report": args.report, "--plot": args.plot})
         with _warnings_to_stderr(args.quiet):
             COMMANDS[args.command](args)
     except UsageError as error:

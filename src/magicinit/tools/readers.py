@@ -298,7 +298,8 @@ def load_images(
         raise MagicInitError(f"data {source!r} contains NaN or Inf values")
     if standardize and values.dim() >= 2:
         axes = [0, *range(2, values.dim())]
-        mean = values.mean(dim=axes, keepdim=True)
-        std = values.std(dim=axes, keepdim=True, correction=0)
-        values = (values - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        wide = values.double()  # float32 squares of values near 1e20 and beyond would overflow
+        mean = wide.mean(dim=axes, keepdim=True)
+        std = wide.std(dim=axes, keepdim=True, correction=0)
+        values = ((wide - mean) / torch.where(std > 0, std, torch.ones_like(std))).to(values.dtype)
     return values
