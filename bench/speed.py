@@ -30,7 +30,7 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   passes over the data; and the change-rate spread (max/min) before and after Part 2.
 * Peak memory: the extra peak memory of the whole ``init_`` (Parts 1 and 2, over the
   ``--samples`` samples) over that of one forward+backward over the same samples. On
-  CPU each is measured in a fresh process (peak RSS minus the RSS after building the
+  CPU each is measured in a fresh process (peak RSS, /proc VmHWM, minus the RSS after building the
   model and the data); on CUDA by ``torch.cuda.max_memory_allocated``.
 
 Every number in the table is a ratio of times taken in the same run, on the
@@ -55,7 +55,6 @@ import inspect
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -311,12 +310,22 @@ def _run_probe(kind: str, model: nn.Module, inputs: Tensor) -> None:
             magicinit.init_(model, inputs, seed=0, samples=len(inputs), rate_max_rounds=2)
 
 
+def _peak_resident_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` of /proc/self/status. (Not ``ru_maxrss``: Linux
+    carries that over exec from the forked parent, so a child of a large process reports the parent's.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_probe(kind: str, depth: int, args: argparse.Namespace) -> int:
     """In this (fresh) process: peak RSS during ``kind`` minus the RSS after building model and inputs."""
     model, inputs = build_model_and_inputs(depth, args, torch.device("cpu"))
     baseline = _resident_bytes()
     _run_probe(kind, model, inputs)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss is in KiB on Linux
+    return _peak_resident_bytes() - baseline
 
 
 def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> dict[str, int]:

@@ -145,6 +145,7 @@ def _apply_scales(
 
 
 FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked to keep the function
+FLOAT64_CHECK_SAMPLES = 8  # of those, in the float64 copy (a wrong analysis changes any sample's output)
 EXACT_TOLERANCE = 1e-9  # relative output change allowed in the float64 check
 FLOAT64_CHECK_MAX_BYTES = 2 * 1024**3  # larger models are checked in their own precision instead
 
@@ -161,8 +162,9 @@ def _change_in_float64(
 
     In exact arithmetic a correct scale analysis changes nothing, so this
     separates a wrong analysis (an O(1) change) from the rounding of deep
-    float32 networks (which alone can exceed 1e-4). Returns the change and the
-    inputs it was measured on: ``probe``, or a jittered copy of it where the
+    float32 networks (which alone can exceed 1e-4), on the first
+    ``FLOAT64_CHECK_SAMPLES`` samples of ``probe``. Returns the change and the
+    inputs for the checks that follow: ``probe``, or a jittered copy of those samples where the
     network's outputs on ``probe`` are cancelled down to rounding (init data
     with one sample, or constant data, makes Part 1 fit biases that cancel them
     exactly). In that case the change on ``probe`` is measured against the
@@ -176,7 +178,8 @@ def _change_in_float64(
     twin = _float64_twin(model)
     if twin is None:
         return None, probe
-    probe64 = cast_floating(probe, torch.float64)
+    head = split_batch(probe, 0, FLOAT64_CHECK_SAMPLES)
+    probe64 = cast_floating(head, torch.float64)
     try:
         reference = _outputs(twin, probe64, forward)
     except MagicInitError:  # the forward casts (x.float()) or refuses float64: check in the model's precision
@@ -190,7 +193,7 @@ def _change_in_float64(
     # large relative to cancelled outputs becomes small; a wrong analysis stays large
     # there, and must also pass on the jittered inputs themselves (on a second twin: the
     # first one is rescaled).
-    jittered = jitter_floating(probe, seed=0)
+    jittered = jitter_floating(head, seed=0)
     jittered64 = cast_floating(jittered, torch.float64)
     original = _float64_twin(model)
     try:
