@@ -404,7 +404,9 @@ class FromActivations:
     @staticmethod
     def _conv_gradients(record: _SiteRecord, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
         x, weight = record.input, record.site.weight
-        for block in _sample_blocks(x.shape[0], weight.numel()):
+        positions = grad[0].numel() // weight.shape[0]
+        # per sample: its gradient, and the patch columns the weight-gradient kernel may build
+        for block in _sample_blocks(x.shape[0], weight.numel() + weight[0].numel() * positions):
             yield block, _conv_sample_gradients(record.site, x[block], grad[block])
 
     def _per_sample_gradients(self, name: str, blocks: Iterator[tuple[slice, Tensor]], shared: bool,
@@ -583,6 +585,8 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
         why_not = "its norms of the first samples disagreed with those of each sample alone (samples that interact?)"
     except _Unsupported as unsupported:
         agreed, why_not = False, str(unsupported)
+    if context.collective is not None and context.collective.total(0 if agreed else 1) and agreed:
+        agreed, why_not = False, "another process could not use it"  # every rank takes the same way
     if agreed:
         activations.pending = first_round
         return activations, FromActivations.description
@@ -591,12 +595,18 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     trial = min(2, batch_size(context.batch))
     vectorized = Vectorized(estimate, shapes, loop, stop=trial)
     try:
-        next(iter(vectorized.rounds(strict=True)))
-    except Exception as error:  # an operation without a batching rule, data-dependent control flow, ...
-        if not _is_vectorization_error(error):
-            raise  # the forward's own error: the loop would meet it too
-        return loop, (f"{loop.description} (not from site activations: {why_not}; the forward could not be "
-                      f"vectorized: {type(_root_cause(error)).__name__})")
+        try:
+            next(iter(vectorized.rounds(strict=True)))
+            refusal = None
+        except Exception as error:  # an operation without a batching rule, data-dependent control flow, ...
+            if not _is_vectorization_error(error):
+                raise  # the forward's own error: the loop would meet it too
+            refusal = type(_root_cause(error)).__name__
+        if context.collective is not None and context.collective.total(0 if refusal is None else 1):
+            refusal = refusal or "another process could not vectorize it"  # every rank takes the same way
+        if refusal is not None:
+            return loop, (f"{loop.description} (not from site activations: {why_not}; the forward could not be "
+                          f"vectorized: {refusal})")
     finally:
         estimate.set_rng_state(state)
     return Vectorized(estimate, shapes, loop), f"{Vectorized.description} (not from site activations: {why_not})"
