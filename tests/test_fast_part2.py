@@ -135,7 +135,7 @@ def test_samples_that_interact_fall_back_to_one_draw_at_a_time(monkeypatch) -> N
     model, x = InteractingSamples(), torch.randn(16, 6)
     diagnosis, description = _diagnosis_with_way(model, x, seed=1, rate_precision=0.05)
     assert description.startswith("one sample at a time (not from site activations: its norms of the first "
-                                   "samples disagreed with those of each sample alone")
+                                   "sample disagreed with those of the sample alone")
     assert "could not be vectorized" in description
     with monkeypatch.context() as patch:
         _forced(patch, "loop")

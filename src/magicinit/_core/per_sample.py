@@ -17,7 +17,7 @@ they give the same estimate:
   the samples as extra groups). A round costs about two backward passes. It
   needs every weight to be a plain parameter used directly by linear maps,
   matrix products and convolutions, and the samples not to interact; both are
-  checked on the first samples, against the gradients of each sample alone,
+  checked on the first sample, against the gradient of that sample alone,
   and where they do not hold the next way is used;
 * **vectorized** (``Vectorized``): ``torch.func.vmap`` of the per-sample gradient;
 * **one draw at a time** (``OneDrawAtATime``): a forward and backward per draw,
@@ -51,7 +51,7 @@ BLOCK_FLOATS = 2**23  # per-sample gradient values held at once (32 MiB of float
 # norm (summed over its channels) must agree within AGREEMENT with a direct backward of each sample alone. A
 # semantic difference (samples that interact, a weight also used by another operation) is far larger; float32
 # rounding differs between a batch and one sample alone, and deep ReLU networks amplify it to about 1 %.
-CHECKED_SAMPLES = 2
+CHECKED_SAMPLES = 1
 AGREEMENT = 5e-2
 
 
@@ -256,6 +256,11 @@ def _conv_sample_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Tensor:
             x = F.pad(x, [p for total in reversed(totals) for p in (total // 2, total - total // 2)])
         padding = 0
     out, fan_in_channels = weight.shape[0], weight.shape[1]
+    pointwise = all(k == 1 for k in weight.shape[2:]) and set(stride) == {1} and set(_tuple(padding, dims)) == {0}
+    if pointwise:  # a 1x1 convolution is a linear map at every position: one batched matrix product
+        rows_in = x.reshape(n, groups, fan_in_channels, -1)
+        rows_out = grad.reshape(n, groups, out // groups, -1)
+        return torch.einsum("ngop,ngip->ngoi", rows_out, rows_in)
     per_sample = _WEIGHT_GRADIENTS[dims](
         x.reshape(1, n * x.shape[1], *x.shape[2:]), (n * out, fan_in_channels, *weight.shape[2:]),
         grad.reshape(1, n * out, *grad.shape[2:]), stride, _tuple(padding, dims), dilation, n * groups)
@@ -424,7 +429,9 @@ class FromActivations:
     @staticmethod
     def _conv_gradients(record: _SiteRecord, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
         x, weight = record.input, record.site.weight
-        for block in _sample_blocks(x.shape[0], weight.numel()):
+        positions = grad[0].numel() // weight.shape[0]
+        # per sample: its gradient, and the patch columns the weight-gradient kernel may build
+        for block in _sample_blocks(x.shape[0], weight.numel() + weight[0].numel() * positions):
             yield block, _conv_sample_gradients(record.site, x[block], grad[block])
 
     def _per_sample_gradients(self, name: str, blocks: Iterator[tuple[slice, Tensor]], shared: bool,
@@ -582,8 +589,8 @@ def _concatenated(draws: list[DrawNorms]) -> DrawNorms:
 
 def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     """The fastest way that gives this model's draws, and a description of it (with the reason where it is
-    not the first). The way from site activations is checked on the first round's first samples against
-    the one-draw-at-a-time gradients of each sample alone (the same noise; ``_agree``), and keeps that first
+    not the first). The way from site activations is checked on the first round's first sample against
+    the one-draw-at-a-time gradient of that sample alone (the same noise; ``_agree``), and keeps that first
     round for the estimate; a vectorized trial leaves the noise generator as it was."""
     context, units = estimate.context, estimate.units
     reason = _per_sample_draws_possible(context, units)
@@ -600,9 +607,11 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
         samples = DrawNorms(checked, {name: value[:checked] for name, value in first_round.channel.items()},
                             {name: value[:checked] for name, value in first_round.slices.items()})
         agreed = _agree(samples, reference)
-        why_not = "its norms of the first samples disagreed with those of each sample alone (samples that interact?)"
+        why_not = "its norms of the first sample disagreed with those of the sample alone (samples that interact?)"
     except _Unsupported as unsupported:
         agreed, why_not = False, str(unsupported)
+    if context.collective is not None and context.collective.total(0 if agreed else 1) and agreed:
+        agreed, why_not = False, "another process could not use it"  # every rank takes the same way
     if agreed:
         activations.pending = first_round
         return activations, FromActivations.description
@@ -611,12 +620,18 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     trial = min(2, batch_size(context.batch))
     vectorized = Vectorized(estimate, shapes, loop, stop=trial)
     try:
-        next(iter(vectorized.rounds(strict=True)))
-    except Exception as error:  # an operation without a batching rule, data-dependent control flow, ...
-        if not _is_vectorization_error(error):
-            raise  # the forward's own error: the loop would meet it too
-        return loop, (f"{loop.description} (not from site activations: {why_not}; the forward could not be "
-                      f"vectorized: {type(_root_cause(error)).__name__})")
+        try:
+            next(iter(vectorized.rounds(strict=True)))
+            refusal = None
+        except Exception as error:  # an operation without a batching rule, data-dependent control flow, ...
+            if not _is_vectorization_error(error):
+                raise  # the forward's own error: the loop would meet it too
+            refusal = type(_root_cause(error)).__name__
+        if context.collective is not None and context.collective.total(0 if refusal is None else 1):
+            refusal = refusal or "another process could not vectorize it"  # every rank takes the same way
+        if refusal is not None:
+            return loop, (f"{loop.description} (not from site activations: {why_not}; the forward could not be "
+                          f"vectorized: {refusal})")
     finally:
         estimate.set_rng_state(state)
     return Vectorized(estimate, shapes, loop), f"{Vectorized.description} (not from site activations: {why_not})"
