@@ -54,9 +54,11 @@ def diagnose(
     Example:
         >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
     """
-    check_arguments(dict(seed=seed, samples=samples, forward=forward, skip=skip, progress=progress,
-                         rate_chunk_size=rate_chunk_size, rate_precision=rate_precision,
-                         rate_max_rounds=rate_max_rounds))
+    checked = check_arguments(dict(seed=seed, samples=samples, forward=forward, skip=skip, progress=progress,
+                                   rate_chunk_size=rate_chunk_size, rate_precision=rate_precision,
+                                   rate_max_rounds=rate_max_rounds))
+    seed, samples, skip, rate_chunk_size, rate_precision, rate_max_rounds = (
+        checked[k] for k in ("seed", "samples", "skip", "rate_chunk_size", "rate_precision", "rate_max_rounds"))
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,

@@ -110,11 +110,15 @@ def init_(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
         >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)
     """
-    check_arguments(dict(sampler=sampler, within=within, between=between, beta=beta, seed=seed, samples=samples,
-                         forward=forward, skip=skip, include_frozen=include_frozen, progress=progress,
-                         patch_budget_mb=patch_budget_mb, rate_chunk_size=rate_chunk_size,
-                         rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
-                         scale_tolerance=scale_tolerance, verify_rates=verify_rates))
+    checked = check_arguments(dict(
+        sampler=sampler, within=within, between=between, beta=beta, seed=seed, samples=samples, forward=forward,
+        skip=skip, include_frozen=include_frozen, progress=progress, patch_budget_mb=patch_budget_mb,
+        rate_chunk_size=rate_chunk_size, rate_precision=rate_precision, rate_max_rounds=rate_max_rounds,
+        scale_mode=scale_mode, scale_tolerance=scale_tolerance, verify_rates=verify_rates))
+    beta, seed, samples, skip, patch_budget_mb, scale_tolerance = (
+        checked[k] for k in ("beta", "seed", "samples", "skip", "patch_budget_mb", "scale_tolerance"))
+    rate_chunk_size, rate_precision, rate_max_rounds = (
+        checked[k] for k in ("rate_chunk_size", "rate_precision", "rate_max_rounds"))
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     chosen_sampler = get_sampler(sampler)
     rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
