@@ -16,7 +16,6 @@ from .distributed import Collective
 from .inputs import Batch, ForwardFn
 
 
-
 @dataclass(frozen=True)
 class RateOptions:
     """How change rates are estimated.

@@ -14,7 +14,7 @@ from .inputs import Batch
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
 from .safety import buffers_kept, guarded
-from .session import outside_inference_mode, original_module, start_session
+from .session import original_module, outside_inference_mode, start_session
 from .stats import coefficient_of_variation
 from .within import first_site_moments
 
@@ -61,12 +61,13 @@ def diagnose(
         checked[k] for k in ("seed", "samples", "skip", "rate_chunk_size", "rate_precision", "rate_max_rounds"))
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
-    session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=True, progress=progress, rates=options, process_group=process_group)
-    with guarded(model), buffers_kept(model):
-        moments, layouts = first_site_moments(session.context, session.index, session.units)
-        called = {name: unit for name, unit in session.units.items() if name in moments}
-        rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
+    with buffers_kept(model):  # the tracing pass and every later one: a forward may update buffers of its own
+        session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
+                                include_frozen=True, progress=progress, rates=options, process_group=process_group)
+        with guarded(model):
+            moments, layouts = first_site_moments(session.context, session.index, session.units)
+            called = {name: unit for name, unit in session.units.items() if name in moments}
+            rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
     layers = []
     for name, unit in called.items():
         channel_rate = rates.channel_rate[name]

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .between import BetweenResult, equalize_between
 from .arguments import check_arguments
+from .between import BetweenResult, equalize_between
 from .context import RateOptions, ScaleOptions
 from .distributed import ProcessGroupArg
 from .graph import LayerGraph
@@ -18,7 +18,7 @@ from .inputs import Batch, batch_size
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
 from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
-from .session import outside_inference_mode, Session, original_module, start_session
+from .session import Session, original_module, outside_inference_mode, start_session
 from .sites import refreshed
 from .within import WithinLayerResult, normalize_within
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
-import tempfile
-import os
 import logging
 import math
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,6 +233,10 @@ def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
 
 def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     if spec in ZOO:
+        unknown = sorted(set(model_args) - set(inspect.signature(ZOO[spec]).parameters))
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(ZOO[spec]).parameters.values()):
+            raise UsageError(f"--model-args: model {spec!r} does not take {', '.join(map(repr, unknown))} "
+                             f"(it takes {', '.join(inspect.signature(ZOO[spec]).parameters)})")
         return build_model(spec, **model_args)
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
