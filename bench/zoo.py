@@ -18,7 +18,7 @@ rescaled, rate spread after, the operations treated as homogeneous on the data,
 the output change beyond one global factor, and the rounds.
 
 Output: the tables on stdout, and the ``## bench/zoo.py`` section of
-``bench/RESULTS.md``. Run from the repository root (about 8 minutes on 2 CPU cores)::
+``bench/RESULTS.md``. Run from the repository root (about 3 minutes on 2 CPU cores)::
 
     pip install -c constraints.txt -e ".[test,bench]"
     python bench/zoo.py

@@ -135,7 +135,7 @@ def test_samples_that_interact_fall_back_to_one_draw_at_a_time(monkeypatch) -> N
     model, x = InteractingSamples(), torch.randn(16, 6)
     diagnosis, description = _diagnosis_with_way(model, x, seed=1, rate_precision=0.05)
     assert description.startswith("one sample at a time (not from site activations: its norms of the first "
-                                   "sample disagreed with those of the sample alone")
+                                   "and last samples disagreed with those of each sample alone")
     assert "could not be vectorized" in description
     with monkeypatch.context() as patch:
         _forced(patch, "loop")
@@ -193,3 +193,39 @@ def test_kmeans_settles_before_its_iteration_cap_with_tight_clusters(monkeypatch
     # every cluster found: each filter responds most to its own cluster's points
     responses = (points @ filters[0].T).argmax(1)
     assert len(set(responses.tolist())) == 4
+
+
+def test_a_forward_under_autocast_is_measured_from_site_activations(monkeypatch) -> None:
+    def autocast_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(batch).float()
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    x = torch.randn(12, 3, 5, 5)
+    fast, description = _diagnosis_with_way(model, x, seed=2, rate_precision=0.1, forward=autocast_forward)
+    assert description == "from site activations"
+    with monkeypatch.context() as patch:
+        _forced(patch, "loop")
+        looped = magicinit.diagnose(model, x, seed=2, rate_precision=0.1, forward=autocast_forward)
+    for ours, theirs in zip(fast.layers, looped.layers):  # bfloat16 products: equal to about 1e-4
+        assert ours.rate == pytest.approx(theirs.rate, rel=1e-3), ours.name
+
+
+class ReadsThePreviousSample(nn.Module):
+    """Each sample also reads the one before it: invisible in the first sample, visible in the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = h + 3 * torch.cat([torch.zeros_like(h[:1]), h[:-1].detach()])
+        return self.b(h)
+
+
+def test_an_interaction_the_first_sample_does_not_show_is_caught_at_the_last() -> None:
+    torch.manual_seed(7)
+    _, description = _diagnosis_with_way(ReadsThePreviousSample(), torch.randn(16, 6), seed=1, rate_precision=0.1)
+    assert not description.startswith("from site activations"), description

@@ -27,7 +27,9 @@ they give the same estimate:
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +49,10 @@ from .safety import Hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, WeightUnit, _argument
 
 BLOCK_FLOATS = 2**23  # per-sample gradient values held at once (32 MiB of float32)
-# The check of the way from site activations: on the first CHECKED_SAMPLES draws, every weight's squared gradient
+# The check of the way from site activations: on the first and the last draw, every weight's squared gradient
 # norm (summed over its channels) must agree within AGREEMENT with a direct backward of each sample alone. A
 # semantic difference (samples that interact, a weight also used by another operation) is far larger; float32
-# rounding differs between a batch and one sample alone, and deep ReLU networks amplify it to about 1 %.
-CHECKED_SAMPLES = 1
+# rounding differs between a batch and one sample alone, and deep ReLU networks amplify it to about 1.5 %.
 AGREEMENT = 5e-2
 
 
@@ -216,8 +217,9 @@ def _per_sample_draws_possible(context: PassContext, units: dict[str, WeightUnit
 
 
 def _one_sample_output_shapes(context: PassContext) -> list[torch.Size]:
-    with torch.no_grad():
-        return [t.shape for t in floating_tensors(context.run(split_batch(context.batch, 0, 1)))]
+    """The shapes of one sample's outputs that the noise is put on: the floating ones with a gradient."""
+    with torch.enable_grad():
+        return [t.shape for t in floating_tensors(context.run(split_batch(context.batch, 0, 1))) if t.requires_grad]
 
 
 # --- from site activations ----------------------------------------------------------------------------
@@ -276,12 +278,22 @@ class _SiteRecord:
     input: Tensor
 
 
+def _call_weakly(method: "weakref.WeakMethod[Callable[[_SiteRecord, Tensor], None]]", record: _SiteRecord,
+                 grad: Tensor) -> None:
+    """A gradient hook's body: ``method(record, grad)`` while its object lives. The hooks sit in the kept
+    graph, which the object holds: a strong reference back would make a cycle that keeps the graph alive
+    after an error, until a garbage collection."""
+    target = method()
+    if target is not None:
+        target(record, grad)
+
+
 class _SiteCapture(CallInterceptor):
     """Records the affine calls of the measured weights, and hooks their outputs' gradients."""
 
     def __init__(self, index: UnitIndex, names: dict[int, str], on_gradient: Callable[[_SiteRecord, Tensor], None]):
         super().__init__(index)
-        self.names, self.on_gradient = names, on_gradient
+        self.names, self.on_gradient = names, weakref.WeakMethod(on_gradient)
         self.records: list[_SiteRecord] = []
         self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # the leaves the backward is asked for
 
@@ -311,7 +323,7 @@ class _SiteCapture(CallInterceptor):
             if key not in self.zeros:
                 self.zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
             output = output + self.zeros[key]
-            output.register_hook(lambda grad, record=record: self.on_gradient(record, grad))
+            output.register_hook(functools.partial(_call_weakly, self.on_gradient, record))
         return output
 
 
@@ -397,17 +409,20 @@ class FromActivations:
     def _on_gradient(self, record: _SiteRecord, grad: Tensor) -> None:
         try:
             self._site_norms(record, grad)
-        except _Unsupported as reason:  # raised after the backward: an exception in a hook is not always ours
-            self.problem = self.problem or str(reason)
+        except Exception as error:  # raised after the backward, as _Unsupported: then another way is taken
+            reason = str(error) if isinstance(error, _Unsupported) else f"{type(error).__name__}: {error}"
+            self.problem = self.problem or reason
 
     def _site_norms(self, record: _SiteRecord, grad: Tensor) -> None:
         x, site, name, n = record.input, record.site, record.name, self.count
+        if x.dtype != grad.dtype:  # under autocast the call computed in the gradient's dtype
+            x = x.to(grad.dtype)
         if x.shape[0] != n or grad.shape[0] != n:
             raise _Unsupported(f"'{name}' is called on a tensor whose first dimension is not the samples")
         shared = self.sites[name] > 1
         sizes = self.estimate.slices.get(name)
         if site.adapter is CONV:
-            self._per_sample_gradients(name, self._conv_gradients(record, grad), shared, sizes)
+            self._per_sample_gradients(name, self._conv_gradients(site, x, grad), shared, sizes)
             return
         rows_in, rows_out = x.reshape(n, -1, x.shape[-1]), grad.reshape(n, -1, grad.shape[-1])
         if rows_in.shape[1] == 1 and not shared:  # one vector per sample: no per-sample gradient to form
@@ -427,12 +442,12 @@ class FromActivations:
         self._per_sample_gradients(name, gradients(), shared, sizes)
 
     @staticmethod
-    def _conv_gradients(record: _SiteRecord, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
-        x, weight = record.input, record.site.weight
+    def _conv_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        weight = site.weight
         positions = grad[0].numel() // weight.shape[0]
         # per sample: its gradient, and the patch columns the weight-gradient kernel may build
         for block in _sample_blocks(x.shape[0], weight.numel() + weight[0].numel() * positions):
-            yield block, _conv_sample_gradients(record.site, x[block], grad[block])
+            yield block, _conv_sample_gradients(site, x[block], grad[block])
 
     def _per_sample_gradients(self, name: str, blocks: Iterator[tuple[slice, Tensor]], shared: bool,
                               sizes: tuple[int, ...] | None) -> None:
@@ -589,27 +604,41 @@ def _concatenated(draws: list[DrawNorms]) -> DrawNorms:
 
 def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     """The fastest way that gives this model's draws, and a description of it (with the reason where it is
-    not the first). The way from site activations is checked on the first round's first sample against
-    the one-draw-at-a-time gradient of that sample alone (the same noise; ``_agree``), and keeps that first
-    round for the estimate; a vectorized trial leaves the noise generator as it was."""
+    not the first). The way from site activations is checked on the first round's first and last samples
+    against the one-draw-at-a-time gradients of each sample alone (the same noise; ``_agree``), and keeps
+    that first round for the estimate; a vectorized trial leaves the noise generator as it was."""
     context, units = estimate.context, estimate.units
     reason = _per_sample_draws_possible(context, units)
+    if context.collective is not None and context.collective.total(0 if reason is None else 1) and reason is None:
+        reason = "another process cannot batch its draws"  # every rank takes the same way
     if reason is not None:
         return loop, f"{loop.description} ({reason})"
     shapes = _one_sample_output_shapes(context)
     state = estimate.rng_state()
-    checked = min(CHECKED_SAMPLES, batch_size(context.batch))
-    reference = _concatenated([loop.norms(start) for start in range(checked)])
+    count = batch_size(context.batch)
+    checked = sorted({0, count - 1})  # the first sample and the last: an interaction shows in one of them
+    references = [loop.norms(0)]
+    if count > 1:
+        estimate.noise(shapes, count - 2)  # the draws of the samples between: the last gets the round's noise
+        references.append(loop.norms(count - 1))
+    reference = _concatenated(references)
     estimate.set_rng_state(state)
     activations = FromActivations(estimate, shapes)
     try:
         first_round = _concatenated(list(activations.rounds()))
-        samples = DrawNorms(checked, {name: value[:checked] for name, value in first_round.channel.items()},
-                            {name: value[:checked] for name, value in first_round.slices.items()})
+        rows = torch.tensor(checked, device=next(iter(first_round.channel.values())).device)
+        samples = DrawNorms(len(checked), {name: value[rows] for name, value in first_round.channel.items()},
+                            {name: value[rows] for name, value in first_round.slices.items()})
         agreed = _agree(samples, reference)
-        why_not = "its norms of the first sample disagreed with those of the sample alone (samples that interact?)"
+        why_not = ("its norms of the first and last samples disagreed with those of each sample alone (samples "
+                   "that interact, or a random operation?)")
     except _Unsupported as unsupported:
         agreed, why_not = False, str(unsupported)
+    except Exception as error:  # out of memory for the whole batch, an operation the per-site sums cannot follow
+        agreed, why_not = False, f"{type(error).__name__}: {error}"
+    except BaseException:
+        activations.close()
+        raise
     if context.collective is not None and context.collective.total(0 if agreed else 1) and agreed:
         agreed, why_not = False, "another process could not use it"  # every rank takes the same way
     if agreed:
