@@ -73,7 +73,16 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are() -> None:
 # --- 6. Ctrl-C at any instant ---------------------------------------------------------------------------
 
 
-def test_an_interrupt_during_hook_removal_waits_until_every_hook_is_removed(monkeypatch) -> None:
+@pytest.fixture
+def ctrl_c() -> object:
+    """SIGINT raising KeyboardInterrupt, as in an interactive Python, for the test's duration (a process
+    started in the background by a shell without job control, like some CI runners, ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_during_hook_removal_waits_until_every_hook_is_removed(monkeypatch, ctrl_c) -> None:
     model = plain_cnn(4)
     saved = state_copy(model)
     original_remove = torch.utils.hooks.RemovableHandle.remove
@@ -94,7 +103,7 @@ def test_an_interrupt_during_hook_removal_waits_until_every_hook_is_removed(monk
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_ctrl_c_at_random_instants_never_leaves_hooks_or_a_half_initialized_model() -> None:
+def test_ctrl_c_at_random_instants_never_leaves_hooks_or_a_half_initialized_model(ctrl_c) -> None:
     model = plain_cnn(5)
     x = torch.randn(32, 3, 8, 8)
     saved = state_copy(model)
@@ -121,7 +130,7 @@ def test_ctrl_c_at_random_instants_never_leaves_hooks_or_a_half_initialized_mode
     assert interrupted >= 10  # most instants fall inside the call
 
 
-def test_uninterrupted_hands_a_deferred_ctrl_c_to_the_previous_handler() -> None:
+def test_uninterrupted_hands_a_deferred_ctrl_c_to_the_previous_handler(ctrl_c) -> None:
     with pytest.raises(KeyboardInterrupt):
         with safety.uninterrupted():
             os.kill(os.getpid(), signal.SIGINT)

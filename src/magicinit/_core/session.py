@@ -10,6 +10,9 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .adapters import find_affine_layers
 from .context import PassContext, RateOptions, ScaleOptions
@@ -246,10 +249,15 @@ def start_session(
     return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes + _user_hooks(model))
 
 
+# torch's own forward pre-hooks that recompute a weight (weight_norm, prune, spectral_norm): not the user's
+TORCH_REPARAMETRIZATIONS = (WeightNorm, BasePruningMethod, SpectralNorm)
+
+
 def _user_hooks(model: nn.Module) -> list[str]:
     """A note on the modules with forward hooks of the user's own, which run during the passes."""
     hooked = [name or type(model).__name__ for name, module in model.named_modules()
-              if module._forward_hooks or module._forward_pre_hooks]
+              if module._forward_hooks or any(not isinstance(hook, TORCH_REPARAMETRIZATIONS)
+                                              for hook in module._forward_pre_hooks.values())]
     if not hooked:
         return []
     shown = ", ".join(f"'{name}'" for name in hooked[:5]) + (", ..." if len(hooked) > 5 else "")
