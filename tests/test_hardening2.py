@@ -410,6 +410,8 @@ def test_an_existing_output_is_replaced_whole_or_kept(tmp_path: Path) -> None:
     state = torch.load(tmp_path / "w.pt")
     assert isinstance(state, dict) and state
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.pt"]
+    (tmp_path / "plain").write_text("")  # a file written plainly: the outputs get its permissions
+    assert (tmp_path / "w.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_data_of_huge_values_is_standardized_without_blaming_nan(tmp_path: Path) -> None:

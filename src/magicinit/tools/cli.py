@@ -380,11 +380,14 @@ def _staged(outputs: list[Path]) -> Iterator[dict[Path, Path]]:
     only when the block ends without error, all of them then. After an error or Ctrl-C none of the
     outputs is touched and the temporary files are gone."""
     staged: dict[Path, Path] = {}
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         for path in outputs:
             handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
             os.close(handle)
             staged[path] = Path(name)
+            os.chmod(name, 0o666 & ~umask)  # the permissions a plainly written file gets (mkstemp's are 0600)
         yield staged
         for path, temporary in staged.items():
             os.replace(temporary, path)
