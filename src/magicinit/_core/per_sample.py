@@ -71,12 +71,16 @@ class DrawNorms:
     slices: dict[str, Tensor]
 
 
+def _slice_sums(per_input: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Sums over consecutive slices of the last dimension (input channels) of ``per_input``."""
+    return torch.stack([part.sum(-1) for part in torch.split(per_input, list(sizes), dim=-1)], -1)
+
+
 def squared_slice_norms(tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
     """Squared norms of consecutive slices of a weight-shaped ``tensor`` (a weight or its gradient)
     along the input channels (dimension 1), in float64."""
     squares, factor = scaled_squares(tensor.detach())
-    per_input = squares.sum([d for d in range(tensor.dim()) if d != 1]).double() * factor
-    return torch.stack([part.sum() for part in torch.split(per_input, list(sizes))])
+    return _slice_sums(squares.sum([d for d in range(tensor.dim()) if d != 1]).double() * factor, sizes)
 
 
 def scaled_squares(tensor: Tensor) -> tuple[Tensor, float]:
@@ -430,8 +434,7 @@ class FromActivations:
             x_squared = rows_in[:, 0].double().square()
             self._add(self.channel, name, g_squared * x_squared.sum(1, keepdim=True))
             if sizes is not None:
-                per_slice = torch.stack([part.sum(1) for part in torch.split(x_squared, list(sizes), dim=1)], 1)
-                self._add(self.slice_sums, name, g_squared.sum(1, keepdim=True) * per_slice)
+                self._add(self.slice_sums, name, g_squared.sum(1, keepdim=True) * _slice_sums(x_squared, sizes))
             return
 
         def gradients() -> Iterator[tuple[slice, Tensor]]:
@@ -478,9 +481,8 @@ class FromActivations:
         sizes = self.estimate.slices.get(name)
         if sizes is not None:  # ungrouped filters: (samples, 1, out, inputs * kernel)
             n = squares.shape[0]
-            per_input = squares.reshape(n, -1, sum(sizes), squares.shape[-1] // sum(sizes)).sum((1, 3)).double() * factor
-            values.append((self.slice_sums,
-                           torch.stack([part.sum(1) for part in torch.split(per_input, list(sizes), 1)], 1)))
+            per_input = squares.reshape(n, -1, sum(sizes), squares.shape[-1] // sum(sizes)).sum((1, 3)).double()
+            values.append((self.slice_sums, _slice_sums(per_input * factor, sizes)))
         for table, value in values:
             if append:
                 table.setdefault(name, []).append(value)
