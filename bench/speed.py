@@ -30,8 +30,8 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   passes over the data; and the change-rate spread (max/min) before and after Part 2.
 * Peak memory: the extra peak memory of the whole ``init_`` (Parts 1 and 2, over the
   ``--samples`` samples) over that of one forward+backward over the same samples. On
-  CPU each is measured in a fresh process (peak RSS, /proc VmHWM, minus the RSS after building the
-  model and the data); on CUDA by ``torch.cuda.max_memory_allocated``.
+  CPU each is measured in three fresh processes and the median counts (peak RSS, /proc VmHWM, minus
+  the RSS after building the model and the data); on CUDA by ``torch.cuda.max_memory_allocated``.
 
 Every number in the table is a ratio of times taken in the same run, on the
 same machine, so runs on different machines compare by their ratios only.
@@ -100,6 +100,7 @@ RESCALE_TARGET = 4.0  # rescale_ / (fwd+bwd) at depth 16
 DEVIATION_TARGET = 0.10  # largest deviation of a re-measured rate from the geometric mean, after rescale_
 PART1_CALLS = 2  # model calls of init_(between=False): the 2-sample probe and the one Part 1 pass
 MEMORY_PROBES = ("forward+backward", "init_")
+MEMORY_REPEATS = 3  # fresh processes per probe; the median counts (a process's baseline RSS varies by ~10 %)
 
 
 @dataclass
@@ -348,8 +349,9 @@ def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> d
                    str(args.width), "--samples", str(args.samples), "--no-lsuv"]
         if args.threads is not None:
             command += ["--threads", str(args.threads)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        peaks[kind] = int(output.strip().splitlines()[-1])
+        runs = [int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                for _ in range(MEMORY_REPEATS)]
+        peaks[kind] = int(statistics.median(runs))
     return peaks
 
 

@@ -10,7 +10,8 @@ and tabulates, from the report:
   or output scales (``batch_norm``, ``layer_norm``, ``gelu``, ``hardsigmoid``,
   ...; counted once per layer side; the model's own input and output do not
   count), with the change-rate spread (max/min over all layers) before and after;
-* the time of ``init_`` over the time of one forward pass of the same inputs.
+* the time of ``init_`` over the time of one forward pass of the same inputs (the median
+  over three fresh copies of the model: these machines are noisy).
 
 The built-in ``caffenet`` (the paper's layout with LRN, width 1/4) comes last.
 A second table runs every model again with ``scale_mode="approximate"``: layers
@@ -47,6 +48,7 @@ from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 
 USUAL_PINS = {"model input", "model output"}
 FORWARD_REPEATS = 5  # the forward is timed this many times; the median is the ratio's denominator
+INIT_REPEATS = 3  # init_ is timed on this many fresh copies; the table gives the median ratio
 RATE_WAYS = ("from site activations", "vectorized per-sample gradients", "one sample at a time")
 
 
@@ -114,24 +116,29 @@ def build(name: str) -> nn.Module:
         return load_model(name, BUILT_IN[name]) if name in BUILT_IN else load_model(f"torchvision:{name}", {})
 
 
-def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact") -> ZooRow:
-    """Initialize one model and time ``init_`` against one eval-mode forward pass."""
-    model = build(name)
-    with torch.no_grad():
-        model.eval()(inputs)  # warm-up
-        forwards = []
-        for _ in range(FORWARD_REPEATS):
+def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact", repeats: int = 1) -> ZooRow:
+    """Initialize the model and time ``init_`` against one eval-mode forward pass (the median of
+    ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of the model
+    (the same seeds, so the same report), and the median of their ratios."""
+    ratios = []
+    for _ in range(repeats):
+        model = build(name)
+        with torch.no_grad():
+            model.eval()(inputs)  # warm-up
+            forwards = []
+            for _ in range(FORWARD_REPEATS):
+                started = time.perf_counter()
+                model(inputs)
+                forwards.append(time.perf_counter() - started)
+            forward_seconds = statistics.median(forwards)
+        model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             started = time.perf_counter()
-            model(inputs)
-            forwards.append(time.perf_counter() - started)
-        forward_seconds = statistics.median(forwards)
-    model.train()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        started = time.perf_counter()
-        report = magicinit.init_(model, inputs, seed=0, scale_mode=scale_mode)
-        init_seconds = time.perf_counter() - started
-    return summarize(name, report, caught, init_seconds / forward_seconds)
+            report = magicinit.init_(model, inputs, seed=0, scale_mode=scale_mode)
+            init_seconds = time.perf_counter() - started
+        ratios.append(init_seconds / forward_seconds)
+    return summarize(name, report, caught, statistics.median(ratios))
 
 
 def spread(value: float | None) -> str:
@@ -184,7 +191,7 @@ def main() -> int:
     inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     rows, approximate_rows = [], []
     for name in args.models:
-        rows.append(measure(name, inputs))
+        rows.append(measure(name, inputs, repeats=INIT_REPEATS))
         if args.approximate:
             approximate_rows.append(measure(name, inputs, scale_mode="approximate"))
         print(f"  {name} done", flush=True)
@@ -202,7 +209,8 @@ def main() -> int:
         f"```\npip install -c constraints.txt -e \".[test,bench]\"\npython bench/zoo.py\n```\n\n"
         "`init_(model, x, seed=0)` with its defaults on 8 Gaussian 3 x 64 x 64 inputs; "
         "init_ / forward is the time of init_ over that of one eval-mode forward pass of the same inputs "
-        f"(the median of {FORWARD_REPEATS}), in the same run; the per-sample gradient norms column says how "
+        f"(the median of {FORWARD_REPEATS}) timed just before it, the median over {INIT_REPEATS} fresh copies of "
+        "the model; the per-sample gradient norms column says how "
         "Part 2 computed them (see docs/method.md).\n\n"
         f"{table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "No warnings.\n\n")
     )

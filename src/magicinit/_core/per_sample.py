@@ -15,10 +15,12 @@ they give the same estimate:
   sequence, a convolution) the sample's gradient ``g^T x`` is formed, for a
   block of samples at a time (a convolution's by one weight-gradient call with
   the samples as extra groups). A round costs about two backward passes. It
-  needs every weight to be a plain parameter used directly by linear maps,
-  matrix products and convolutions, and the samples not to interact; both are
-  checked on the first sample, against the gradient of that sample alone,
-  and where they do not hold the next way is used;
+  needs every weight to be a plain parameter used only as the weight of
+  linear maps, matrix products and convolutions (checked at every call of the
+  recorded forward), and the samples not to interact (checked on the first
+  and the last sample, against the same norms of each sample run alone);
+  where either does not hold the next way is used. That the per-site formulas
+  equal the per-sample gradients is this module's tests' job;
 * **vectorized** (``Vectorized``): ``torch.func.vmap`` of the per-sample gradient;
 * **one draw at a time** (``OneDrawAtATime``): a forward and backward per draw,
   for every model (reparametrized weights, random operations, chunks of several
@@ -50,9 +52,9 @@ from .sites import CallInterceptor, SiteCall, UnitIndex, WeightUnit, _argument
 
 BLOCK_FLOATS = 2**23  # per-sample gradient values held at once (32 MiB of float32)
 # The check of the way from site activations: on the first and the last draw, every weight's squared gradient
-# norm (summed over its channels) must agree within AGREEMENT with a direct backward of each sample alone. A
-# semantic difference (samples that interact, a weight also used by another operation) is far larger; float32
-# rounding differs between a batch and one sample alone, and deep ReLU networks amplify it to about 1.5 %.
+# norm (summed over its channels) must agree within AGREEMENT with that of each sample run alone. Samples that
+# interact differ far more; float32 rounding differs between a batch and one sample alone, and deep ReLU
+# networks amplify it to about 1.5 %.
 AGREEMENT = 5e-2
 
 
@@ -76,32 +78,32 @@ def _slice_sums(per_input: Tensor, sizes: tuple[int, ...]) -> Tensor:
     return torch.stack([part.sum(-1) for part in torch.split(per_input, list(sizes), dim=-1)], -1)
 
 
+def squared_norms(tensor: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """``(tensor ** 2).sum(dim)`` in float64, from one pass of ``torch.linalg.vector_norm`` (summed in the
+    tensor's precision, float32 at least: positive terms, accurate to ~1e-6, and far faster on a CPU than
+    float64). A tensor whose norms leave [1e-15, 1e15] is divided by its largest magnitude first, so that
+    values of 1e-30 or 1e30 neither underflow nor overflow."""
+    work = tensor.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    norms = torch.linalg.vector_norm(work, dim=dim)
+    if not work.numel() or 1e-15 <= float(norms.max()) <= 1e15:
+        return norms.double().square()
+    scale = float(work.abs().amax())
+    if scale == 0.0 or not math.isfinite(scale):  # zeros, NaN or inf stay so
+        return norms.double().square()
+    return torch.linalg.vector_norm(work / scale, dim=dim).double().square() * (scale * scale)
+
+
 def squared_slice_norms(tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
     """Squared norms of consecutive slices of a weight-shaped ``tensor`` (a weight or its gradient)
     along the input channels (dimension 1), in float64."""
-    squares, factor = scaled_squares(tensor.detach())
-    return _slice_sums(squares.sum([d for d in range(tensor.dim()) if d != 1]).double() * factor, sizes)
-
-
-def scaled_squares(tensor: Tensor) -> tuple[Tensor, float]:
-    """``tensor``'s squares as ``squares * factor``: ``squares`` in float32 or better, of the tensor divided
-    by its largest magnitude, so that values of 1e-30 or 1e30 neither underflow nor overflow; ``factor``
-    (a float64 number) is that magnitude squared."""
-    work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-    if not work.numel():
-        return work.square(), 1.0
-    smallest, biggest = torch.aminmax(work.detach())
-    largest = max(-float(smallest), float(biggest))
-    if largest == 0.0 or not math.isfinite(largest) or 1e-15 <= largest <= 1e15:
-        return work.square(), 1.0
-    return (work / largest).square(), largest * largest
+    return _slice_sums(squared_norms(tensor, tuple(d for d in range(tensor.dim()) if d != 1)), sizes)
 
 
 def squared_filter_norms(filters: Tensor) -> Tensor:
-    """``||f||^2`` of every filter ``(..., fan_in)`` in float64 (summed in float32: positive terms, accurate
-    to ~1e-6, and far faster on a CPU than in float64)."""
-    squares, factor = scaled_squares(filters)
-    return squares.sum(-1).double() * factor
+    """``||f||^2`` of every filter ``(..., fan_in)`` in float64 (``squared_norms``)."""
+    return squared_norms(filters, -1)
 
 
 class Estimate:
@@ -247,12 +249,11 @@ def _tuple(value: Any, dims: int) -> tuple[int, ...]:
 _WEIGHT_GRADIENTS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
-def _conv_sample_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Tensor:
-    """Every sample's own weight gradient of a convolution, as filters ``(n, groups, out/groups, fan_in)``:
-    one weight-gradient call with the samples as extra groups (sample b's channels meet only its own
-    output gradient), as fast as the batch's summed gradient."""
-    weight, groups = site.weight, site.groups
-    dims, n = weight.dim() - 2, x.shape[0]
+def _conv_geometry(site: SiteCall, x: Tensor) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A convolution call's input (padded here where it asked for ``padding="same"``), stride, padding and
+    dilation, each a tuple over its spatial dimensions."""
+    weight = site.weight
+    dims = weight.dim() - 2
     stride, dilation = (_tuple(_argument(site.args, site.kwargs, slot, 1), dims)
                         for slot in ((3, "stride"), (5, "dilation")))
     padding = _argument(site.args, site.kwargs, (4, "padding"), 0)
@@ -261,16 +262,64 @@ def _conv_sample_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Tensor:
             totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
             x = F.pad(x, [p for total in reversed(totals) for p in (total // 2, total - total // 2)])
         padding = 0
+    return x, stride, _tuple(padding, dims), dilation
+
+
+def _conv_sample_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Tensor:
+    """Every sample's own weight gradient of a convolution, as filters ``(n, groups, out/groups, fan_in)``:
+    one weight-gradient call with the samples as extra groups (sample b's channels meet only its own
+    output gradient), as fast as the batch's summed gradient."""
+    weight, groups = site.weight, site.groups
+    n = x.shape[0]
+    x, stride, padding, dilation = _conv_geometry(site, x)
     out, fan_in_channels = weight.shape[0], weight.shape[1]
-    pointwise = all(k == 1 for k in weight.shape[2:]) and set(stride) == {1} and set(_tuple(padding, dims)) == {0}
+    pointwise = all(k == 1 for k in weight.shape[2:]) and set(stride) == {1} and set(padding) == {0}
     if pointwise:  # a 1x1 convolution is a linear map at every position: one batched matrix product
         rows_in = x.reshape(n, groups, fan_in_channels, -1)
         rows_out = grad.reshape(n, groups, out // groups, -1)
         return torch.einsum("ngop,ngip->ngoi", rows_out, rows_in)
-    per_sample = _WEIGHT_GRADIENTS[dims](
+    per_sample = _WEIGHT_GRADIENTS[weight.dim() - 2](
         x.reshape(1, n * x.shape[1], *x.shape[2:]), (n * out, fan_in_channels, *weight.shape[2:]),
-        grad.reshape(1, n * out, *grad.shape[2:]), stride, _tuple(padding, dims), dilation, n * groups)
+        grad.reshape(1, n * out, *grad.shape[2:]), stride, padding, dilation, n * groups)
     return per_sample.reshape(n, groups, out // groups, -1)
+
+
+def _conv_patch_columns(site: SiteCall, x: Tensor) -> Tensor:
+    """The input patch every output position of a 1- or 2-d convolution reads, ``(n, groups, fan_in,
+    positions)``, with ``fan_in`` ordered as the weight's (input channel, then kernel position)."""
+    weight, groups = site.weight, site.groups
+    x, stride, padding, dilation = _conv_geometry(site, x)
+    kernel = tuple(weight.shape[2:])
+    if weight.dim() == 3:  # a 1-d convolution as a 2-d one of height 1
+        x, kernel, stride, padding, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (0, *padding), \
+            (1, *dilation)
+    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return columns.reshape(x.shape[0], groups, -1, columns.shape[-1])
+
+
+def _gram_is_cheaper(positions: int, fan_in: int, outputs: int) -> bool:
+    """Whether a sample's norms cost less through the Gram matrix of its positions (``positions^2 *
+    (fan_in + outputs)`` products in float64, each about two of float32) than by forming its gradient
+    (``positions * outputs * fan_in``)."""
+    return positions > 1 and 2 * positions * (fan_in + outputs) < outputs * fan_in
+
+
+def _gram_norms(rows_out: Tensor, rows_in: Tensor, sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor | None]:
+    """Squared norms of per-sample gradients ``g x^T`` without forming them, in float64: with ``g``
+    ``(n, groups, out, positions)`` and ``x`` ``(n, groups, fan_in, positions)``, row ``i`` of sample ``b``
+    has ``||g_i x^T||^2 = g_i K g_i^T`` for the Gram matrix ``K = x^T x`` of the sample's positions. Returns
+    the norms of every output channel ``(n, groups * out)`` and, for ``sizes`` (consecutive slices of the
+    input channels, ungrouped), of every slice ``(n, slices)``."""
+    g, x = rows_out.double(), rows_in.double()
+    gram = x.transpose(-1, -2) @ x  # (n, groups, positions, positions)
+    channel = ((g @ gram) * g).sum(-1).flatten(1).clamp_min(0.0)  # >= 0 but for rounding
+    if sizes is None:
+        return channel, None
+    per_channel = x.shape[2] // sum(sizes)  # kernel positions per input channel
+    outer = g[:, 0].transpose(-1, -2) @ g[:, 0]  # (n, positions, positions): sum over outputs of g_i^T g_i
+    parts = torch.split(x[:, 0], [size * per_channel for size in sizes], dim=1)
+    return channel, torch.stack([((part.transpose(-1, -2) @ part) * outer).sum((-1, -2)) for part in parts],
+                                -1).clamp_min(0.0)
 
 
 @dataclass
@@ -301,15 +350,36 @@ class _SiteCapture(CallInterceptor):
         self.records: list[_SiteRecord] = []
         self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # the leaves the backward is asked for
 
+    def _measured_name(self, tensor: Tensor) -> str | None:
+        """The name of the measured weight ``tensor`` is, or is a view of (None: neither)."""
+        return self.names.get(id(tensor)) if tensor._base is None else self.names.get(id(tensor._base))
+
+    def _refuse_other_uses(self, func: Callable[..., Any], arguments: object, output: object,
+                           skip: Tensor | None) -> None:
+        """Refuse a measured weight that reaches the outputs other than as the weight of an affine call
+        (``skip``): a gradient through such a use (``w * 2``, ``x @ w.t()``, a custom ``autograd.Function``,
+        which computes under no_grad) is invisible to the site norms."""
+        for tensor in all_tensors(arguments):
+            if tensor is skip:
+                continue
+            name = self._measured_name(tensor)
+            if name is None:
+                continue
+            carried = any(t.requires_grad for t in all_tensors(output))
+            if carried or not torch.is_grad_enabled():
+                where = "" if carried else " where autograd does not record it (no_grad, or a custom Function)"
+                raise _Unsupported(f"'{name}' is used by {getattr(func, '__name__', func)}{where}, "
+                                   "not only as the weight of affine maps")
+
     def on_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 site: SiteCall | None) -> Any:
         output = func(*args, **kwargs)
-        if site is None:
-            return output
-        weight = site.weight
-        name = self.names.get(id(weight)) if weight._base is None else self.names.get(id(weight._base))
-        if name is None:
-            return output  # a weight not measured (skipped or frozen)
+        weight = None if site is None else site.weight
+        name = None if weight is None else self._measured_name(weight)
+        carried = isinstance(output, Tensor) and output.requires_grad and output.is_floating_point()
+        self._refuse_other_uses(func, (args, kwargs), output, skip=weight if name is not None and carried else None)
+        if site is None or weight is None or name is None:
+            return output  # not an affine call of a measured weight (skipped or frozen)
         if weight._base is not None:
             raise _Unsupported(f"'{name}' is used through a view")
         if site.adapter not in (LINEAR, MATMUL, CONV):
@@ -317,7 +387,7 @@ class _SiteCapture(CallInterceptor):
         layer_input = site.input
         if not isinstance(layer_input, Tensor) or layer_input.dim() < (2 if site.adapter is not CONV else weight.dim()):
             raise _Unsupported(f"'{name}' reads an input without a sample dimension")
-        if isinstance(output, Tensor) and output.requires_grad and output.is_floating_point():
+        if carried:
             record = _SiteRecord(name, site, layer_input.detach())
             self.records.append(record)
             # The output handed on gets "+ 0" from one scalar leaf, and the backward is asked for that leaf's
@@ -336,11 +406,14 @@ class FromActivations:
 
     description = "from site activations"
 
-    def __init__(self, estimate: Estimate, output_shapes: list[torch.Size]) -> None:
+    def __init__(self, estimate: Estimate, output_shapes: list[torch.Size] | None,
+                 samples: Batch | None = None) -> None:
+        """``output_shapes``: one sample's (None: those of this forward, which must then be of one sample);
+        ``samples``: the draws (one sample each) measured, by default the whole init data."""
         self.estimate, self.output_shapes = estimate, output_shapes
         context = estimate.context
-        self.count = batch_size(context.batch)
-        self.samples = context.batch
+        self.samples = context.batch if samples is None else samples
+        self.count = batch_size(self.samples)
         self.index = UnitIndex(context.model)
         self.parameter_names = {id(estimate.units[name].tensor(context.model)): name for name in estimate.names}
         self.graph: tuple[list[Tensor], list[Tensor], dict[str, int]] | None = None  # outputs, backward targets, uses
@@ -356,6 +429,8 @@ class FromActivations:
         capture = _SiteCapture(self.index, self.parameter_names, self._on_gradient)
         with torch.enable_grad(), capture:
             outputs = _output_tensors(context.run(self.samples))
+        if self.output_shapes is None:
+            self.output_shapes = [t.shape for t in outputs]
         expected = [torch.Size((self.count, *shape[1:])) for shape in self.output_shapes]
         if [t.shape for t in outputs] != expected or any(shape[:1] != (1,) for shape in self.output_shapes):
             raise _Unsupported("the outputs are not stacked along the sample dimension")
@@ -384,6 +459,7 @@ class FromActivations:
         assert self.graph is not None
         outputs, targets, _ = self.graph
         estimate, model = self.estimate, self.estimate.context.model
+        assert self.output_shapes is not None  # set by the forward
         noise = estimate.noise(self.output_shapes, self.count)
         stacked = [torch.cat([draw[k] for draw in noise]).to(outputs[k]) for k in range(len(outputs))]
         self.channel, self.slice_sums, self.gradient_sums, self.problem = {}, {}, {}, None
@@ -426,9 +502,23 @@ class FromActivations:
         shared = self.sites[name] > 1
         sizes = self.estimate.slices.get(name)
         if site.adapter is CONV:
+            weight, groups = site.weight, site.groups
+            positions, outputs = grad[0].numel() // weight.shape[0], weight.shape[0] // groups
+            if not shared and weight.dim() in (3, 4) and _gram_is_cheaper(positions, weight[0].numel(), outputs):
+                per_sample = positions * (weight[0].numel() * groups + positions * groups)
+                self._gram_blocks(name, ((block, grad[block].reshape(block.stop - block.start, groups, outputs, -1),
+                                          _conv_patch_columns(site, x[block]))
+                                         for block in _sample_blocks(n, per_sample)), sizes)
+                return
             self._per_sample_gradients(name, self._conv_gradients(site, x, grad), shared, sizes)
             return
         rows_in, rows_out = x.reshape(n, -1, x.shape[-1]), grad.reshape(n, -1, grad.shape[-1])
+        if not shared and _gram_is_cheaper(rows_in.shape[1], rows_in.shape[2], rows_out.shape[2]):
+            per_sample = rows_in[0].numel() + rows_in.shape[1] ** 2
+            self._gram_blocks(name, ((block, rows_out[block].transpose(1, 2).unsqueeze(1),
+                                      rows_in[block].transpose(1, 2).unsqueeze(1))
+                                     for block in _sample_blocks(n, per_sample)), sizes)
+            return
         if rows_in.shape[1] == 1 and not shared:  # one vector per sample: no per-sample gradient to form
             g_squared = rows_out[:, 0].double().square()
             x_squared = rows_in[:, 0].double().square()
@@ -452,6 +542,20 @@ class FromActivations:
         for block in _sample_blocks(x.shape[0], weight.numel() + weight[0].numel() * positions):
             yield block, _conv_sample_gradients(site, x[block], grad[block])
 
+    def _gram_blocks(self, name: str, blocks: Iterator[tuple[slice, Tensor, Tensor]],
+                     sizes: tuple[int, ...] | None) -> None:
+        """The norms of a weight used at one site, from blocks of samples' output gradients and inputs
+        (``_gram_norms``)."""
+        channel, slices = [], []
+        for _, rows_out, rows_in in blocks:
+            block_channel, block_slices = _gram_norms(rows_out, rows_in, sizes)
+            channel.append(block_channel)
+            if block_slices is not None:
+                slices.append(block_slices)
+        self.channel[name] = torch.cat(channel)
+        if slices:
+            self.slice_sums[name] = torch.cat(slices)
+
     def _per_sample_gradients(self, name: str, blocks: Iterator[tuple[slice, Tensor]], shared: bool,
                               sizes: tuple[int, ...] | None) -> None:
         """Per-sample gradients as filters ``(samples, groups, out/groups, fan_in)``: their norms, or (for a
@@ -473,16 +577,14 @@ class FromActivations:
 
     def _add_filter_norms(self, name: str, filters: Tensor, append: bool = False) -> None:
         """The squared norms of per-sample filters ``(samples, groups, out/groups, fan_in)``: of every output
-        channel, and of every slice of input channels where the weight reads a concatenation. Squares are
-        summed in float32 (positive terms: accurate to ~1e-6), the sums kept in float64. With ``append``,
-        a block of samples is appended to the ones before it."""
-        squares, factor = scaled_squares(filters)
-        values = [(self.channel, squares.sum(-1).flatten(1).double() * factor)]
+        channel, and of every slice of input channels where the weight reads a concatenation
+        (``squared_norms``). With ``append``, a block of samples is appended to the ones before it."""
+        values = [(self.channel, squared_norms(filters, -1).flatten(1))]
         sizes = self.estimate.slices.get(name)
         if sizes is not None:  # ungrouped filters: (samples, 1, out, inputs * kernel)
-            n = squares.shape[0]
-            per_input = squares.reshape(n, -1, sum(sizes), squares.shape[-1] // sum(sizes)).sum((1, 3)).double()
-            values.append((self.slice_sums, _slice_sums(per_input * factor, sizes)))
+            n = filters.shape[0]
+            per_input = squared_norms(filters.reshape(n, -1, sum(sizes), filters.shape[-1] // sum(sizes)), (1, 3))
+            values.append((self.slice_sums, _slice_sums(per_input, sizes)))
         for table, value in values:
             if append:
                 table.setdefault(name, []).append(value)
@@ -606,27 +708,42 @@ def _concatenated(draws: list[DrawNorms]) -> DrawNorms:
 
 def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     """The fastest way that gives this model's draws, and a description of it (with the reason where it is
-    not the first). The way from site activations is checked on the first round's first and last samples
-    against the one-draw-at-a-time gradients of each sample alone (the same noise; ``_agree``), and keeps
-    that first round for the estimate; a vectorized trial leaves the noise generator as it was."""
+    not the first). The way from site activations refuses, while it records the batched forward, a measured
+    weight used other than as the weight of an affine map; the samples not interacting is checked on the
+    first round's first and last samples, against the same norms of each sample run alone under the same
+    noise (``_agree``), and that first round is kept for the estimate. A vectorized trial leaves the noise
+    generator as it was."""
     context, units = estimate.context, estimate.units
     reason = _per_sample_draws_possible(context, units)
     if context.collective is not None and context.collective.total(0 if reason is None else 1) and reason is None:
         reason = "another process cannot batch its draws"  # every rank takes the same way
     if reason is not None:
         return loop, f"{loop.description} ({reason})"
-    shapes = _one_sample_output_shapes(context)
     state = estimate.rng_state()
     count = batch_size(context.batch)
     checked = sorted({0, count - 1})  # the first sample and the last: an interaction shows in one of them
-    references = [loop.norms(0)]
-    if count > 1:
-        estimate.noise(shapes, count - 2)  # the draws of the samples between: the last gets the round's noise
-        references.append(loop.norms(count - 1))
-    reference = _concatenated(references)
-    estimate.set_rng_state(state)
-    activations = FromActivations(estimate, shapes)
+    shapes: list[torch.Size] | None = None  # one sample's output shapes, from the first sample's forward
+
+    def alone(index: int) -> DrawNorms:
+        """The norms of sample ``index`` run alone, under the next draw's noise."""
+        nonlocal shapes
+        single = FromActivations(estimate, shapes, split_batch(context.batch, index, index + 1))
+        try:
+            return _concatenated(list(single.rounds()))
+        finally:
+            shapes = single.output_shapes
+            single.close()
+
+    activations: FromActivations | None = None
     try:
+        references = [alone(0)]
+        assert shapes is not None
+        if count > 1:
+            estimate.noise(shapes, count - 2)  # the draws of the samples between: the last gets the round's noise
+            references.append(alone(count - 1))
+        reference = _concatenated(references)
+        estimate.set_rng_state(state)
+        activations = FromActivations(estimate, shapes)  # from here on, the whole batch at once
         first_round = _concatenated(list(activations.rounds()))
         rows = torch.tensor(checked, device=next(iter(first_round.channel.values())).device)
         samples = DrawNorms(len(checked), {name: value[rows] for name, value in first_round.channel.items()},
@@ -637,17 +754,24 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
     except _Unsupported as unsupported:
         agreed, why_not = False, str(unsupported)
     except Exception as error:  # out of memory for the whole batch, an operation the per-site sums cannot follow
+        if activations is None and isinstance(error, MagicInitError):
+            raise  # the forward's own error on one sample: every way would meet it
         agreed, why_not = False, f"{type(error).__name__}: {error}"
     except BaseException:
-        activations.close()
+        if activations is not None:
+            activations.close()
         raise
     if context.collective is not None and context.collective.total(0 if agreed else 1) and agreed:
         agreed, why_not = False, "another process could not use it"  # every rank takes the same way
     if agreed:
+        assert activations is not None
         activations.pending = first_round
         return activations, FromActivations.description
-    activations.close()
+    if activations is not None:
+        activations.close()
     estimate.set_rng_state(state)
+    if shapes is None:  # the first sample's forward did not get that far
+        shapes = _one_sample_output_shapes(context)
     trial = min(2, batch_size(context.batch))
     vectorized = Vectorized(estimate, shapes, loop, stop=trial)
     try:

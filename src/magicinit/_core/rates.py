@@ -89,7 +89,7 @@ def measure_change_rates(
     channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
     slices = {name: sizes for name, sizes in (input_slices or {}).items() if name in units}
     slice_sums: dict[str, Tensor] = {}
-    draw_totals: dict[str, list[list[float]]] = {name: [] for name in names}  # [round][draw]
+    draw_totals: list[Tensor] = []  # per round: every layer's squared norm of every draw, (layers, draws)
     rounds = 0
     estimate = Estimate(context, units, layouts, slices, generator)
     # the reparametrizations' attributes hold this pass's graph: recomputed without it at the end
@@ -110,10 +110,10 @@ def measure_change_rates(
                             per_slice = block.slices[name].sum(0)
                             slice_sums[name] = slice_sums[name] + per_slice if name in slice_sums else per_slice
                     advance(block.count)
-                for name in names:  # one transfer per layer and round, not per draw
-                    draw_totals[name].append(torch.cat(round_totals[name]).tolist())
+                # one transfer per round, not per layer or draw
+                draw_totals.append(torch.stack([torch.cat(round_totals[name]) for name in names]).cpu())
                 if rounds >= MIN_RATE_ROUNDS:
-                    errors = _log_errors(draw_totals, collective)
+                    errors = _log_errors(names, draw_totals, collective)
                     if all(e <= options.precision for e in errors.values()):
                         break
         finally:
@@ -133,29 +133,30 @@ def measure_change_rates(
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
     slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
-    return ChangeRates(rate, _log_errors(draw_totals, collective), channel_rate, n_draws, slice_gradient, method)
+    return ChangeRates(rate, _log_errors(names, draw_totals, collective), channel_rate, n_draws, slice_gradient,
+                       method)
 
 
-def _log_errors(draw_totals: dict[str, list[list[float]]], collective: Collective | None = None) -> dict[str, float]:
-    """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms.
+def _log_errors(names: list[str], draw_totals: list[Tensor], collective: Collective | None = None) -> dict[str, float]:
+    """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms
+    (``draw_totals``: per round, ``(layers, chunks)`` in the order of ``names``).
 
     Each chunk's noise variance is estimated across rounds; with one round
     the error is unknown (inf). A layer no gradient reaches has rate 0 exactly
     (error 0). With a ``collective``, the chunks of all ranks count.
     """
-    names = list(draw_totals)
-    sums = torch.zeros(len(names), 2, dtype=torch.float64)  # per layer: sum of chunk means, sum of chunk variances
-    rounds = len(next(iter(draw_totals.values()), []))
-    for row, name in enumerate(names):
-        values = torch.tensor(draw_totals[name], dtype=torch.float64)  # rounds x chunks
-        sums[row, 0] = values.mean(0).sum()
-        if rounds >= 2:
-            sums[row, 1] = values.var(0, correction=1).sum()
+    rounds = len(draw_totals)
+    values = torch.stack(draw_totals).double() if rounds else torch.zeros(0, len(names), 0, dtype=torch.float64)
+    # per layer: the sum of the chunks' means and the sum of their variances over the rounds
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    if rounds:
+        sums[:, 0] = values.mean(0).sum(1)
+    if rounds >= 2:
+        sums[:, 1] = values.var(0, correction=1).sum(1)
     if collective is not None:
         sums = collective.sum(sums)
     errors = {}
-    for row, name in enumerate(names):
-        total, variance_sum = float(sums[row, 0]), float(sums[row, 1])
+    for name, (total, variance_sum) in zip(names, sums.tolist()):
         if total <= 0:
             errors[name] = 0.0
         elif rounds < 2:
