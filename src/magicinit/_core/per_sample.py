@@ -12,9 +12,11 @@ they give the same estimate:
   noise at once. At every affine site the input ``x`` and the output gradient
   ``g`` of each sample give its norms directly: for a linear map on one vector
   per sample ``||dL/dW_i||^2 = g_i^2 ||x||^2``; with several positions (a
-  sequence, a convolution) the sample's gradient ``g^T x`` is formed, for a
-  block of samples at a time (a convolution's by one weight-gradient call with
-  the samples as extra groups). A round costs about two backward passes. It
+  sequence, a convolution) ``g_i K g_i^T`` from the Gram matrix ``K`` of the
+  sample's positions where they are few against the channels, else the
+  sample's gradient ``g^T x`` is formed, for a block of samples at a time (a
+  convolution's by one weight-gradient call with the samples as extra
+  groups). A round costs about two backward passes. It
   needs every weight to be a plain parameter used only as the weight of
   linear maps, matrix products and convolutions (checked at every call of the
   recorded forward), and the samples not to interact (checked on the first
