@@ -179,6 +179,18 @@ def test_demo_trains_and_writes_figures(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_demo_gives_the_same_table_in_every_process(tmp_path: Path) -> None:
+    # torch seeds its global generator differently in every process: every draw of the demo is seeded
+    tables = []
+    for run in range(2):
+        result = run_cli("demo", "--depth", "6", "--epochs", "1", "--learning-rates", "0.01", "0.03", "--no-plots")
+        assert result.returncode == 0, result.stderr
+        tables.append([line for line in result.stdout.splitlines() if line.startswith(("torch ", "kaiming ", "magicinit "))])
+    assert len(tables[0]) == 3
+    untimed = [[" ".join(row.split()[:-2]) for row in table] for table in tables]  # the last two: seconds
+    assert untimed[0] == untimed[1]
+
+
 def test_data_readers(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (10, 9, 7), dtype=np.uint8)
@@ -224,6 +236,26 @@ def test_torchvision_models_by_name() -> None:
     pytest.importorskip("torchvision")
     model = load_model("torchvision:resnet18", {"num_classes": 4})
     assert model.fc.out_features == 4
+
+
+def test_timm_models_by_name_on_the_command_line(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    model = load_model("timm:resnet18", {"num_classes": 4})
+    assert model.fc.out_features == 4
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    result = run_cli("init", "timm:vit_tiny_patch16_224", "--model-args", '{"img_size": 32, "num_classes": 5}',
+                     "--data", "x.npy", "--no-between", "--out", "w.pt", "--report", "r.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert sum(layer["status"] == "initialized" for layer in report["layers"]) > 20  # qkv, proj, fc1, fc2, ...
+    weights = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert weights["head.weight"].shape == (5, 192)
+
+
+def test_an_unknown_timm_model_is_a_usage_error() -> None:
+    pytest.importorskip("timm")
+    result = run_cli("diagnose", "timm:no_such_net", "--data", "x.npy")
+    assert result.returncode == 2 and "timm has no model 'no_such_net'" in result.stderr
 
 
 def test_same_command_same_weights_even_for_layers_left_at_default(images_npy: Path, tmp_path: Path) -> None:

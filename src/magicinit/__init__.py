@@ -8,7 +8,9 @@ Everything a user needs is here: ``init_`` (Parts 1 and 2, in place),
 ``rescale_`` (Part 2 on trained weights), ``diagnose`` (statistics, the model
 untouched), their reports, the error type, and the sampler registry. The
 ``magicinit._core`` package holds the method's internals; ``magicinit.tools``
-the command line, the demo and their helpers.
+the command line, the demo and their helpers; ``magicinit.lightning`` (with
+PyTorch Lightning installed) a callback that initializes a LightningModule
+when its fit starts.
 """
 
 from ._core.diagnose import diagnose

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", metavar="MODEL",
-                       help=f"'package.module:factory', 'torchvision:NAME', or a built-in: {', '.join(ZOO)}")
+                       help=f"'package.module:factory', 'torchvision:NAME', 'timm:NAME', or a built-in: {', '.join(ZOO)}")
     model.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
                        help="keyword arguments of the factory, as a JSON object")
     model.add_argument("--device", default="cpu", help="where to run (default cpu; e.g. cuda)")
@@ -220,8 +220,39 @@ def _refused_arguments(spec: str, error: TypeError) -> UsageError | None:
     return None
 
 
+def _torchvision_model(spec: str, name: str, model_args: dict[str, Any]) -> nn.Module:
+    """``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **model_args)``."""
+    try:
+        import torchvision
+    except ImportError:
+        raise MagicInitError(f"model {spec!r} needs torchvision: pip install torchvision") from None
+    try:
+        return torchvision.models.get_model(name, weights=None, **model_args)
+    except ValueError as error:
+        raise UsageError(f"model {spec!r}: {error}") from None
+
+
+def _timm_model(spec: str, name: str, model_args: dict[str, Any]) -> nn.Module:
+    """``timm:NAME``: ``timm.create_model(NAME, pretrained=False, **model_args)``."""
+    try:
+        import timm
+    except ImportError:
+        raise MagicInitError(f"model {spec!r} needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        raise UsageError(f"model {spec!r}: timm has no model {name!r} (timm.list_models() names them)")
+    return timm.create_model(name, pretrained=False, **model_args)
+
+
+# Model specs "SOURCE:NAME" from a model library, by SOURCE: each builds NAME with random weights.
+MODEL_SOURCES: dict[str, Callable[[str, str, dict[str, Any]], nn.Module]] = {
+    "torchvision": _torchvision_model,
+    "timm": _timm_model,
+}
+
+
 def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
-    """The model named by ``spec``: a zoo name, ``torchvision:NAME`` or ``package.module:factory``."""
+    """The model named by ``spec``: a built-in name, ``torchvision:NAME``, ``timm:NAME`` or
+    ``package.module:factory``."""
     try:
         return _load_model(spec, model_args)
     except TypeError as error:
@@ -238,18 +269,11 @@ def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
             raise UsageError(f"--model-args: model {spec!r} does not take {', '.join(map(repr, unknown))} "
                              f"(it takes {', '.join(inspect.signature(ZOO[spec]).parameters)})")
         return build_model(spec, **model_args)
-    if spec.startswith("torchvision:"):
-        name = spec.split(":", 1)[1]
-        try:
-            import torchvision
-        except ImportError:
-            raise MagicInitError(f"model {spec!r} needs torchvision: pip install torchvision") from None
-        try:
-            return torchvision.models.get_model(name, weights=None, **model_args)
-        except ValueError as error:
-            raise UsageError(f"model {spec!r}: {error}") from None
+    source, _, name = spec.partition(":")
+    if source in MODEL_SOURCES:
+        return MODEL_SOURCES[source](spec, name, model_args)
     if ":" not in spec:
-        raise UsageError(f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME' "
+        raise UsageError(f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME', 'timm:NAME' "
                          "or 'package.module:factory'")
     module_name, factory_name = spec.split(":", 1)
     if not module_name or not factory_name:

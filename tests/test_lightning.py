@@ -1,0 +1,144 @@
+"""magicinit.lightning.MagicInitCallback with a real Lightning Trainer on the CPU: a fit starts from the
+initialized weights (measured here, by hooks), and a resumed fit keeps the checkpoint's weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import magicinit  # noqa: E402
+from magicinit.lightning import MagicInitCallback  # noqa: E402
+
+
+class PlainNet(pl.LightningModule):
+    """A plain 6-layer ReLU CNN without normalization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+        for _ in range(4):
+            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 6, 6, generator=generator), torch.randint(0, 4, (96,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+
+
+class AtTrainStart(pl.Callback):
+    """Records the module's weights, and every conv's channel statistics on ``x``, when training starts
+    (after every on_fit_start, before any optimizer step)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.weights: dict[str, torch.Tensor] = {}
+        self.channel_std: list[torch.Tensor] = []
+        self.channel_mean: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        outputs: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+                 for m in pl_module.modules() if isinstance(m, nn.Conv2d)]
+        try:
+            with torch.no_grad():
+                pl_module(self.x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.channel_mean = [out.mean((0, 2, 3)) for out in outputs]
+        self.channel_std = [out.std((0, 2, 3), correction=0) for out in outputs]
+
+
+def _trainer(tmp_path, callbacks: list[pl.Callback], **options: object) -> pl.Trainer:
+    settings = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    return pl.Trainer(**{**settings, **options})
+
+
+def test_a_fit_starts_from_weights_with_unit_channels(tmp_path) -> None:
+    torch.manual_seed(1)
+    module, loader = PlainNet(), _loader()
+    init_data = torch.cat([x for x, _ in loader])  # 96 samples: all of them are init data (samples=256)
+    probe = AtTrainStart(init_data)
+    callback = MagicInitCallback(between=False)
+    _trainer(tmp_path, [callback, probe]).fit(module, loader)
+    assert callback.initialized and callback.report is not None
+    for mean, std in zip(probe.channel_mean, probe.channel_std):  # Part 1: every channel mean 0, std 1
+        torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-3)
+
+
+def test_the_fit_starts_from_what_init_gives_on_the_train_data(tmp_path) -> None:
+    torch.manual_seed(2)
+    module, loader = PlainNet(), _loader()
+    direct = copy.deepcopy(module)
+    magicinit.init_(direct, loader, seed=0)
+    probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
+    callback = MagicInitCallback()  # seed 0 by default
+    _trainer(tmp_path, [callback, probe]).fit(module, loader)
+    assert callback.report.rate_spread_before > 2 * callback.report.rate_spread_after
+    for name, tensor in direct.state_dict().items():
+        torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first_fit_initialized", [True, False])
+def test_a_resumed_fit_keeps_the_checkpoint_weights(tmp_path, first_fit_initialized: bool) -> None:
+    # without the callback in the first fit, the checkpoint holds no callback state: the resume alone counts
+    torch.manual_seed(3)
+    trainer = _trainer(tmp_path, [MagicInitCallback()] if first_fit_initialized else [])
+    trainer.fit(PlainNet(), _loader())
+    checkpoint = tmp_path / "after-one-epoch.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+
+    resumed_module = PlainNet()  # fresh random weights, which the checkpoint replaces
+    probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
+    second = MagicInitCallback()
+    _trainer(tmp_path, [second, probe], max_epochs=2).fit(resumed_module, _loader(), ckpt_path=checkpoint)
+    assert second.report is None and second.initialized == first_fit_initialized
+    for name, tensor in saved.items():  # training resumed from exactly the checkpoint's weights
+        torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
+
+
+def test_a_second_fit_does_not_initialize_again(tmp_path) -> None:
+    torch.manual_seed(4)
+    module, callback = PlainNet(), MagicInitCallback()
+    _trainer(tmp_path, [callback]).fit(module, _loader())
+    trained = {k: v.clone() for k, v in module.state_dict().items()}
+    probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
+    _trainer(tmp_path, [callback, probe]).fit(module, _loader())
+    for name, tensor in trained.items():
+        torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
+
+
+def test_init_data_given_to_the_callback_is_used(tmp_path) -> None:
+    torch.manual_seed(5)
+    module, own = PlainNet(), 3.0 + 2.0 * torch.randn(64, 3, 6, 6)  # not the train data's distribution
+    probe = AtTrainStart(own)
+    _trainer(tmp_path, [MagicInitCallback(own, between=False), probe]).fit(module, _loader())
+    torch.testing.assert_close(probe.channel_std[0], torch.ones(8), rtol=1e-3, atol=1e-3)
+
+
+def test_an_unknown_option_names_itself() -> None:
+    with pytest.raises(TypeError, match=r"'sampels' is not an option of magicinit.init_ \(it takes sampler, "):
+        MagicInitCallback(sampels=512)

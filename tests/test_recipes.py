@@ -1,0 +1,125 @@
+"""The recipes of docs/guide.md run as written, and do what they say: each block marked
+``<!-- recipe: NAME -->`` is executed, and the model it initializes is measured here by hooks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import magicinit
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide.md"
+
+
+def recipes() -> dict[str, str]:
+    """The guide's recipe blocks, by name."""
+    found = re.findall(r"<!-- recipe: ([\w-]+) -->\n```python\n(.*?)```", GUIDE.read_text(), re.S)
+    return dict(found)
+
+
+def test_the_guide_has_its_recipes() -> None:
+    assert set(recipes()) == {"plain-loop", "lightning", "accelerate", "fine-tuning"}
+
+
+class InitSpy:
+    """Wraps ``magicinit.init_``: records each call's model with its weights before and right after."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.original = magicinit.init_
+
+    def __call__(self, model: nn.Module, data: Any, **options: Any) -> magicinit.Report:
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        report = self.original(model, data, **options)
+        self.calls.append((model, before, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return report
+
+
+def run_recipe(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[dict[str, Any], InitSpy]:
+    spy = InitSpy()
+    monkeypatch.setattr(magicinit, "init_", spy)
+    if name == "lightning":  # the callback's own reference to init_
+        monkeypatch.setattr("magicinit.lightning.init_", spy)
+    namespace: dict[str, Any] = {"workdir": tmp_path, "__name__": f"guide_{name.replace('-', '_')}"}
+    torch.manual_seed(0)
+    exec(compile(recipes()[name], f"docs/guide.md:{name}", "exec"), namespace)
+    return namespace, spy
+
+
+def channel_statistics(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                       kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer of ``kinds``: channel means and stds of its output on ``x``, with ``weights`` loaded."""
+    current = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out.detach()))
+             for name, module in model.named_modules() if isinstance(module, kinds)]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.load_state_dict(current)
+    stats = {}
+    for name, out in outputs.items():
+        channels = out.transpose(0, 1).reshape(out.shape[1], -1)
+        stats[name] = channels.mean(1), channels.std(1, correction=0)
+    return stats
+
+
+def assert_part1_on_other_samples(stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Measured on more samples than the init data: every conv channel near mean 0 and, within each layer,
+    one std (Part 2 rescales whole layers). Torch's default init is far from both (relative means of
+    0.3 and more after the first ReLU)."""
+    convs = [name for name in stats if stats[name][0].numel() > 10]
+    assert convs
+    for name in convs:
+        mean, std = stats[name]
+        assert (mean.abs() / std).max() < 0.15, name
+        assert std.std() / std.mean() < 0.08, name
+
+
+def test_plain_loop(monkeypatch, tmp_path) -> None:
+    namespace, spy = run_recipe("plain-loop", monkeypatch, tmp_path)
+    ((model, before, after),) = spy.calls
+    assert model is namespace["model"]
+    assert_part1_on_other_samples(channel_statistics(model, after, namespace["images"]))
+    trained = model.state_dict()  # and training moved on from there
+    assert any(not torch.equal(trained[k], after[k]) for k in after)
+
+
+def test_lightning(monkeypatch, tmp_path) -> None:
+    pytest.importorskip("lightning")
+    namespace, spy = run_recipe("lightning", monkeypatch, tmp_path)
+    ((module, before, after),) = spy.calls
+    assert module is namespace["module"] and namespace["callback"].report is not None
+    assert_part1_on_other_samples(channel_statistics(module, after, namespace["images"]))
+
+
+def test_accelerate(monkeypatch, tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    namespace, spy = run_recipe("accelerate", monkeypatch, tmp_path)
+    ((model, before, after),) = spy.calls
+    assert_part1_on_other_samples(channel_statistics(model, after, namespace["images"]))
+
+
+def test_fine_tuning_initializes_the_head_alone(monkeypatch, tmp_path) -> None:
+    namespace, spy = run_recipe("fine-tuning", monkeypatch, tmp_path)
+    ((model, before, after),) = spy.calls
+    for name, tensor in before.items():
+        if name.startswith("backbone."):
+            assert torch.equal(after[name], tensor), name  # the pre-trained backbone, untouched
+        else:
+            assert not torch.equal(after[name], tensor), name
+    stats = channel_statistics(model, after, namespace["images"], kinds=(nn.Linear,))
+    mean, std = stats["head.2"]  # the output layer: Part 1's unit channels on the init data, exactly
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
+    hidden_mean, hidden_std = stats["head.0"]  # rescaled as a whole by Part 2: one std for all channels
+    assert hidden_std.std() / hidden_std.mean() < 1e-3
