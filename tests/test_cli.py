@@ -240,16 +240,20 @@ def test_torchvision_models_by_name() -> None:
 
 def test_timm_models_by_name_on_the_command_line(tmp_path: Path) -> None:
     pytest.importorskip("timm")
-    model = load_model("timm:resnet18", {"num_classes": 4})
-    assert model.fc.out_features == 4
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
     result = run_cli("init", "timm:vit_tiny_patch16_224", "--model-args", '{"img_size": 32, "num_classes": 5}',
-                     "--data", "x.npy", "--no-between", "--out", "w.pt", "--report", "r.json", cwd=tmp_path)
+                     "--data", "x.npy", "--out", "w.pt", "--report", "r.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert sum(layer["status"] == "initialized" for layer in report["layers"]) > 20  # qkv, proj, fc1, fc2, ...
     weights = torch.load(tmp_path / "w.pt", weights_only=True)
     assert weights["head.weight"].shape == (5, 192)
+    # a timm CNN: Part 2 rescales across its batch norms, with norms from site activations
+    model = load_model("timm:resnet18", {"num_classes": 4})
+    assert model.fc.out_features == 4
+    report = magicinit.init_(model, torch.randn(16, 3, 32, 32), seed=0, rate_precision=0.2)
+    assert report.rate_spread_after < report.rate_spread_before
+    assert any("(chunks of 1 samples; from site activations)" in note for note in report.notes), report.notes
 
 
 def test_an_unknown_timm_model_is_a_usage_error() -> None:

@@ -131,6 +131,35 @@ def test_a_second_fit_does_not_initialize_again(tmp_path) -> None:
         torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
 
 
+def test_the_same_callback_initializes_a_new_module(tmp_path) -> None:
+    torch.manual_seed(6)
+    callback = MagicInitCallback(between=False)
+    _trainer(tmp_path, [callback]).fit(PlainNet(), _loader())
+    fresh, loader = PlainNet(), _loader()
+    probe = AtTrainStart(torch.cat([x for x, _ in loader]))
+    _trainer(tmp_path, [callback, probe]).fit(fresh, loader)
+    torch.testing.assert_close(probe.channel_std[-1], torch.ones(8), rtol=1e-3, atol=1e-3)
+
+
+class LateRestoring(pl.strategies.SingleDeviceStrategy):
+    """Restores checkpoints after on_fit_start, as FSDP and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_a_strategy_that_restores_after_setup_is_refused_with_the_remedy(tmp_path) -> None:
+    module = PlainNet()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = _trainer(tmp_path, [MagicInitCallback()], strategy=LateRestoring(device=torch.device("cpu")),
+                       accelerator="cpu", devices=1)
+    with pytest.raises(magicinit.MagicInitError, match=r"LateRestoring strategy .* magicinit.init_\(module, data\) "
+                                                       r"before trainer.fit"):
+        trainer.fit(module, _loader())
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
 def test_init_data_given_to_the_callback_is_used(tmp_path) -> None:
     torch.manual_seed(5)
     module, own = PlainNet(), 3.0 + 2.0 * torch.randn(64, 3, 6, 6)  # not the train data's distribution

@@ -74,9 +74,9 @@ def channel_statistics(model: nn.Module, weights: dict[str, torch.Tensor], x: to
 
 
 def assert_part1_on_other_samples(stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Measured on more samples than the init data: every conv channel near mean 0 and, within each layer,
-    one std (Part 2 rescales whole layers). Torch's default init is far from both (relative means of
-    0.3 and more after the first ReLU)."""
+    """Every conv channel near mean 0 and, within each layer, one std (Part 2 rescales whole layers), on the
+    recipe's images: the init data (or, where a shuffled loader drew it, some of them). Torch's default init
+    is far from both (relative means of 0.3 and more after the first ReLU)."""
     convs = [name for name in stats if stats[name][0].numel() > 10]
     assert convs
     for name in convs:

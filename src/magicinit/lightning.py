@@ -15,7 +15,7 @@ that is installed, the older ``pytorch_lightning`` package.
 from __future__ import annotations
 
 import inspect
-import logging
+import weakref
 from typing import Any
 
 try:
@@ -36,8 +36,6 @@ from ._core.report import Report
 
 __all__ = ["MagicInitCallback"]
 
-log = logging.getLogger(__name__)
-
 # init_'s own keyword options, which the callback passes on (model and data are the callback's to give)
 _INIT_OPTIONS = tuple(name for name, parameter in inspect.signature(init_).parameters.items()
                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
@@ -49,20 +47,25 @@ class MagicInitCallback(pl.Callback):
     The init data is the fit's train dataloader (its first ``samples`` samples,
     256 by default) unless ``data`` is given. With several processes (DDP),
     every rank reads its own part of the data and the statistics are those of
-    all ranks together (``init_``'s ``process_group="default"``); every rank
-    draws with the same ``seed``, so all ranks end with the same weights. A fit
-    that resumes from a checkpoint (``trainer.fit(..., ckpt_path=...)``) is left
-    alone, and so is a second fit of the same callback: the checkpoint saves
-    that the initialization ran. The report goes to the ``magicinit.lightning``
-    logger and to ``rank_zero_info``, its rate spreads to the trainer's loggers
-    (``magicinit/rate_spread_before``, ``magicinit/rate_spread_after``), and it
-    is kept as ``self.report``.
+    all ranks together (``init_``'s ``process_group="default"``), with one
+    seed, so all ranks end with the same weights. A fit that resumes from a
+    checkpoint (``trainer.fit(..., ckpt_path=...)``) is left alone, and so is a
+    module this callback already initialized (a second ``fit``). The report
+    goes to Lightning's console on rank zero (``rank_zero_info``), its rate
+    spreads to the trainer's loggers (``magicinit/rate_spread_before``,
+    ``magicinit/rate_spread_after``), and it is kept as ``self.report``.
+
+    Strategies that shard or wrap the parameters before ``on_fit_start`` and
+    restore checkpoints after it (FSDP, DeepSpeed, model parallel) are refused
+    with an error: initialize the module with ``magicinit.init_`` before
+    ``fit`` there.
 
     Args:
         data: the init data (a tensor, a list of batches or a DataLoader); None
             takes the fit's train dataloader.
-        seed: the seed of the filters and the noise, the same on every rank
-            (None draws from torch's global generator, which ranks need not share).
+        seed: the seed of the filters and the noise (default 0: the same weights
+            on every run); None draws it from torch's global generator (of rank
+            zero, with several processes).
         **init_options: passed to ``magicinit.init_`` (``samples``, ``sampler``,
             ``forward``, ``skip``, ``scale_mode``, ...).
 
@@ -78,18 +81,24 @@ class MagicInitCallback(pl.Callback):
         self.data = data
         self.init_options: dict[str, Any] = {"seed": seed, **init_options}
         self.report: Report | None = None
-        self.initialized = False
+        self.initialized = False  # by this callback, or (restored from a checkpoint) by the run that saved it
+        self._module: weakref.ref[pl.LightningModule] | None = None  # the module it initialized
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Initialize ``pl_module`` unless the fit resumes or it was initialized before."""
-        if self.initialized or trainer.ckpt_path is not None:
-            why = "it was initialized before" if self.initialized else f"the fit resumes from {trainer.ckpt_path}"
+        """Initialize ``pl_module`` unless the fit resumes or this callback initialized it before."""
+        if trainer.strategy.restore_checkpoint_after_setup:
+            raise MagicInitError(
+                f"MagicInitCallback: the {type(trainer.strategy).__name__} strategy shards or wraps the parameters "
+                "before on_fit_start and restores checkpoints after it; initialize the module with "
+                "magicinit.init_(module, data) before trainer.fit instead")
+        resumed = trainer.ckpt_path is not None
+        if resumed or (self._module is not None and self._module() is pl_module):
+            why = f"the fit resumes from {trainer.ckpt_path}" if resumed else "this callback initialized it before"
             rank_zero_info(f"magicinit: not initializing {type(pl_module).__name__}: {why}")
             return
         data = self.data if self.data is not None else _train_dataloader(trainer)
         self.report = init_(pl_module, data, **self.init_options)
-        self.initialized = True
-        log.info("magicinit: initialized %s\n%s", type(pl_module).__name__, self.report)
+        self.initialized, self._module = True, weakref.ref(pl_module)
         rank_zero_info(f"magicinit: initialized {type(pl_module).__name__}\n{self.report}")
         metrics = {f"magicinit/{name}": value for name in ("rate_spread_before", "rate_spread_after")
                    if (value := getattr(self.report, name)) is not None}
@@ -102,7 +111,8 @@ class MagicInitCallback(pl.Callback):
         return {"initialized": self.initialized}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from a checkpoint: a module initialized before is not initialized again."""
+        """Restore from a checkpoint whether the run that saved it initialized its module (informative: a
+        resumed fit is never initialized again)."""
         self.initialized = self.initialized or bool(state_dict.get("initialized", False))
 
 

@@ -299,11 +299,18 @@ def _conv_patch_columns(site: SiteCall, x: Tensor) -> Tensor:
     return columns.reshape(x.shape[0], groups, -1, columns.shape[-1])
 
 
-def _gram_is_cheaper(positions: int, fan_in: int, outputs: int) -> bool:
+def _gram_is_cheaper(positions: int, fan_in: int, outputs: int, device: torch.device) -> bool:
     """Whether a sample's norms cost less through the Gram matrix of its positions (``positions^2 *
-    (fan_in + outputs)`` products in float64, each about two of float32) than by forming its gradient
-    (``positions * outputs * fan_in``)."""
-    return positions > 1 and 2 * positions * (fan_in + outputs) < outputs * fan_in
+    (fan_in + outputs)`` products in float64, each about two of float32 on a CPU) than by forming its
+    gradient (``positions * outputs * fan_in``). On a GPU float64 runs at a small fraction of float32's
+    speed, and the gradient is formed."""
+    return device.type == "cpu" and positions > 1 and 2 * positions * (fan_in + outputs) < outputs * fan_in
+
+
+def _gram_floats(positions: int, fan_in: int, outputs: int, groups: int) -> int:
+    """Floats (float32 units) held per sample by ``_gram_norms``: the input columns in float32 and float64,
+    the output gradient in float64 and its product with the Gram matrix, and the Gram matrix itself."""
+    return positions * (3 * fan_in + 4 * outputs + 2 * groups * positions)
 
 
 def _gram_norms(rows_out: Tensor, rows_in: Tensor, sizes: tuple[int, ...] | None) -> tuple[Tensor, Tensor | None]:
@@ -360,14 +367,18 @@ class _SiteCapture(CallInterceptor):
                            skip: Tensor | None) -> None:
         """Refuse a measured weight that reaches the outputs other than as the weight of an affine call
         (``skip``): a gradient through such a use (``w * 2``, ``x @ w.t()``, a custom ``autograd.Function``,
-        which computes under no_grad) is invisible to the site norms."""
+        which computes under no_grad) is invisible to the site norms. Calls that give no tensor (``w.shape``,
+        ``w.dtype``) or give the weight itself back (``w.contiguous()``, ``w.to(its dtype)``) are no use."""
         for tensor in all_tensors(arguments):
             if tensor is skip:
                 continue
             name = self._measured_name(tensor)
             if name is None:
                 continue
-            carried = any(t.requires_grad for t in all_tensors(output))
+            results = list(all_tensors(output))
+            if all(result is tensor for result in results):
+                continue
+            carried = any(result.requires_grad for result in results)
             if carried or not torch.is_grad_enabled():
                 where = "" if carried else " where autograd does not record it (no_grad, or a custom Function)"
                 raise _Unsupported(f"'{name}' is used by {getattr(func, '__name__', func)}{where}, "
@@ -506,8 +517,9 @@ class FromActivations:
         if site.adapter is CONV:
             weight, groups = site.weight, site.groups
             positions, outputs = grad[0].numel() // weight.shape[0], weight.shape[0] // groups
-            if not shared and weight.dim() in (3, 4) and _gram_is_cheaper(positions, weight[0].numel(), outputs):
-                per_sample = positions * (weight[0].numel() * groups + positions * groups)
+            if not shared and weight.dim() in (3, 4) and _gram_is_cheaper(positions, weight[0].numel(), outputs,
+                                                                            grad.device):
+                per_sample = _gram_floats(positions, weight[0].numel() * groups, outputs * groups, groups)
                 self._gram_blocks(name, ((block, grad[block].reshape(block.stop - block.start, groups, outputs, -1),
                                           _conv_patch_columns(site, x[block]))
                                          for block in _sample_blocks(n, per_sample)), sizes)
@@ -515,8 +527,8 @@ class FromActivations:
             self._per_sample_gradients(name, self._conv_gradients(site, x, grad), shared, sizes)
             return
         rows_in, rows_out = x.reshape(n, -1, x.shape[-1]), grad.reshape(n, -1, grad.shape[-1])
-        if not shared and _gram_is_cheaper(rows_in.shape[1], rows_in.shape[2], rows_out.shape[2]):
-            per_sample = rows_in[0].numel() + rows_in.shape[1] ** 2
+        if not shared and _gram_is_cheaper(rows_in.shape[1], rows_in.shape[2], rows_out.shape[2], grad.device):
+            per_sample = _gram_floats(rows_in.shape[1], rows_in.shape[2], rows_out.shape[2], 1)
             self._gram_blocks(name, ((block, rows_out[block].transpose(1, 2).unsqueeze(1),
                                       rows_in[block].transpose(1, 2).unsqueeze(1))
                                      for block in _sample_blocks(n, per_sample)), sizes)
@@ -757,7 +769,7 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
         agreed, why_not = False, str(unsupported)
     except Exception as error:  # out of memory for the whole batch, an operation the per-site sums cannot follow
         if activations is None and isinstance(error, MagicInitError):
-            raise  # the forward's own error on one sample: every way would meet it
+            _one_sample_output_shapes(context)  # raises where the forward itself fails on one sample
         agreed, why_not = False, f"{type(error).__name__}: {error}"
     except BaseException:
         if activations is not None:

@@ -110,8 +110,9 @@ def measure_change_rates(
                             per_slice = block.slices[name].sum(0)
                             slice_sums[name] = slice_sums[name] + per_slice if name in slice_sums else per_slice
                     advance(block.count)
-                # one transfer per round, not per layer or draw
-                draw_totals.append(torch.stack([torch.cat(round_totals[name]) for name in names]).cpu())
+                # one transfer per round, not per layer or draw (layers on other devices joined first)
+                totals = [torch.cat(round_totals[name]) for name in names]
+                draw_totals.append(torch.stack([t.to(totals[0].device) for t in totals]).cpu())
                 if rounds >= MIN_RATE_ROUNDS:
                     errors = _log_errors(names, draw_totals, collective)
                     if all(e <= options.precision for e in errors.values()):
