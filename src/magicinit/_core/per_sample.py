@@ -769,7 +769,9 @@ def choose_way(estimate: Estimate, loop: OneDrawAtATime) -> tuple[Way, str]:
         agreed, why_not = False, str(unsupported)
     except Exception as error:  # out of memory for the whole batch, an operation the per-site sums cannot follow
         if activations is None and isinstance(error, MagicInitError):
-            _one_sample_output_shapes(context)  # raises where the forward itself fails on one sample
+            # The forward's own error on one sample (guard_forward wraps it): every way would meet it. The
+            # capture's own refusals are _Unsupported, and the graph trace, under a similar mode, ran before.
+            raise
         agreed, why_not = False, f"{type(error).__name__}: {error}"
     except BaseException:
         if activations is not None:
