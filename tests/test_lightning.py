@@ -171,3 +171,35 @@ def test_init_data_given_to_the_callback_is_used(tmp_path) -> None:
 def test_an_unknown_option_names_itself() -> None:
     with pytest.raises(TypeError, match=r"'sampels' is not an option of magicinit.init_ \(it takes sampler, "):
         MagicInitCallback(sampels=512)
+
+
+class SaveWeightsAtTrainStart(pl.Callback):
+    """Each rank saves its module's weights when training starts."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                   self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.parametrize("between", [False, True])
+def test_ddp_ranks_share_statistics_and_start_from_the_same_weights(tmp_path, between: bool) -> None:
+    """Two CPU processes (ddp_spawn, gloo), each with half the train data: both start training from the same
+    weights; with Part 1 alone, those of Part 1 on all the data in one process (the statistics were shared)."""
+    torch.manual_seed(7)
+    module, loader = PlainNet(), _loader()
+    single, drawn = copy.deepcopy(module), {k: v.clone() for k, v in module.state_dict().items()}
+    magicinit.init_(single, loader, seed=0, between=between)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False,
+                         callbacks=[MagicInitCallback(between=between), SaveWeightsAtTrainStart(tmp_path)])
+    trainer.fit(module, loader)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        if not between:  # Part 2's noise is drawn per rank: the same estimate, not the same numbers
+            torch.testing.assert_close(ranks[0][name], tensor, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(ranks[0][name], drawn[name]), name  # initialized, not torch's draw
