@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from conftest import channel_stats, first_call_outputs, state_copy  # noqa: E402
+
 import magicinit  # noqa: E402
 from magicinit.lightning import MagicInitCallback  # noqa: E402
 
@@ -55,18 +57,12 @@ class AtTrainStart(pl.Callback):
         self.channel_mean: list[torch.Tensor] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        outputs: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
-                 for m in pl_module.modules() if isinstance(m, nn.Conv2d)]
-        try:
-            with torch.no_grad():
-                pl_module(self.x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self.channel_mean = [out.mean((0, 2, 3)) for out in outputs]
-        self.channel_std = [out.std((0, 2, 3), correction=0) for out in outputs]
+        self.weights = state_copy(pl_module)
+        modules = dict(pl_module.named_modules())
+        stats = [channel_stats(modules[name], output) for name, output in first_call_outputs(pl_module, self.x).items()
+                 if isinstance(modules[name], nn.Conv2d)]
+        self.channel_mean = [mean for mean, _ in stats]
+        self.channel_std = [std for _, std in stats]
 
 
 def _trainer(tmp_path, callbacks: list[pl.Callback], **options: object) -> pl.Trainer:
@@ -124,7 +120,7 @@ def test_a_second_fit_does_not_initialize_again(tmp_path) -> None:
     torch.manual_seed(4)
     module, callback = PlainNet(), MagicInitCallback()
     _trainer(tmp_path, [callback]).fit(module, _loader())
-    trained = {k: v.clone() for k, v in module.state_dict().items()}
+    trained = state_copy(module)
     probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
     _trainer(tmp_path, [callback, probe]).fit(module, _loader())
     for name, tensor in trained.items():
@@ -138,7 +134,7 @@ def test_the_same_callback_initializes_a_new_module(tmp_path) -> None:
     fresh, loader = PlainNet(), _loader()
     probe = AtTrainStart(torch.cat([x for x, _ in loader]))
     _trainer(tmp_path, [callback, probe]).fit(fresh, loader)
-    torch.testing.assert_close(probe.channel_std[-1], torch.ones(8), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(probe.channel_std[-1], torch.ones_like(probe.channel_std[-1]), rtol=1e-3, atol=1e-3)
 
 
 class LateRestoring(pl.strategies.SingleDeviceStrategy):
@@ -151,7 +147,7 @@ class LateRestoring(pl.strategies.SingleDeviceStrategy):
 
 def test_a_strategy_that_restores_after_setup_is_refused_with_the_remedy(tmp_path) -> None:
     module = PlainNet()
-    before = {k: v.clone() for k, v in module.state_dict().items()}
+    before = state_copy(module)
     trainer = _trainer(tmp_path, [MagicInitCallback()], strategy=LateRestoring(device=torch.device("cpu")),
                        accelerator="cpu", devices=1)
     with pytest.raises(magicinit.MagicInitError, match=r"LateRestoring strategy .* magicinit.init_\(module, data\) "
@@ -165,7 +161,7 @@ def test_init_data_given_to_the_callback_is_used(tmp_path) -> None:
     module, own = PlainNet(), 3.0 + 2.0 * torch.randn(64, 3, 6, 6)  # not the train data's distribution
     probe = AtTrainStart(own)
     _trainer(tmp_path, [MagicInitCallback(own, between=False), probe]).fit(module, _loader())
-    torch.testing.assert_close(probe.channel_std[0], torch.ones(8), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(probe.channel_std[0], torch.ones_like(probe.channel_std[0]), rtol=1e-3, atol=1e-3)
 
 
 def test_an_unknown_option_names_itself() -> None:
@@ -190,7 +186,7 @@ def test_ddp_ranks_share_statistics_and_start_from_the_same_weights(tmp_path, be
     weights; with Part 1 alone, those of Part 1 on all the data in one process (the statistics were shared)."""
     torch.manual_seed(7)
     module, loader = PlainNet(), _loader()
-    single, drawn = copy.deepcopy(module), {k: v.clone() for k, v in module.state_dict().items()}
+    single, drawn = copy.deepcopy(module), state_copy(module)
     magicinit.init_(single, loader, seed=0, between=between)
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn",
                          max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

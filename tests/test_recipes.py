@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import channel_stats, first_call_outputs, state_copy
 from torch import nn
 
 import magicinit
@@ -34,9 +35,9 @@ class InitSpy:
         self.original = magicinit.init_
 
     def __call__(self, model: nn.Module, data: Any, **options: Any) -> magicinit.Report:
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        before = state_copy(model)
         report = self.original(model, data, **options)
-        self.calls.append((model, before, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        self.calls.append((model, before, state_copy(model)))
         return report
 
 
@@ -51,26 +52,17 @@ def run_recipe(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tu
     return namespace, spy
 
 
-def channel_statistics(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                       kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer of ``kinds``: channel means and stds of its output on ``x``, with ``weights`` loaded."""
-    current = {k: v.clone() for k, v in model.state_dict().items()}
+def channel_statistics(model: nn.Module, weights: dict[str, torch.Tensor],
+                       x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per affine layer: channel means and stds of its output on ``x``, with ``weights`` loaded."""
+    current = state_copy(model)
     model.load_state_dict(weights)
-    outputs: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out.detach()))
-             for name, module in model.named_modules() if isinstance(module, kinds)]
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        modules = dict(model.named_modules())
+        return {name: channel_stats(modules[name], output)
+                for name, output in first_call_outputs(model.eval(), x).items()}
     finally:
-        for hook in hooks:
-            hook.remove()
         model.load_state_dict(current)
-    stats = {}
-    for name, out in outputs.items():
-        channels = out.transpose(0, 1).reshape(out.shape[1], -1)
-        stats[name] = channels.mean(1), channels.std(1, correction=0)
-    return stats
 
 
 def assert_part1_on_other_samples(stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -117,7 +109,7 @@ def test_fine_tuning_initializes_the_head_alone(monkeypatch, tmp_path) -> None:
             assert torch.equal(after[name], tensor), name  # the pre-trained backbone, untouched
         else:
             assert not torch.equal(after[name], tensor), name
-    stats = channel_statistics(model, after, namespace["images"], kinds=(nn.Linear,))
+    stats = channel_statistics(model, after, namespace["images"])
     mean, std = stats["head.2"]  # the output layer: Part 1's unit channels on the init data, exactly
     torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
