@@ -18,10 +18,12 @@ def commit() -> str:
 
 
 def replace_section(results: Path, heading: str, section: str) -> None:
-    """Replace the section of ``results`` that starts at ``heading`` (a ``## `` line) by ``section``, or append it."""
+    """Replace the section of ``results`` that starts at the line ``heading`` (a whole ``## `` line, so
+    ``## bench/train.py`` does not match ``## bench/train.py --experiment kmeans``) by ``section``, or append it."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    if heading in text:
-        start = text.index(heading)
+    line = "\n" + heading + "\n"
+    if line in "\n" + text:
+        start = ("\n" + text).index(line)
         following = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
     else:

@@ -31,17 +31,36 @@ previous ``## bench/train.py`` section), PNGs ``bench/train_<dataset>_d<depth>.p
 of the training-loss curves at each init's chosen learning rate, and all raw
 numbers in ``bench/train_results.json``.
 
+``--experiment`` picks another set of rows under the same protocol (seeds 0, 1, 2),
+each written to its own section ``## bench/train.py --experiment NAME`` and
+``bench/train_<name>_results.json`` (no figures); ``EXPERIMENTS`` says what each
+compares:
+
+* ``kmeans``: the library's k-means (full-rank regularized whitening, spherical)
+  against the authors' construction (top-direction whitening, Euclidean mini-batch);
+* ``lrn``: ``scale_mode="exact"`` against ``"approximate"`` on the paper's CaffeNet
+  layout with LRN (width 1/4, images resized to 64 x 64);
+* ``gelu``: the same two modes on plain GELU CNNs;
+* ``batch-norm``: plain CNNs with batch norm: Part 1 alone against Parts 1+2
+  (batch-norm aware);
+* ``beta``: Part 1's target mean 0 against the reference's 0.1.
+
+Rows whose initial weights are bit-identical (an ``approximate`` mode that found
+nothing to treat as homogeneous) share their training runs; the section says so.
+
 Run from the repository root::
 
     pip install -c constraints.txt -e ".[bench]"
     python bench/train.py            # about 50 minutes on 2 CPU cores
     python bench/train.py --quick    # a smoke test in under 5 minutes, not for conclusions
+    python bench/train.py --experiment kmeans
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -49,7 +68,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +78,7 @@ from torch import Tensor, nn
 import magicinit
 from magicinit.tools.baselines import BASELINES
 from magicinit.tools.demo import evaluate, train
-from magicinit.tools.nets import plain_cnn
+from magicinit.tools.nets import caffenet, plain_cnn
 from magicinit.tools.plots import plot_curves
 from magicinit.tools.readers import read_idx, resize_images
 
@@ -70,6 +89,8 @@ except ImportError:  # the bench extra is not installed
 
 DEFAULT_DATA_ROOT = BENCH.parent.parent / "shared" / "data"
 IMAGE_SIZE = 16
+CAFFENET_IMAGE_SIZE = 64  # the CaffeNet layout needs at least 63 pixels
+CAFFENET_WIDTH = 0.25
 INIT_SAMPLES = 256
 BATCH_SIZE = 128
 BATCH_NORM_TWIN = "batch norm + kaiming"
@@ -157,17 +178,134 @@ def _magicinit(**options: object) -> Callable[[nn.Module, Tensor, int], None]:
     return init
 
 
-# name -> (init(model, init_images, seed), batch-norm twin?)
-INITS: dict[str, tuple[Callable[[nn.Module, Tensor, int], None], bool]] = {
-    "torch default": (_baseline("default"), False),
-    "xavier normal": (_baseline("xavier"), False),
-    "kaiming normal": (_baseline("kaiming"), False),
-    "orthogonal": (_baseline("orthogonal"), False),
-    "lsuv": (_lsuv, False),
-    "magicinit within (gaussian)": (_magicinit(between=False), False),
-    "magicinit (gaussian)": (_magicinit(), False),
-    "magicinit (kmeans)": (_magicinit(sampler="kmeans"), False),
-    BATCH_NORM_TWIN: (_baseline("kaiming"), True),
+InitFn = Callable[[nn.Module, Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network family: ``build(depth, width)`` and the image size it takes."""
+
+    build: Callable[[int, int], nn.Module]
+    image_size: int = IMAGE_SIZE
+
+
+def _caffenet(depth: int, width: int) -> nn.Module:
+    if depth != 8:
+        raise SystemExit(f"caffenet has 8 affine layers; --depths {depth} does not apply")
+    return caffenet(in_channels=1, classes=10, width=CAFFENET_WIDTH)
+
+
+NETWORKS: dict[str, Network] = {
+    "plain": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10)),
+    "plain + batch norm": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10,
+                                                                 batch_norm=True)),
+    "plain GELU": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10,
+                                                         activation=nn.GELU)),
+    "caffenet (LRN)": Network(_caffenet, CAFFENET_IMAGE_SIZE),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a table: an init applied to a network."""
+
+    init: InitFn
+    network: str = "plain"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A set of rows trained under one protocol, written to its own section of RESULTS.md."""
+
+    heading: str
+    summary: str
+    rows: dict[str, Row]
+    depths: tuple[int, ...] = (10, 20)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+FROM_SCRATCH = Experiment(
+    "## bench/train.py",
+    "Plain ReLU CNNs (no batch norm unless said) from scratch, every init.",
+    {
+        "torch default": Row(_baseline("default")),
+        "xavier normal": Row(_baseline("xavier")),
+        "kaiming normal": Row(_baseline("kaiming")),
+        "orthogonal": Row(_baseline("orthogonal")),
+        "lsuv": Row(_lsuv),
+        "magicinit within (gaussian)": Row(_magicinit(between=False)),
+        "magicinit (gaussian)": Row(_magicinit()),
+        "magicinit (kmeans)": Row(_magicinit(sampler="kmeans")),
+        BATCH_NORM_TWIN: Row(_baseline("kaiming"), "plain + batch norm"),
+    },
+    seeds=(0, 1),
+)
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "from-scratch": FROM_SCRATCH,
+    "kmeans": Experiment(
+        "## bench/train.py --experiment kmeans",
+        "k-means as this library builds it (`kmeans-full`: whitening at full rank with 1 % of the mean "
+        "eigenvalue added, spherical k-means) against the authors' reference construction (`kmeans-reference`: "
+        "whitening onto the top directions only, as many as the layer has filters, negligible epsilon, "
+        "Euclidean mini-batch k-means). Both then Parts 1 and 2; plain ReLU CNNs.",
+        {
+            "magicinit (kmeans-full)": Row(_magicinit(sampler="kmeans-full")),
+            "magicinit (kmeans-reference)": Row(_magicinit(sampler="kmeans-reference")),
+        },
+    ),
+    "lrn": Experiment(
+        "## bench/train.py --experiment lrn",
+        f"Part 2's scale modes on the paper's CaffeNet layout (`magicinit.tools.nets.caffenet`, width "
+        f"{CAFFENET_WIDTH:g}, LRN after conv1 and conv2, grouped convolutions, dropout) on images resized to "
+        f"{CAFFENET_IMAGE_SIZE} x {CAFFENET_IMAGE_SIZE}. In `exact` mode the LRNs fix the scales around them; "
+        "`approximate` treats them as homogeneous where they are on the init data. Kaiming normal as the "
+        "yardstick.",
+        {
+            "kaiming normal": Row(_baseline("kaiming"), "caffenet (LRN)"),
+            "magicinit, scale_mode exact": Row(_magicinit(scale_mode="exact"), "caffenet (LRN)"),
+            "magicinit, scale_mode approximate": Row(_magicinit(scale_mode="approximate"), "caffenet (LRN)"),
+        },
+        depths=(8,),
+        seeds=(0, 1),  # a CaffeNet run costs about 5 plain depth-10 runs
+    ),
+    "gelu": Experiment(
+        "## bench/train.py --experiment gelu",
+        "Part 2's scale modes on plain CNNs with GELU instead of ReLU. GELU is not homogeneous, so `exact` "
+        "mode can rescale nothing across it; `approximate` rescales across an operation only where it is "
+        "homogeneous on the init data within `scale_tolerance` (0.05 by default; the last row loosens it to "
+        "0.5). Rows whose initial weights are bit-identical share their training runs.",
+        {
+            "kaiming normal": Row(_baseline("kaiming"), "plain GELU"),
+            "magicinit, scale_mode exact": Row(_magicinit(scale_mode="exact"), "plain GELU"),
+            "magicinit, scale_mode approximate": Row(_magicinit(scale_mode="approximate"), "plain GELU"),
+            "magicinit, approximate, tolerance 0.5": Row(
+                _magicinit(scale_mode="approximate", scale_tolerance=0.5), "plain GELU"),
+        },
+        depths=(20,),
+    ),
+    "batch-norm": Experiment(
+        "## bench/train.py --experiment batch-norm",
+        "Plain CNNs with batch norm after every convolution. Part 2 rescales a convolution before a batch "
+        "norm by scaling the norm's eps (and running statistics) with it. Without that, a batch norm fixes the "
+        "scales around it and Part 2 can rescale nothing in these nets, which is Part 1 alone (second row).",
+        {
+            "kaiming normal": Row(_baseline("kaiming"), "plain + batch norm"),
+            "magicinit Part 1 only": Row(_magicinit(between=False), "plain + batch norm"),
+            "magicinit Parts 1+2 (batch-norm aware)": Row(_magicinit(), "plain + batch norm"),
+        },
+        depths=(20,),
+    ),
+    "beta": Experiment(
+        "## bench/train.py --experiment beta",
+        "Part 1's target channel mean `beta`: 0 (this library's default) against 0.1 (the reference's `-b` "
+        "default). Gaussian sampler, Parts 1 and 2, plain ReLU CNNs. (The number of init samples is measured "
+        "by bench/samples.py.)",
+        {
+            "magicinit, beta 0": Row(_magicinit(beta=0.0)),
+            "magicinit, beta 0.1": Row(_magicinit(beta=0.1)),
+        },
+    ),
 }
 
 
@@ -186,6 +324,24 @@ class Run:
     validation_accuracy: float = float("nan")
     test_accuracy: float = float("nan")
     diverged: bool = False
+    shared_with: str = ""  # the row whose bit-identical initial weights this run's training came from
+
+
+def _digest(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: rows whose initial weights are bit-identical train alike."""
+    hasher = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _at_size(data: Dataset, size: int) -> Dataset:
+    """``data`` with its images resized to ``size`` x ``size`` (bilinear, antialiased)."""
+    if size == IMAGE_SIZE:
+        return data
+    return Dataset(data.name, *((resize_images(images, size), labels)
+                                for images, labels in (data.train, data.validation, data.test)))
 
 
 def run_all(args: argparse.Namespace) -> list[Run]:
@@ -193,41 +349,53 @@ def run_all(args: argparse.Namespace) -> list[Run]:
     # Denormal floats (tiny activations and gradients, as under kaiming init at depth 20) make
     # CPU training up to 9x slower; flushing them to zero changes no result that matters here.
     torch.set_flush_denormal(True)
+    experiment = EXPERIMENTS[args.experiment]
     runs: list[Run] = []
+    done: dict[tuple[str, int, int, float, str], Run] = {}  # (dataset, depth, seed, lr, weights) -> run
     started = time.perf_counter()
     total = len(args.datasets) * len(args.depths) * len(args.inits) * len(args.seeds) * len(args.lrs)
     for dataset_name in args.datasets:
-        data = DATASETS[dataset_name](args.data_root)
-        print(f"{data.name}: {len(data.train[0])} train, {len(data.validation[0])} validation, "
-              f"{len(data.test[0])} test images", flush=True)
+        loaded = DATASETS[dataset_name](args.data_root)
+        print(f"{loaded.name}: {len(loaded.train[0])} train, {len(loaded.validation[0])} validation, "
+              f"{len(loaded.test[0])} test images", flush=True)
         for depth in args.depths:
             for init_name in args.inits:
-                initialize, batch_norm = INITS[init_name]
+                row = experiment.rows[init_name]
+                network = NETWORKS[row.network]
+                data = _at_size(loaded, network.image_size)
                 for seed in args.seeds:
                     torch.manual_seed(seed)
-                    model = plain_cnn(depth, args.width, in_channels=1, classes=10, batch_norm=batch_norm)
+                    model = network.build(depth, args.width)
                     pick = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(seed))
                     init_images = data.train[0][pick[:INIT_SAMPLES]]
                     start = time.perf_counter()
-                    initialize(model, init_images, seed)
+                    row.init(model, init_images, seed)
                     init_seconds = time.perf_counter() - start
+                    weights = _digest(model)
                     for learning_rate in args.lrs:
-                        run = Run(data.name, depth, init_name, seed, learning_rate, init_seconds)
-                        trained = copy.deepcopy(model)
-                        start = time.perf_counter()
-                        run.losses = train(trained, *data.train, steps=args.steps, batch_size=BATCH_SIZE,
-                                           learning_rate=learning_rate, seed=seed)
-                        run.train_seconds = time.perf_counter() - start
-                        run.diverged = not math.isfinite(run.losses[-1])
-                        if not run.diverged:
-                            run.validation_accuracy = evaluate(trained, *data.validation)[0]
-                            run.test_accuracy = evaluate(trained, *data.test)[0]
+                        key = (data.name, depth, seed, learning_rate, weights)
+                        if key in done:  # the same initial weights as an earlier row: the same training
+                            run = replace(done[key], init=init_name, init_seconds=init_seconds,
+                                                      shared_with=done[key].init)
+                        else:
+                            run = Run(data.name, depth, init_name, seed, learning_rate, init_seconds)
+                            trained = copy.deepcopy(model)
+                            start = time.perf_counter()
+                            run.losses = train(trained, *data.train, steps=args.steps, batch_size=BATCH_SIZE,
+                                               learning_rate=learning_rate, seed=seed)
+                            run.train_seconds = time.perf_counter() - start
+                            run.diverged = not math.isfinite(run.losses[-1])
+                            if not run.diverged:
+                                run.validation_accuracy = evaluate(trained, *data.validation)[0]
+                                run.test_accuracy = evaluate(trained, *data.test)[0]
+                            done[key] = run
                         runs.append(run)
                         elapsed = time.perf_counter() - started
+                        shared = f" (weights of '{run.shared_with}')" if run.shared_with else ""
                         print(f"[{len(runs)}/{total} {elapsed / 60:.1f} min] {data.name} depth {depth} "
                               f"{init_name:<28} seed {seed} lr {learning_rate:<6g} "
                               f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
-                              f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s)", flush=True)
+                              f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s){shared}", flush=True)
     return runs
 
 
@@ -318,8 +486,8 @@ def write_figures(runs: list[Run], args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def write_raw(runs: list[Run], args: argparse.Namespace) -> None:
-    """Every run's numbers (losses to 4 significant digits) as JSON, one run per line."""
+def write_raw(runs: list[Run], args: argparse.Namespace) -> Path:
+    """Every run's numbers (losses to 4 significant digits) as JSON, one run per line; returns the file."""
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     lines = []
     for run in runs:
@@ -327,52 +495,71 @@ def write_raw(runs: list[Run], args: argparse.Namespace) -> None:
         record["losses"] = [float(f"{loss:.4g}") for loss in run.losses]
         lines.append(json.dumps(record))
     text = '{"settings": ' + json.dumps(settings) + ',\n"runs": [\n' + ",\n".join(lines) + "\n]}\n"
-    (args.out_dir / "train_results.json").write_text(text)
+    suffix = "" if args.experiment == "from-scratch" else f"_{args.experiment.replace('-', '_')}"
+    path = args.out_dir / f"train{suffix}_results.json"
+    path.write_text(text)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="from-scratch", choices=list(EXPERIMENTS),
+                        help="which set of rows (default from-scratch; see the module docstring)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder with mnist/ and usps/ (default ../shared/data)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--depths", type=int, nargs="+", default=[10, 20])
-    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS), metavar="INIT")
+    parser.add_argument("--depths", type=int, nargs="+", help="affine layers (default: the experiment's)")
+    parser.add_argument("--inits", nargs="+", metavar="ROW", help="rows to run (default: all of the experiment's)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: the experiment's (0 1 2; from-scratch 0 1)")
     parser.add_argument("--steps", type=int, default=300, help="SGD steps per run (batch 128)")
-    parser.add_argument("--width", type=int, default=16, help="channels of every convolution")
+    parser.add_argument("--width", type=int, default=16, help="channels of every convolution of the plain nets")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: one seed, the middle learning rate, 40 steps (not for conclusions)")
     parser.add_argument("--out-dir", type=Path, default=BENCH, help="where the PNGs and the JSON go")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
-                        help="the markdown file whose '## bench/train.py' section is replaced")
+                        help="the markdown file whose section of this experiment is replaced")
     args = parser.parse_args()
+    experiment = EXPERIMENTS[args.experiment]
+    args.depths = args.depths or list(experiment.depths)
+    args.seeds = args.seeds or list(experiment.seeds)
+    args.inits = args.inits or list(experiment.rows)
+    unknown = [name for name in args.inits if name not in experiment.rows]
+    if unknown:
+        parser.error(f"--inits {unknown}: not rows of --experiment {args.experiment}; it has {list(experiment.rows)}")
     if not (args.data_root / "mnist").exists():
         parser.error(f"--data-root {args.data_root}: no mnist/ there (see ../shared/data/SOURCES.md)")
     if args.quick:
         args.seeds, args.lrs, args.steps = args.seeds[:1], [args.lrs[len(args.lrs) // 2]], 40
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     runs = run_all(args)
+    minutes = (time.perf_counter() - started) / 60
     body = tables(runs, args)
-    figures = write_figures(runs, args)
-    command = "python bench/train.py" + (" --quick" if args.quick else "")
+    figures = write_figures(runs, args) if args.experiment == "from-scratch" else []
+    command = "python bench/train.py" + (f" --experiment {args.experiment}" if args.experiment != "from-scratch"
+                                         else "") + (" --quick" if args.quick else "")
+    shared = sorted({(run.init, run.shared_with) for run in runs if run.shared_with})
     section = (
-        f"## bench/train.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
-        f"commit {commit()}, {platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
+        f"{experiment.heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
+        f"commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, CPU, {minutes:.0f} minutes:\n\n"
         f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
-        f"Plain ReLU CNNs (width {args.width}, no batch norm unless said), {args.steps} SGD steps (momentum 0.9, "
-        f"batch {BATCH_SIZE}) per run, seeds {', '.join(map(str, args.seeds))}; 16 x 16 images. Test accuracy "
-        "(%) is the mean over seeds; a diverged run counts as 10 %. The chosen learning rate has the best mean "
-        "validation accuracy (held-out training images); the best mean test accuracy there is in bold. "
-        "Init s: the initialization's time; train s: one training run's.\n\n"
+        f"{experiment.summary}\n\n"
+        f"Width {args.width} (plain nets), {args.steps} SGD steps (momentum 0.9, batch {BATCH_SIZE}) per run, seeds "
+        f"{', '.join(map(str, args.seeds))}. Test accuracy (%) is the mean over seeds; a diverged run counts as "
+        "10 %. The chosen learning rate has the best mean validation accuracy (held-out training images); the best "
+        "mean test accuracy there is in bold. Init s: the initialization's time; train s: one training run's.\n\n"
+        + "".join(f"Rows '{a}' and '{b}' started from bit-identical weights (at least for some seeds) and share "
+                  "those runs.\n\n" for a, b in shared)
         + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures) + "\n"
     )
-    replace_section(args.results, "## bench/train.py", section)
-    write_raw(runs, args)
+    replace_section(args.results, experiment.heading, section)
+    raw = write_raw(runs, args)
     print()
     print(body)
-    print(f"wrote {args.results}, {', '.join(str(p) for p in figures)} and {args.out_dir / 'train_results.json'}")
+    print(f"wrote {args.results}, {', '.join(str(p) for p in [*figures, raw])}")
 
 
 if __name__ == "__main__":

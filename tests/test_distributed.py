@@ -129,7 +129,7 @@ def _check_part1_equals_one_process_on_the_union(rank: int, world: int) -> None:
 
 def _check_both_parts_leave_bit_identical_ranks(rank: int, world: int) -> None:
     shards = _data(world)
-    for sampler in ("gaussian", "kmeans", "patches", "pca"):
+    for sampler in ("gaussian", "kmeans-full", "kmeans-reference", "patches", "pca"):
         model = _model()
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -302,7 +302,7 @@ def test_kmeans_settles_before_its_iteration_cap_with_tight_clusters(monkeypatch
         input_patches=lambda layer_input: layer_input.reshape(1, -1, 6),
     )
     monkeypatch.setattr(torch.Tensor, "argmax", counting)
-    filters = samplers.SAMPLERS["kmeans"](request)
+    filters = samplers.SAMPLERS["kmeans-full"](request)
     monkeypatch.undo()
     assert 1 < len(iterations) < samplers.KMEANS_ITERATIONS
     # every cluster found: each filter responds most to its own cluster's points

@@ -52,7 +52,7 @@ def test_data_of_a_shape_the_model_rejects() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, orthogonal, patches, pca, zca"),
+        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, kmeans-full, kmeans-reference, orthogonal, patches, pca, zca"),
         ({"skip": ["missing"]}, "skip: no module or parameter named 'missing'"),
         ({"samples": 0}, "samples=0"),
         ({"beta": float("nan")}, "beta=nan"),

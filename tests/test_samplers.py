@@ -1,4 +1,4 @@
-"""Part 3: the data-driven samplers (pca, zca, kmeans, patches)."""
+"""Part 3: the data-driven samplers (pca, zca, kmeans-full, kmeans-reference, patches)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import magicinit
 from magicinit._core import samplers
 from magicinit._core.sites import CallInterceptor, SiteCall, UnitIndex
 
-DATA_DRIVEN = ["pca", "zca", "kmeans", "patches"]
+DATA_DRIVEN = ["pca", "zca", "kmeans-full", "kmeans-reference", "patches"]
+KMEANS = ["kmeans-full", "kmeans-reference"]
 
 
 def planted_tiles(seed: int, prototypes: int = 6, tile: int = 4, grid: int = 4, images: int = 64):
@@ -40,12 +41,17 @@ def purity_and_coverage(layer: nn.Module, x: torch.Tensor, labels: torch.Tensor)
     return correct / labels.numel(), covered == set(range(int(labels.max()) + 1))
 
 
-def test_kmeans_gives_every_planted_prototype_a_channel_where_gaussian_does_not() -> None:
+def test_kmeans_is_one_of_its_variants() -> None:
+    assert magicinit.SAMPLERS["kmeans"] in (magicinit.SAMPLERS[name] for name in KMEANS)
+
+
+@pytest.mark.parametrize("kmeans", KMEANS)
+def test_kmeans_gives_every_planted_prototype_a_channel_where_gaussian_does_not(kmeans: str) -> None:
     gaussian_purity = []
     for seed in (0, 1, 2):
         x, labels = planted_tiles(seed)
         layer = nn.Conv2d(1, 6, 4, stride=4)
-        magicinit.init_(layer, x, sampler="kmeans", between=False, seed=seed)
+        magicinit.init_(layer, x, sampler=kmeans, between=False, seed=seed)
         purity, covered = purity_and_coverage(layer, x, labels)
         assert purity >= 0.95 and covered, (seed, purity, covered)
         layer = nn.Conv2d(1, 6, 4, stride=4)
@@ -222,3 +228,46 @@ def test_constant_patches_fall_back_to_gaussian() -> None:
     report = magicinit.init_(layer, torch.ones(32, 3), sampler="pca", between=False, seed=0)
     assert any("input patches are constant: filters drawn by gaussian" in n for n in report.layers[0].notes)
     assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+
+
+def _patch_principal_directions(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the covariance of all the layer's input patches, by decreasing eigenvalue (columns)."""
+    patches = nn.functional.unfold(x, layer.kernel_size, stride=layer.stride).transpose(1, 2)
+    patches = patches.reshape(-1, patches.shape[-1]).double()
+    patches = patches - patches.mean(0)
+    _, vectors = torch.linalg.eigh(patches.T @ patches)
+    return vectors.flip(1)
+
+
+@pytest.mark.parametrize("kmeans", KMEANS)
+def test_reference_kmeans_filters_lie_in_the_top_patch_directions(kmeans: str) -> None:
+    """The reference whitened onto as many top principal directions as the layer has filters:
+    its filters have no component outside them. Full-rank whitening reaches every direction."""
+    g = torch.Generator().manual_seed(0)
+    x = nn.functional.avg_pool2d(torch.randn(15, 2, 18, 18, generator=g), 3, 1)  # smooth: a decaying spectrum
+    layer = nn.Conv2d(2, 6, 4, stride=2)  # fan_in 32 > 6 filters; 15 * 49 patches, all used (under 128 * 6)
+    magicinit.init_(layer, x, sampler=kmeans, between=False, seed=0)
+    vectors = _patch_principal_directions(layer, x)
+    weight = layer.weight.detach().reshape(6, -1).double()
+    outside = (weight @ vectors[:, 6:]).norm(dim=1) / weight.norm(dim=1)
+    if kmeans == "kmeans-reference":
+        assert outside.max() < 1e-3, outside
+    else:
+        assert outside.min() > 0.1, outside
+
+
+def test_minibatch_kmeans_finds_the_euclidean_means_of_tight_clusters() -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    members = torch.randint(5, (1000,), generator=g)
+    points = nn.functional.normalize(centres[members] + 0.1 * torch.randn(1000, 8, generator=g), dim=1)
+    request = samplers.SamplerRequest(
+        name="layer", module=nn.Linear(8, 5), shape=torch.Size((1, 5, 8)), current=torch.zeros(1, 5, 8),
+        layer_input=(points,), generator=torch.Generator().manual_seed(0),
+    )
+    found = samplers._minibatch_kmeans(points.unsqueeze(0), 5, request)[0]
+    means = torch.stack([points[members == k].mean(0) for k in range(5)])
+    distance = torch.cdist(means, found)  # every true mean has its own centroid, close to it
+    nearest = distance.argmin(dim=1)
+    assert sorted(nearest.tolist()) == list(range(5))
+    assert distance.min(dim=1).values.max() < 0.02, distance.min(dim=1).values

@@ -179,6 +179,11 @@ WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (re
 # (a constant or duplicated input channel, float32 rounding); the whitening drops them,
 # since filters reading them would amplify rounding noise layer after layer.
 RANK_TOLERANCE = 1e-5
+# The reference whitened onto the top directions with 1e-3 added to the eigenvalues of its
+# patch scatter matrix (pixels in 0..255): negligible, here relative to the mean eigenvalue.
+TOP_WHITENING_EPSILON = 1e-6
+MINIBATCH_PER_CLUSTER = 10  # mini-batch k-means: points per batch, per cluster (the reference's batch_size=10k)
+MINIBATCH_EPOCHS = 10  # mini-batch k-means: passes over the patches (in random batches)
 
 
 @dataclass(frozen=True)
@@ -239,9 +244,14 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     return patches.float()
 
 
-def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitened:
+def _whitened(patches: Tensor, collective: Collective | None = None, top: int | None = None) -> _Whitened:
     """Per-group PCA whitening of ``patches`` (over all of ``collective``'s ranks: exact merged
-    mean and covariance, so every rank gets the same transform)."""
+    mean and covariance, so every rank gets the same transform).
+
+    ``top=None``: at full rank, every eigenvalue regularized by ``WHITENING_EPSILON`` times
+    their mean. ``top=k``: onto the top ``k`` directions only, with a negligible epsilon
+    (``TOP_WHITENING_EPSILON``), as the authors' reference implementation whitened.
+    """
     mean = patches.mean(dim=1, keepdim=True)
     centred = patches - mean
     scatter = centred.transpose(1, 2).double() @ centred.double()  # (groups, fan, fan)
@@ -262,14 +272,21 @@ def _whitened(patches: Tensor, collective: Collective | None = None) -> _Whitene
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
     live = eigenvalues > RANK_TOLERANCE * eigenvalues[:, :1]
-    regularized = eigenvalues + WHITENING_EPSILON * eigenvalues.mean(dim=-1, keepdim=True)
+    epsilon = WHITENING_EPSILON if top is None else TOP_WHITENING_EPSILON
+    regularized = eigenvalues + epsilon * eigenvalues.mean(dim=-1, keepdim=True)
+    if top is not None:
+        live[:, top:] = False
     eigenvalues = torch.where(live, regularized, 0.0)
     rank = int(live.sum(dim=-1).min())
     return _Whitened(centred, eigenvalues.float(), eigenvectors.float(), rank)
 
 
-def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler:
-    """Wrap a sampler on whitened patches with the gaussian fallback and its report line."""
+def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor], top_whitening: bool = False) -> Sampler:
+    """Wrap a sampler on whitened patches with the gaussian fallback and its report line.
+
+    ``top_whitening``: whiten onto as many top directions as the layer has filters per
+    group (see ``_whitened``), else at full rank.
+    """
 
     def sampler(request: SamplerRequest) -> Tensor:
         patches = _layer_patches(request)
@@ -285,7 +302,7 @@ def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor]) -> Sampler
                 f"{count} input patches for {out_per_group} filters per group: filters drawn by gaussian"
             )
             return gaussian(request)
-        stats = _whitened(patches, request.collective)
+        stats = _whitened(patches, request.collective, out_per_group if top_whitening else None)
         if stats.rank == 0:
             request.notes.append("the input patches are constant: filters drawn by gaussian")
             return gaussian(request)
@@ -383,53 +400,138 @@ def _kmeans_plus_plus(points: Tensor, clusters: int, generator: torch.Generator 
     return torch.stack(seeds, dim=1)
 
 
-@register_sampler("kmeans")
-@_data_driven
-def kmeans(request: SamplerRequest, stats: _Whitened) -> Tensor:
-    """Spherical k-means of the whitened, unit-length input patches, one centroid per output channel.
+def _spherical_kmeans(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
+    """Spherical k-means of unit-length ``points`` (groups, M, fan): ``clusters`` unit centroids per group.
 
     Centroids start from k-means++ seeding (on the sphere, distance ``2 - 2 cos``,
-    the squared distance of unit vectors); empty clusters are re-seeded with
-    random patches; at most ``KMEANS_ITERATIONS`` iterations, fewer once at most
-    ``KMEANS_SETTLED`` of the patches change cluster in one.
-    Centroids are mapped back through the whitening.
+    the squared distance of unit vectors); a point joins the centroid of largest
+    cosine, a centroid is its members' normalized sum; empty clusters are re-seeded
+    with random points; at most ``KMEANS_ITERATIONS`` iterations, fewer once at most
+    ``KMEANS_SETTLED`` of the points change cluster in one.
     """
-    points = _unit_rows(stats.whiten())  # (groups, M, fan)
-    clusters = request.shape[1]
+    centroids = _seeds(points, clusters, request)
+    collective = request.collective
+    assignment = None
+    groups, count, fan = points.shape
+    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)  # a cluster index per group
+    with _iterations(request, "kmeans", KMEANS_ITERATIONS) as steps:
+        for _ in steps:
+            new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
+            changed = count * groups if assignment is None else int((new_assignment != assignment).sum())
+            if collective is not None:
+                changed, total = collective.total(changed), collective.total(count * groups)
+            else:
+                total = count * groups
+            if changed <= KMEANS_SETTLED * total:
+                break
+            assignment = new_assignment
+            sums, members = _cluster_sums(points, assignment, offsets, clusters)
+            if collective is not None:
+                sums, members = collective.sum(sums), collective.sum(members)
+            empty = members == 0
+            if bool(empty.any()):
+                reseed = _choose(points, clusters, request)
+                sums = torch.where(empty.unsqueeze(-1), reseed, sums)
+            centroids = _unit_rows(sums)
+    return centroids
+
+
+def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
+    """Euclidean mini-batch k-means (Sculley, 2010) of ``points`` (groups, M, fan), as the reference ran it.
+
+    k-means++ seeds; then ``MINIBATCH_EPOCHS`` passes in random batches of
+    ``MINIBATCH_PER_CLUSTER`` points per cluster (the reference's scikit-learn
+    ``batch_size``): each point joins the nearest centroid (Euclidean), and each
+    centroid moves to the running mean of every point it was given so far (per-centre
+    learning rate ``1 / count``). Centroids that never got a point take random points.
+    With several processes, each rank draws its batches from its own points and the
+    batch sums are added over the ranks.
+    """
+    centroids = _seeds(points, clusters, request)
+    collective = request.collective
+    groups, count, fan = points.shape
+    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)
+    batch = min(count, MINIBATCH_PER_CLUSTER * clusters)
+    steps_per_epoch = -(-count // batch)
+    if collective is not None:  # the same number of steps on every rank
+        steps_per_epoch = int(collective.max(steps_per_epoch))
+    generator = request.own_data_generator()
+    seen = points.new_zeros(groups, clusters)
+    with _iterations(request, "mini-batch kmeans", MINIBATCH_EPOCHS * steps_per_epoch) as steps:
+        for _ in steps:
+            chosen = points[:, _subsample(count, batch, generator, points.device)]
+            distance = centroids.square().sum(-1).unsqueeze(1) - 2 * chosen @ centroids.transpose(1, 2)
+            sums, members = _cluster_sums(chosen, distance.argmin(dim=-1), offsets, clusters)
+            if collective is not None:
+                sums, members = collective.sum(sums), collective.sum(members)
+            seen += members
+            moved = members > 0
+            updated = centroids + (sums - members.unsqueeze(-1) * centroids) / seen.clamp_min(1).unsqueeze(-1)
+            centroids = torch.where(moved.unsqueeze(-1), updated, centroids)
+    never = seen == 0
+    if bool(never.any()):
+        centroids = torch.where(never.unsqueeze(-1), _choose(points, clusters, request), centroids)
+    return centroids
+
+
+def _seeds(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
+    """k-means++ seeds of unit-length ``points``, drawn from a random subset of at most
+    ``KMEANS_SEEDING_POINTS`` per cluster (seeding is sequential); with several processes,
+    every rank seeds on its own points and all take rank 0's seeds."""
     seeding, own_generator = points, request.own_data_generator()  # called alike on every rank
-    if points.shape[1] > KMEANS_SEEDING_POINTS * clusters:  # seeding is sequential: on a random subset
+    if points.shape[1] > KMEANS_SEEDING_POINTS * clusters:
         seeding = points[:, _subsample(points.shape[1], KMEANS_SEEDING_POINTS * clusters, own_generator,
                                        points.device)]
     centroids = _kmeans_plus_plus(seeding, clusters, request.generator)
-    collective = request.collective
-    if collective is not None:  # every rank seeds on its own points, then takes rank 0's seeds
-        centroids = collective.broadcast(centroids)
-    assignment = None
-    steps = range(KMEANS_ITERATIONS)
-    bar = tqdm(steps, desc=f"magicinit: kmeans '{request.name}'", unit="it", leave=False) if request.progress else None
-    groups, count, fan = points.shape
-    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)  # a cluster index per group
-    for _ in bar if bar is not None else steps:
-        new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
-        changed = count * groups if assignment is None else int((new_assignment != assignment).sum())
-        if collective is not None:
-            changed, total = collective.total(changed), collective.total(count * groups)
-        else:
-            total = count * groups
-        if changed <= KMEANS_SETTLED * total:
-            break
-        assignment = new_assignment
-        flat = (assignment + offsets).flatten()  # (groups * M,): the sums by scatter, not a one-hot product
-        sums = points.new_zeros(groups * clusters, fan).index_add_(0, flat, points.reshape(-1, fan))
-        sums = sums.view(groups, clusters, fan)
-        members = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters).to(points.dtype)
-        if collective is not None:
-            sums, members = collective.sum(sums), collective.sum(members)
-        empty = members == 0
-        if bool(empty.any()):
-            reseed = _choose(points, clusters, request)
-            sums = torch.where(empty.unsqueeze(-1), reseed, sums)
-        centroids = _unit_rows(sums)
-    if bar is not None:
-        bar.close()
-    return centroids @ stats.transform
+    if request.collective is not None:
+        centroids = request.collective.broadcast(centroids)
+    return centroids
+
+
+def _cluster_sums(points: Tensor, assignment: Tensor, offsets: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+    """Per group and cluster, the sum of the points assigned to it and their count (by scatter,
+    not a one-hot product): ``(groups, clusters, fan)`` and ``(groups, clusters)``."""
+    groups, _, fan = points.shape
+    flat = (assignment + offsets).flatten()
+    sums = points.new_zeros(groups * clusters, fan).index_add_(0, flat, points.reshape(-1, fan))
+    members = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters).to(points.dtype)
+    return sums.view(groups, clusters, fan), members
+
+
+def _iterations(request: SamplerRequest, what: str, count: int) -> tqdm:
+    """``range(count)`` as a tqdm bar named after the layer, shown only when ``request.progress``
+    (use it in a ``with`` block, so that the bar closes when the loop breaks)."""
+    return tqdm(range(count), desc=f"magicinit: {what} '{request.name}'", unit="it", leave=False,
+                disable=not request.progress)
+
+
+def _kmeans(cluster: Callable[[Tensor, int, SamplerRequest], Tensor], top_whitening: bool, doc: str) -> Sampler:
+    """A k-means sampler: ``cluster`` the whitened, unit-length patches into one centroid per
+    output channel, and map the centroids back through the whitening."""
+
+    def draw(request: SamplerRequest, stats: _Whitened) -> Tensor:
+        points = _unit_rows(stats.whiten())  # (groups, M, fan)
+        return cluster(points, request.shape[1], request) @ stats.transform
+
+    draw.__doc__ = doc
+    return _data_driven(draw, top_whitening=top_whitening)
+
+
+kmeans_full = register_sampler("kmeans-full")(_kmeans(_spherical_kmeans, False, """\
+Spherical k-means of the input patches whitened at full rank (regularized), one centroid per output channel.
+
+The patches are centred, whitened along every direction with signal (each
+eigenvalue plus ``WHITENING_EPSILON`` times their mean) and normalized to unit
+length; centroids come from ``_spherical_kmeans`` and are mapped back through
+the whitening."""))
+
+kmeans_reference = register_sampler("kmeans-reference")(_kmeans(_minibatch_kmeans, True, """\
+k-means as the authors' reference implementation ran it, one centroid per output channel.
+
+The patches are centred, whitened onto only the top directions (as many as the
+layer has filters per group) with a negligible epsilon, normalized to unit
+length, and clustered by Euclidean mini-batch k-means (``_minibatch_kmeans``);
+the centroids are mapped back through the whitening."""))
+
+# What ``sampler="kmeans"`` means: the variant that trained better in bench/train.py --experiment kmeans.
+register_sampler("kmeans")(kmeans_full)

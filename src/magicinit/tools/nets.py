@@ -36,9 +36,15 @@ def _channels(base: int, width: float) -> int:
 
 
 def plain_cnn(
-    depth: int = 16, width: int = 32, in_channels: int = 3, classes: int = 10, batch_norm: bool = False
+    depth: int = 16,
+    width: int = 32,
+    in_channels: int = 3,
+    classes: int = 10,
+    batch_norm: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
 ) -> nn.Sequential:
-    """A plain ReLU CNN: ``depth - 1`` 3x3 convolutions of ``width`` channels with two
+    """A plain CNN: ``depth - 1`` 3x3 convolutions of ``width`` channels, each followed by
+    ``activation()`` (ReLU by default; batch norm before it if ``batch_norm``), with two
     max-pools at one and two thirds, global average pooling and a linear head."""
     if depth < 2:
         raise MagicInitError(f"plain-cnn: depth={depth}; needs at least 2 (one convolution and the head)")
@@ -47,7 +53,7 @@ def plain_cnn(
         block: list[nn.Module] = [nn.Conv2d(channels_in, width, 3, padding=1)]
         if batch_norm:
             block.append(nn.BatchNorm2d(width))
-        return [*block, nn.ReLU()]
+        return [*block, activation()]
 
     layers = conv(in_channels)
     pool_after = {(depth - 2) // 3, 2 * (depth - 2) // 3}
