@@ -222,6 +222,7 @@ class Experiment:
     rows: dict[str, Row]
     depths: tuple[int, ...] = (10, 20)
     seeds: tuple[int, ...] = (0, 1, 2)
+    datasets: tuple[str, ...] = ("MNIST", "USPS")
 
 
 FROM_SCRATCH = Experiment(
@@ -283,6 +284,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 _magicinit(scale_mode="approximate", scale_tolerance=0.5), "plain GELU"),
         },
         depths=(20,),
+        datasets=("MNIST",),  # CPU budget: one dataset for this ablation
     ),
     "batch-norm": Experiment(
         "## bench/train.py --experiment batch-norm",
@@ -295,6 +297,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "magicinit Parts 1+2 (batch-norm aware)": Row(_magicinit(), "plain + batch norm"),
         },
         depths=(20,),
+        datasets=("MNIST",),  # CPU budget: one dataset for this ablation
     ),
     "beta": Experiment(
         "## bench/train.py --experiment beta",
@@ -305,6 +308,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "magicinit, beta 0": Row(_magicinit(beta=0.0)),
             "magicinit, beta 0.1": Row(_magicinit(beta=0.1)),
         },
+        datasets=("MNIST",),  # CPU budget: one dataset for this ablation
     ),
 }
 
@@ -507,7 +511,7 @@ def main() -> None:
                         help="which set of rows (default from-scratch; see the module docstring)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder with mnist/ and usps/ (default ../shared/data)")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: the experiment's")
     parser.add_argument("--depths", type=int, nargs="+", help="affine layers (default: the experiment's)")
     parser.add_argument("--inits", nargs="+", metavar="ROW", help="rows to run (default: all of the experiment's)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
@@ -523,6 +527,7 @@ def main() -> None:
     args = parser.parse_args()
     experiment = EXPERIMENTS[args.experiment]
     args.depths = args.depths or list(experiment.depths)
+    args.datasets = args.datasets or list(experiment.datasets)
     args.seeds = args.seeds or list(experiment.seeds)
     args.inits = args.inits or list(experiment.rows)
     unknown = [name for name in args.inits if name not in experiment.rows]
