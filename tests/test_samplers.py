@@ -175,9 +175,10 @@ def test_memory_budget_subsamples_patches_and_stays_exact() -> None:
         magicinit.init_(model, x, sampler="kmeans", patch_budget_mb=0)
 
 
-def test_kmeans_progress_bar_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("kmeans", KMEANS)
+def test_kmeans_progress_bar_when_asked(kmeans: str, capsys: pytest.CaptureFixture[str]) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
-    magicinit.init_(model, torch.randn(8, 3, 8, 8), sampler="kmeans", between=False, seed=0, progress=True)
+    magicinit.init_(model, torch.randn(8, 3, 8, 8), sampler=kmeans, between=False, seed=0, progress=True)
     assert "magicinit: kmeans '0'" in capsys.readouterr().err
 
 

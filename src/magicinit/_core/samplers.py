@@ -15,8 +15,11 @@ are initialized: the patches are centred and whitened (PCA), and
 - ``pca``: the top principal directions, scaled by ``1/sqrt(eigenvalue)`` (regularized: see
   ``WHITENING_EPSILON``);
 - ``zca``: rows of the ZCA whitening transform restricted to the top directions;
-- ``kmeans``: spherical k-means centroids of the whitened, unit-length patches,
-  one per output channel, mapped back through the whitening;
+- ``kmeans``: k-means centroids of the whitened, unit-length patches, one per
+  output channel, mapped back through the whitening; ``kmeans-reference`` (what
+  ``kmeans`` means) whitens onto the top directions and runs Euclidean mini-batch
+  k-means, as the authors' implementation did; ``kmeans-full`` whitens at full
+  rank (regularized) and runs spherical k-means;
 - ``patches``: randomly chosen whitened, unit-length patches, mapped back.
 
 Where a layer has no patches (transposed convolutions) or fewer patches than
@@ -457,7 +460,7 @@ def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
         steps_per_epoch = int(collective.max(steps_per_epoch))
     generator = request.own_data_generator()
     seen = points.new_zeros(groups, clusters)
-    with _iterations(request, "mini-batch kmeans", MINIBATCH_EPOCHS * steps_per_epoch) as steps:
+    with _iterations(request, "kmeans", MINIBATCH_EPOCHS * steps_per_epoch) as steps:
         for _ in steps:
             chosen = points[:, _subsample(count, batch, generator, points.device)]
             distance = centroids.square().sum(-1).unsqueeze(1) - 2 * chosen @ centroids.transpose(1, 2)
@@ -533,5 +536,6 @@ layer has filters per group) with a negligible epsilon, normalized to unit
 length, and clustered by Euclidean mini-batch k-means (``_minibatch_kmeans``);
 the centroids are mapped back through the whitening."""))
 
-# What ``sampler="kmeans"`` means: the variant that trained better in bench/train.py --experiment kmeans.
-register_sampler("kmeans")(kmeans_full)
+# What ``sampler="kmeans"`` means: the variant that trained better in ``bench/train.py --experiment kmeans``
+# (the reference's, in all 4 dataset/depth settings; see bench/RESULTS.md).
+register_sampler("kmeans")(kmeans_reference)
