@@ -35,12 +35,18 @@ Output: the ``## bench/finetune.py`` section of ``bench/RESULTS.md`` and every r
 numbers in ``bench/finetune_results.json``. Run from the repository root::
 
     pip install -c constraints.txt -e ".[bench]"
-    python bench/finetune.py            # about 40 minutes on 2 CPU cores (estimate, see below)
-    python bench/finetune.py --quick    # a smoke test in about 3 minutes, not for conclusions
+    python bench/finetune.py            # 60-90 minutes on 2 busy CPU cores (see below)
+    python bench/finetune.py --quick    # a smoke test in under 5 minutes, not for conclusions
 
-Time estimate on 2 cores: one pre-training of 3000 steps about 60 s, one
-fine-tuning run of 500 steps about 9 s with its evaluation; 3 seeds x 2 tasks x 7
-rows x 4 learning rates = 168 runs, plus the inits (about 30 s per seed and task).
+Time, measured on the 2-core machine while other jobs ran, with ``--threads 1``:
+one pre-training of 3000 steps 166 s (55 ms per step), one fine-tuning run of 300
+steps 13-16 s, plus 2.8 s (MNIST) or 1.0 s (USPS) of evaluation. The defaults make
+3 pre-trainings and 3 seeds x 2 tasks x 7 rows x 4 learning rates = 168 runs of
+300 steps; the run recorded in bench/RESULTS.md took the minutes it states there,
+beside another benchmark. On 2 idle cores with 2 threads bench/train.py's runs of
+this net took 18 ms per step, which would make it about 25 minutes (not measured
+here). Beside another single-thread job, 2 threads took about 1 s per step here and
+1 thread 50 ms: use ``--threads 1`` then.
 """
 
 from __future__ import annotations
@@ -358,7 +364,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=10, help="affine layers of the plain CNN")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning SGD steps per run (batch 128)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning SGD steps per run (batch 128)")
     parser.add_argument("--pretrain-steps", type=int, default=3000, help="rotation pre-training steps (batch 128)")
     parser.add_argument("--pretrain-lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
@@ -373,6 +379,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.lrs, args.pretrain_steps, args.steps = args.seeds[:1], [0.003, 0.01], 500, 100
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    library_commit = commit()  # the code this run loads (the checkout may move on while it runs)
     started = time.perf_counter()
     pretrainings, runs = run_all(args)
     minutes = (time.perf_counter() - started) / 60
@@ -382,7 +389,7 @@ def main() -> None:
     command = shlex.join(["python", "bench/finetune.py", *sys.argv[1:]])
     section = (
         f"## bench/finetune.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
-        f"commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"commit {library_commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU, {minutes:.1f} minutes:\n\n"
         f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
         + ("**--quick: a smoke test (one seed, few steps), not for conclusions.**\n\n" if args.quick else "")

@@ -41,8 +41,8 @@ compares:
 * ``lrn``: ``scale_mode="exact"`` against ``"approximate"`` on the paper's CaffeNet
   layout with LRN (width 1/4, images resized to 64 x 64);
 * ``gelu``: the same two modes on plain GELU CNNs;
-* ``batch-norm``: plain CNNs with batch norm: Part 1 alone against Parts 1+2
-  (batch-norm aware);
+* ``batch-norm``: plain CNNs with batch norm: Part 1 alone (what Parts 1+2 do
+  there by default) against Parts 1+2 with ``across_normalization=True``;
 * ``beta``: Part 1's target mean 0 against the reference's 0.1.
 
 Rows whose initial weights are bit-identical (an ``approximate`` mode that found
@@ -289,13 +289,15 @@ EXPERIMENTS: dict[str, Experiment] = {
     ),
     "batch-norm": Experiment(
         "## bench/train.py --experiment batch-norm",
-        "Plain CNNs with batch norm after every convolution. Part 2 rescales a convolution before a batch "
-        "norm by scaling the norm's eps (and running statistics) with it. Without that, a batch norm fixes the "
-        "scales around it and Part 2 can rescale nothing in these nets, which is Part 1 alone (second row).",
+        "Plain CNNs with batch norm after every convolution. With `across_normalization=True`, Part 2 "
+        "rescales a convolution before a batch norm and scales the norm's eps (and running statistics) with it. "
+        "Without it (the default), a batch norm fixes the scales around it and Part 2 can rescale nothing in "
+        "these nets, which is Part 1 alone (second row).",
         {
             "kaiming normal": Row(_baseline("kaiming"), "plain + batch norm"),
             "magicinit Part 1 only": Row(_magicinit(between=False), "plain + batch norm"),
-            "magicinit Parts 1+2 (batch-norm aware)": Row(_magicinit(), "plain + batch norm"),
+            "magicinit Parts 1+2, across_normalization=True": Row(_magicinit(across_normalization=True),
+                                                                 "plain + batch norm"),
         },
         depths=(20,),
         datasets=("MNIST",),  # CPU budget: one dataset for this ablation
@@ -539,6 +541,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.lrs, args.steps = args.seeds[:1], [args.lrs[len(args.lrs) // 2]], 40
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    library_commit = commit()  # the code this run loads (the checkout may move on while it runs)
     started = time.perf_counter()
     runs = run_all(args)
     minutes = (time.perf_counter() - started) / 60
@@ -549,7 +552,7 @@ def main() -> None:
     shared = sorted({(run.init, run.shared_with) for run in runs if run.shared_with})
     section = (
         f"{experiment.heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
-        f"commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"commit {library_commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU, {minutes:.0f} minutes:\n\n"
         f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
         f"{experiment.summary}\n\n"

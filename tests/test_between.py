@@ -128,6 +128,8 @@ def test_local_response_norm_and_batch_norm_are_reported() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(3), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
     report = magicinit.init_(model, torch.randn(16, 3, 8, 8), seed=0, rate_precision=0.05)
     assert any("local_response_norm in '2'" in n for n in report["0"].notes)
+    assert report["3"].output_scale_fixed_by == "batch_norm in '4' (across_normalization=False)"
+    report = magicinit.init_(model, torch.randn(16, 3, 8, 8), seed=0, rate_precision=0.05, across_normalization=True)
     assert report["3"].output_scale_fixed_by is None  # the batch norm compensates its input's scale
     assert report["7"].input_scale_fixed_by == "batch_norm in '4'"  # and fixes its output's
 

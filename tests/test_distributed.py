@@ -151,7 +151,8 @@ def _check_both_parts_leave_bit_identical_ranks(rank: int, world: int) -> None:
         torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.LocalResponseNorm(3), torch.nn.Conv2d(8, 8, 3),
         torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 4),
     )
-    report = magicinit.init_(model, shards[rank], seed=0, rate_precision=0.05, scale_mode="approximate")
+    report = magicinit.init_(model, shards[rank], seed=0, rate_precision=0.05, scale_mode="approximate",
+                             across_normalization=True)
     _same_on_every_rank(_checksum(model), world)
     _same_on_every_rank(report.to_dict() | {"seconds": None}, world)
     assert report.approximated and report.normalizations

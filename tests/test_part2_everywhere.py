@@ -27,7 +27,7 @@ from torch import nn
 import magicinit
 from magicinit import LayerStatus
 from magicinit._core import between as between_module
-from magicinit.tools.nets import caffenet
+from magicinit.tools.nets import caffenet, plain_cnn
 
 
 def _uneven(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,7 +81,7 @@ def test_normalization_layers_leave_their_input_scale_free_and_keep_the_function
     x = torch.randn(48, 3, 8, 8)
     eval_before, train_before = _outputs_in_both_modes(model, x)
     eps_before = [m.eps for m in (model[1], model[4])]
-    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.05, across_normalization=True)
     eval_after, train_after = _outputs_in_both_modes(model, x)
     assert relative_change(eval_after, eval_before) < 1e-4
     assert relative_change(train_after, train_before) < 1e-4
@@ -110,7 +110,7 @@ def test_resnet18_rates_equalized_through_batch_norm_with_both_modes_kept() -> N
     weights = affine_weights(model)
     before = noise_rates(model, x[:24], weights)
     eval_before, train_before = _outputs_in_both_modes(model, x)
-    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, across_normalization=True)
     eval_after, train_after = _outputs_in_both_modes(model, x)
     assert relative_change(eval_after, eval_before) < 1e-4
     assert relative_change(train_after, train_before) < 1e-4
@@ -135,7 +135,7 @@ def test_a_normalization_whose_eps_is_a_literal_fixes_the_scale_and_says_why() -
 
     model = _uneven(FunctionalNorm())
     x = torch.randn(32, 3, 8, 8)
-    report = rescale_keeping_function(model, x, tolerance=1e-5, seed=0, rate_precision=0.1)
+    report = rescale_keeping_function(model, x, tolerance=1e-5, seed=0, rate_precision=0.1, across_normalization=True)
     reason = report["conv1"].output_scale_fixed_by
     assert reason is not None and "layer_norm" in reason and "eps" in reason
     assert report["conv1"].weight_scale == 1.0
@@ -151,7 +151,7 @@ def test_the_float64_check_still_guards_exact_mode_against_a_wrong_compensation(
     x = torch.randn(32, 3, 8, 8)
     saved = state_copy(model)
     with pytest.warns(RuntimeWarning, match="left as it was"):
-        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
+        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1, across_normalization=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
     assert model[1].eps == 1e-5 and model[4].eps == 1e-5
@@ -172,7 +172,7 @@ def test_an_interrupt_after_the_scales_were_applied_restores_weights_buffers_and
     model = _uneven(_norm_net("batch"))
     saved = state_copy(model)
     with pytest.raises(KeyboardInterrupt):
-        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1, verify_rates=True)
+        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1, verify_rates=True, across_normalization=True)
     assert len(calls) == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
@@ -503,3 +503,23 @@ def test_exact_rescaling_predicts_the_rates_after_and_spends_no_second_measureme
     own = noise_rates(predicted_model, x, affine_weights(predicted_model), rounds=8, seed=21)
     for layer in report.layers:
         assert layer.rate_after == pytest.approx(own[layer.name], rel=0.15), layer.name
+
+
+def test_by_default_a_normalization_fixes_its_input_scale_and_part2_leaves_those_layers_as_part1_made_them() -> None:
+    """In a batch-norm CNN every convolution feeds a batch norm: by default Part 2 changes none of them
+    (it would slow them all to the head's rate), and says why; asked to, it rescales them."""
+    x = torch.randn(32, 3, 8, 8)
+    part1 = plain_cnn(6, batch_norm=True)
+    magicinit.init_(part1, x, seed=0, between=False)
+    both = plain_cnn(6, batch_norm=True)
+    report = magicinit.init_(both, x, seed=0, rate_precision=0.1)
+    convs = [name for name, m in both.named_modules() if isinstance(m, nn.Conv2d)]
+    for name in convs:
+        assert torch.equal(both.get_submodule(name).weight, part1.get_submodule(name).weight), name
+        assert "across_normalization=False" in report[name].output_scale_fixed_by
+    assert not report.normalizations
+    across = plain_cnn(6, batch_norm=True)
+    report = magicinit.init_(across, x, seed=0, rate_precision=0.1, across_normalization=True)
+    changed = [name for name in convs
+               if not torch.allclose(across.get_submodule(name).weight, part1.get_submodule(name).weight)]
+    assert changed and report.normalizations

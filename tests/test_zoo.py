@@ -35,7 +35,8 @@ def test_torchvision_classifier_is_initialized_with_a_valid_report(name: str) ->
     affine = [n for n, m in model.named_modules() if isinstance(m, AFFINE)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "rescaling would change the output", no other warning
-        report = magicinit.init_(model, x, seed=0, rate_precision=0.2)
+        # across_normalization: Part 2 through every batch/layer norm, the hardest graph to get right
+        report = magicinit.init_(model, x, seed=0, rate_precision=0.2, across_normalization=True)
 
     assert [layer.name for layer in report.layers] == affine
     assert report.rate_spread_before is not None and report.rate_spread_after is not None

@@ -138,6 +138,7 @@ CHECKS: dict[str, Check] = {
     "scale_mode": scale_mode,
     "scale_tolerance": fraction,
     "verify_rates": flag,
+    "across_normalization": flag,
 }
 
 

@@ -443,7 +443,8 @@ def _equalize_approximately(
 
     def trace() -> LayerGraph:
         with torch.no_grad():
-            return trace_graph(model, probe, context.forward, index, test, agree)
+            return trace_graph(model, probe, context.forward, index, test, agree,
+                               across_normalization=options.across_normalization)
 
     graph = trace()
     called = {name: unit for name, unit in called.items() if name in graph.sites}  # (this probe's path)

@@ -68,16 +68,23 @@ class ScaleOptions:
         verify: measure the rates again after an exact rescaling. By default they are
             predicted: an exact rescaling moves every rate by a known factor (``"approximate"``
             mode always measures).
+        across_normalization: also rescale the layers whose output a normalization layer
+            (batch, layer, group, instance, RMS norm) normalizes, scaling its ``eps`` and
+            running statistics to match. Off by default: such a layer's rate is then free, and
+            Part 2 sets it to what the layers that are not normalized allow, which in a
+            batch-norm net is the head's rate; that slowed every convolution and cost 11.6
+            points in ``bench/train.py --experiment batch-norm``.
     """
 
     mode: str = "exact"
     tolerance: float = 0.05
     max_rounds: int = 6
     verify: bool = False
+    across_normalization: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("scale_mode", self.mode), ("scale_tolerance", self.tolerance),
-                            ("verify_rates", self.verify)):
+                            ("verify_rates", self.verify), ("across_normalization", self.across_normalization)):
             CHECKS[name](name, value)
 
 

@@ -100,11 +100,16 @@ class _Tracer(CallInterceptor):
     """Records scale relations between the tensors of one forward pass, and the affine sites."""
 
     def __init__(
-        self, index: UnitIndex, modules: dict[str, nn.Module], homogeneity: HomogeneityTest | None = None
+        self,
+        index: UnitIndex,
+        modules: dict[str, nn.Module],
+        homogeneity: HomogeneityTest | None = None,
+        across_normalization: bool = False,
     ) -> None:
         super().__init__(index)
         self.modules = modules
         self.homogeneity = homogeneity
+        self.across_normalization = across_normalization
         self.groups = ScaleGroups()
         self.produced: set[int] = set()  # ids of tensors that operations computed (not constants)
         self.normalizations: dict[str, Normalization] = {}
@@ -246,7 +251,8 @@ class _Tracer(CallInterceptor):
             self.groups.tie([self.node(tensor), *concatenation.parts])
 
     def _normalization(self, op: _Op) -> None:
-        """A normalization: its output's scale is its own; its input's is free if its module can compensate."""
+        """A normalization: its output's scale is its own; its input's is free if rescaling across
+        normalizations was asked for and its module can compensate."""
         spec = NORMALIZATIONS[op.name]
         where = self.where()
         for n in op.out_nodes:
@@ -255,6 +261,9 @@ class _Tracer(CallInterceptor):
         if not isinstance(data, Tensor):
             return
         data_node = self.node(data)
+        if not self.across_normalization:
+            self.groups.pin(data_node, f"{op.name}{where} (across_normalization=False)")
+            return
         module_name = self.scope[-1] if self.scope else None
         module = self.modules.get(module_name) if module_name is not None else None
         reason = spec.compensation_problem(module, op.args, op.kwargs)
@@ -559,6 +568,8 @@ def trace_graph(
     units: UnitIndex,
     homogeneity: HomogeneityTest | None = None,
     agree: Callable[[list[float]], list[float]] | None = None,
+    *,
+    across_normalization: bool = False,
 ) -> LayerGraph:
     """Run ``forward(model, batch)`` once under a tracing mode and record the sites and scale relations.
 
@@ -567,9 +578,11 @@ def trace_graph(
     so that their sites are recognized. With ``homogeneity``, operations that
     would be pinned are measured on ``batch`` and tied where they pass it;
     ``agree`` turns this process's deviations into those all processes use.
+    ``across_normalization``: a normalization layer's input scale is free where its
+    module can compensate (else every normalization pins it).
     """
     name_of = {module: name for name, module in model.named_modules()}
-    tracer = _Tracer(units, {name: module for module, name in name_of.items()}, homogeneity)
+    tracer = _Tracer(units, {name: module for module, name in name_of.items()}, homogeneity, across_normalization)
 
     def enter(module: nn.Module, args: Any) -> None:
         tracer.scope.append(name_of.get(module, "?"))

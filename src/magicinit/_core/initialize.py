@@ -45,6 +45,7 @@ def init_(
     scale_mode: str = ScaleOptions.mode,
     scale_tolerance: float = ScaleOptions.tolerance,
     verify_rates: bool = ScaleOptions.verify,
+    across_normalization: bool = ScaleOptions.across_normalization,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
@@ -57,9 +58,10 @@ def init_(
     rescales layers, keeping the network's function, so that their relative
     change rates :math:`C_k = \sqrt{E\|\nabla_{W_k} L\|^2 / \|W_k\|^2}` under
     back-propagated Gaussian noise are as equal as the graph allows.
-    Normalization layers (batch, layer, group, instance, RMS norm) leave the
-    scale of their input free: their ``eps`` and running statistics are
-    scaled with it, so train- and eval-mode outputs are kept.
+    A normalization layer (batch, layer, group, instance, RMS norm) fixes the
+    scale of its input unless ``across_normalization``: then its ``eps`` and
+    running statistics are scaled with that input, so train- and eval-mode
+    outputs are kept.
 
     Args:
         model: any ``nn.Module``; every weight its forward applies by convolution, transposed
@@ -95,6 +97,11 @@ def init_(
         verify_rates: measure the change rates again after an exact rescaling; by default the
             report's rates after Part 2 are predicted (each measured rate times its layer's known
             factor), which saves a second measurement.
+        across_normalization: also rescale the layers whose outputs a normalization layer
+            normalizes (scaling its ``eps`` and running statistics to match). Off by default:
+            those layers' rates are then free, and Part 2 would set them to what the other
+            layers allow (in a batch-norm CNN, the head's), which slowed training in
+            ``bench/train.py --experiment batch-norm``.
         process_group: the ``torch.distributed`` processes that initialize this model together,
             each on its own shard of the data: every statistic is reduced over them and all end
             with bit-identical weights (``samples`` is per process). ``"default"``: the default
@@ -114,7 +121,8 @@ def init_(
         sampler=sampler, within=within, between=between, beta=beta, seed=seed, samples=samples, forward=forward,
         skip=skip, include_frozen=include_frozen, progress=progress, patch_budget_mb=patch_budget_mb,
         rate_chunk_size=rate_chunk_size, rate_precision=rate_precision, rate_max_rounds=rate_max_rounds,
-        scale_mode=scale_mode, scale_tolerance=scale_tolerance, verify_rates=verify_rates))
+        scale_mode=scale_mode, scale_tolerance=scale_tolerance, verify_rates=verify_rates,
+        across_normalization=across_normalization))
     beta, seed, samples, skip, patch_budget_mb, scale_tolerance = (
         checked[k] for k in ("beta", "seed", "samples", "skip", "patch_budget_mb", "scale_tolerance"))
     rate_chunk_size, rate_precision, rate_max_rounds = (
@@ -122,11 +130,13 @@ def init_(
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     chosen_sampler = get_sampler(sampler)
     rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
-    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance, verify=verify_rates)
+    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance, verify=verify_rates,
+                           across_normalization=across_normalization)
     settings = {
         "sampler": sampler_name(sampler), "within": within, "between": between, "beta": beta, "seed": seed,
         "samples": samples, "patch_budget_mb": patch_budget_mb, **rates.keywords(),
         "scale_mode": scale_mode, "scale_tolerance": scale_tolerance, "verify_rates": verify_rates,
+        "across_normalization": across_normalization,
     }
     session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
                             include_frozen=include_frozen, progress=progress, rates=rates, scaling=scaling,
@@ -165,6 +175,7 @@ def rescale_(
     scale_mode: str = ScaleOptions.mode,
     scale_tolerance: float = ScaleOptions.tolerance,
     verify_rates: bool = ScaleOptions.verify,
+    across_normalization: bool = ScaleOptions.across_normalization,
     process_group: ProcessGroupArg = "default",
 ) -> Report:
     """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
@@ -181,7 +192,8 @@ def rescale_(
         model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
         include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
         rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
-        scale_tolerance=scale_tolerance, verify_rates=verify_rates, process_group=process_group,
+        scale_tolerance=scale_tolerance, verify_rates=verify_rates, across_normalization=across_normalization,
+        process_group=process_group,
     )
 
 

@@ -233,7 +233,7 @@ def start_session(
     checked_forward = guard_forward(forward or default_forward)
     error, gathered = None, None
     try:
-        gathered = _gather_and_trace(model, data, samples, index, checked_forward)
+        gathered = _gather_and_trace(model, data, samples, index, checked_forward, scaling.across_normalization)
     except MagicInitError as exc:
         if collective is None:
             raise
@@ -284,18 +284,26 @@ class _Gathered:
 
 
 def _gather_and_trace(
-    model: nn.Module, data: Tensor | Iterable[Batch], samples: int, index: UnitIndex, forward: ForwardFn
+    model: nn.Module,
+    data: Tensor | Iterable[Batch],
+    samples: int,
+    index: UnitIndex,
+    forward: ForwardFn,
+    across_normalization: bool = False,
 ) -> _Gathered:
-    """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them."""
+    """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them
+    (``across_normalization``: see ``ScaleOptions``)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is None:
         raise MagicInitError(f"model {type(model).__name__} has no floating-point parameter to initialize")
     batch = gather_batch(data, samples, weight.device, weight.dtype)
-    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index)
+    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index, across_normalization)
     return _Gathered(batch, graph, notes)
 
 
-def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex) -> tuple[LayerGraph, list[str]]:
+def _trace(
+    model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex, across_normalization: bool = False
+) -> tuple[LayerGraph, list[str]]:
     """The graph, traced on ``probe`` in eval mode, and notes.
 
     If tracing fails, the model runs on ``probe`` as it is: an error there is
@@ -304,7 +312,7 @@ def _trace(model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex)
     """
     with evaluating(model), torch.no_grad():
         try:
-            return trace_graph(model, probe, forward, index), []
+            return trace_graph(model, probe, forward, index, across_normalization=across_normalization), []
         except Exception as exc:
             forward(model, probe)  # raises the data's error, if it is one
             cause = exc.__cause__ if isinstance(exc, MagicInitError) and exc.__cause__ is not None else exc

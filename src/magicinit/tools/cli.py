@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     scaling.add_argument("--verify-rates", action="store_true",
                          help="measure the change rates again after an exact rescaling (default: predicted)")
+    scaling.add_argument("--across-normalization", action="store_true",
+                         help="Part 2 also rescales layers whose outputs a normalization layer normalizes "
+                              "(default: a normalization fixes its input's scale)")
 
     init = commands.add_parser("init", parents=[common, model, rates, scaling],
                                help="initialize a model, write its weights",
@@ -477,8 +480,9 @@ def _run_rescale(args: argparse.Namespace) -> None:
 
 
 def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 2's ``scale_mode`` and ``scale_tolerance`` (init and rescale; argparse checked them)."""
-    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance, verify_rates=args.verify_rates)
+    """Part 2's scale options (init and rescale; argparse checked them)."""
+    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance, verify_rates=args.verify_rates,
+                across_normalization=args.across_normalization)
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
