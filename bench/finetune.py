@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from results_file import BENCH, commit, replace_section
+from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
 from torch import Tensor, nn
 from train import BATCH_SIZE, DEFAULT_DATA_ROOT, INIT_SAMPLES, Dataset, load_mnist, load_usps
 
@@ -80,7 +80,6 @@ CLASSES = 10
 ROTATIONS = 4
 LABELED = 1_000
 LABELED_TEXT = "1 000"
-DIVERGED_ACCURACY = 0.1  # a diverged run counts as chance
 TASKS: dict[str, Callable[[Path], Dataset]] = {"MNIST": load_mnist, "USPS": load_usps}
 
 Initializer = Callable[[nn.Module, Tensor, int], object]
@@ -266,20 +265,10 @@ def run_all(args: argparse.Namespace) -> tuple[list[Pretraining], list[Run]]:
     return pretrainings, runs
 
 
-def accuracies(runs: list[Run], key: str) -> list[float]:
-    """``key`` of each run (in seed order), a diverged run counting as 10 %."""
-    return [DIVERGED_ACCURACY if run.diverged else getattr(run, key) for run in sorted(runs, key=lambda r: r.seed)]
-
-
 def select(runs: list[Run], task: str, row: str, learning_rate: float | None = None) -> list[Run]:
     """The runs of (task, row), at one learning rate if given."""
     return [run for run in runs if (run.task, run.row) == (task, row)
             and (learning_rate is None or run.learning_rate == learning_rate)]
-
-
-def chosen_learning_rate(runs: list[Run], task: str, row: str, lrs: list[float]) -> float:
-    """The learning rate with the best mean validation accuracy over seeds."""
-    return max(lrs, key=lambda lr: statistics.fmean(accuracies(select(runs, task, row, lr), "validation_accuracy")))
 
 
 def spread_text(values: list[float]) -> str:
@@ -296,7 +285,7 @@ def task_tables(runs: list[Run], task: str, args: argparse.Namespace) -> str:
     validation: dict[str, float] = {}
     rows = []
     for row in args.rows:
-        chosen = chosen_learning_rate(runs, task, row, args.lrs)
+        chosen = best_learning_rate(args.lrs, lambda lr: select(runs, task, row, lr))
         at_chosen[row] = accuracies(select(runs, task, row, chosen), "test_accuracy")
         validation[row] = statistics.fmean(accuracies(select(runs, task, row, chosen), "validation_accuracy"))
         cells = []
@@ -356,6 +345,7 @@ def write_raw(pretrainings: list[Pretraining], runs: list[Run], args: argparse.N
 
 
 def main() -> None:
+    """Parse the arguments, run everything, write the section of RESULTS.md and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder with mnist/ and usps/ (default ../shared/data)")

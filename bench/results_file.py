@@ -1,9 +1,13 @@
-"""What the benchmark scripts share: the library's commit, and their sections of ``bench/RESULTS.md``."""
+"""What the benchmark scripts share: the library's commit, their sections of ``bench/RESULTS.md``, and how
+a training run's accuracy is read (a diverged run counts as chance) and its learning rate chosen."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 
@@ -29,3 +33,17 @@ def replace_section(results: Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)
+
+
+DIVERGED_ACCURACY = 0.1  # a diverged run counts as chance (10 classes)
+
+
+def accuracies(runs: Sequence[Any], key: str) -> list[float]:
+    """``key`` (``"test_accuracy"``, ``"validation_accuracy"``) of each run in seed order; a run whose
+    ``diverged`` is true counts as ``DIVERGED_ACCURACY``."""
+    return [DIVERGED_ACCURACY if run.diverged else getattr(run, key) for run in sorted(runs, key=lambda r: r.seed)]
+
+
+def best_learning_rate(lrs: Sequence[float], runs_at: Callable[[float], Sequence[Any]]) -> float:
+    """The learning rate whose runs (``runs_at(lr)``, one per seed) have the best mean validation accuracy."""
+    return max(lrs, key=lambda lr: statistics.fmean(accuracies(runs_at(lr), "validation_accuracy")))

@@ -72,7 +72,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from results_file import BENCH, commit, replace_section
+from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
 from torch import Tensor, nn
 
 import magicinit
@@ -190,6 +190,7 @@ class Network:
 
 
 def _caffenet(depth: int, width: int) -> nn.Module:
+    """The CaffeNet layout at ``CAFFENET_WIDTH`` (its 8 affine layers are its depth; ``width`` is the plain nets')."""
     if depth != 8:
         raise SystemExit(f"caffenet has 8 affine layers; --depths {depth} does not apply")
     return caffenet(in_channels=1, classes=10, width=CAFFENET_WIDTH)
@@ -410,19 +411,9 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _accuracies(runs: list[Run], key: str) -> list[float]:
-    """Per seed; a diverged run counts as chance (10 %)."""
-    return [0.1 if run.diverged else getattr(run, key) for run in runs]
-
-
 def _select(runs: list[Run], dataset: str, depth: int, init: str, lr: float | None = None) -> list[Run]:
     return [r for r in runs if (r.dataset, r.depth, r.init) == (dataset, depth, init)
             and (lr is None or r.learning_rate == lr)]
-
-
-def best_learning_rate(runs: list[Run], dataset: str, depth: int, init: str, lrs: list[float]) -> float:
-    """The learning rate with the best mean validation accuracy over seeds."""
-    return max(lrs, key=lambda lr: _mean(_accuracies(_select(runs, dataset, depth, init, lr), "validation_accuracy")))
 
 
 def _percent(values: list[float], spread: bool) -> str:
@@ -443,14 +434,14 @@ def tables(runs: list[Run], args: argparse.Namespace) -> str:
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             best_mean, rows = {}, []
             for init in args.inits:
-                chosen = best_learning_rate(runs, name, depth, init, args.lrs)
-                at_best = _accuracies(_select(runs, name, depth, init, chosen), "test_accuracy")
+                chosen = best_learning_rate(args.lrs, lambda lr: _select(runs, name, depth, init, lr))
+                at_best = accuracies(_select(runs, name, depth, init, chosen), "test_accuracy")
                 best_mean[init] = _mean(at_best)
                 cells = []
                 for lr in args.lrs:
                     selected = _select(runs, name, depth, init, lr)
                     diverged = sum(r.diverged for r in selected)
-                    cells.append(_percent(_accuracies(selected, "test_accuracy"), False)
+                    cells.append(_percent(accuracies(selected, "test_accuracy"), False)
                                  + (f" ({diverged} div.)" if diverged else ""))
                 all_runs = _select(runs, name, depth, init)
                 rows.append([init, *cells, f"{chosen:g}", _percent(at_best, True),
@@ -481,7 +472,7 @@ def write_figures(runs: list[Run], args: argparse.Namespace) -> list[Path]:
         for depth in args.depths:
             curves = {}
             for init in args.inits:
-                chosen = best_learning_rate(runs, dataset, depth, init, args.lrs)
+                chosen = best_learning_rate(args.lrs, lambda lr: _select(runs, dataset, depth, init, lr))
                 seed_runs = _select(runs, dataset, depth, init, chosen)
                 length = min(len(r.losses) for r in seed_runs)
                 mean_curve = [_mean([r.losses[i] for r in seed_runs]) for i in range(length)]

@@ -349,9 +349,9 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
 
 def test_cli_scale_mode_reaches_the_report(tmp_path: Path) -> None:
     result = run_cli("init", "plain-cnn", "--data", "smooth", *SMALL, "--out", "w.pt", "--report", "r.json",
-                     "--scale-mode", "approximate", "--scale-tolerance", "0.02", "--verify-rates", "--quiet",
-                     cwd=tmp_path)
+                     "--scale-mode", "approximate", "--scale-tolerance", "0.02", "--verify-rates",
+                     "--across-normalization", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert settings["scale_mode"] == "approximate" and settings["scale_tolerance"] == 0.02
-    assert settings["verify_rates"] is True
+    assert settings["verify_rates"] is True and settings["across_normalization"] is True

@@ -42,7 +42,7 @@ BAD_ARGUMENTS = [
     ("rate_precision", math.nan), ("rate_max_rounds", 1), ("sampler", ["kmeans"]), ("sampler", None),
     ("within", "yes"), ("between", 1), ("include_frozen", None), ("progress", "no"), ("verify_rates", 0),
     ("scale_mode", ["exact"]), ("scale_mode", "fast"), ("scale_tolerance", 1.0), ("scale_tolerance", "0.1"),
-    ("forward", "model"),
+    ("forward", "model"), ("across_normalization", 1), ("across_normalization", "no"),
 ]
 
 

@@ -70,7 +70,8 @@ def init_(
         data: a batch (tensor, ``(inputs, targets)`` tuple, dict) or an iterable of batches.
         sampler: how filters are first drawn: ``"gaussian"``, ``"orthogonal"``, ``"keep"`` (the
             present weights), or from the layer's input patches: ``"pca"``, ``"zca"``,
-            ``"kmeans"``, ``"patches"`` (see docs/method.md, Part 3); a name added with
+            ``"kmeans"`` (= ``"kmeans-reference"``, the authors' construction), ``"kmeans-full"``,
+            ``"patches"`` (see docs/method.md, Part 3); a name added with
             ``register_sampler``, or a callable ``(SamplerRequest) -> filters``.
         within: run Part 1.
         between: run Part 2.
@@ -182,7 +183,10 @@ def rescale_(
 
     For fine-tuning a pre-trained network: the layers are rescaled as in
     ``init_(..., within=False)``; outputs stay the same up to rounding (in the
-    default ``scale_mode="exact"``). The arguments are those of ``init_``.
+    default ``scale_mode="exact"``). The arguments are those of ``init_``. By
+    default a layer before a normalization keeps its scale (in a ResNet, most
+    layers); ``across_normalization=True`` rescales those too. bench/finetune.py
+    measures ``rescale_`` on a pre-trained plain CNN without normalization.
 
     Example:
         >>> report = magicinit.rescale_(pretrained, loader, seed=0)  # doctest: +SKIP

@@ -184,6 +184,8 @@ WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (re
 RANK_TOLERANCE = 1e-5
 # The reference whitened onto the top directions with 1e-3 added to the eigenvalues of its
 # patch scatter matrix (pixels in 0..255): negligible, here relative to the mean eigenvalue.
+# With fewer input directions than filters (first layers), every direction down to RANK_TOLERANCE is then
+# whitened almost unregularized, as the reference did; bench/train.py --experiment kmeans favoured it.
 TOP_WHITENING_EPSILON = 1e-6
 MINIBATCH_PER_CLUSTER = 10  # mini-batch k-means: points per batch, per cluster (the reference's batch_size=10k)
 MINIBATCH_EPOCHS = 10  # mini-batch k-means: passes over the patches (in random batches)
@@ -440,29 +442,34 @@ def _spherical_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
 
 
 def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
-    """Euclidean mini-batch k-means (Sculley, 2010) of ``points`` (groups, M, fan), as the reference ran it.
+    """Euclidean mini-batch k-means (Sculley, 2010) of ``points`` (groups, M, fan), after the reference.
 
     k-means++ seeds; then ``MINIBATCH_EPOCHS`` passes in random batches of
     ``MINIBATCH_PER_CLUSTER`` points per cluster (the reference's scikit-learn
     ``batch_size``): each point joins the nearest centroid (Euclidean), and each
     centroid moves to the running mean of every point it was given so far (per-centre
     learning rate ``1 / count``). Centroids that never got a point take random points.
-    With several processes, each rank draws its batches from its own points and the
-    batch sums are added over the ranks.
+    With several processes, every batch is shared out among the ranks in proportion
+    to the points each holds, and the batch sums are added over the ranks.
+
+    Where this differs from the scikit-learn ``MiniBatchKMeans`` the reference called
+    with its defaults: plain (not greedy) k-means++ seeding, one start (not the best
+    of several), a fixed number of passes (no early stopping), and no re-assignment of
+    clusters that stay small during the passes.
     """
     centroids = _seeds(points, clusters, request)
     collective = request.collective
     groups, count, fan = points.shape
     offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)
-    batch = min(count, MINIBATCH_PER_CLUSTER * clusters)
-    steps_per_epoch = -(-count // batch)
-    if collective is not None:  # the same number of steps on every rank
-        steps_per_epoch = int(collective.max(steps_per_epoch))
+    wanted = MINIBATCH_PER_CLUSTER * clusters
+    total = count if collective is None else collective.total(count)
+    steps_per_epoch = max(1, -(-total // wanted))  # alike on every rank
+    batch = min(count, -(-wanted * count // total)) if total else 0  # this rank's share of each batch
     generator = request.own_data_generator()
     seen = points.new_zeros(groups, clusters)
     with _iterations(request, "kmeans", MINIBATCH_EPOCHS * steps_per_epoch) as steps:
         for _ in steps:
-            chosen = points[:, _subsample(count, batch, generator, points.device)]
+            chosen = points[:, _subsample(count, batch, generator, points.device)]  # (groups, batch, fan)
             distance = centroids.square().sum(-1).unsqueeze(1) - 2 * chosen @ centroids.transpose(1, 2)
             sums, members = _cluster_sums(chosen, distance.argmin(dim=-1), offsets, clusters)
             if collective is not None:
@@ -529,7 +536,7 @@ length; centroids come from ``_spherical_kmeans`` and are mapped back through
 the whitening."""))
 
 kmeans_reference = register_sampler("kmeans-reference")(_kmeans(_minibatch_kmeans, True, """\
-k-means as the authors' reference implementation ran it, one centroid per output channel.
+k-means after the authors' reference implementation, one centroid per output channel.
 
 The patches are centred, whitened onto only the top directions (as many as the
 layer has filters per group) with a negligible epsilon, normalized to unit
