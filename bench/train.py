@@ -364,13 +364,16 @@ def run_all(args: argparse.Namespace) -> list[Run]:
     total = len(args.datasets) * len(args.depths) * len(args.inits) * len(args.seeds) * len(args.lrs)
     for dataset_name in args.datasets:
         loaded = DATASETS[dataset_name](args.data_root)
+        resized: dict[int, Dataset] = {}  # image size -> the dataset at that size, resized once
         print(f"{loaded.name}: {len(loaded.train[0])} train, {len(loaded.validation[0])} validation, "
               f"{len(loaded.test[0])} test images", flush=True)
         for depth in args.depths:
             for init_name in args.inits:
                 row = experiment.rows[init_name]
                 network = NETWORKS[row.network]
-                data = _at_size(loaded, network.image_size)
+                if network.image_size not in resized:
+                    resized[network.image_size] = _at_size(loaded, network.image_size)
+                data = resized[network.image_size]
                 for seed in args.seeds:
                     torch.manual_seed(seed)
                     model = network.build(depth, args.width)

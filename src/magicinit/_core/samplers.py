@@ -418,7 +418,6 @@ def _spherical_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
     collective = request.collective
     assignment = None
     groups, count, fan = points.shape
-    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)  # a cluster index per group
     with _iterations(request, "kmeans", KMEANS_ITERATIONS) as steps:
         for _ in steps:
             new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
@@ -430,7 +429,7 @@ def _spherical_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
             if changed <= KMEANS_SETTLED * total:
                 break
             assignment = new_assignment
-            sums, members = _cluster_sums(points, assignment, offsets, clusters)
+            sums, members = _cluster_sums(points, assignment, clusters)
             if collective is not None:
                 sums, members = collective.sum(sums), collective.sum(members)
             empty = members == 0
@@ -460,7 +459,6 @@ def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
     centroids = _seeds(points, clusters, request)
     collective = request.collective
     groups, count, fan = points.shape
-    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)
     wanted = MINIBATCH_PER_CLUSTER * clusters
     total = count if collective is None else collective.total(count)
     steps_per_epoch = max(1, -(-total // wanted))  # alike on every rank
@@ -471,7 +469,7 @@ def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
         for _ in steps:
             chosen = points[:, _subsample(count, batch, generator, points.device)]  # (groups, batch, fan)
             distance = centroids.square().sum(-1).unsqueeze(1) - 2 * chosen @ centroids.transpose(1, 2)
-            sums, members = _cluster_sums(chosen, distance.argmin(dim=-1), offsets, clusters)
+            sums, members = _cluster_sums(chosen, distance.argmin(dim=-1), clusters)
             if collective is not None:
                 sums, members = collective.sum(sums), collective.sum(members)
             seen += members
@@ -498,10 +496,11 @@ def _seeds(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
     return centroids
 
 
-def _cluster_sums(points: Tensor, assignment: Tensor, offsets: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
+def _cluster_sums(points: Tensor, assignment: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
     """Per group and cluster, the sum of the points assigned to it and their count (by scatter,
     not a one-hot product): ``(groups, clusters, fan)`` and ``(groups, clusters)``."""
     groups, _, fan = points.shape
+    offsets = (torch.arange(groups, device=points.device) * clusters).unsqueeze(1)  # a cluster index per group
     flat = (assignment + offsets).flatten()
     sums = points.new_zeros(groups * clusters, fan).index_add_(0, flat, points.reshape(-1, fan))
     members = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters).to(points.dtype)
