@@ -66,14 +66,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
 from torch import Tensor, nn
-from train import BATCH_SIZE, DEFAULT_DATA_ROOT, INIT_SAMPLES, Dataset, load_mnist, load_usps
 
 import magicinit
 from magicinit.tools.baselines import BASELINES
 from magicinit.tools.demo import evaluate, train
 from magicinit.tools.nets import plain_cnn
+from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
+from train import BATCH_SIZE, DEFAULT_DATA_ROOT, INIT_SAMPLES, Dataset, load_mnist, load_usps
 
 WIDTH = 16
 CLASSES = 10
@@ -93,8 +93,11 @@ def head_name(model: nn.Module) -> str:
 def init_head(model: nn.Module, images: Tensor, seed: int) -> None:
     """Part 1 of ``init_`` on the head alone: every other module is skipped, no rescaling."""
     head = head_name(model)
-    others = [name for name, _ in model.named_modules()
-              if name and name != head and not head.startswith(name + ".") and not name.startswith(head + ".")]
+    others = [
+        name
+        for name, _ in model.named_modules()
+        if name and name != head and not head.startswith(name + ".") and not name.startswith(head + ".")
+    ]
     magicinit.init_(model, images, seed=seed, between=False, skip=others)
 
 
@@ -112,14 +115,18 @@ class RowSpec:
     initialize: Initializer
 
 
-RESCALED, MAGIC_HEAD, DEFAULT_HEAD = ("rotation pre-trained + rescale_", "rotation pre-trained, magicinit head",
-                                      "rotation pre-trained, default head")
+RESCALED, MAGIC_HEAD, DEFAULT_HEAD = (
+    "rotation pre-trained + rescale_",
+    "rotation pre-trained, magicinit head",
+    "rotation pre-trained, default head",
+)
 ROWS: dict[str, RowSpec] = {
     "torch default": RowSpec(False, lambda model, images, seed: BASELINES["default"](model)),
     "kaiming normal": RowSpec(False, lambda model, images, seed: BASELINES["kaiming"](model)),
     "magicinit (gaussian)": RowSpec(False, lambda model, images, seed: magicinit.init_(model, images, seed=seed)),
     "magicinit (kmeans)": RowSpec(
-        False, lambda model, images, seed: magicinit.init_(model, images, seed=seed, sampler="kmeans")),
+        False, lambda model, images, seed: magicinit.init_(model, images, seed=seed, sampler="kmeans")
+    ),
     DEFAULT_HEAD: RowSpec(True, lambda model, images, seed: None),
     MAGIC_HEAD: RowSpec(True, init_head),
     RESCALED: RowSpec(True, init_head_and_rescale),
@@ -214,8 +221,9 @@ def fine_tune(model: nn.Module, task: Dataset, run: Run, steps: int) -> Run:
     """Train a copy of ``model`` on the task's labeled images (``run`` gives seed and learning rate); fill ``run``."""
     tuned = copy.deepcopy(model)
     start = time.perf_counter()
-    losses = train(tuned, *task.train, steps=steps, batch_size=BATCH_SIZE, learning_rate=run.learning_rate,
-                   seed=run.seed)
+    losses = train(
+        tuned, *task.train, steps=steps, batch_size=BATCH_SIZE, learning_rate=run.learning_rate, seed=run.seed
+    )
     run.train_seconds = time.perf_counter() - start
     run.final_train_loss = statistics.fmean(losses[-max(1, len(losses) // 10) :])
     run.diverged = not math.isfinite(losses[-1])
@@ -242,9 +250,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[Pretraining], list[Run]]:
         record.seconds = time.perf_counter() - start
         record.pretext_accuracy = pretext_accuracy(pretrained, mnist.validation[0])
         pretrainings.append(record)
-        print(f"pre-training seed {seed}: {record.steps} steps in {record.seconds:.1f} s, final loss "
-              f"{record.losses[-1]:.3f}, pretext accuracy {100 * record.pretext_accuracy:.2f}% (chance 25%)",
-              flush=True)
+        print(
+            f"pre-training seed {seed}: {record.steps} steps in {record.seconds:.1f} s, final loss "
+            f"{record.losses[-1]:.3f}, pretext accuracy {100 * record.pretext_accuracy:.2f}% (chance 25%)",
+            flush=True,
+        )
         for task in tasks:
             pick = torch.randperm(LABELED, generator=torch.Generator().manual_seed(seed))[:INIT_SAMPLES]
             init_images = task.train[0][pick]
@@ -258,17 +268,23 @@ def run_all(args: argparse.Namespace) -> tuple[list[Pretraining], list[Run]]:
                 for learning_rate in args.lrs:
                     run = fine_tune(model, task, Run(task.name, row, seed, learning_rate, init_seconds), args.steps)
                     runs.append(run)
-                    print(f"[{len(runs)}/{total} {(time.perf_counter() - started) / 60:.1f} min] {task.name} "
-                          f"{row:<37} seed {seed} lr {learning_rate:<6g} "
-                          f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
-                          f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s)", flush=True)
+                    print(
+                        f"[{len(runs)}/{total} {(time.perf_counter() - started) / 60:.1f} min] {task.name} "
+                        f"{row:<37} seed {seed} lr {learning_rate:<6g} "
+                        f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
+                        f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s)",
+                        flush=True,
+                    )
     return pretrainings, runs
 
 
 def select(runs: list[Run], task: str, row: str, learning_rate: float | None = None) -> list[Run]:
     """The runs of (task, row), at one learning rate if given."""
-    return [run for run in runs if (run.task, run.row) == (task, row)
-            and (learning_rate is None or run.learning_rate == learning_rate)]
+    return [
+        run
+        for run in runs
+        if (run.task, run.row) == (task, row) and (learning_rate is None or run.learning_rate == learning_rate)
+    ]
 
 
 def spread_text(values: list[float]) -> str:
@@ -279,8 +295,7 @@ def spread_text(values: list[float]) -> str:
 def task_tables(runs: list[Run], task: str, args: argparse.Namespace) -> str:
     """The task's result table and its table of per-seed differences."""
     header = ["row", *(f"lr {lr:g}" for lr in args.lrs), "chosen lr", "test acc % (± half range)", "init s"]
-    lines = [f"### {task}, {LABELED_TEXT} labels", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"### {task}, {LABELED_TEXT} labels", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     at_chosen: dict[str, list[float]] = {}  # row -> test accuracy per seed at its chosen lr
     validation: dict[str, float] = {}
     rows = []
@@ -292,8 +307,10 @@ def task_tables(runs: list[Run], task: str, args: argparse.Namespace) -> str:
         for lr in args.lrs:
             selected = select(runs, task, row, lr)
             diverged = sum(run.diverged for run in selected)
-            cells.append(f"{100 * statistics.fmean(accuracies(selected, 'test_accuracy')):.2f}"
-                         + (f" ({diverged} div.)" if diverged else ""))
+            cells.append(
+                f"{100 * statistics.fmean(accuracies(selected, 'test_accuracy')):.2f}"
+                + (f" ({diverged} div.)" if diverged else "")
+            )
         init_seconds = statistics.fmean(run.init_seconds for run in select(runs, task, row))
         rows.append([row, *cells, f"{chosen:g}", spread_text(at_chosen[row]), f"{init_seconds:.2f}"])
     best = max(statistics.fmean(values) for values in at_chosen.values())
@@ -317,8 +334,7 @@ def difference_table(at_chosen: dict[str, list[float]], validation: dict[str, fl
         label = f"({minuend}) − ({subtrahend})"
         if subtrahend == best_scratch:
             label += " [best from scratch by validation]"
-        lines.append(f"| {label} | {spread_text(per_seed)} | "
-                     + ", ".join(f"{100 * d:+.2f}" for d in per_seed) + " |")
+        lines.append(f"| {label} | {spread_text(per_seed)} | " + ", ".join(f"{100 * d:+.2f}" for d in per_seed) + " |")
     return lines + [""]
 
 
@@ -339,16 +355,27 @@ def write_raw(pretrainings: list[Pretraining], runs: list[Run], args: argparse.N
     pretraining_lines = [json.dumps(_four_digits(asdict(record))) for record in pretrainings]
     run_lines = [json.dumps(_four_digits(asdict(run))) for run in runs]
     path = args.out_dir / "finetune_results.json"
-    path.write_text('{"settings": ' + json.dumps(settings) + ',\n"pretrainings": [\n' + ",\n".join(pretraining_lines)
-                    + '\n],\n"runs": [\n' + ",\n".join(run_lines) + "\n]}\n")
+    path.write_text(
+        '{"settings": '
+        + json.dumps(settings)
+        + ',\n"pretrainings": [\n'
+        + ",\n".join(pretraining_lines)
+        + '\n],\n"runs": [\n'
+        + ",\n".join(run_lines)
+        + "\n]}\n"
+    )
     return path
 
 
 def main() -> None:
     """Parse the arguments, run everything, write the section of RESULTS.md and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                        help="folder with mnist/ and usps/ (default ../shared/data)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help="folder with mnist/ and usps/ (default ../shared/data)",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     parser.add_argument("--depth", type=int, default=10, help="affine layers of the plain CNN")
@@ -358,11 +385,19 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=3000, help="rotation pre-training steps (batch 128)")
     parser.add_argument("--pretrain-lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke test: one seed, learning rates 0.003 and "
-                        "0.01, 500 pre-training and 100 fine-tuning steps (not for conclusions)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: one seed, learning rates 0.003 and "
+        "0.01, 500 pre-training and 100 fine-tuning steps (not for conclusions)",
+    )
     parser.add_argument("--out-dir", type=Path, default=BENCH, help="where the JSON goes")
-    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
-                        help="the markdown file whose '## bench/finetune.py' section is replaced")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH / "RESULTS.md",
+        help="the markdown file whose '## bench/finetune.py' section is replaced",
+    )
     args = parser.parse_args()
     if not (args.data_root / "mnist").exists():
         parser.error(f"--data-root {args.data_root}: no mnist/ there (see ../shared/data/SOURCES.md)")
@@ -381,7 +416,7 @@ def main() -> None:
         f"## bench/finetune.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {library_commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU, {minutes:.1f} minutes:\n\n"
-        f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
+        f'```\npip install -c constraints.txt -e ".[bench]"\n{command}\n```\n\n'
         + ("**--quick: a smoke test (one seed, few steps), not for conclusions.**\n\n" if args.quick else "")
         + f"Pre-training without labels: predict the rotation (0/90/180/270 degrees) of the 10 000 MNIST training "
         f"images, plain_cnn(depth {args.depth}, width {WIDTH}, 4 outputs), kaiming normal, {args.pretrain_steps} "
@@ -395,9 +430,14 @@ def main() -> None:
         "Differences: per seed, each row at its chosen learning rate, then mean ± half the range.\n\n"
         f"Pretext (rotation) accuracy on the 2 000 MNIST validation images in all 4 rotations, chance 25 %: "
         f"{pretext}.\n\n"
-        + (f"**Pretext accuracy below 50 % for seed(s) {', '.join(str(p.seed) for p in low)}: the pre-trained "
-           "rows say little.**\n\n" if low else "")
-        + body + "\n"
+        + (
+            f"**Pretext accuracy below 50 % for seed(s) {', '.join(str(p.seed) for p in low)}: the pre-trained "
+            "rows say little.**\n\n"
+            if low
+            else ""
+        )
+        + body
+        + "\n"
     )
     replace_section(args.results, "## bench/finetune.py", section)
     raw = write_raw(pretrainings, runs, args)

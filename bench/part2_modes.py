@@ -31,11 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from results_file import BENCH, commit, replace_section
 from torch import nn
 
 import magicinit
 from magicinit.tools.nets import caffenet
+from results_file import BENCH, commit, replace_section
 
 AFFINE = (nn.Conv2d, nn.Linear)
 
@@ -53,8 +53,9 @@ def noise_rates(model: nn.Module, x: torch.Tensor, seed: int = 123, rounds: int 
             for name, grad in zip(weights, grads):
                 totals[name] += float(grad.double().square().sum())
     draws = rounds * len(x)
-    return {name: math.sqrt(totals[name] / draws / float(w.detach().double().square().sum()))
-            for name, w in weights.items()}
+    return {
+        name: math.sqrt(totals[name] / draws / float(w.detach().double().square().sum())) for name, w in weights.items()
+    }
 
 
 def spreads(rates: dict[str, float]) -> tuple[float, float]:
@@ -74,14 +75,30 @@ def output_changes(reference: torch.Tensor, output: torch.Tensor) -> tuple[float
 def tanh_cnn() -> nn.Module:
     """A tanh CNN whose first layer is scaled down after Part 1, so tanh works near its linear range."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
 def gelu_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
-                         nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 16 * 16, 256),
+        nn.GELU(),
+        nn.Linear(256, 256),
+        nn.GELU(),
+        nn.Linear(256, 256),
+        nn.GELU(),
+        nn.Linear(256, 10),
+    )
 
 
 def shrink_first_layer(model: nn.Module) -> None:
@@ -135,8 +152,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="Gaussian init samples (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
-                        help="the markdown file whose '## bench/part2_modes.py' section is replaced")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH / "RESULTS.md",
+        help="the markdown file whose '## bench/part2_modes.py' section is replaced",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header = [
@@ -150,7 +171,7 @@ def main() -> int:
     section = (
         f"## bench/part2_modes.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library "
         f"at commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, CPU:\n\n```\npip install -c constraints.txt -e \".[test,bench]\"\n"
+        f'{args.threads} threads, CPU:\n\n```\npip install -c constraints.txt -e ".[test,bench]"\n'
         f"python bench/part2_modes.py\n```\n\n"
         f"{args.samples} Gaussian init samples; Part 1 first, then `rescale_` in each mode on copies of the same "
         "weights (defaults: scale_tolerance 0.05). Spreads from this script's own noise back-propagation; output "

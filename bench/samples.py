@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from results_file import BENCH, commit, replace_section
 from torch import Tensor, nn
-from train import BATCH_SIZE, DEFAULT_DATA_ROOT, load_mnist
 
 import magicinit
 from magicinit.tools.demo import evaluate, train
 from magicinit.tools.nets import plain_cnn
+from results_file import BENCH, commit, replace_section
+from train import BATCH_SIZE, DEFAULT_DATA_ROOT, load_mnist
 
 
 @dataclass
@@ -66,8 +66,11 @@ def channel_errors(model: nn.Module, images: Tensor) -> tuple[float, float, floa
     """RMS over all channels of ``std - 1`` and of ``mean / std`` of every conv/linear output on
     ``images`` (forward hooks), and the largest per-layer RMS of ``std - 1``."""
     outputs: list[Tensor] = []
-    hooks = [module.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
-             for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        module.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+        for module in model.modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
     try:
         with torch.no_grad():
             model.eval()(images)
@@ -116,15 +119,20 @@ def measure(args: argparse.Namespace) -> list[Row]:
             train(model, *data.train, steps=args.steps, batch_size=BATCH_SIZE, learning_rate=args.lr, seed=seed)
             accuracy = evaluate(model, *data.test)[0]
             rows.append(Row(samples, seed, std_error, mean_error, worst, spread, accuracy, init_seconds))
-            print(f"  samples {samples:5d} seed {seed}: std error {std_error:.3f}, mean error {mean_error:.3f}, "
-                  f"spread {spread:.2f}, test {100 * accuracy:.2f} %, init {init_seconds:.1f} s", flush=True)
+            print(
+                f"  samples {samples:5d} seed {seed}: std error {std_error:.3f}, mean error {mean_error:.3f}, "
+                f"spread {spread:.2f}, test {100 * accuracy:.2f} %, init {init_seconds:.1f} s",
+                flush=True,
+            )
     return rows
 
 
 def table(rows: list[Row], args: argparse.Namespace) -> str:
-    lines = ["| init samples | RMS (std - 1), held out | RMS mean / std, held out | worst layer's RMS (std - 1) "
-             "| rate spread on held-out data | test accuracy | init_ seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| init samples | RMS (std - 1), held out | RMS mean / std, held out | worst layer's RMS (std - 1) "
+        "| rate spread on held-out data | test accuracy | init_ seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for samples in args.samples:
         mine = [row for row in rows if row.samples == samples]
         accuracies = [100 * row.test_accuracy for row in mine]
@@ -135,14 +143,19 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
             f"| {statistics.mean(r.worst_layer_std_error for r in mine):.3f} "
             f"| {statistics.mean(r.spread for r in mine):.2f} "
             f"| {statistics.mean(accuracies):.2f} % ± {half_range:.2f} "
-            f"| {statistics.mean(r.init_seconds for r in mine):.2f} |")
+            f"| {statistics.mean(r.init_seconds for r in mine):.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None,
-                        help="folder holding mnist/ (default: ../shared/data when it exists)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None,
+        help="folder holding mnist/ (default: ../shared/data when it exists)",
+    )
     parser.add_argument("--samples", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--depth", type=int, default=10, help="affine layers of the plain CNN")
@@ -161,7 +174,7 @@ def main() -> None:
         f"## bench/samples.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU, {(time.perf_counter() - started) / 60:.1f} minutes:\n\n"
-        f"```\npip install -c constraints.txt -e \".[bench]\"\npython bench/samples.py\n```\n\n"
+        f'```\npip install -c constraints.txt -e ".[bench]"\npython bench/samples.py\n```\n\n'
         f"MNIST 16 x 16, plain_cnn(depth {args.depth}, width 16), seeds {', '.join(map(str, args.seeds))} "
         f"(means over them; accuracy ± half the range). Channel statistics after Part 1 alone, read by hooks on "
         f"the 2 000 held-out validation images; rate spread after the whole init_, measured by diagnose on 256 "

@@ -18,7 +18,8 @@ random Gaussian inputs of shape (samples, 3, 32, 32), all in ONE run:
   the same samples, at every width of ``--sampler-widths`` (32 and 64; median of
   ``--repeats`` pairs); the target for kmeans is <= 5 at every width;
 * rescale_: the whole call ``magicinit.rescale_(model, x2, seed=0)`` (Part 2 alone, on the model after
-  Part 1, ``init_(between=False)``) over ``--part2-samples`` samples, divided by a forward+backward over the same samples
+  Part 1, ``init_(between=False)``) over ``--part2-samples`` samples, divided by a forward+backward over the same
+  samples
   timed right before it (median of ``--repeats`` pairs; the target at depth 16 is <= 4); then the
   rescaled model's change rates measured again by this script, independently of magicinit (one sample
   per draw, its own noise, plain autograd, ``--check-rounds`` draws per sample), and their largest
@@ -240,8 +241,7 @@ def measure_depth(
         result.seconds[FORWARD_BACKWARD].append(timed(lambda: forward_backward(model, part2_inputs), device)[0])
         model.zero_grad(set_to_none=True)
 
-        result.seconds[RESCALE_FORWARD_BACKWARD].append(
-            timed(lambda: forward_backward(model, part2_inputs), device)[0])
+        result.seconds[RESCALE_FORWARD_BACKWARD].append(timed(lambda: forward_backward(model, part2_inputs), device)[0])
         model.zero_grad(set_to_none=True)
         rescaled = copy.deepcopy(within_only)
         rescale_calls = count_model_calls(rescaled)
@@ -282,8 +282,10 @@ def independent_rates(model: nn.Module, inputs: Tensor, rounds: int, seed: int =
             for name, grad in zip(layers, grads):
                 totals[name] += float(grad.double().square().sum())
     draws = rounds * len(inputs)
-    return {name: math.sqrt(totals[name] / draws / float(m.weight.detach().double().square().sum()))
-            for name, m in layers.items()}
+    return {
+        name: math.sqrt(totals[name] / draws / float(m.weight.detach().double().square().sum()))
+        for name, m in layers.items()
+    }
 
 
 def build_model(depth: int, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -345,12 +347,25 @@ def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> d
     if not Path("/proc/self/statm").exists():
         return peaks
     for kind in MEMORY_PROBES:
-        command = [sys.executable, __file__, "--memory-probe", kind, "--depths", str(depth), "--width",
-                   str(args.width), "--samples", str(args.samples), "--no-lsuv"]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            kind,
+            "--depths",
+            str(depth),
+            "--width",
+            str(args.width),
+            "--samples",
+            str(args.samples),
+            "--no-lsuv",
+        ]
         if args.threads is not None:
             command += ["--threads", str(args.threads)]
-        runs = [int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-                for _ in range(MEMORY_REPEATS)]
+        runs = [
+            int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            for _ in range(MEMORY_REPEATS)
+        ]
         peaks[kind] = int(statistics.median(runs))
     return peaks
 
@@ -358,8 +373,9 @@ def peak_memory(depth: int, args: argparse.Namespace, device: torch.device) -> d
 SAMPLER_TARGETS = {"kmeans": 5.0}  # init time / gaussian's, on the --sampler-depth plain CNN
 
 
-def measure_samplers(args: argparse.Namespace, inputs: Tensor, device: torch.device,
-                     width: int) -> dict[str, list[float]]:
+def measure_samplers(
+    args: argparse.Namespace, inputs: Tensor, device: torch.device, width: int
+) -> dict[str, list[float]]:
     """Per sampler, the ratios of its Part 1 time to a gaussian Part 1 timed right before it, at ``width``."""
     torch.manual_seed(args.sampler_depth)
     model = plain_cnn(args.sampler_depth, width, in_channels=IMAGE_SHAPE[0], classes=CLASSES).to(device)
@@ -381,7 +397,9 @@ def sampler_table(ratios_by_width: dict[int, dict[str, list[float]]]) -> str:
     for width, ratios in ratios_by_width.items():
         for name, values in ratios.items():
             target = SAMPLER_TARGETS.get(name)
-            verdict = "-" if target is None else f"≤ {target}: {'PASS' if statistics.median(values) <= target else 'MISS'}"
+            verdict = (
+                "-" if target is None else f"≤ {target}: {'PASS' if statistics.median(values) <= target else 'MISS'}"
+            )
             pairs = "/".join(f"{v:.2f}" for v in values)
             lines.append(f"| {width} | {name} | {statistics.median(values):.2f} | {pairs} | {verdict} |")
     return "\n".join(lines)
@@ -413,13 +431,18 @@ def print_details(result: DepthResult) -> None:
     magicinit's warnings and notes.
     """
     timed_names = {
-        FORWARD: "forward", PART1_WALL: "Part 1", LSUV: "lsuv",
-        FORWARD_BACKWARD: "fwd+bwd (Part 2 samples)", PART2_BETWEEN: "Part 2",
-        RESCALE_FORWARD_BACKWARD: "fwd+bwd before rescale_", RESCALE: "rescale_",
+        FORWARD: "forward",
+        PART1_WALL: "Part 1",
+        LSUV: "lsuv",
+        FORWARD_BACKWARD: "fwd+bwd (Part 2 samples)",
+        PART2_BETWEEN: "Part 2",
+        RESCALE_FORWARD_BACKWARD: "fwd+bwd before rescale_",
+        RESCALE: "rescale_",
     }
     times = [
         f"{label} " + "/".join(f"{seconds:.3f}" for seconds in result.seconds[measurement])
-        for measurement, label in timed_names.items() if measurement in result.seconds
+        for measurement, label in timed_names.items()
+        if measurement in result.seconds
     ]
     calls = [f"{timed_names[measurement]} {count}" for measurement, count in result.model_calls.items()]
     paired = "/".join(
@@ -453,10 +476,21 @@ def memory_cell(result: DepthResult) -> str:
 
 def markdown_table(results: Sequence[DepthResult], args: argparse.Namespace) -> str:
     header = [
-        "depth", "forward s", "Part 1 s (within)", "Part 1 / forward", f"≤ {PART1_TARGET}?",
-        "lsuv s", "lsuv / forward", "lsuv / Part 1", "Part 2 / (fwd+bwd)", "Part 2 model calls (passes)",
-        "rate spread before → after", "rescale_ / (fwd+bwd)", f"≤ {RESCALE_TARGET:g}?",
-        "after rescale_, re-measured here: max deviation from geometric mean", "peak memory: init_ / (fwd+bwd)",
+        "depth",
+        "forward s",
+        "Part 1 s (within)",
+        "Part 1 / forward",
+        f"≤ {PART1_TARGET}?",
+        "lsuv s",
+        "lsuv / forward",
+        "lsuv / Part 1",
+        "Part 2 / (fwd+bwd)",
+        "Part 2 model calls (passes)",
+        "rate spread before → after",
+        "rescale_ / (fwd+bwd)",
+        f"≤ {RESCALE_TARGET:g}?",
+        "after rescale_, re-measured here: max deviation from geometric mean",
+        "peak memory: init_ / (fwd+bwd)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -508,28 +542,47 @@ def chosen_device(requested: str) -> torch.device:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32],
-                        help="conv+linear layers per model (at least 3)")
+    parser.add_argument(
+        "--depths", type=int, nargs="+", default=[8, 16, 32], help="conv+linear layers per model (at least 3)"
+    )
     parser.add_argument("--samples", type=int, default=256, help="samples for forward, Part 1 and lsuv")
-    parser.add_argument("--part2-samples", type=int, default=128,
-                        help="samples for Part 2 and its forward+backward reference")
+    parser.add_argument(
+        "--part2-samples", type=int, default=128, help="samples for Part 2 and its forward+backward reference"
+    )
     parser.add_argument("--width", type=int, default=32, help="channels of every conv")
-    parser.add_argument("--pairs", type=int, default=7,
-                        help="forward / Part 1 pairs timed back to back; the median pair ratio is reported")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="repeats of lsuv (each after a forward) and of Part 2; minimum times are kept")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=7,
+        help="forward / Part 1 pairs timed back to back; the median pair ratio is reported",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="repeats of lsuv (each after a forward) and of Part 2; minimum times are kept",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None,
-                        help="accepted for consistency with the other benches; this one uses Gaussian inputs")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT if DEFAULT_DATA_ROOT.is_dir() else None,
+        help="accepted for consistency with the other benches; this one uses Gaussian inputs",
+    )
     parser.add_argument("--quick", action="store_true", help="depths 8 16, 1 repeat")
     parser.add_argument("--no-lsuv", action="store_true", help="leave out the lsuv measurements")
     parser.add_argument("--sampler-depth", type=int, default=16, help="depth of the model for the sampler rows")
-    parser.add_argument("--sampler-widths", type=int, nargs="+", default=[32, 64],
-                        help="widths of the model for the sampler rows")
+    parser.add_argument(
+        "--sampler-widths", type=int, nargs="+", default=[32, 64], help="widths of the model for the sampler rows"
+    )
     parser.add_argument("--no-samplers", action="store_true", help="leave out the sampler rows")
-    parser.add_argument("--check-rounds", type=int, default=4,
-                        help="draws per sample of this script's own re-measurement of the rates after rescale_")
+    parser.add_argument(
+        "--check-rounds",
+        type=int,
+        default=4,
+        help="draws per sample of this script's own re-measurement of the rates after rescale_",
+    )
     parser.add_argument("--memory-probe", choices=MEMORY_PROBES, help=argparse.SUPPRESS)  # internal: one probe
     args = parser.parse_args(argv)
     if args.quick:
@@ -554,12 +607,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"at start: {load_average()}")
     print(
         f"models: plain ReLU CNN, width {args.width}, no batch norm; inputs: Gaussian {(args.samples, *IMAGE_SHAPE)}, "
-        f"seed {INPUT_SEED}; Part 2 on {args.part2_samples} samples; {args.pairs} forward/Part 1 pairs, {args.repeats} repeat(s); "
+        f"seed {INPUT_SEED}; Part 2 on {args.part2_samples} samples; {args.pairs} forward/Part 1 pairs, "
+        f"{args.repeats} repeat(s); "
         f"data root {args.data_root} (unused)"
     )
     if not args.no_lsuv:
-        print(f"lsuv {importlib.metadata.version('lsuv')}: lsuv_with_singlebatch(model, x, verbose=False, "
-              f"device={device}) with its defaults {lsuv_defaults()}")
+        print(
+            f"lsuv {importlib.metadata.version('lsuv')}: lsuv_with_singlebatch(model, x, verbose=False, "
+            f"device={device}) with its defaults {lsuv_defaults()}"
+        )
     inputs = gaussian_inputs(args.samples, device)
     part2_inputs = gaussian_inputs(args.part2_samples, device, seed=INPUT_SEED + 1)
     results = []
@@ -573,8 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_details(result)
     if not args.no_samplers:
         print()
-        print(f"Samplers: Part 1 (init_(between=False)) with each sampler over the same one with gaussian, "
-              f"depth-{args.sampler_depth} plain CNN, {args.samples} samples, {args.repeats} pairs:")
+        print(
+            f"Samplers: Part 1 (init_(between=False)) with each sampler over the same one with gaussian, "
+            f"depth-{args.sampler_depth} plain CNN, {args.samples} samples, {args.repeats} pairs:"
+        )
         print()
         print(sampler_table({width: measure_samplers(args, inputs, device, width) for width in args.sampler_widths}))
         print()

@@ -72,7 +72,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
 from torch import Tensor, nn
 
 import magicinit
@@ -81,6 +80,7 @@ from magicinit.tools.demo import evaluate, train
 from magicinit.tools.nets import caffenet, plain_cnn
 from magicinit.tools.plots import plot_curves
 from magicinit.tools.readers import read_idx, resize_images
+from results_file import BENCH, accuracies, best_learning_rate, commit, replace_section
 
 try:
     import lsuv
@@ -106,8 +106,9 @@ class Dataset:
     test: tuple[Tensor, Tensor]
 
 
-def _split(name: str, images: Tensor, labels: Tensor, test: tuple[Tensor, Tensor], train_count: int,
-           validation_count: int) -> Dataset:
+def _split(
+    name: str, images: Tensor, labels: Tensor, test: tuple[Tensor, Tensor], train_count: int, validation_count: int
+) -> Dataset:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     train_index = order[:train_count]
     validation_index = order[len(order) - validation_count :]
@@ -135,8 +136,9 @@ def load_mnist(root: Path) -> Dataset:
         return read_idx(folder / name).long()
 
     test = images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz")
-    return _split("MNIST", images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"), test,
-                  10_000, 2_000)
+    return _split(
+        "MNIST", images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"), test, 10_000, 2_000
+    )
 
 
 def load_usps(root: Path) -> Dataset:
@@ -146,6 +148,7 @@ def load_usps(root: Path) -> Dataset:
     except ImportError:
         raise SystemExit("USPS needs h5py: pip install -c constraints.txt -e '.[bench]'") from None
     with h5py.File(root / "usps" / "usps.h5", "r") as file:
+
         def part(name: str) -> tuple[Tensor, Tensor]:
             data = torch.as_tensor(file[name]["data"][:], dtype=torch.float32).reshape(-1, 1, 16, 16)
             return data, torch.as_tensor(file[name]["target"][:], dtype=torch.long)
@@ -198,10 +201,10 @@ def _caffenet(depth: int, width: int) -> nn.Module:
 
 NETWORKS: dict[str, Network] = {
     "plain": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10)),
-    "plain + batch norm": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10,
-                                                                 batch_norm=True)),
-    "plain GELU": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10,
-                                                         activation=nn.GELU)),
+    "plain + batch norm": Network(
+        lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10, batch_norm=True)
+    ),
+    "plain GELU": Network(lambda depth, width: plain_cnn(depth, width, in_channels=1, classes=10, activation=nn.GELU)),
     "caffenet (LRN)": Network(_caffenet, CAFFENET_IMAGE_SIZE),
 }
 
@@ -283,7 +286,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "magicinit, scale_mode exact": Row(_magicinit(scale_mode="exact"), "plain GELU"),
             "magicinit, scale_mode approximate": Row(_magicinit(scale_mode="approximate"), "plain GELU"),
             "magicinit, approximate, tolerance 0.5": Row(
-                _magicinit(scale_mode="approximate", scale_tolerance=0.5), "plain GELU"),
+                _magicinit(scale_mode="approximate", scale_tolerance=0.5), "plain GELU"
+            ),
         },
         depths=(20,),
         datasets=("MNIST",),  # CPU budget: one dataset for this ablation
@@ -297,8 +301,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         {
             "kaiming normal": Row(_baseline("kaiming"), "plain + batch norm"),
             "magicinit Part 1 only": Row(_magicinit(between=False), "plain + batch norm"),
-            "magicinit Parts 1+2, across_normalization=True": Row(_magicinit(across_normalization=True),
-                                                                 "plain + batch norm"),
+            "magicinit Parts 1+2, across_normalization=True": Row(
+                _magicinit(across_normalization=True), "plain + batch norm"
+            ),
         },
         depths=(20,),
         datasets=("MNIST",),  # CPU budget: one dataset for this ablation
@@ -348,8 +353,10 @@ def _at_size(data: Dataset, size: int) -> Dataset:
     """``data`` with its images resized to ``size`` x ``size`` (bilinear, antialiased)."""
     if size == IMAGE_SIZE:
         return data
-    return Dataset(data.name, *((resize_images(images, size), labels)
-                                for images, labels in (data.train, data.validation, data.test)))
+    return Dataset(
+        data.name,
+        *((resize_images(images, size), labels) for images, labels in (data.train, data.validation, data.test)),
+    )
 
 
 def run_all(args: argparse.Namespace) -> list[Run]:
@@ -365,8 +372,11 @@ def run_all(args: argparse.Namespace) -> list[Run]:
     for dataset_name in args.datasets:
         loaded = DATASETS[dataset_name](args.data_root)
         resized: dict[int, Dataset] = {}  # image size -> the dataset at that size, resized once
-        print(f"{loaded.name}: {len(loaded.train[0])} train, {len(loaded.validation[0])} validation, "
-              f"{len(loaded.test[0])} test images", flush=True)
+        print(
+            f"{loaded.name}: {len(loaded.train[0])} train, {len(loaded.validation[0])} validation, "
+            f"{len(loaded.test[0])} test images",
+            flush=True,
+        )
         for depth in args.depths:
             for init_name in args.inits:
                 row = experiment.rows[init_name]
@@ -386,14 +396,21 @@ def run_all(args: argparse.Namespace) -> list[Run]:
                     for learning_rate in args.lrs:
                         key = (data.name, depth, seed, learning_rate, weights)
                         if key in done:  # the same initial weights as an earlier row: the same training
-                            run = replace(done[key], init=init_name, init_seconds=init_seconds,
-                                                      shared_with=done[key].init)
+                            run = replace(
+                                done[key], init=init_name, init_seconds=init_seconds, shared_with=done[key].init
+                            )
                         else:
                             run = Run(data.name, depth, init_name, seed, learning_rate, init_seconds)
                             trained = copy.deepcopy(model)
                             start = time.perf_counter()
-                            run.losses = train(trained, *data.train, steps=args.steps, batch_size=BATCH_SIZE,
-                                               learning_rate=learning_rate, seed=seed)
+                            run.losses = train(
+                                trained,
+                                *data.train,
+                                steps=args.steps,
+                                batch_size=BATCH_SIZE,
+                                learning_rate=learning_rate,
+                                seed=seed,
+                            )
                             run.train_seconds = time.perf_counter() - start
                             run.diverged = not math.isfinite(run.losses[-1])
                             if not run.diverged:
@@ -403,10 +420,13 @@ def run_all(args: argparse.Namespace) -> list[Run]:
                         runs.append(run)
                         elapsed = time.perf_counter() - started
                         shared = f" (weights of '{run.shared_with}')" if run.shared_with else ""
-                        print(f"[{len(runs)}/{total} {elapsed / 60:.1f} min] {data.name} depth {depth} "
-                              f"{init_name:<28} seed {seed} lr {learning_rate:<6g} "
-                              f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
-                              f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s){shared}", flush=True)
+                        print(
+                            f"[{len(runs)}/{total} {elapsed / 60:.1f} min] {data.name} depth {depth} "
+                            f"{init_name:<28} seed {seed} lr {learning_rate:<6g} "
+                            f"{'diverged' if run.diverged else f'test {100 * run.test_accuracy:.2f}%'} "
+                            f"(init {init_seconds:.2f} s, train {run.train_seconds:.1f} s){shared}",
+                            flush=True,
+                        )
     return runs
 
 
@@ -415,8 +435,11 @@ def _mean(values: list[float]) -> float:
 
 
 def _select(runs: list[Run], dataset: str, depth: int, init: str, lr: float | None = None) -> list[Run]:
-    return [r for r in runs if (r.dataset, r.depth, r.init) == (dataset, depth, init)
-            and (lr is None or r.learning_rate == lr)]
+    return [
+        r
+        for r in runs
+        if (r.dataset, r.depth, r.init) == (dataset, depth, init) and (lr is None or r.learning_rate == lr)
+    ]
 
 
 def _percent(values: list[float], spread: bool) -> str:
@@ -432,8 +455,14 @@ def tables(runs: list[Run], args: argparse.Namespace) -> str:
         name = dataset
         for depth in args.depths:
             lines += [f"### {name}, depth {depth}", ""]
-            header = ["init", *(f"lr {lr:g}" for lr in args.lrs), "chosen lr", "test acc % (± half range)",
-                      "init s", "train s / run"]
+            header = [
+                "init",
+                *(f"lr {lr:g}" for lr in args.lrs),
+                "chosen lr",
+                "test acc % (± half range)",
+                "init s",
+                "train s / run",
+            ]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             best_mean, rows = {}, []
             for init in args.inits:
@@ -444,12 +473,21 @@ def tables(runs: list[Run], args: argparse.Namespace) -> str:
                 for lr in args.lrs:
                     selected = _select(runs, name, depth, init, lr)
                     diverged = sum(r.diverged for r in selected)
-                    cells.append(_percent(accuracies(selected, "test_accuracy"), False)
-                                 + (f" ({diverged} div.)" if diverged else ""))
+                    cells.append(
+                        _percent(accuracies(selected, "test_accuracy"), False)
+                        + (f" ({diverged} div.)" if diverged else "")
+                    )
                 all_runs = _select(runs, name, depth, init)
-                rows.append([init, *cells, f"{chosen:g}", _percent(at_best, True),
-                             f"{_mean([r.init_seconds for r in all_runs]):.2f}",
-                             f"{_mean([r.train_seconds for r in all_runs]):.1f}"])
+                rows.append(
+                    [
+                        init,
+                        *cells,
+                        f"{chosen:g}",
+                        _percent(at_best, True),
+                        f"{_mean([r.init_seconds for r in all_runs]):.2f}",
+                        f"{_mean([r.train_seconds for r in all_runs]):.1f}",
+                    ]
+                )
             top = max(best_mean.values())
             for row, init in zip(rows, args.inits):
                 if best_mean[init] == top:
@@ -481,8 +519,9 @@ def write_figures(runs: list[Run], args: argparse.Namespace) -> list[Path]:
                 mean_curve = [_mean([r.losses[i] for r in seed_runs]) for i in range(length)]
                 curves[f"{init} (lr {chosen:g})"] = _smooth(mean_curve)
             path = args.out_dir / f"train_{dataset.lower()}_d{depth}.png"
-            plot_curves({f"{dataset}, depth {depth}: training loss (mean over seeds, moving average of 20)": curves},
-                        path)
+            plot_curves(
+                {f"{dataset}, depth {depth}: training loss (mean over seeds, moving average of 20)": curves}, path
+            )
             paths.append(path)
     return paths
 
@@ -504,10 +543,18 @@ def write_raw(runs: list[Run], args: argparse.Namespace) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default="from-scratch", choices=list(EXPERIMENTS),
-                        help="which set of rows (default from-scratch; see the module docstring)")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                        help="folder with mnist/ and usps/ (default ../shared/data)")
+    parser.add_argument(
+        "--experiment",
+        default="from-scratch",
+        choices=list(EXPERIMENTS),
+        help="which set of rows (default from-scratch; see the module docstring)",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help="folder with mnist/ and usps/ (default ../shared/data)",
+    )
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), help="default: the experiment's")
     parser.add_argument("--depths", type=int, nargs="+", help="affine layers (default: the experiment's)")
     parser.add_argument("--inits", nargs="+", metavar="ROW", help="rows to run (default: all of the experiment's)")
@@ -516,11 +563,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="SGD steps per run (batch 128)")
     parser.add_argument("--width", type=int, default=16, help="channels of every convolution of the plain nets")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: one seed, the middle learning rate, 40 steps (not for conclusions)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: one seed, the middle learning rate, 40 steps (not for conclusions)",
+    )
     parser.add_argument("--out-dir", type=Path, default=BENCH, help="where the PNGs and the JSON go")
-    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
-                        help="the markdown file whose section of this experiment is replaced")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH / "RESULTS.md",
+        help="the markdown file whose section of this experiment is replaced",
+    )
     args = parser.parse_args()
     experiment = EXPERIMENTS[args.experiment]
     args.depths = args.depths or list(experiment.depths)
@@ -541,22 +595,31 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     body = tables(runs, args)
     figures = write_figures(runs, args) if args.experiment == "from-scratch" else []
-    command = "python bench/train.py" + (f" --experiment {args.experiment}" if args.experiment != "from-scratch"
-                                         else "") + (" --quick" if args.quick else "")
+    command = (
+        "python bench/train.py"
+        + (f" --experiment {args.experiment}" if args.experiment != "from-scratch" else "")
+        + (" --quick" if args.quick else "")
+    )
     shared = sorted({(run.init, run.shared_with) for run in runs if run.shared_with})
     section = (
         f"{experiment.heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {library_commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, CPU, {minutes:.0f} minutes:\n\n"
-        f"```\npip install -c constraints.txt -e \".[bench]\"\n{command}\n```\n\n"
+        f'```\npip install -c constraints.txt -e ".[bench]"\n{command}\n```\n\n'
         f"{experiment.summary}\n\n"
         f"Width {args.width} (plain nets), {args.steps} SGD steps (momentum 0.9, batch {BATCH_SIZE}) per run, seeds "
         f"{', '.join(map(str, args.seeds))}. Test accuracy (%) is the mean over seeds; a diverged run counts as "
         "10 %. The chosen learning rate has the best mean validation accuracy (held-out training images); the best "
         "mean test accuracy there is in bold. Init s: the initialization's time; train s: one training run's.\n\n"
-        + "".join(f"Rows '{a}' and '{b}' started from bit-identical weights (at least for some seeds) and share "
-                  "those runs.\n\n" for a, b in shared)
-        + body + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures) + "\n"
+        + "".join(
+            f"Rows '{a}' and '{b}' started from bit-identical weights (at least for some seeds) and share "
+            "those runs.\n\n"
+            for a, b in shared
+        )
+        + body
+        + "\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+        + "\n"
     )
     replace_section(args.results, experiment.heading, section)
     raw = write_raw(runs, args)

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import torch
 import torchvision
-from results_file import BENCH, commit, replace_section
 from torch import nn
 
 import magicinit
 from magicinit import Report
 from magicinit.tools.cli import load_model
 from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
+from results_file import BENCH, commit, replace_section
 
 USUAL_PINS = {"model input", "model output"}
 FORWARD_REPEATS = 5  # the forward is timed this many times; the median is the ratio's denominator
@@ -181,11 +181,19 @@ def approximate_table(exact: list[ZooRow], approximate: list[ZooRow]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*TORCHVISION_CLASSIFIERS, *BUILT_IN], metavar="NAME")
-    parser.add_argument("--no-approximate", dest="approximate", action="store_false",
-                        help="skip the second table (scale_mode='approximate')")
+    parser.add_argument(
+        "--no-approximate",
+        dest="approximate",
+        action="store_false",
+        help="skip the second table (scale_mode='approximate')",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md",
-                        help="the markdown file whose '## bench/zoo.py' section is replaced")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH / "RESULTS.md",
+        help="the markdown file whose '## bench/zoo.py' section is replaced",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -197,16 +205,18 @@ def main() -> int:
         print(f"  {name} done", flush=True)
     table = markdown_table(rows)
     if approximate_rows:
-        table += ("\n\nThe same with `scale_mode=\"approximate\"` (rescaled layers and spreads of both modes; the "
-                  "output change is on the first 32 init samples, after removing one global factor):\n\n"
-                  + approximate_table(rows, approximate_rows))
+        table += (
+            '\n\nThe same with `scale_mode="approximate"` (rescaled layers and spreads of both modes; the '
+            "output change is on the first 32 init samples, after removing one global factor):\n\n"
+            + approximate_table(rows, approximate_rows)
+        )
     print(table)
     notes = [f"- {row.name}: warning: {message}" for row in rows + approximate_rows for message in row.warnings]
     section = (
         f"## bench/zoo.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
-        f"```\npip install -c constraints.txt -e \".[test,bench]\"\npython bench/zoo.py\n```\n\n"
+        f'```\npip install -c constraints.txt -e ".[test,bench]"\npython bench/zoo.py\n```\n\n'
         "`init_(model, x, seed=0, across_normalization=True)`, otherwise its defaults, on 8 Gaussian 3 x 64 x 64 "
         "inputs (Part 2 through the normalization layers, to show what the graph allows; by default a "
         "normalization fixes the scale of the layer before it); "

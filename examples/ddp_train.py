@@ -25,7 +25,7 @@ import torch.distributed as dist
 # init_process_group that pins the group for the life of the process, destroy_process_group
 # cannot free it, and gloo's threads then meet interpreter shutdown (an occasional SIGABRT,
 # "terminate called without an active exception").
-import torch.distributed.nn  # noqa: F401
+import torch.distributed.nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler

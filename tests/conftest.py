@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -131,8 +133,75 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Every entry of the state dict bit-identical to ``saved`` (a :func:`state_copy`)."""
+    assert model.state_dict().keys() == saved.keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), f"{key} changed"
+
+
+def assert_no_trace(model: nn.Module, training: bool = True) -> None:
+    """No hook left on any module, every module in the ``training`` mode it was in, every parameter still
+    requiring grad and holding no ``.grad``: what a call must leave behind whether it finished or not."""
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, module
+        assert module.training is training, module
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def assert_untouched(model: nn.Module, saved: dict[str, torch.Tensor], training: bool = True) -> None:
+    """The model exactly as it was before a call that failed or had nothing to do: the same state bit for bit
+    (``saved`` is a :func:`state_copy`), and no trace of the call (:func:`assert_no_trace`)."""
+    assert_same_state(model, saved)
+    assert_no_trace(model, training)
+
+
+def assert_unit_channels(
+    model: nn.Module, x: torch.Tensor, report: magicinit.Report | None = None, beta: float = 0.0, atol: float = 1e-3
+) -> None:
+    """Part 1's promise, measured here independently of magicinit on ``x`` (the init data): every output
+    channel of every layer the ``report`` lists as initialized (without a report: of every conv/linear layer)
+    has population std 1 and, where the layer has a bias, mean ``beta``. Channels the report lists as
+    zero-variance (no signal on ``x``) are exempt from the std; a layer without a bias must say so in its notes."""
+    outputs = first_call_outputs(model, x)
+    modules = dict(model.named_modules())
+    if report is None:
+        checked = [(name, ()) for name in outputs]
+    else:
+        checked = []
+        for entry in report.layers:
+            assert entry.status == "initialized", (entry.name, entry.status)
+            checked.append((entry.name, entry.zero_variance_channels))
+            if modules[entry.name].bias is None:
+                assert any("no bias" in note for note in entry.notes), (entry.name, entry.notes)
+    assert checked, "no layer to check"
+    for name, zero_variance in checked:
+        mean, std = channel_stats(modules[name], outputs[name])
+        live = torch.ones_like(std, dtype=torch.bool)
+        live[list(zero_variance)] = False
+        assert torch.allclose(std[live], torch.ones_like(std[live]), atol=atol), (name, std)
+        if modules[name].bias is not None:
+            assert torch.allclose(mean, torch.full_like(mean, beta), atol=atol), (name, mean)
+
+
+class PatchCounter:
+    """A sampler that hands every request to the registered sampler ``name`` and records, per layer, the most
+    input patches that sampler took from the layer's input in one call of ``request.input_patches`` (the
+    request's way to a layer's patches): ``patches[layer name]``, all groups together."""
+
+    def __init__(self, name: str) -> None:
+        self.sampler = magicinit.SAMPLERS[name]
+        self.patches: dict[str, int] = {}
+
+    def __call__(self, request: magicinit.SamplerRequest) -> torch.Tensor:
+        def input_patches(layer_input: torch.Tensor) -> torch.Tensor | None:
+            patches = request.input_patches(layer_input)
+            if patches is not None:
+                count = patches.shape[0] * patches.shape[1]
+                self.patches[request.name] = max(self.patches.get(request.name, 0), count)
+            return patches
+
+        return self.sampler(dataclasses.replace(request, input_patches=input_patches))
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,8 +234,9 @@ def _fixed_seed() -> None:
     torch.manual_seed(1234)
 
 
-def noise_rates(model: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor], rounds: int = 2,
-                seed: int = 99) -> dict[str, float]:
+def noise_rates(
+    model: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tensor], rounds: int = 2, seed: int = 99
+) -> dict[str, float]:
     """Change rates measured here, independently of magicinit: ``sqrt(E||dL/dW||^2 / ||W||^2)`` with
     ``L = noise . model(sample)``, one sample per draw, ``rounds`` draws per sample, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
@@ -184,10 +254,29 @@ def noise_rates(model: nn.Module, x: torch.Tensor, weights: dict[str, torch.Tens
     finally:
         model.train(training)
     draws = rounds * len(x)
-    return {name: math.sqrt(totals[name] / draws / float(w.detach().double().square().sum()))
-            for name, w in weights.items()}
+    return {
+        name: math.sqrt(totals[name] / draws / float(w.detach().double().square().sum())) for name, w in weights.items()
+    }
 
 
 def affine_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weight of every conv/linear module, by module name."""
     return {name: m.weight for name, m in model.named_modules() if isinstance(m, AFFINE)}
+
+
+def interrupt_the_second_rate_measurement(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make Part 2's second change-rate measurement (the one after the scales were applied) raise
+    ``KeyboardInterrupt``, as a Ctrl-C at that instant would; the list returned grows by one per measurement."""
+    from magicinit._core import between
+
+    measure = between.measure_change_rates
+    calls: list[int] = []
+
+    def interrupted_after_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(between, "measure_change_rates", interrupted_after_first)
+    return calls

@@ -7,13 +7,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from results_file import replace_section  # noqa: E402
+from results_file import replace_section
 
 
 def test_a_heading_matches_its_whole_line_only(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
-    results.write_text("# Benchmark results\n\n## bench/train.py --experiment kmeans\n\nkmeans table\n\n"
-                       "## bench/train.py\n\nold table\n\n## bench/zoo.py\n\nzoo table\n")
+    results.write_text(
+        "# Benchmark results\n\n## bench/train.py --experiment kmeans\n\nkmeans table\n\n"
+        "## bench/train.py\n\nold table\n\n## bench/zoo.py\n\nzoo table\n"
+    )
     replace_section(results, "## bench/train.py", "## bench/train.py\n\nnew table\n\n")
     text = results.read_text()
     assert "old table" not in text and "new table" in text

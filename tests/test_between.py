@@ -8,6 +8,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+
+import magicinit
 from conftest import (
     ConcatNet,
     Conv1d3dNet,
@@ -18,13 +21,12 @@ from conftest import (
     rescale_keeping_function,
     state_copy,
 )
-from torch import nn
-
-import magicinit
 from magicinit._core import graph as graph_module
+from magicinit._core import operations as operations_module
 from magicinit._core.adapters import find_affine_layers
 from magicinit._core.inputs import default_forward
 from magicinit._core.sites import UnitIndex
+from magicinit._core.solve import solve_scales
 
 
 def _rates(model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, float]:
@@ -43,9 +45,19 @@ def _with_uneven_scales(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.2)])
 def test_chain_rates_end_within_ten_percent_and_function_is_kept(activation) -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), activation(), nn.Conv2d(8, 8, 3, padding=1), activation(),
-        nn.MaxPool2d(2), nn.Dropout(0.3), nn.Conv2d(8, 16, 3, padding=1), activation(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 16, 16), activation(), nn.Linear(16, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        activation(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.3),
+        nn.Conv2d(8, 16, 3, padding=1),
+        activation(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 16),
+        activation(),
+        nn.Linear(16, 5),
     ).eval()  # dropout off for the before/after comparison (magicinit's own passes run in eval mode)
     x = torch.randn(64, 3, 16, 16)
     magicinit.init_(model, x, between=False, seed=0)
@@ -92,11 +104,11 @@ def test_solver_on_a_chain_is_exact_and_keeps_fixed_layers() -> None:
     layers = find_affine_layers(model)
     graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, UnitIndex(model))
     log_rates = {name: float(i * i) for i, name in enumerate(layers)}
-    solution = graph.solve(log_rates)
+    solution = solve_scales(graph, log_rates)
     values = list(solution.predicted_log_rate.values())
     assert max(values) - min(values) < 1e-9
     fixed = next(iter(layers))
-    solution = graph.solve({n: r for n, r in log_rates.items() if n != fixed}, fixed=[fixed])
+    solution = solve_scales(graph, {n: r for n, r in log_rates.items() if n != fixed}, fixed=[fixed])
     assert solution.weight_factor(fixed) == 1.0
     values = list(solution.predicted_log_rate.values())
     assert max(values) - min(values) < 1e-9  # a chain with its first layer fixed is still exact
@@ -106,7 +118,7 @@ def test_residual_block_scale_constraints() -> None:
     model = ResNetNoBN(blocks=1)
     layers = find_affine_layers(model)
     graph = graph_module.trace_graph(model, torch.randn(2, 3, 8, 8), default_forward, UnitIndex(model))
-    solution = graph.solve({name: 0.0 for name in layers} | {"blocks.0.conv1": 2.0})
+    solution = solve_scales(graph, {name: 0.0 for name in layers} | {"blocks.0.conv1": 2.0})
     # the sum ties the block's output to its input: conv2 writes where the stem writes
     assert solution.rho_out["blocks.0.conv2"] == pytest.approx(solution.rho_out["stem"])
     assert solution.rho_out["down"] == pytest.approx(solution.rho_out["shortcut"])
@@ -114,7 +126,9 @@ def test_residual_block_scale_constraints() -> None:
 
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.Sigmoid, nn.GELU])
 def test_non_homogeneous_activations_pin_scales_and_keep_function(activation) -> None:
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), activation(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), activation(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
     x = torch.randn(64, 6)
     report = rescale_keeping_function(model, x, seed=0, rate_precision=0.05)
     name = activation.__name__.lower() if activation is not nn.GELU else "gelu"
@@ -125,7 +139,16 @@ def test_non_homogeneous_activations_pin_scales_and_keep_function(activation) ->
 
 
 def test_local_response_norm_and_batch_norm_are_reported() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(3), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.LocalResponseNorm(3),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 2),
+    )
     report = magicinit.init_(model, torch.randn(16, 3, 8, 8), seed=0, rate_precision=0.05)
     assert any("local_response_norm in '2'" in n for n in report["0"].notes)
     assert report["3"].output_scale_fixed_by == "batch_norm in '4' (across_normalization=False)"
@@ -158,7 +181,7 @@ class _Uncopyable(nn.Sequential):
 @pytest.mark.parametrize("container", [nn.Sequential, _Uncopyable])
 def test_a_rescaling_that_would_change_the_function_is_not_kept(monkeypatch, container) -> None:
     # Fault injection: declare tanh (wrongly) homogeneous, so Part 2 would scale across it.
-    monkeypatch.setitem(graph_module.SCALE_RULES, "tanh", graph_module.SCALE_RULES["relu"])
+    monkeypatch.setitem(operations_module._OPERATIONS, "tanh", operations_module.OPERATIONS["relu"])
     model = _with_uneven_scales(container(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)))
     x = torch.randn(32, 4)
     saved = state_copy(model)
@@ -237,4 +260,3 @@ def test_bilinear_branches_trade_scale_and_function_is_kept(bias: bool) -> None:
     assert report["a"].weight_scale != 1.0 and report["b"].weight_scale != 1.0
     if bias:  # the two branches' output scales cancel in the product
         assert math.isclose(report["a"].weight_scale * report["b"].weight_scale, 1.0, rel_tol=1e-9)
-

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_change
 from torch import nn
 from torch.nn.utils import prune
 
 import magicinit
+from conftest import assert_same_state, assert_untouched, relative_change, state_copy
 from magicinit import LayerStatus
 
 TOLERANCE = 1e-3
@@ -241,7 +241,9 @@ def test_functional_linear_and_a_bare_matmul_parameter_are_sites() -> None:
     model, x = Functional(), torch.randn(64, 8)
     report = magicinit.init_(model, x, seed=0, between=False)
     assert [(e.name, e.status) for e in report.layers] == [  # the model's own parameters before its modules'
-        ("mix", "initialized"), ("proj", "initialized"), ("head", "initialized"),
+        ("mix", "initialized"),
+        ("proj", "initialized"),
+        ("head", "initialized"),
     ]
     assert "no bias: channel means are not set to beta (std is)" in report["mix"].notes
     with torch.no_grad():
@@ -325,7 +327,11 @@ def test_weight_norm_and_prune_are_initialized_through_their_real_parameters() -
     report = magicinit.init_(model, x, seed=0, between=False)
     assert not torch.equal(normed.weight_g, g) and not torch.equal(normed.weight_v, v)
     assert not torch.equal(pruned.weight_orig, orig)
-    assert [(e.name, e.status) for e in report.layers] == [("0", "initialized"), ("2", "initialized"), ("4", "initialized")]
+    assert [(e.name, e.status) for e in report.layers] == [
+        ("0", "initialized"),
+        ("2", "initialized"),
+        ("4", "initialized"),
+    ]
     calls = site_outputs(model, x)  # the weights the hooks recompute from the real parameters
     assert len(calls) == 3
     for weight, output in calls:
@@ -423,7 +429,10 @@ def test_a_bias_that_is_no_parameter_is_kept_and_the_next_layer_sees_it() -> Non
 
 def test_skip_and_frozen_reach_parameters_and_biases() -> None:
     torch.manual_seed(12)
-    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(48, 8)
+    model, x = (
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+        torch.randn(48, 8),
+    )
     model[4].bias.requires_grad_(False)
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
     report = magicinit.init_(model, x, seed=0, skip=["0.weight", "2.bias"], between=False)
@@ -536,10 +545,10 @@ def test_a_rescaling_that_can_change_nothing_measures_nothing_and_says_so() -> N
             return self.attention(x, x, x)[0]
 
     model = SelfAttention()
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = state_copy(model)
     report = magicinit.rescale_(model, torch.randn(16, 5, 12), seed=0, rate_precision=0.1)
     assert all(e.status == LayerStatus.FIXED and e.rate_before is None for e in report.layers)
-    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert_untouched(model, saved)
     assert any("changed nothing" in note and "diagnose" in note for note in report.notes)
 
 
@@ -556,10 +565,12 @@ def test_an_expanded_weight_is_refused_by_name_and_the_model_left_as_it_was() ->
             return self.out(F.conv2d(x, self.kernel.expand(4, 1, 3, 3), groups=4).mean((2, 3)))
 
     model = Shared()
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.raises(magicinit.MagicInitError, match=r"weight 'kernel' is applied through an expanded view.*skip=\['kernel'\]"):
+    saved = state_copy(model)
+    with pytest.raises(
+        magicinit.MagicInitError, match=r"weight 'kernel' is applied through an expanded view.*skip=\['kernel'\]"
+    ):
         magicinit.init_(model, torch.randn(16, 4, 6, 6), seed=0)
-    assert all(torch.equal(p, saved[name]) for name, p in model.named_parameters())
+    assert_untouched(model, saved)
     report = magicinit.init_(model, torch.randn(16, 4, 6, 6), seed=0, skip=["kernel"], between=False)
     assert report["kernel"].status == LayerStatus.EXCLUDED
 
@@ -584,8 +595,10 @@ def test_a_reparametrized_weight_called_twice_has_the_rate_of_the_same_plain_wei
         normed.middle.weight_v.copy_(plain.middle.weight)
         normed.middle.weight_g.copy_(plain.middle.weight.norm(dim=1, keepdim=True))
     x = torch.randn(64, 6)
-    rate = {name: magicinit.diagnose(net, x, seed=3, rate_precision=0.05)["middle"].rate
-            for name, net in (("plain", plain), ("normed", normed))}
+    rate = {
+        name: magicinit.diagnose(net, x, seed=3, rate_precision=0.05)["middle"].rate
+        for name, net in (("plain", plain), ("normed", normed))
+    }
     assert rate["normed"] == pytest.approx(rate["plain"], rel=1e-4)
     magicinit.init_(normed, x, seed=0, rate_precision=0.1)
     copied = __import__("copy").deepcopy(normed)  # no graph left in the hook's attribute
@@ -660,5 +673,8 @@ def test_a_parametrization_without_parameters_is_left_as_is() -> None:
     layer.register_buffer("weight", weight)
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), layer, nn.ReLU(), nn.Linear(6, 2))
+    saved = state_copy(layer)  # its bias and the weight the parametrization reads
     report = magicinit.init_(model, torch.randn(32, 4), seed=0, between=False)
     assert report["0"].status == report["4"].status == LayerStatus.INITIALIZED
+    assert_same_state(layer, saved)  # left alone, bit for bit
+    assert torch.equal(layer.weight, 2 * weight)

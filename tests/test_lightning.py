@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from conftest import channel_stats, first_call_outputs, state_copy  # noqa: E402
-
 import magicinit  # noqa: E402
+from conftest import channel_stats, first_call_outputs, state_copy  # noqa: E402
 from magicinit.lightning import MagicInitCallback  # noqa: E402
 
 
@@ -59,15 +58,26 @@ class AtTrainStart(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.weights = state_copy(pl_module)
         modules = dict(pl_module.named_modules())
-        stats = [channel_stats(modules[name], output) for name, output in first_call_outputs(pl_module, self.x).items()
-                 if isinstance(modules[name], nn.Conv2d)]
+        stats = [
+            channel_stats(modules[name], output)
+            for name, output in first_call_outputs(pl_module, self.x).items()
+            if isinstance(modules[name], nn.Conv2d)
+        ]
         self.channel_mean = [mean for mean, _ in stats]
         self.channel_std = [std for _, std in stats]
 
 
 def _trainer(tmp_path, callbacks: list[pl.Callback], **options: object) -> pl.Trainer:
-    settings = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    settings = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     return pl.Trainer(**{**settings, **options})
 
 
@@ -148,10 +158,18 @@ class LateRestoring(pl.strategies.SingleDeviceStrategy):
 def test_a_strategy_that_restores_after_setup_is_refused_with_the_remedy(tmp_path) -> None:
     module = PlainNet()
     before = state_copy(module)
-    trainer = _trainer(tmp_path, [MagicInitCallback()], strategy=LateRestoring(device=torch.device("cpu")),
-                       accelerator="cpu", devices=1)
-    with pytest.raises(magicinit.MagicInitError, match=r"LateRestoring strategy .* magicinit.init_\(module, data\) "
-                                                       r"before trainer.fit"):
+    trainer = _trainer(
+        tmp_path,
+        [MagicInitCallback()],
+        strategy=LateRestoring(device=torch.device("cpu")),
+        accelerator="cpu",
+        devices=1,
+    )
+    with pytest.raises(
+        magicinit.MagicInitError,
+        match=r"LateRestoring strategy .* magicinit.init_\(module, data\) "
+        r"before trainer.fit",
+    ):
         trainer.fit(module, _loader())
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
 
@@ -176,10 +194,13 @@ class SaveWeightsAtTrainStart(pl.Callback):
         self.folder = folder
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                   self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("between", [False, True])
 def test_ddp_ranks_share_statistics_and_start_from_the_same_weights(tmp_path, between: bool) -> None:
     """Two CPU processes (ddp_spawn, gloo), each with half the train data: both start training from the same
@@ -188,10 +209,18 @@ def test_ddp_ranks_share_statistics_and_start_from_the_same_weights(tmp_path, be
     module, loader = PlainNet(), _loader()
     single, drawn = copy.deepcopy(module), state_copy(module)
     magicinit.init_(single, loader, seed=0, between=between)
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn",
-                         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False,
-                         callbacks=[MagicInitCallback(between=between), SaveWeightsAtTrainStart(tmp_path)])
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[MagicInitCallback(between=between), SaveWeightsAtTrainStart(tmp_path)],
+    )
     trainer.fit(module, loader)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for name, tensor in single.state_dict().items():

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from conftest import channel_stats, first_call_outputs, relative_change
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import magicinit
+from conftest import assert_unit_channels, relative_change
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-POOL = {("max", 1): nn.MaxPool1d, ("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d,
-        ("avg", 1): nn.AvgPool1d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
+POOL = {
+    ("max", 1): nn.MaxPool1d,
+    ("max", 2): nn.MaxPool2d,
+    ("max", 3): nn.MaxPool3d,
+    ("avg", 1): nn.AvgPool1d,
+    ("avg", 2): nn.AvgPool2d,
+    ("avg", 3): nn.AvgPool3d,
+}
 ACTIVATIONS = {"relu": torch.relu, "leaky_relu": lambda x: nn.functional.leaky_relu(x, 0.1)}  # both homogeneous
 SIZE = {1: 12, 2: 12, 3: 6}  # input length / side per dimension
 
@@ -22,8 +29,20 @@ class Block(nn.Module):
     """One drawn block: a plain conv, a residual pair, a two-branch concat, a transposed conv,
     or a pooling layer (max or average), with a ReLU or LeakyReLU."""
 
-    def __init__(self, kind: str, dim: int, width: int, out: int, kernel: int, groups: int,
-                 stride: int, dilation: int, bias: bool, activation: str, pool: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        dim: int,
+        width: int,
+        out: int,
+        kernel: int,
+        groups: int,
+        stride: int,
+        dilation: int,
+        bias: bool,
+        activation: str,
+        pool: str,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.act = ACTIVATIONS[activation]
@@ -83,11 +102,20 @@ def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
         out = groups * draw(st.integers(1, 3))
         stride = draw(st.sampled_from([1, 2])) if kind in ("plain", "transposed") and strided < 2 else 1
         strided += stride == 2
-        specs.append(dict(
-            kind=kind, width=width, out=out, kernel=draw(st.sampled_from([1, 3])), groups=groups,
-            stride=stride, dilation=draw(st.sampled_from([1, 2])), bias=draw(st.booleans()),
-            activation=draw(st.sampled_from(sorted(ACTIVATIONS))), pool=draw(st.sampled_from(["max", "avg"])),
-        ))
+        specs.append(
+            dict(
+                kind=kind,
+                width=width,
+                out=out,
+                kernel=draw(st.sampled_from([1, 3])),
+                groups=groups,
+                stride=stride,
+                dilation=draw(st.sampled_from([1, 2])),
+                bias=draw(st.booleans()),
+                activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+                pool=draw(st.sampled_from(["max", "avg"])),
+            )
+        )
         width = {"residual": width, "pool": width, "concat": out + width}.get(kind, out)
     model = RandomNet(dim, specs, draw(st.sampled_from([4, 8])))
     seed = draw(st.integers(0, 2**16))
@@ -95,28 +123,38 @@ def architectures(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
     return model, x
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(architectures(), st.sampled_from([0.0, 0.1]), st.sampled_from(sorted(magicinit.SAMPLERS)))
+def examples(count: int) -> settings:
+    """Hypothesis settings drawing ``count`` architectures (the full suite: 200; the fast lane: a few)."""
+    return settings(max_examples=count, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+PART1_CASES = given(architectures(), st.sampled_from([0.0, 0.1]), st.sampled_from(sorted(magicinit.SAMPLERS)))
+
+
+def part1_gives_exact_statistics(arch: tuple[RandomNet, torch.Tensor], beta: float, sampler: str) -> None:
+    model, x = arch
+    report = magicinit.init_(model, x, between=False, beta=beta, seed=0, sampler=sampler)
+    assert_unit_channels(model, x, report, beta)
+
+
+@pytest.mark.slow
+@examples(200)
+@PART1_CASES
 def test_part1_gives_exact_statistics_on_every_normalized_layer(
     arch: tuple[RandomNet, torch.Tensor], beta: float, sampler: str
 ) -> None:
-    model, x = arch
-    report = magicinit.init_(model, x, between=False, beta=beta, seed=0, sampler=sampler)
-    outputs = first_call_outputs(model, x)
-    modules = dict(model.named_modules())
-    for entry in report.layers:
-        assert entry.status == "initialized"
-        mean, std = channel_stats(modules[entry.name], outputs[entry.name])
-        live = torch.ones_like(std, dtype=torch.bool)
-        live[entry.zero_variance_channels] = False
-        assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3), (entry.name, std)
-        if modules[entry.name].bias is not None:
-            assert torch.allclose(mean, torch.full_like(mean, beta), atol=1e-3), (entry.name, mean)
+    part1_gives_exact_statistics(arch, beta, sampler)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(architectures())
-def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
+@examples(20)
+@PART1_CASES
+def test_part1_gives_exact_statistics_on_a_few_architectures(
+    arch: tuple[RandomNet, torch.Tensor], beta: float, sampler: str
+) -> None:
+    part1_gives_exact_statistics(arch, beta, sampler)
+
+
+def part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
     model, x = arch
     model.eval()
     within = magicinit.init_(model, x, between=False, seed=0)
@@ -131,3 +169,16 @@ def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
         after = model(x)
     assert relative_change(after, before) < 1e-4
     assert not any("not kept" in note for note in report.notes)
+
+
+@pytest.mark.slow
+@examples(200)
+@given(architectures())
+def test_part2_keeps_the_function(arch: tuple[RandomNet, torch.Tensor]) -> None:
+    part2_keeps_the_function(arch)
+
+
+@examples(5)
+@given(architectures())
+def test_part2_keeps_the_function_of_a_few_architectures(arch: tuple[RandomNet, torch.Tensor]) -> None:
+    part2_keeps_the_function(arch)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import channel_stats, first_call_outputs, state_copy
 from torch import nn
 
 import magicinit
+from conftest import channel_stats, first_call_outputs, state_copy
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide.md"
 
@@ -24,7 +24,7 @@ def recipes() -> dict[str, str]:
 
 
 def test_the_guide_has_its_recipes() -> None:
-    assert set(recipes()) == {"plain-loop", "lightning", "accelerate", "fine-tuning"}
+    assert set(recipes()) == {"plain-loop", "lightning", "accelerate", "fine-tuning", "custom-sampler"}
 
 
 class InitSpy:
@@ -52,15 +52,17 @@ def run_recipe(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tu
     return namespace, spy
 
 
-def channel_statistics(model: nn.Module, weights: dict[str, torch.Tensor],
-                       x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_statistics(
+    model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per affine layer: channel means and stds of its output on ``x``, with ``weights`` loaded."""
     current = state_copy(model)
     model.load_state_dict(weights)
     try:
         modules = dict(model.named_modules())
-        return {name: channel_stats(modules[name], output)
-                for name, output in first_call_outputs(model.eval(), x).items()}
+        return {
+            name: channel_stats(modules[name], output) for name, output in first_call_outputs(model.eval(), x).items()
+        }
     finally:
         model.load_state_dict(current)
 
@@ -77,9 +79,10 @@ def assert_part1_on_other_samples(stats: dict[str, tuple[torch.Tensor, torch.Ten
         assert std.std() / std.mean() < 0.08, name
 
 
+@pytest.mark.slow
 def test_plain_loop(monkeypatch, tmp_path) -> None:
     namespace, spy = run_recipe("plain-loop", monkeypatch, tmp_path)
-    ((model, before, after),) = spy.calls
+    ((model, _before, after),) = spy.calls
     assert model is namespace["model"]
     assert_part1_on_other_samples(channel_statistics(model, after, namespace["images"]))
     trained = model.state_dict()  # and training moved on from there
@@ -89,15 +92,16 @@ def test_plain_loop(monkeypatch, tmp_path) -> None:
 def test_lightning(monkeypatch, tmp_path) -> None:
     pytest.importorskip("lightning")
     namespace, spy = run_recipe("lightning", monkeypatch, tmp_path)
-    ((module, before, after),) = spy.calls
+    ((module, _before, after),) = spy.calls
     assert module is namespace["module"] and namespace["callback"].report is not None
     assert_part1_on_other_samples(channel_statistics(module, after, namespace["images"]))
 
 
+@pytest.mark.slow
 def test_accelerate(monkeypatch, tmp_path) -> None:
     pytest.importorskip("accelerate")
     namespace, spy = run_recipe("accelerate", monkeypatch, tmp_path)
-    ((model, before, after),) = spy.calls
+    ((model, _before, after),) = spy.calls
     assert_part1_on_other_samples(channel_statistics(model, after, namespace["images"]))
 
 
@@ -113,5 +117,34 @@ def test_fine_tuning_initializes_the_head_alone(monkeypatch, tmp_path) -> None:
     mean, std = stats["head.2"]  # the output layer: Part 1's unit channels on the init data, exactly
     torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
-    hidden_mean, hidden_std = stats["head.0"]  # rescaled as a whole by Part 2: one std for all channels
+    _hidden_mean, hidden_std = stats["head.0"]  # rescaled as a whole by Part 2: one std for all channels
     assert hidden_std.std() / hidden_std.mean() < 1e-3
+
+
+def test_custom_sampler_draws_the_least_typical_patches_and_part1_normalizes_them(monkeypatch, tmp_path) -> None:
+    namespace, spy = run_recipe("custom-sampler", monkeypatch, tmp_path)
+    ((model, _before, after),) = spy.calls
+    images = namespace["images"]
+    stats = channel_statistics(model, after, images)  # by hooks, on the init data
+    assert set(stats) == {"0", "2", "6"}
+    for name, (mean, std) in stats.items():  # Part 1: mean 0; Part 2 then scales whole layers
+        assert (mean.abs() / std).max() < 1e-3, name
+        assert std.std() / std.mean() < 1e-3, name
+    torch.testing.assert_close(stats["6"][1], torch.ones_like(stats["6"][1]), rtol=0, atol=1e-3)  # output: still 1
+
+    # The first layer's filters, up to each one's positive scale, are what the recipe says: whitened onto the
+    # top 16 principal directions of the layer's input patches (all of them: 64 x 100 < 512 x 16), the 16 of
+    # largest norm, mapped back through the whitening. Computed here from the patches, in float64.
+    patches = nn.functional.unfold(images.double(), 3).transpose(1, 2).reshape(-1, 27)
+    centred = patches - patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+    top_values, top_vectors = eigenvalues.flip(0)[:16], eigenvectors.flip(1)[:, :16]
+    transform = top_vectors.T / top_values.sqrt().unsqueeze(1)  # (16, 27): whitening onto the top directions
+    whitened = centred @ transform.T
+    farthest = whitened.norm(dim=1).topk(16).indices
+    expected = whitened[farthest] @ transform  # (16 filters, 27)
+    filters = after["0.weight"].double().reshape(16, 27)
+    outside = (filters - filters @ top_vectors @ top_vectors.T).norm(dim=1) / filters.norm(dim=1)
+    assert outside.max() < 1e-4, outside  # in the span of the top 16 directions (of 27)
+    cosine = nn.functional.cosine_similarity(filters, expected, dim=1)
+    assert cosine.min() > 1 - 1e-4, cosine

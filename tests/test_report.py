@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import ResNetNoBN, plain_cnn
+from torch import nn
 
 import magicinit
+from conftest import ResNetNoBN, plain_cnn
 
 
 def test_report_table_and_dict() -> None:
@@ -64,3 +65,15 @@ def test_channel_moments_merge_exactly() -> None:
     assert merged.count == whole.count
     assert torch.allclose(merged.mean, whole.mean, rtol=1e-12)
     assert torch.allclose(merged.std, whole.std, rtol=1e-12)
+
+
+def test_a_layer_part2_cannot_equalize_says_why_in_exact_mode_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.zero_()  # no gradient reaches layer 0 through it, and its own rate means nothing
+    x = torch.randn(32, 6)
+    for mode in ("exact", "approximate"):
+        report = magicinit.init_(model, x, within=False, seed=0, scale_mode=mode)
+        assert any(note == "not equalized: no gradient reaches it from the output" for note in report["0"].notes)
+        assert any(note == "not equalized: its weight is zero" for note in report["2"].notes), (mode, report["2"])

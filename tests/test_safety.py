@@ -6,20 +6,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_state, channel_stats, first_call_outputs, plain_cnn, state_copy
 from torch import nn
 
 import magicinit
+from conftest import assert_same_state, assert_untouched, channel_stats, first_call_outputs, plain_cnn, state_copy
 from magicinit import MagicInitError
-
-
-def _assert_untouched(model: nn.Module, saved: dict[str, torch.Tensor], training: bool = True) -> None:
-    assert_same_state(model, saved)
-    for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks, module
-        assert module.training is training
-    assert all(p.requires_grad for p in model.parameters())
-    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -30,7 +21,7 @@ def test_nan_or_inf_in_data(bad: float) -> None:
     x[3, 1, 2, 2] = bad
     with pytest.raises(MagicInitError, match="data: batch 0 contains NaN or Inf"):
         magicinit.init_(model, x)
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_model_without_affine_layers() -> None:
@@ -38,7 +29,7 @@ def test_model_without_affine_layers() -> None:
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match="has no convolution"):
         magicinit.init_(model, torch.randn(4, 3))
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_data_of_a_shape_the_model_rejects() -> None:
@@ -46,13 +37,17 @@ def test_data_of_a_shape_the_model_rejects() -> None:
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match=r"model rejected the init data \(batch \(2, 5, 8, 8\) float32\)"):
         magicinit.init_(model, torch.randn(8, 5, 8, 8))
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"sampler": "nope"}, "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, kmeans-full, kmeans-reference, orthogonal, patches, pca, zca"),
+        (
+            {"sampler": "nope"},
+            "sampler='nope' is not known; choose one of: gaussian, keep, kmeans, kmeans-full, kmeans-reference, "
+            "orthogonal, patches, pca, zca",
+        ),
         ({"skip": ["missing"]}, "skip: no module or parameter named 'missing'"),
         ({"samples": 0}, "samples=0"),
         ({"beta": float("nan")}, "beta=nan"),
@@ -65,7 +60,7 @@ def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match=match):
         magicinit.init_(model, torch.randn(4, 3, 8, 8), **kwargs)
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 @pytest.mark.parametrize("data", [[], [torch.randn(0, 3, 8, 8)], iter(())], ids=["list", "empty batch", "iterator"])
@@ -74,7 +69,7 @@ def test_empty_iterable(data) -> None:
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match="no samples"):
         magicinit.init_(model, data)
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 class _Interrupt:
@@ -102,7 +97,7 @@ def test_interruption_inside_a_forward_hook_leaves_model_untouched(on_call: int,
     with pytest.raises(KeyboardInterrupt):
         magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0)
     user_hook.remove()
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_error_from_user_code_in_part2_leaves_model_untouched_and_in_eval_mode() -> None:
@@ -112,7 +107,7 @@ def test_error_from_user_code_in_part2_leaves_model_untouched_and_in_eval_mode()
     with pytest.raises(MagicInitError, match="ValueError: interrupted"):
         magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0)
     hook.remove()
-    _assert_untouched(model, saved, training=False)
+    assert_untouched(model, saved, training=False)
 
 
 def test_success_restores_mode_and_requires_grad() -> None:
@@ -142,7 +137,7 @@ def test_diagnose_leaves_model_rng_and_mode_untouched() -> None:
     rng = torch.get_rng_state()
     magicinit.diagnose(model, x, rate_precision=0.1)
     assert torch.equal(rng, torch.get_rng_state())
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_no_chosen_layer_runs_in_forward() -> None:
@@ -158,7 +153,7 @@ def test_no_chosen_layer_runs_in_forward() -> None:
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match="none of the layers to initialize"):
         magicinit.init_(model, torch.randn(4, 3))
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_lazy_modules_must_be_materialized_first() -> None:
@@ -175,7 +170,10 @@ def test_lazy_modules_must_be_materialized_first() -> None:
     "data,match",
     [
         (torch.randn(8, 3, 8, 8, device="meta"), "data: batch 0 is on the meta device"),
-        (torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8), r"model rejected the init data \(batch \(2, 3, 8, 8\) uint8\)"),
+        (
+            torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8),
+            r"model rejected the init data \(batch \(2, 3, 8, 8\) uint8\)",
+        ),
     ],
 )
 def test_data_without_values_or_of_a_type_the_model_rejects(data: torch.Tensor, match: str) -> None:
@@ -183,7 +181,7 @@ def test_data_without_values_or_of_a_type_the_model_rejects(data: torch.Tensor, 
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match=match):
         magicinit.init_(model, data)
-    _assert_untouched(model, saved)
+    assert_untouched(model, saved)
 
 
 def test_all_layers_frozen_is_an_error_naming_them() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import ARCHITECTURES, channel_stats, first_call_outputs
 from torch import nn
 
 import magicinit
+from conftest import ARCHITECTURES, PatchCounter, assert_unit_channels, channel_stats, first_call_outputs
 from magicinit._core import samplers
 from magicinit._core.sites import CallInterceptor, SiteCall, UnitIndex
 
@@ -110,11 +112,12 @@ def test_patches_are_exactly_what_each_filter_sees(layer: nn.Module, shape: tupl
     assert _first_site(transposed, torch.randn(1, 2, 4, 4)).patches(torch.randn(1, 2, 4, 4)) is None
 
 
-def test_pca_filters_are_orthogonal_in_the_whitened_space(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(samplers, "PATCHES_PER_FILTER", 10**6)  # whiten all patches, so all outputs are uncorrelated
+def test_pca_filters_are_orthogonal_in_the_whitened_space() -> None:
+    # pca whitening all patches (not 128 per filter), so that all outputs are uncorrelated
+    pca_on_every_patch = dataclasses.replace(magicinit.SAMPLERS["pca"], patches_per_filter=10**6)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
     x = torch.nn.functional.avg_pool2d(torch.randn(32, 3, 14, 14), 3, 1)  # correlated pixels
-    magicinit.init_(model, x, sampler="pca", between=False, seed=0)
+    magicinit.init_(model, x, sampler=pca_on_every_patch, between=False, seed=0)
     outputs = first_call_outputs(model, x)
     for name, groups in (("0", 1), ("2", 2)):
         out = outputs[name]  # channel covariance = F C F^T: diagonal for PCA filters
@@ -132,15 +135,7 @@ def test_every_sampler_then_part1_gives_exact_statistics(sampler: str, arch: str
     model = build()
     x = torch.randn(24, *shape) * 2 + 0.5
     report = magicinit.init_(model, x, sampler=sampler, between=False, beta=0.1, seed=0)
-    outputs = first_call_outputs(model, x)
-    modules = dict(model.named_modules())
-    for entry in report.layers:
-        mean, std = channel_stats(modules[entry.name], outputs[entry.name])
-        live = torch.ones_like(std, dtype=torch.bool)
-        live[entry.zero_variance_channels] = False
-        assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3), (entry.name, std)
-        if modules[entry.name].bias is not None:
-            assert torch.allclose(mean, torch.full_like(mean, 0.1), atol=1e-3), (entry.name, mean)
+    assert_unit_channels(model, x, report, beta=0.1)
 
 
 @pytest.mark.parametrize("sampler", DATA_DRIVEN)
@@ -148,7 +143,9 @@ def test_same_seed_gives_bit_identical_weights(sampler: str) -> None:
     x = torch.randn(16, 3, 10, 10)
     states = []
     for seed in (4, 4, 5):
-        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)
+        )
         magicinit.init_(model, x, sampler=sampler, seed=seed, rate_precision=0.2)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -167,9 +164,14 @@ def test_fallbacks_to_gaussian_are_reported() -> None:
 def test_memory_budget_subsamples_patches_and_stays_exact() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     x = torch.randn(32, 3, 12, 12)
-    report = magicinit.init_(model, x, sampler="kmeans", between=False, seed=0, patch_budget_mb=0.01)
+    default, small = PatchCounter("kmeans"), PatchCounter("kmeans")
+    same_layers = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    magicinit.init_(same_layers, x, sampler=default, between=False, seed=0)  # the default budget: 500 MB
+    report = magicinit.init_(model, x, sampler=small, between=False, seed=0, patch_budget_mb=0.01)
+    assert small.patches.keys() == default.patches.keys() == {"0", "2"}
+    assert all(small.patches[n] < default.patches[n] / 5 for n in default.patches), (small.patches, default.patches)
     assert not any("gaussian" in n for e in report.layers for n in e.notes)  # 0.01 MB: ~90 patches >= 8
-    mean, std = channel_stats(model[2], first_call_outputs(model, x)["2"])
+    _mean, std = channel_stats(model[2], first_call_outputs(model, x)["2"])
     assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
     with pytest.raises(magicinit.MagicInitError, match="patch_budget_mb=0"):
         magicinit.init_(model, x, sampler="kmeans", patch_budget_mb=0)
@@ -200,7 +202,7 @@ def test_kmeans_with_fewer_distinct_patches_than_clusters_reseeds_and_stays_fini
     x = tiles.permute(0, 1, 3, 2, 4).reshape(16, 1, 8, 8)
     report = magicinit.init_(layer, x, sampler=kmeans, between=False, seed=0)
     assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
-    mean, std = channel_stats(layer, layer(x).detach())
+    _mean, std = channel_stats(layer, layer(x).detach())
     live = torch.ones(8, dtype=torch.bool)
     live[report.layers[0].zero_variance_channels] = False
     assert torch.allclose(std[live], torch.ones_like(std[live]), atol=1e-3)
@@ -219,7 +221,7 @@ def test_whitening_ignores_directions_without_signal(sampler: str) -> None:
     weight = layer.weight.detach()
     null_directions = torch.tensor([[1.0, 0, 0, 0, -1.0, 0], [0, 0, 0, 0, 0, 1.0]]) / torch.tensor([[2**0.5], [1.0]])
     assert (weight @ null_directions.T).abs().max() < 1e-4 * weight.norm(dim=1).max()
-    mean, std = channel_stats(layer, layer(x).detach())
+    _mean, std = channel_stats(layer, layer(x).detach())
     assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
     if sampler in ("pca", "zca"):
         assert any("more filters than patch directions with signal" in n for n in report.layers[0].notes)
@@ -264,8 +266,12 @@ def test_minibatch_kmeans_finds_the_euclidean_means_of_tight_clusters() -> None:
     members = torch.randint(5, (1000,), generator=g)
     points = nn.functional.normalize(centres[members] + 0.1 * torch.randn(1000, 8, generator=g), dim=1)
     request = samplers.SamplerRequest(
-        name="layer", module=nn.Linear(8, 5), shape=torch.Size((1, 5, 8)), current=torch.zeros(1, 5, 8),
-        layer_input=(points,), generator=torch.Generator().manual_seed(0),
+        name="layer",
+        module=nn.Linear(8, 5),
+        shape=torch.Size((1, 5, 8)),
+        current=torch.zeros(1, 5, 8),
+        layer_input=(points,),
+        generator=torch.Generator().manual_seed(0),
     )
     found = samplers._minibatch_kmeans(points.unsqueeze(0), 5, request)[0]
     means = torch.stack([points[members == k].mean(0) for k in range(5)])

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AFFINE, ARCHITECTURES, ResNetNoBN, channel_stats, first_call_outputs, plain_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import magicinit
+from conftest import (
+    AFFINE,
+    ARCHITECTURES,
+    ResNetNoBN,
+    assert_same_state,
+    assert_unit_channels,
+    channel_stats,
+    first_call_outputs,
+    plain_cnn,
+    state_copy,
+)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -18,16 +28,8 @@ def test_every_channel_has_mean_beta_and_unit_std(arch: str, beta: float) -> Non
     model = build()
     x = torch.randn(32, *shape) * 3 + 1
     report = magicinit.init_(model, x, between=False, beta=beta, seed=0)
-    outputs = first_call_outputs(model, x)
-    modules = dict(model.named_modules())
-    for entry in report.layers:
-        assert entry.status == "initialized", entry
-        mean, std = channel_stats(modules[entry.name], outputs[entry.name])
-        assert torch.allclose(std, torch.ones_like(std), atol=1e-3), (entry.name, std)
-        if modules[entry.name].bias is not None:
-            assert torch.allclose(mean, torch.full_like(mean, beta), atol=1e-3), (entry.name, mean)
-        else:
-            assert any("no bias" in note for note in entry.notes)
+    assert not any(entry.zero_variance_channels for entry in report.layers)  # Gaussian data: every channel lives
+    assert_unit_channels(model, x, report, beta)
 
 
 def test_part1_is_one_forward_pass_not_one_per_layer() -> None:
@@ -62,7 +64,9 @@ def test_without_seed_uses_torch_global_generator() -> None:
 
 
 def test_orthogonal_sampler_gives_orthogonal_filter_directions() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 12))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 12)
+    )
     magicinit.init_(model, torch.randn(16, 3, 8, 8), sampler="orthogonal", between=False, seed=0)
     for module, groups in ((model[0], 1), (model[2], 2), (model[5], 1)):
         filters = module.weight.detach().reshape(groups, module.weight.shape[0] // groups, -1)
@@ -111,7 +115,7 @@ def test_dataloader_of_pairs_list_of_batches_and_sample_cap() -> None:
     report = magicinit.init_(model, loader, samples=20, between=False, seed=0)
     assert report.settings["samples_used"] == 20
     outputs = first_call_outputs(model, x[:20])
-    mean, std = channel_stats(model[0], outputs["0"])
+    _mean, std = channel_stats(model[0], outputs["0"])
     assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
     report = magicinit.init_(plain_cnn(4), [x[:10], x[10:30]], between=False, seed=0)
     assert report.settings["samples_used"] == 30
@@ -150,7 +154,7 @@ def test_shared_layer_normalized_on_first_call_and_reported() -> None:
     report = magicinit.init_(model, x, between=False, seed=0)
     assert report["shared"].calls == 2
     assert any("used at 2 affine sites" in note and "not normalized" in note for note in report["shared"].notes)
-    mean, std = channel_stats(model.shared, first_call_outputs(model, x)["shared"])
+    _mean, std = channel_stats(model.shared, first_call_outputs(model, x)["shared"])
     assert torch.allclose(std, torch.ones_like(std), atol=1e-3)
 
 
@@ -174,12 +178,11 @@ def test_layer_never_called_is_left_untouched_and_reported() -> None:
 def test_layer_before_batch_norm_is_normalized_and_bn_state_untouched_by_part1() -> None:
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 3))
     model.train()
-    bn_state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    bn_state = state_copy(model[1])
     x = torch.randn(16, 3, 8, 8)
     report = magicinit.init_(model, x, seed=0, between=False)
     assert model.training and model[1].training
-    for key, value in model[1].state_dict().items():
-        assert torch.equal(value, bn_state[key]), key
+    assert_same_state(model[1], bn_state)
     assert model[1].eps == 1e-5
     _, std = channel_stats(model[0], first_call_outputs(model, x)["0"])
     assert torch.allclose(std, torch.ones_like(std), atol=1e-4)
@@ -192,9 +195,10 @@ def test_float64_and_bfloat16_models() -> None:
     magicinit.init_(model, x, between=False, seed=0)  # float data is cast to the model's dtype
     mean, std = channel_stats(model[2], first_call_outputs(model, x.double())["2"])
     assert torch.allclose(std, torch.ones_like(std), atol=1e-12)  # float64 end to end
+    assert mean.abs().max() < 1e-12
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
     xb = torch.randn(64, 6)
     magicinit.init_(model, xb, between=False, seed=0)
     assert model[0].weight.dtype == torch.bfloat16
-    mean, std = channel_stats(model[0], first_call_outputs(model, xb.bfloat16())["0"])
+    _mean, std = channel_stats(model[0], first_call_outputs(model, xb.bfloat16())["0"])
     assert torch.allclose(std, torch.ones_like(std), atol=3e-2)

@@ -11,14 +11,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import AFFINE, channel_stats, first_call_outputs
 from torch import nn
 
 import magicinit
+from conftest import AFFINE, channel_stats, first_call_outputs
 from magicinit.tools.cli import load_model
 from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 
 pytest.importorskip("torchvision")
+
+FAST = {"squeezenet1_1"}  # the one classifier of the fast lane (-m "not slow"): the others take 5-70 s each
 
 
 def build(name: str) -> nn.Module:
@@ -28,7 +30,9 @@ def build(name: str) -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet")
-@pytest.mark.parametrize("name", TORCHVISION_CLASSIFIERS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[] if name in FAST else pytest.mark.slow) for name in TORCHVISION_CLASSIFIERS]
+)
 def test_torchvision_classifier_is_initialized_with_a_valid_report(name: str) -> None:
     model = build(name)
     x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))

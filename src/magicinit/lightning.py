@@ -14,7 +14,6 @@ that is installed, the older ``pytorch_lightning`` package.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Any
 
@@ -24,21 +23,16 @@ try:
 except ImportError:  # the package's older name
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.utilities.rank_zero import rank_zero_info  # type: ignore[no-redef]
+        from pytorch_lightning.utilities.rank_zero import rank_zero_info
     except ImportError as error:
-        raise ImportError(
-            "magicinit.lightning needs PyTorch Lightning: pip install 'magicinit[lightning]'"
-        ) from error
+        raise ImportError("magicinit.lightning needs PyTorch Lightning: pip install 'magicinit[lightning]'") from error
 
 from ._core.errors import MagicInitError
 from ._core.initialize import init_
+from ._core.options import KEYWORDS
 from ._core.report import Report
 
 __all__ = ["MagicInitCallback"]
-
-# init_'s own keyword options, which the callback passes on (model and data are the callback's to give)
-_INIT_OPTIONS = tuple(name for name, parameter in inspect.signature(init_).parameters.items()
-                      if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 class MagicInitCallback(pl.Callback):
@@ -74,10 +68,12 @@ class MagicInitCallback(pl.Callback):
     """
 
     def __init__(self, data: Any = None, *, seed: int | None = 0, **init_options: Any) -> None:
-        unknown = sorted(set(init_options) - set(_INIT_OPTIONS))
+        unknown = sorted(set(init_options) - set(KEYWORDS))
         if unknown:
-            raise TypeError(f"MagicInitCallback: {', '.join(map(repr, unknown))} is not an option of magicinit.init_ "
-                            f"(it takes {', '.join(name for name in _INIT_OPTIONS if name != 'seed')})")
+            raise TypeError(
+                f"MagicInitCallback: {', '.join(map(repr, unknown))} is not an option of magicinit.init_ "
+                f"(it takes {', '.join(name for name in KEYWORDS if name != 'seed')})"
+            )
         self.data = data
         self.init_options: dict[str, Any] = {"seed": seed, **init_options}
         self.report: Report | None = None
@@ -90,7 +86,8 @@ class MagicInitCallback(pl.Callback):
             raise MagicInitError(
                 f"MagicInitCallback: the {type(trainer.strategy).__name__} strategy shards or wraps the parameters "
                 "before on_fit_start and restores checkpoints after it; initialize the module with "
-                "magicinit.init_(module, data) before trainer.fit instead")
+                "magicinit.init_(module, data) before trainer.fit instead"
+            )
         resumed = trainer.ckpt_path is not None
         if resumed or (self._module is not None and self._module() is pl_module):
             why = f"the fit resumes from {trainer.ckpt_path}" if resumed else "this callback initialized it before"
@@ -100,8 +97,11 @@ class MagicInitCallback(pl.Callback):
         self.report = init_(pl_module, data, **self.init_options)
         self.initialized, self._module = True, weakref.ref(pl_module)
         rank_zero_info(f"magicinit: initialized {type(pl_module).__name__}\n{self.report}")
-        metrics = {f"magicinit/{name}": value for name in ("rate_spread_before", "rate_spread_after")
-                   if (value := getattr(self.report, name)) is not None}
+        metrics = {
+            f"magicinit/{name}": value
+            for name in ("rate_spread_before", "rate_spread_after")
+            if (value := getattr(self.report, name)) is not None
+        }
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
@@ -124,6 +124,8 @@ def _train_dataloader(trainer: pl.Trainer) -> Any:
     loader = trainer.train_dataloader
     if loader is None or isinstance(loader, (dict, list, tuple)):
         found = "no" if loader is None else f"{len(loader)}"
-        raise MagicInitError(f"MagicInitCallback: the fit has {found} train dataloaders, not one; pass the init "
-                             "data as MagicInitCallback(data=...)")
+        raise MagicInitError(
+            f"MagicInitCallback: the fit has {found} train dataloaders, not one; pass the init "
+            "data as MagicInitCallback(data=...)"
+        )
     return loader

@@ -1,10 +1,10 @@
-"""Checking the arguments of ``init_``, ``rescale_`` and ``diagnose`` before anything else happens.
+"""The checks of option values: ``check(name, value)`` returns the value to use or raises.
 
-Every keyword has one check in ``CHECKS``; a bad value raises ``MagicInitError``
-naming the argument, the value and what it must be, before the data is read
-or the model touched. A good one is returned as the value to use: numpy numbers
-become Python ints and floats, so that reports stay JSON-able. The option
-classes of ``context.py`` use the same checks.
+Each option of ``options.py`` names one of these; a bad value raises
+``InvalidOption`` (a ``MagicInitError``) naming the argument, the value and
+what it must be, before the data is read or the model touched. A good one is
+returned as the value to use: numpy numbers become Python ints and floats, so
+that reports stay JSON-able.
 """
 
 from __future__ import annotations
@@ -17,14 +17,24 @@ from typing import Any
 from .errors import MagicInitError
 
 SEED_RANGE = (0, 2**63 - 1)  # what every process can share as an int64
-MIN_RATE_ROUNDS = 2  # passes over the init data at least when estimating change rates: the noise error needs two
 
 Check = Callable[[str, Any], Any]  # (name, value) -> the value to use, or MagicInitError
 
 
-def _refuse(name: str, value: Any, expected: str) -> MagicInitError:
+class InvalidOption(MagicInitError):
+    """A bad option value; ``expected`` says what it must be (the command line words its own message with it)."""
+
+    def __init__(self, message: str, expected: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (str(self), self.expected)
+
+
+def _refuse(name: str, value: Any, expected: str) -> InvalidOption:
     shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
-    return MagicInitError(f"{name}={shown}: {expected}")
+    return InvalidOption(f"{name}={shown}: {expected}", expected)
 
 
 def is_integer(value: Any) -> bool:
@@ -84,13 +94,21 @@ def seed(name: str, value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def names(name: str, value: Any) -> str | list[str]:
-    """A module or parameter name, or an iterable of them (read once, returned as a list)."""
+def seed_integer(name: str, value: Any) -> int:
+    """An integer every process can share (a seed where None is no choice: the command line)."""
+    low, high = SEED_RANGE
+    if not is_integer(value) or not low <= value <= high:
+        raise _refuse(name, value, f"must be an integer in [{low}, 2**63 - 1]")
+    return int(value)
+
+
+def names(name: str, value: Any) -> str | tuple[str, ...]:
+    """A module or parameter name, or an iterable of them (read once, returned as a tuple)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, Iterable) or isinstance(value, (bytes, dict)):
         raise _refuse(name, value, "must be a name or a list of module or parameter names (() for none)")
-    items = list(value)
+    items = tuple(value)
     wrong = [item for item in items if not isinstance(item, str)]
     if wrong:
         raise _refuse(name, value, f"every entry must be a str; {wrong[0]!r} is a {type(wrong[0]).__name__}")
@@ -111,38 +129,17 @@ def optional_callable(name: str, value: Any) -> Any:
     return value
 
 
-def scale_mode(name: str, value: Any) -> str:
-    """One of the scale modes."""
-    from .context import SCALE_MODES  # context uses these checks too
+def one_of(choices: tuple[str, ...]) -> Check:
+    """One of ``choices``."""
 
-    if not isinstance(value, str) or value not in SCALE_MODES:
-        raise _refuse(name, value, f"must be one of {', '.join(map(repr, SCALE_MODES))}")
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _refuse(name, value, f"must be one of {', '.join(map(repr, choices))}")
+        return value
+
+    return check
+
+
+def anything(name: str, value: Any) -> Any:
+    """Any value: the option is checked where it is used (``process_group``)."""
     return value
-
-
-CHECKS: dict[str, Check] = {
-    "sampler": sampler,
-    "within": flag,
-    "between": flag,
-    "beta": finite,
-    "seed": seed,
-    "samples": at_least(1),
-    "forward": optional_callable,
-    "skip": names,
-    "include_frozen": flag,
-    "progress": flag,
-    "patch_budget_mb": positive,
-    "rate_chunk_size": at_least(1),
-    "rate_precision": positive,
-    "rate_max_rounds": at_least(MIN_RATE_ROUNDS),
-    "scale_mode": scale_mode,
-    "scale_tolerance": fraction,
-    "verify_rates": flag,
-    "across_normalization": flag,
-}
-
-
-def check_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Check every keyword in ``arguments`` that ``CHECKS`` knows (the model, data and process group
-    are checked where they are used); the values to use, by keyword."""
-    return {name: CHECKS[name](name, value) if name in CHECKS else value for name, value in arguments.items()}

@@ -1,7 +1,7 @@
 """Part 2 of the method: between-layer scale adjustment (equal change rates).
 
 The layers' change rates are measured (``rates``); the rescaling is the
-least-squares problem of ``graph.LayerGraph.solve`` (see docs/method.md).
+least-squares problem of ``solve.solve_scales`` (see docs/method.md).
 
 - ``scale_mode="exact"``: one measurement, one solve, one application that
   keeps the network's function (first checked on a float64 copy of the model,
@@ -31,11 +31,10 @@ from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
 from .operations import HomogeneityTest, compensate_normalization
-from .per_sample import squared_slice_norms
-from .rates import ChangeRates, measure_change_rates
+from .rates import ChangeRates, measure_change_rates, squared_slice_norms
 from .safety import ModelSnapshot
 from .sites import UnitIndex, WeightUnit
-from .solve import ScaleSolution
+from .solve import ScaleSolution, can_change_rates, solve_scales
 
 
 def _norm(tensors: list[Tensor]) -> float:
@@ -55,9 +54,13 @@ def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
 def output_scale(reference: list[Tensor], current: list[Tensor], collective: Collective | None = None) -> float:
     """The global factor ``g`` that brings ``reference`` closest to ``current`` (``current ~ g * reference``),
     over every process's outputs."""
-    sums = torch.tensor([
-        sum(float((a.double() * b.double()).sum()) for a, b in zip(reference, current)), _norm(reference) ** 2,
-    ], dtype=torch.float64)
+    sums = torch.tensor(
+        [
+            sum(float((a.double() * b.double()).sum()) for a, b in zip(reference, current)),
+            _norm(reference) ** 2,
+        ],
+        dtype=torch.float64,
+    )
     if collective is not None:
         sums = collective.sum(sums)
     inner, size = float(sums[0]), float(sums[1])
@@ -117,7 +120,7 @@ def _apply_scales(
     factors, changed = {}, set()
     for module, rho in solution.normalization_rho.items():
         if rho != 0.0:
-            compensate_normalization(model.get_submodule(module), rho, graph.normalizations[module].running_statistics)
+            compensate_normalization(model.get_submodule(module), rho, graph.normalizations[module])
     with torch.no_grad():
         for name, unit in units.items():
             if name not in solution.rho_in:
@@ -127,8 +130,9 @@ def _apply_scales(
                 sizes = graph.input_parts[name].sizes
                 norms = squared_slice_norms(unit.tensor(model), sizes).tolist()
                 total = sum(norms)
-                factors[name] = (math.sqrt(sum(n * f * f for n, f in zip(norms, slice_factors)) / total)
-                                 if total > 0 else 1.0)  # the weight's norm ratio
+                factors[name] = (
+                    math.sqrt(sum(n * f * f for n, f in zip(norms, slice_factors)) / total) if total > 0 else 1.0
+                )  # the weight's norm ratio
                 if any(factor != 1.0 for factor in slice_factors):
                     unit.scale_input_slices_(model, slice_factors, sizes)
                     changed.add(name)
@@ -215,8 +219,9 @@ def _float64_twin(model: nn.Module) -> nn.Module | None:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point() and id(tensor) not in memo:
             twin_tensor = tensor.detach().double()
-            memo[id(tensor)] = nn.Parameter(twin_tensor, tensor.requires_grad) if isinstance(
-                tensor, nn.Parameter) else twin_tensor
+            memo[id(tensor)] = (
+                nn.Parameter(twin_tensor, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else twin_tensor
+            )
     try:
         return copy.deepcopy(model, memo).double()
     except Exception:  # a model holding something deepcopy cannot copy
@@ -235,9 +240,11 @@ def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch
     first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
     randomness = function_change(first, second)
     if randomness > 0:
-        cause = (f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
-                 "(relative) in eval mode, so a random operation runs in it (dropout forced on with "
-                 "training=True, torch.rand, ...); pass forward=... without it")
+        cause = (
+            f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
+            "(relative) in eval mode, so a random operation runs in it (dropout forced on with "
+            "training=True, torch.rand, ...); pass forward=... without it"
+        )
     else:
         cause = "some operation's scale behaviour was not recognized. Please report the model to magicinit"
     warnings.warn(
@@ -310,17 +317,17 @@ def equalize_between(
     if context.scaling.mode == "approximate":
         return _equalize_approximately(context, called, fixed, index)
     unchanged = {name: 1.0 for name in called}
-    if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
+    if not can_change_rates(graph, [name for name in called if name not in fixed], fixed):
         return BetweenResult(None, None, unchanged, [], nothing_to_do=NOTHING_FREE)
     model, collective = context.model, context.collective
     before = _measure(context, called, graph, "magicinit: rates before")
     log_rates, excluded = _log_rates(before, called, fixed)
-    solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
+    solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
     if collective is not None and analysis_error is not None:
         analysis_error = collective.max(analysis_error)
-    result = BetweenResult(before, None, unchanged, list(log_rates), excluded)
+    result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
     if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
         _warn_not_kept(analysis_error, "in a float64 copy of the model", context, probe)
         result.reverted = True
@@ -443,13 +450,14 @@ def _equalize_approximately(
 
     def trace() -> LayerGraph:
         with torch.no_grad():
-            return trace_graph(model, probe, context.forward, index, test, agree,
-                               across_normalization=options.across_normalization)
+            return trace_graph(
+                model, probe, context.forward, index, test, agree, across_normalization=options.across_normalization
+            )
 
     graph = trace()
     called = {name: unit for name, unit in called.items() if name in graph.sites}  # (this probe's path)
     result = BetweenResult(None, None, unchanged, [])
-    if not graph.can_change_rates([name for name in called if name not in fixed], fixed):
+    if not can_change_rates(graph, [name for name in called if name not in fixed], fixed):
         result.nothing_to_do, result.graph = NOTHING_FREE, graph
         return result
     rates = result.before = _measure(context, called, graph, "magicinit: rates before")
@@ -459,11 +467,11 @@ def _equalize_approximately(
         log_rates, result.excluded = _log_rates(rates, called, fixed)
         result.equalized = list(log_rates)
         spread_now = _rms_deviation(log_rates)
-        if _worst_deviation(log_rates) <= target or not graph.can_change_rates(log_rates, fixed):
+        if _worst_deviation(log_rates) <= target or not can_change_rates(graph, log_rates, fixed):
             break
         if result.rounds and not graph.approximated:
             break  # every relation is exact: the first solve predicted these rates, more rounds chase noise
-        solution = graph.solve(log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
+        solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
         if spread_now - _rms_deviation(solution.predicted_log_rate) <= context.rates.precision:
             break  # what is left is the graph's, not the last step's
         largest = max(solution.approximated_rho.values(), default=0.0)
@@ -489,6 +497,10 @@ def _equalize_approximately(
         rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
         if _rms_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
             step /= 2
+    else:  # no break: every round allowed was made
+        log_rates = _log_rates(rates, called, fixed)[0]
+        if options.max_rounds and _worst_deviation(log_rates) > target:
+            result.limited = f"scale_max_rounds={options.max_rounds} rounds were made, the rates still apart"
     result.weight_factor, result.after, result.graph = total, rates, graph
     _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
     return result
@@ -498,8 +510,12 @@ BACKTRACKING_STEPS = 4  # tries of one approximate step: the full (damped) step,
 
 
 def _apply_within_budget(
-    context: PassContext, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph,
-    probe: Batch, reference: list[Tensor],
+    context: PassContext,
+    units: dict[str, WeightUnit],
+    solution: ScaleSolution,
+    graph: LayerGraph,
+    probe: Batch,
+    reference: list[Tensor],
 ) -> tuple[ScaleSolution, dict[str, float], set[str]] | None:
     """Apply ``solution`` or a fraction of it whose outputs on the check samples ``probe`` stay within
     the tolerance of ``reference`` beyond one global factor; None (model as it was) if none does."""

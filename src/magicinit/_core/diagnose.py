@@ -7,10 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .arguments import check_arguments
-from .context import RateOptions
 from .distributed import ProcessGroupArg
 from .inputs import Batch
+from .options import DEFAULTS, DIAGNOSE_SEED, Options
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
 from .safety import buffers_kept, guarded
@@ -24,15 +23,15 @@ def diagnose(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     *,
-    seed: int | None = 0,
-    samples: int = 256,
-    forward: Callable[[nn.Module, Batch], Any] | None = None,
-    skip: Iterable[str] = (),
-    progress: bool = False,
-    rate_chunk_size: int = RateOptions.chunk_size,
-    rate_precision: float = RateOptions.precision,
-    rate_max_rounds: int = RateOptions.max_rounds,
-    process_group: ProcessGroupArg = "default",
+    seed: int | None = DIAGNOSE_SEED,
+    samples: int = DEFAULTS.samples,
+    forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
+    skip: Iterable[str] = DEFAULTS.skip,
+    progress: bool = DEFAULTS.progress,
+    rate_chunk_size: int = DEFAULTS.rates.chunk_size,
+    rate_precision: float = DEFAULTS.rates.precision,
+    rate_max_rounds: int = DEFAULTS.rates.max_rounds,
+    process_group: ProcessGroupArg = DEFAULTS.process_group,
 ) -> Diagnosis:
     """Per-layer statistics of ``model`` on ``data``; the model is not changed.
 
@@ -54,16 +53,12 @@ def diagnose(
     Example:
         >>> print(magicinit.diagnose(net, images))  # doctest: +SKIP
     """
-    checked = check_arguments(dict(seed=seed, samples=samples, forward=forward, skip=skip, progress=progress,
-                                   rate_chunk_size=rate_chunk_size, rate_precision=rate_precision,
-                                   rate_max_rounds=rate_max_rounds))
-    seed, samples, skip, rate_chunk_size, rate_precision, rate_max_rounds = (
-        checked[k] for k in ("seed", "samples", "skip", "rate_chunk_size", "rate_precision", "rate_max_rounds"))
+    # the first statement: locals() holds the keywords alone; diagnose measures every layer, frozen or not
+    keywords = {name: value for name, value in locals().items() if name not in ("model", "data")}
+    options = Options.from_keywords({**keywords, "include_frozen": True})
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
-    options = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
     with buffers_kept(model):  # the tracing pass and every later one: a forward may update buffers of its own
-        session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                                include_frozen=True, progress=progress, rates=options, process_group=process_group)
+        session = start_session(model, data, options)
         with guarded(model):
             moments, layouts = first_site_moments(session.context, session.index, session.units)
             called = {name: unit for name, unit in session.units.items() if name in moments}
@@ -71,15 +66,17 @@ def diagnose(
     layers = []
     for name, unit in called.items():
         channel_rate = rates.channel_rate[name]
-        layers.append(LayerDiagnosis(
-            name=name,
-            type=unit.owner_type,
-            channel_mean=moments[name].mean.tolist(),
-            channel_std=moments[name].std.tolist(),
-            output_cv=coefficient_of_variation(moments[name].std),
-            rate=rates.rate[name],
-            rate_log_error=rates.log_error[name],
-            rate_mean=float(channel_rate.double().mean()),
-            rate_cv=coefficient_of_variation(channel_rate),
-        ))
+        layers.append(
+            LayerDiagnosis(
+                name=name,
+                type=unit.owner_type,
+                channel_mean=moments[name].mean.tolist(),
+                channel_std=moments[name].std.tolist(),
+                output_cv=coefficient_of_variation(moments[name].std),
+                rate=rates.rate[name],
+                rate_log_error=rates.log_error[name],
+                rate_mean=float(channel_rate.double().mean()),
+                rate_cv=coefficient_of_variation(channel_rate),
+            )
+        )
     return Diagnosis(layers, rates.draws)

@@ -20,11 +20,14 @@ The reductions run on the CPU for ``gloo`` and on the current CUDA device for
 ``nccl``; all ranks must call with the same model and options. A rank that
 fails while gathering its data makes every rank raise, instead of leaving the
 others waiting.
+
+A sampler sees the processes as a ``SamplerCollective``: the few reductions a
+data-driven sampler needs, which ``Collective`` provides.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Protocol, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -36,10 +39,47 @@ from .stats import ChannelMoments
 ProcessGroupArg = Union["dist.ProcessGroup", None, Literal["default"]]
 
 
-class Collective:
-    """The processes of one process group that initialize one model together."""
+@runtime_checkable
+class SamplerCollective(Protocol):
+    """The processes that initialize one model together, as a sampler sees them (``request.collective``).
 
-    def __init__(self, group: "dist.ProcessGroup") -> None:
+    Every method is collective: each rank must call it, in the same order, with
+    tensors of the same shape and dtype. A data-driven sampler reduces its
+    statistics with these, so that every rank returns the same filters. The
+    ``Collective`` of a ``torch.distributed`` process group satisfies it; so
+    does any object with these five methods (a test double, another backend).
+
+    Example:
+        >>> def patch_count(request: magicinit.SamplerRequest, patches: torch.Tensor) -> int:
+        ...     count = patches.shape[1]  # this rank's
+        ...     return count if request.collective is None else request.collective.total(count)
+    """
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over all ranks, in its own dtype and on its own device."""
+        ...
+
+    def total(self, value: int) -> int:
+        """The sum of every rank's count ``value``."""
+        ...
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor``, in rank order, on ``tensor``'s device."""
+        ...
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor``, on ``tensor``'s device (the choice every rank then takes)."""
+        ...
+
+    def fork(self, shared: torch.Generator) -> torch.Generator:
+        """A generator of this rank's own, seeded from one draw of ``shared`` (which advances alike on all ranks)."""
+        ...
+
+
+class Collective:
+    """The processes of one process group that initialize one model together (a ``SamplerCollective``, and more)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
@@ -80,7 +120,8 @@ class Collective:
 
     def merge_moments(self, local: ChannelMoments) -> ChannelMoments:
         """Exact moments of the union of every rank's values, merged in rank order (identical everywhere)."""
-        packed = torch.cat([local.mean.new_tensor([local.count]).double(), local.mean.double(), local.sum_sq_dev.double()])
+        count = local.mean.new_tensor([local.count]).double()
+        packed = torch.cat([count, local.mean.double(), local.sum_sq_dev.double()])
         channels = local.mean.numel()
         merged: ChannelMoments | None = None
         for part in self.gather(packed):
@@ -137,6 +178,7 @@ def resolve_process_group(process_group: ProcessGroupArg) -> Collective | None:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         group = dist.group.WORLD
+        assert group is not None  # torch.distributed is initialized
     elif dist.is_available() and isinstance(process_group, dist.ProcessGroup):
         group = process_group
     else:

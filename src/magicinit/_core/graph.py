@@ -11,8 +11,8 @@ function exactly if every other operation's scales agree:
 - a normalization module (batch, layer, group, instance or RMS norm) leaves
   the scale of its input *free* and fixes that of its output: scaling its input
   by ``r`` keeps its output when its ``eps`` is scaled by ``r**2`` and its running
-  mean and variance by ``r`` and ``r**2`` (``NORMALIZATIONS``; the compensation is
-  part of applying the scales);
+  mean and variance by ``r`` and ``r**2`` (``operations.NormalizationSpec``; the
+  compensation is part of applying the scales);
 - everything else (sigmoid, tanh, GELU, an added constant, an operation this
   module does not know) *pins* its inputs and outputs to ``rho = 0``, as do the
   model's inputs, its outputs and all constants. Optionally (``scale_mode=
@@ -25,14 +25,14 @@ function exactly if every other operation's scales agree:
 
 These relations are recorded by a probe forward pass under a
 ``TorchFunctionMode`` (so arbitrary ``forward`` code works, with no tracing
-restrictions), then reduced with union-find to a few linear equations. Adding
-an operation is one entry in ``SCALE_RULES``.
+restrictions), then reduced with union-find to a few linear equations. What each
+operation does is its entry in ``operations.OPERATIONS``; the least-squares
+problem on the result is ``solve``'s.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,22 +42,31 @@ from torch.nn.utils import parametrize
 
 from .adapters import CONV, LINEAR, Layout
 from .inputs import Batch, ForwardFn, floating_tensors
-from .operations import NORMALIZATIONS, HomogeneityTest, Normalization
+from .operations import (
+    OPERATIONS,
+    HomogeneityTest,
+    Normalization,
+    NormalizationSpec,
+    Op,
+    OperationSpec,
+    call_argument,
+)
 from .safety import temporary_hooks
 from .sites import CallInterceptor, SiteCall, UnitIndex, op_name
-from .solve import ScaleSolution, can_change_rates, solve_scales
+from .torch_internals import view_base
 
-# Operations without a floating output that still matter: an in-place write, and
-# values read into Python (whose later use the trace cannot see).
-_WRITES_OR_ESCAPES = {"setitem", "item", "tolist", "float", "int"}
+_UNKNOWN = OperationSpec()  # an operation without an entry: pinned (or measured, in approximate mode)
 
 
 class ScaleGroups:
-    """Union-find over tensor nodes: tied nodes share one scale; a pinned group has ``rho = 0``."""
+    """Union-find over tensor nodes: tied nodes share one scale; a pinned group has ``rho = 0``; other
+    relations (products, powers) are linear ``equations`` in the nodes' scales. What the scale rules of
+    ``operations.OPERATIONS`` record into (``operations.ScaleRelations``)."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.pin_reason: dict[int, str] = {}  # keyed by group root
+        self.equations: list[dict[int, float]] = []
 
     def add(self) -> int:
         """A new node in a group of its own."""
@@ -85,14 +94,18 @@ class ScaleGroups:
         """Fix ``node``'s group at ``rho = 0``; the first reason given is kept."""
         self.pin_reason.setdefault(self.find(node), reason)
 
+    def equation(self, coefficients: dict[int, float]) -> None:
+        """Require ``sum(coefficient * rho[node]) == 0``."""
+        self.equations.append(coefficients)
+
     def reason(self, node: int) -> str | None:
         """Why ``node``'s group is pinned, or None if it is free."""
         return self.pin_reason.get(self.find(node))
 
-    def copy(self) -> "ScaleGroups":
+    def copy(self) -> ScaleGroups:
         """An independent copy."""
         other = ScaleGroups()
-        other.parent, other.pin_reason = list(self.parent), dict(self.pin_reason)
+        other.parent, other.pin_reason, other.equations = list(self.parent), dict(self.pin_reason), list(self.equations)
         return other
 
 
@@ -122,7 +135,6 @@ class _Tracer(CallInterceptor):
         self.candidates: list[tuple[str, float, list[int]]] = []
         self.node_of: dict[int, int] = {}
         self.alive: list[Tensor] = []  # keeps ids unique while tracing
-        self.equations: list[dict[int, float]] = []
         self.sites: dict[str, list[tuple[int, int]]] = {}
         self.layouts: dict[str, Layout] = {}
         self.bias_parameters: dict[str, list[str]] = {}
@@ -143,43 +155,47 @@ class _Tracer(CallInterceptor):
         return self.node_of[key]
 
     def where(self) -> str:
+        """Where the present call is made, for a pin's reason: `` in 'module'`` or empty."""
         return f" in '{self.scope[-1]}'" if self.scope else ""
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
     ) -> Any:
         name = op_name(func)
+        known = OPERATIONS.get(name)
+        spec = known or _UNKNOWN
         deviation = None
-        if self.homogeneity is not None and site is None and name not in SCALE_RULES and name not in NORMALIZATIONS:
+        if self.homogeneity is not None and site is None and known is None:
             varying = [t for t in floating_tensors((args, kwargs)) if id(t) in self.produced]
             if len(varying) == 1 and "out" not in kwargs:  # measured before the call: it may work in place
                 deviation = self.homogeneity.deviation(func, args, kwargs, varying[0])
                 deviation = math.inf if deviation is None else deviation
         out = func(*args, **kwargs)
         outputs = list(floating_tensors(out))
-        if not outputs and name not in _WRITES_OR_ESCAPES:
+        if not outputs and spec.without_floating_output is None:
             return out  # sizes, shapes, comparisons: no floating data flows on
         inputs = list(floating_tensors((args, kwargs)))
         in_nodes = [self.node(t) for t in inputs]
         out_nodes = [self.node(t, reason_if_new="") for t in outputs]
-        op = _Op(name, args, kwargs, inputs, in_nodes, out_nodes)
+        op = Op(name, spec, args, kwargs, inputs, in_nodes, out_nodes, self.where())
         if site is not None and outputs:
             self._site(site, outputs[0])
             self._note_uses(name, [site.input] if isinstance(site.input, Tensor) else [], outputs)
             return out
         self._note_uses(name, inputs, outputs)
-        if name in CONCATENATIONS and outputs and self._concatenate(op, outputs[0]):
+        if spec.concatenation and outputs and self._concatenate(op, outputs[0]):
             return out
         if any(id(t) in self.concatenations for t in inputs) and self._keeps_slices(op, inputs, outputs):
             return out
-        if name in NORMALIZATIONS and outputs:
-            self._normalization(op)
+        if spec.normalization is not None and outputs:
+            self._normalization(op, spec.normalization)
         elif deviation is not None and outputs:  # tied or pinned once every process's measurement is in
-            varying = [n for t, n in zip(inputs, in_nodes) if id(t) in self.produced]
-            self.candidates.append((f"{name}{self.where()}", deviation, varying + out_nodes))
+            varying_nodes = [n for t, n in zip(inputs, in_nodes) if id(t) in self.produced]
+            self.candidates.append((f"{name}{op.where}", deviation, varying_nodes + out_nodes))
         else:
-            rule = SCALE_RULES.get(name, _pin) if outputs or name == "setitem" else _pin
-            rule(self, op)
+            rule = spec.rule if outputs else spec.without_floating_output
+            assert rule is not None
+            rule(self.groups, op)
         return out
 
     def decide_homogeneity(self, deviations: list[float]) -> None:
@@ -195,10 +211,10 @@ class _Tracer(CallInterceptor):
                 for node in nodes:
                     self.groups.pin(node, f"{description} (not homogeneous on the data: off by {deviation:.1e})")
 
-    def _concatenate(self, op: _Op, output: Tensor) -> bool:
+    def _concatenate(self, op: Op, output: Tensor) -> bool:
         """Record a concatenation of several floating tensors as slices with scales of their own."""
-        tensors = op.args[0] if op.args else op.kwargs.get("tensors")
-        dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", op.kwargs.get("axis", 0))
+        tensors = call_argument(op.args, op.kwargs, (0, "tensors"))
+        dim = call_argument(op.args, op.kwargs, (1, "dim"), op.kwargs.get("axis", 0))
         if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int):
             return False
         if not all(isinstance(t, Tensor) and t.is_floating_point() and t.dim() == output.dim() for t in tensors):
@@ -213,13 +229,13 @@ class _Tracer(CallInterceptor):
                 sizes.extend(inner.sizes)
             else:
                 if inner is not None:
-                    self._collapse(tensor)
+                    self.collapse(tensor)
                 parts.append(self.node(tensor))
                 sizes.append(tensor.shape[dim])
         self.concatenations[id(output)] = Concatenation(dim, tuple(parts), tuple(sizes))
         return True
 
-    def _keeps_slices(self, op: _Op, inputs: list[Tensor], outputs: list[Tensor]) -> bool:
+    def _keeps_slices(self, op: Op, inputs: list[Tensor], outputs: list[Tensor]) -> bool:
         """Pass a concatenation's slices through an operation that treats every slice alike and is
         homogeneous in each; otherwise give every concatenation among ``inputs`` one scale."""
         concatenated = [t for t in inputs if id(t) in self.concatenations]
@@ -228,36 +244,38 @@ class _Tracer(CallInterceptor):
         varying = [t for t in inputs if id(t) in self.produced]
         output = outputs[0] if len(outputs) == 1 else None
         kept = (
-            len(varying) == 1 and varying[0] is source and output is not None and output.dim() == source.dim()
+            len(varying) == 1
+            and varying[0] is source
+            and output is not None
+            and output.dim() == source.dim()
             and output.shape[concatenation.dim] == source.shape[concatenation.dim]
             and (
-                (op.name in SLICE_WISE and output.shape == source.shape)
-                or (op.name in CHANNEL_WISE and concatenation.dim == 1 and source.dim() >= 3)
+                (op.spec.slice_wise and output.shape == source.shape)
+                or (op.spec.channel_wise and concatenation.dim == 1 and source.dim() >= 3)
             )
-            and not (op.name in ("pad", "constant_pad_nd") and _pad_value(op))
+            and not op.fill_value()
         )
         if kept:
             assert output is not None
             self.concatenations[id(output)] = concatenation
             return True
         for tensor in concatenated:
-            self._collapse(tensor)
+            self.collapse(tensor)
         return False
 
-    def _collapse(self, tensor: Tensor) -> None:
+    def collapse(self, tensor: Tensor) -> None:
         """Give a concatenation one scale: its slices and the whole are tied."""
         concatenation = self.concatenations.pop(id(tensor), None)
         if concatenation is not None:
             self.groups.tie([self.node(tensor), *concatenation.parts])
 
-    def _normalization(self, op: _Op) -> None:
+    def _normalization(self, op: Op, spec: NormalizationSpec) -> None:
         """A normalization: its output's scale is its own; its input's is free if rescaling across
         normalizations was asked for and its module can compensate."""
-        spec = NORMALIZATIONS[op.name]
-        where = self.where()
+        where = op.where
         for n in op.out_nodes:
             self.groups.pin(n, f"{op.name}{where}")
-        data = op.args[0] if op.args else op.kwargs.get("input")
+        data = call_argument(op.args, op.kwargs, (0, "input"))
         if not isinstance(data, Tensor):
             return
         data_node = self.node(data)
@@ -273,7 +291,8 @@ class _Tracer(CallInterceptor):
         assert module_name is not None
         known = self.normalizations.get(module_name)
         if known is None:
-            self.normalizations[module_name] = Normalization(data_node, spec.uses_running_statistics(op.args, op.kwargs))
+            assert module is not None
+            self.normalizations[module_name] = spec.compensated(data_node, module, op.args, op.kwargs)
         else:  # one eps for every call of the module: one scale
             self.groups.tie([known.input_node, data_node])
 
@@ -285,15 +304,17 @@ class _Tracer(CallInterceptor):
             adapter, groups = site.layout
             weight = site.weight
             sliceable = (
-                not site.through_view and site.unit.kind in ("parameter", "weight_norm", "prune")
-                and isinstance(weight, Tensor) and sum(concatenation.sizes) == weight.shape[1]
+                not site.through_view
+                and site.unit.kind in ("parameter", "weight_norm", "prune")
+                and isinstance(weight, Tensor)
+                and sum(concatenation.sizes) == weight.shape[1]
                 and (
                     (adapter is CONV and groups == 1 and concatenation.dim == 1 and site.input.dim() == weight.dim())
                     or (adapter is LINEAR and concatenation.dim == site.input.dim() - 1)
                 )
             )
             if not sliceable:
-                self._collapse(site.input)
+                self.collapse(site.input)
         input_node, output_node = self.node(site.input), self.node(output)
         if concatenation is not None and id(site.input) in self.concatenations:
             self.sliced_sites.setdefault(unit, []).append((input_node, concatenation))
@@ -313,24 +334,11 @@ class _Tracer(CallInterceptor):
             unit = self.index.resolve(tensor)
             if unit is None or unit.kind != "parameter":
                 continue
-            root = tensor._base if tensor._base is not None else tensor
-            if outputs and all(out is tensor or out._base is root for out in outputs):
+            base = view_base(tensor)
+            root = tensor if base is None else base
+            if outputs and all(out is tensor or view_base(out) is root for out in outputs):
                 continue  # the weight itself (a no-op .to, .contiguous) or a view of it: its uses are what count
             self.other_uses.setdefault(unit.name, []).append(f"{name}{self.where()}")
-
-
-CONCATENATIONS = {"cat", "concat", "concatenate"}
-# operations that act on every element alike and are homogeneous: a concatenation's slices pass through
-SLICE_WISE = {"relu", "leaky_relu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout",
-              "alpha_dropout", "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16", "type",
-              "cpu", "cuda", "abs", "neg", "positive"}
-# operations over the spatial dimensions of each channel (dimension 1) alone
-CHANNEL_WISE = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
-                "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-                "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
-                "adaptive_max_pool3d_with_indices", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
-                "pad", "constant_pad_nd"}
 
 
 @dataclass(frozen=True)
@@ -341,158 +349,6 @@ class Concatenation:
     dim: int
     parts: tuple[int, ...]
     sizes: tuple[int, ...]
-
-
-@dataclass
-class _Op:
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    inputs: list[Tensor]
-    in_nodes: list[int]
-    out_nodes: list[int]
-
-
-ScaleRule = Callable[[_Tracer, _Op], None]
-
-
-def _pin(tracer: _Tracer, op: _Op) -> None:
-    reason = f"{op.name}{tracer.where()}"
-    for n in op.in_nodes + op.out_nodes:
-        tracer.groups.pin(n, reason)
-
-
-def _tie(tracer: _Tracer, op: _Op) -> None:
-    tracer.groups.tie(op.in_nodes + op.out_nodes)
-
-
-def _tie_first(tracer: _Tracer, op: _Op) -> None:
-    """Output scales with the first input; other inputs (shapes, weights) are constants."""
-    tracer.groups.tie(op.in_nodes[:1] + op.out_nodes)
-
-
-def _numbers(op: _Op, skip: tuple[str, ...] = ()) -> list[float]:
-    values = [a for a in op.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-    values += [v for k, v in op.kwargs.items() if k not in skip and isinstance(v, numbers.Number) and not isinstance(v, bool)]
-    return [float(v) for v in values]
-
-
-def _additive(tracer: _Tracer, op: _Op) -> None:
-    """Sums: all operands share one scale; a non-zero constant operand pins them."""
-    if any(v != 0 for v in _numbers(op, skip=("alpha",))):
-        _pin(tracer, op)
-    else:
-        _tie(tracer, op)
-
-
-def _product(sign_of_second: float) -> ScaleRule:
-    def rule(tracer: _Tracer, op: _Op) -> None:
-        if len(op.in_nodes) < 2:
-            _tie(tracer, op)
-            return
-        for out in op.out_nodes:
-            equation = {out: 1.0}
-            for position, n in enumerate(op.in_nodes):
-                coefficient = -1.0 if position == 0 else -sign_of_second
-                equation[n] = equation.get(n, 0.0) + coefficient
-            tracer.equations.append(equation)
-
-    return rule
-
-
-def _multilinear(tracer: _Tracer, op: _Op) -> None:
-    for out in op.out_nodes:
-        equation = {out: 1.0}
-        for n in op.in_nodes:
-            equation[n] = equation.get(n, 0.0) - 1.0
-        tracer.equations.append(equation)
-
-
-def _bilinear(tracer: _Tracer, op: _Op) -> None:
-    """``x1^T W x2 + b``: multilinear in its inputs; a bias (a constant) fixes the output's scale."""
-    bias = op.kwargs.get("bias", op.args[3] if len(op.args) > 3 else None)
-    if isinstance(bias, Tensor):
-        for out in op.out_nodes:
-            tracer.groups.pin(out, f"{op.name}{tracer.where()} (its bias)")
-    _multilinear(tracer, op)
-
-
-def _power(exponent: float | None) -> ScaleRule:
-    def rule(tracer: _Tracer, op: _Op) -> None:
-        values = _numbers(op) if exponent is None else [exponent]
-        if len(op.in_nodes) != 1 or len(values) != 1:
-            _pin(tracer, op)
-            return
-        for out in op.out_nodes:
-            tracer.equations.append({out: 1.0, op.in_nodes[0]: -values[0]})
-
-    return rule
-
-
-def _reciprocal(tracer: _Tracer, op: _Op) -> None:
-    """``c / x``: scale -rho."""
-    _power(-1.0)(tracer, op)
-
-
-def _clamp(tracer: _Tracer, op: _Op) -> None:
-    low = op.kwargs.get("min", op.args[1] if len(op.args) > 1 else None)
-    high = op.kwargs.get("max", op.args[2] if len(op.args) > 2 else None)
-    if high is None and (low is None or (isinstance(low, numbers.Number) and low == 0)):
-        _tie(tracer, op)
-    else:
-        _pin(tracer, op)
-
-
-def _pad_value(op: _Op) -> Any:
-    """The constant a ``pad``/``constant_pad_nd`` call fills with (None or 0: homogeneous)."""
-    position = 3 if op.name == "pad" else 2
-    return op.kwargs.get("value", op.args[position] if len(op.args) > position else None)
-
-
-def _pad(tracer: _Tracer, op: _Op) -> None:
-    (_tie if not _pad_value(op) else _pin)(tracer, op)
-
-
-def _affine(tracer: _Tracer, op: _Op) -> None:
-    """A convolution or linear map whose weight is no parameter (a site records itself): multilinear
-    in input and weight, unless a bias pins it."""
-    bias = op.kwargs.get("bias", op.args[2] if len(op.args) > 2 else None)
-    (_pin if isinstance(bias, Tensor) else _multilinear)(tracer, op)
-
-
-SCALE_RULES: dict[str, ScaleRule] = {}
-for _names, _rule in [
-    (
-        "view reshape flatten unflatten permute transpose t T mT contiguous clone detach data squeeze unsqueeze "
-        "expand repeat tile flip roll narrow select getitem split chunk unbind movedim pixel_shuffle pixel_unshuffle "
-        "channel_shuffle unfold fold to float double half bfloat16 type cpu cuda cat stack hstack vstack dstack "
-        "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices "
-        "avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
-        "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices "
-        "adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices lp_pool1d lp_pool2d max_unpool1d "
-        "max_unpool2d max_unpool3d interpolate upsample upsample_nearest upsample_bilinear relu leaky_relu rrelu "
-        "dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout abs neg positive maximum minimum "
-        "copy fmax fmin sum mean nansum nanmean amax amin max min median norm std cumsum trace diagonal",
-        _tie,
-    ),
-    ("prelu expand_as view_as reshape_as type_as", _tie_first),
-    ("add sub rsub where setitem", _additive),
-    ("mul", _product(+1.0)),
-    ("div", _product(-1.0)),
-    ("matmul mm bmm einsum outer inner dot kron", _multilinear),
-    ("bilinear", _bilinear),
-    ("pow", _power(None)),
-    ("sqrt", _power(0.5)),
-    ("rsqrt", _power(-0.5)),
-    ("square", _power(2.0)),
-    ("var", _power(2.0)),
-    ("rdiv reciprocal", _reciprocal),
-    ("clamp clamp_min", _clamp),
-    ("pad constant_pad_nd", _pad),
-    ("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear", _affine),
-]:
-    for _name in _names.split():
-        SCALE_RULES[_name] = _rule
 
 
 @dataclass
@@ -546,20 +402,6 @@ class LayerGraph:
         parts = self.input_parts[layer].parts if layer in self.input_parts else ()
         return any(self.groups.reason(part) is None for part in parts)
 
-    def can_change_rates(self, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
-        """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""
-        return can_change_rates(self, layers, fixed)
-
-    def solve(
-        self,
-        log_rates: dict[str, float],
-        fixed: Iterable[str] = (),
-        slice_shares: dict[str, tuple[list[float], list[float]]] | None = None,
-    ) -> ScaleSolution:
-        """Scales that make ``log_rates`` as equal as the graph allows, keeping the function
-        (``solve.solve_scales``)."""
-        return solve_scales(self, log_rates, fixed, slice_shares)
-
 
 def trace_graph(
     model: nn.Module,
@@ -601,7 +443,7 @@ def trace_graph(
         with tracer:
             output = forward(model, batch)
         for tensor in floating_tensors(output):
-            tracer._collapse(tensor)
+            tracer.collapse(tensor)
             tracer.groups.pin(tracer.node(tensor), "model output")
     input_parts = {}
     for unit, concatenations in tracer.sliced_sites.items():
@@ -622,7 +464,7 @@ def trace_graph(
         other_uses=tracer.other_uses,
         called_modules=tracer.called_modules,
         groups=tracer.groups,
-        equations=tracer.equations,
+        equations=tracer.groups.equations,
         normalizations=tracer.normalizations,
         approximated=tracer.approximated,
         approximated_inputs=tracer.approximated_inputs,

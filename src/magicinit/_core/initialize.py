@@ -9,15 +9,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .arguments import check_arguments
 from .between import BetweenResult, equalize_between
-from .context import RateOptions, ScaleOptions
 from .distributed import ProcessGroupArg
 from .graph import LayerGraph
 from .inputs import Batch, batch_size
+from .operations import normalization_eps
+from .options import DEFAULTS, Options
 from .report import LayerReport, LayerStatus, Report
 from .safety import guarded
-from .samplers import PATCH_BUDGET_MB, Sampler, get_sampler, sampler_name
+from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_inference_mode, start_session
 from .sites import refreshed
 from .within import WithinLayerResult, normalize_within
@@ -28,25 +28,26 @@ def init_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     *,
-    sampler: str | Sampler = "gaussian",
-    within: bool = True,
-    between: bool = True,
-    beta: float = 0.0,
-    seed: int | None = None,
-    samples: int = 256,
-    forward: Callable[[nn.Module, Batch], Any] | None = None,
-    skip: Iterable[str] = (),
-    include_frozen: bool = False,
-    progress: bool = False,
-    patch_budget_mb: float = PATCH_BUDGET_MB,
-    rate_chunk_size: int = RateOptions.chunk_size,
-    rate_precision: float = RateOptions.precision,
-    rate_max_rounds: int = RateOptions.max_rounds,
-    scale_mode: str = ScaleOptions.mode,
-    scale_tolerance: float = ScaleOptions.tolerance,
-    verify_rates: bool = ScaleOptions.verify,
-    across_normalization: bool = ScaleOptions.across_normalization,
-    process_group: ProcessGroupArg = "default",
+    sampler: str | Sampler = DEFAULTS.sampler,
+    within: bool = DEFAULTS.within,
+    between: bool = DEFAULTS.between,
+    beta: float = DEFAULTS.beta,
+    seed: int | None = DEFAULTS.seed,
+    samples: int = DEFAULTS.samples,
+    forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
+    skip: Iterable[str] = DEFAULTS.skip,
+    include_frozen: bool = DEFAULTS.include_frozen,
+    progress: bool = DEFAULTS.progress,
+    patch_budget_mb: float = DEFAULTS.patch_budget_mb,
+    rate_chunk_size: int = DEFAULTS.rates.chunk_size,
+    rate_precision: float = DEFAULTS.rates.precision,
+    rate_max_rounds: int = DEFAULTS.rates.max_rounds,
+    scale_mode: str = DEFAULTS.scaling.mode,
+    scale_tolerance: float = DEFAULTS.scaling.tolerance,
+    scale_max_rounds: int = DEFAULTS.scaling.max_rounds,
+    verify_rates: bool = DEFAULTS.scaling.verify,
+    across_normalization: bool = DEFAULTS.scaling.across_normalization,
+    process_group: ProcessGroupArg = DEFAULTS.process_group,
 ) -> Report:
     r"""Data-dependent initialization of ``model``, in place (Krähenbühl et al., ICLR 2016).
 
@@ -95,6 +96,7 @@ def init_(
         scale_tolerance: largest relative deviation ``||f(r x) - r f(x)|| / ||r f(x)||`` (r = 1/2
             and 2, on the init data) of an operation treated as homogeneous in ``"approximate"`` mode,
             and the largest output change beyond one global factor its rounds may cause.
+        scale_max_rounds: at most this many rounds of measure, solve and apply in ``"approximate"`` mode.
         verify_rates: measure the change rates again after an exact rescaling; by default the
             report's rates after Part 2 are predicted (each measured rate times its layer's known
             factor), which saves a second measurement.
@@ -118,66 +120,31 @@ def init_(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
         >>> report = magicinit.init_(net, torch.randn(64, 3, 16, 16), seed=0)
     """
-    checked = check_arguments(dict(
-        sampler=sampler, within=within, between=between, beta=beta, seed=seed, samples=samples, forward=forward,
-        skip=skip, include_frozen=include_frozen, progress=progress, patch_budget_mb=patch_budget_mb,
-        rate_chunk_size=rate_chunk_size, rate_precision=rate_precision, rate_max_rounds=rate_max_rounds,
-        scale_mode=scale_mode, scale_tolerance=scale_tolerance, verify_rates=verify_rates,
-        across_normalization=across_normalization))
-    beta, seed, samples, skip, patch_budget_mb, scale_tolerance = (
-        checked[k] for k in ("beta", "seed", "samples", "skip", "patch_budget_mb", "scale_tolerance"))
-    rate_chunk_size, rate_precision, rate_max_rounds = (
-        checked[k] for k in ("rate_chunk_size", "rate_precision", "rate_max_rounds"))
-    model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
-    chosen_sampler = get_sampler(sampler)
-    rates = RateOptions(chunk_size=rate_chunk_size, precision=rate_precision, max_rounds=rate_max_rounds)
-    scaling = ScaleOptions(mode=scale_mode, tolerance=scale_tolerance, verify=verify_rates,
-                           across_normalization=across_normalization)
-    settings = {
-        "sampler": sampler_name(sampler), "within": within, "between": between, "beta": beta, "seed": seed,
-        "samples": samples, "patch_budget_mb": patch_budget_mb, **rates.keywords(),
-        "scale_mode": scale_mode, "scale_tolerance": scale_tolerance, "verify_rates": verify_rates,
-        "across_normalization": across_normalization,
-    }
-    session = start_session(model, data, samples=samples, seed=seed, forward=forward, skip=skip,
-                            include_frozen=include_frozen, progress=progress, rates=rates, scaling=scaling,
-                            process_group=process_group)
-    seconds: dict[str, float] = {}
-    within_results: dict[str, WithinLayerResult] = {}
-    between_result = None
-    with refreshed(model, session.all_units.values()), guarded(model):
-        if within:
-            start = time.perf_counter()
-            within_results = normalize_within(session.context, session.index, session.units, chosen_sampler,
-                                              beta=beta, patch_budget_bytes=int(patch_budget_mb * 2**20))
-            seconds["within"] = time.perf_counter() - start
-        if between:
-            start = time.perf_counter()
-            constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
-            between_result = _between(session, constant)
-            seconds["between"] = time.perf_counter() - start
-    settings.update(_count_samples(session))
-    return _build_report(session, settings, within_results, between_result, seconds)
+    # the first statement: locals() holds the keywords alone
+    options = Options.from_keywords({name: value for name, value in locals().items() if name not in ("model", "data")})
+    return _initialize(model, data, options)
 
 
+@outside_inference_mode
 def rescale_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     *,
-    seed: int | None = None,
-    samples: int = 256,
-    forward: Callable[[nn.Module, Batch], Any] | None = None,
-    skip: Iterable[str] = (),
-    include_frozen: bool = False,
-    progress: bool = False,
-    rate_chunk_size: int = RateOptions.chunk_size,
-    rate_precision: float = RateOptions.precision,
-    rate_max_rounds: int = RateOptions.max_rounds,
-    scale_mode: str = ScaleOptions.mode,
-    scale_tolerance: float = ScaleOptions.tolerance,
-    verify_rates: bool = ScaleOptions.verify,
-    across_normalization: bool = ScaleOptions.across_normalization,
-    process_group: ProcessGroupArg = "default",
+    seed: int | None = DEFAULTS.seed,
+    samples: int = DEFAULTS.samples,
+    forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
+    skip: Iterable[str] = DEFAULTS.skip,
+    include_frozen: bool = DEFAULTS.include_frozen,
+    progress: bool = DEFAULTS.progress,
+    rate_chunk_size: int = DEFAULTS.rates.chunk_size,
+    rate_precision: float = DEFAULTS.rates.precision,
+    rate_max_rounds: int = DEFAULTS.rates.max_rounds,
+    scale_mode: str = DEFAULTS.scaling.mode,
+    scale_tolerance: float = DEFAULTS.scaling.tolerance,
+    scale_max_rounds: int = DEFAULTS.scaling.max_rounds,
+    verify_rates: bool = DEFAULTS.scaling.verify,
+    across_normalization: bool = DEFAULTS.scaling.across_normalization,
+    process_group: ProcessGroupArg = DEFAULTS.process_group,
 ) -> Report:
     """Part 2 only, in place: equalize the change rates of a (trained) model, keeping its function.
 
@@ -192,13 +159,37 @@ def rescale_(
         >>> report = magicinit.rescale_(pretrained, loader, seed=0)  # doctest: +SKIP
         >>> print(report)  # doctest: +SKIP
     """
-    return init_(
-        model, data, within=False, between=True, seed=seed, samples=samples, forward=forward, skip=skip,
-        include_frozen=include_frozen, progress=progress, rate_chunk_size=rate_chunk_size,
-        rate_precision=rate_precision, rate_max_rounds=rate_max_rounds, scale_mode=scale_mode,
-        scale_tolerance=scale_tolerance, verify_rates=verify_rates, across_normalization=across_normalization,
-        process_group=process_group,
-    )
+    keywords = {name: value for name, value in locals().items() if name not in ("model", "data")}  # the first statement
+    return _initialize(model, data, Options.from_keywords({**keywords, "within": False, "between": True}))
+
+
+def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Options) -> Report:
+    """Parts 1 and 2 as ``options`` say (checked), and the report."""
+    model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
+    chosen_sampler = get_sampler(options.sampler)
+    session = start_session(model, data, options)
+    seconds: dict[str, float] = {}
+    within_results: dict[str, WithinLayerResult] = {}
+    between_result = None
+    with refreshed(model, session.all_units.values()), guarded(model):
+        if options.within:
+            start = time.perf_counter()
+            within_results = normalize_within(
+                session.context,
+                session.index,
+                session.units,
+                chosen_sampler,
+                beta=options.beta,
+                patch_budget_bytes=int(options.patch_budget_mb * 2**20),
+            )
+            seconds["within"] = time.perf_counter() - start
+        if options.between:
+            start = time.perf_counter()
+            constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
+            between_result = _between(session, constant)
+            seconds["between"] = time.perf_counter() - start
+    settings = {**options.settings(), **_count_samples(session)}
+    return _build_report(session, settings, within_results, between_result, seconds)
 
 
 def _between(session: Session, constant: set[str]) -> BetweenResult:
@@ -331,7 +322,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     report.output_scale = between.output_scale
     report.output_change_beyond_scale = between.change_beyond_scale
     report.normalizations = {
-        name: {"input_factor": factor, "eps": float(model.get_submodule(name).eps)}
+        name: {"input_factor": factor, "eps": normalization_eps(model.get_submodule(name))}
         for name, factor in between.normalizations.items()
     }
     report.approximated = dict(between.approximated)
@@ -398,4 +389,3 @@ def _status(
 def _spread(rates: dict[str, float], names: list[str]) -> float | None:
     values = [rates[n] for n in names if n in rates and rates[n] > 0 and math.isfinite(rates[n])]
     return max(values) / min(values) if values else None
-

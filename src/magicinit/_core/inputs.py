@@ -131,14 +131,10 @@ def _concat(batches: list[Batch]) -> Batch:
 
 def _check_finite(batch: Batch, index: int) -> None:
     if any(tensor.is_meta for tensor in all_tensors(batch)):
-        raise MagicInitError(
-            f"data: batch {index} is on the meta device and has no values; pass real init data"
-        )
+        raise MagicInitError(f"data: batch {index} is on the meta device and has no values; pass real init data")
     for tensor in floating_tensors(batch):
         if not bool(torch.isfinite(tensor).all()):
-            raise MagicInitError(
-                f"data: batch {index} contains NaN or Inf values; clean or filter the init data first"
-            )
+            raise MagicInitError(f"data: batch {index} contains NaN or Inf values; clean or filter the init data first")
 
 
 def _is_one_batch(data: Any) -> bool:
@@ -161,7 +157,8 @@ def _is_one_batch(data: Any) -> bool:
             warnings.warn(
                 f"magicinit: data is a list of {len(data)} tensors of one shape {tuple(data[0].shape)}; they are "
                 "taken as that many batches of one input. For one batch of several inputs, pass a tuple",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
         return False
     return same_samples

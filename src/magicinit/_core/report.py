@@ -122,21 +122,36 @@ class Report:
         return _finite(data)
 
     def __str__(self) -> str:
-        header = ["layer", "type", "shape", "status", "std before (mean/cv)", "mean/std after",
-                  "rate before", "rate after", "scale"]
+        header = [
+            "layer",
+            "type",
+            "shape",
+            "status",
+            "std before (mean/cv)",
+            "mean/std after",
+            "rate before",
+            "rate after",
+            "scale",
+        ]
         rows = []
         for layer in self.layers:
-            rows.append([
-                layer.name or "(model)",
-                layer.type,
-                "x".join(map(str, layer.shape)),
-                layer.status,
-                f"{_fmt(_mean(layer.channel_std_before))}/{_fmt(layer.std_cv_before)}" if layer.channel_std_before else "-",
-                f"{_fmt(_mean(layer.channel_mean_after))}/{_fmt(_mean(layer.channel_std_after))}" if layer.channel_std_after else "-",
-                _fmt(layer.rate_before),
-                _fmt(layer.rate_after),
-                _fmt(layer.weight_scale),
-            ])
+            rows.append(
+                [
+                    layer.name or "(model)",
+                    layer.type,
+                    "x".join(map(str, layer.shape)),
+                    layer.status,
+                    f"{_fmt(_mean(layer.channel_std_before))}/{_fmt(layer.std_cv_before)}"
+                    if layer.channel_std_before
+                    else "-",
+                    f"{_fmt(_mean(layer.channel_mean_after))}/{_fmt(_mean(layer.channel_std_after))}"
+                    if layer.channel_std_after
+                    else "-",
+                    _fmt(layer.rate_before),
+                    _fmt(layer.rate_after),
+                    _fmt(layer.weight_scale),
+                ]
+            )
         lines = [render_table(header, rows)]
         if self.rate_spread_before is not None:
             lines.append(

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .operations import NormalizationConstants
+
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
@@ -60,13 +62,14 @@ class ModelFlags:
 
 
 class ModelSnapshot:
-    """A copy of every parameter and buffer of a model, and of every module's ``eps`` (which Part 2
-    may change to compensate a normalization's input scale); its flags: ``ModelFlags``."""
+    """A copy of every parameter and buffer of a model, and of every module's eps under the names
+    declared normalizations read it from (which Part 2 may change to compensate a normalization's
+    input scale: ``operations.NormalizationConstants``); its flags: ``ModelFlags``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.tensors = {name: t.detach().clone() for name, t in self._state(model)}
-        self.eps = {module: module.eps for module in model.modules() if hasattr(module, "eps")}
+        self.normalization_constants = NormalizationConstants(model)
 
     @staticmethod
     def _state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -74,12 +77,11 @@ class ModelSnapshot:
         yield from model.named_buffers(remove_duplicate=True)
 
     def restore(self) -> None:
-        """Put back every parameter and buffer, bit for bit, and every ``eps``."""
+        """Put back every parameter and buffer, bit for bit, and every eps."""
         with uninterrupted(), torch.no_grad():
             for name, tensor in self._state(self.model):
                 tensor.copy_(self.tensors[name])
-            for module, eps in self.eps.items():
-                module.eps = eps
+            self.normalization_constants.restore()
 
 
 @contextmanager
@@ -100,8 +102,8 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 def evaluating(model: nn.Module) -> Iterator[ModelFlags]:
     """Run a block with ``model`` in eval mode; its modes and ``requires_grad`` flags are restored after."""
     flags = ModelFlags(model)
-    model.eval()
     try:
+        model.eval()  # inside the try: a Ctrl-C halfway through it still restores every module's mode
         yield flags
     finally:
         flags.restore()

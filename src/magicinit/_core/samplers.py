@@ -3,9 +3,9 @@
 A sampler is a function ``(request) -> filters`` that returns a floating
 tensor of shape ``request.shape == (groups, out_per_group, fan_in)``. Part 1
 then rescales and shifts every output channel, so a sampler only chooses the
-filters' directions. Samplers are looked up by name in ``SAMPLERS``; adding
-one is one entry (see ``register_sampler``); ``init_(sampler=...)`` also takes
-a callable directly.
+filters' directions. Samplers are looked up by name in ``SAMPLERS`` (a
+read-only view); ``register_sampler`` adds one, and refuses to replace a name
+unless asked; ``init_(sampler=...)`` also takes a callable directly.
 
 The random samplers (gaussian, orthogonal) ignore the data. The data-driven
 ones (pca, zca, kmeans, patches) draw each group's filters from the patches of
@@ -26,22 +26,31 @@ Where a layer has no patches (transposed convolutions) or fewer patches than
 output channels, they fall back to ``gaussian`` and say so in the report.
 Random draws use ``request.generator`` on the CPU (indices and noise are then
 copied to the layer's device), so that one seed gives the same weights.
+
+A data-driven sampler of one's own is built from the same public parts as the
+built-in ones: ``layer_patches`` (a random subset of the layer's input
+patches), ``patch_whitening`` (their PCA whitening, ``PatchWhitening``, reduced
+over the processes) and ``DataDrivenSampler``, which turns a function of the
+request and the whitening into a sampler with the fallbacks above; with
+several processes the request's ``collective`` is a ``SamplerCollective``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import Collective
+from .distributed import SamplerCollective
 from .errors import MagicInitError
 
 PATCH_BUDGET_MB = 500.0  # default memory of one layer's patch matrix (the reference's default)
+PATCHES_PER_FILTER = 128  # default patches drawn per output channel of a group (at least 4 x fan_in)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class SamplerRequest:
         notes: where a sampler says what it did differently (shown in the report).
         collective: the processes that initialize the model together, each with its own
             data (None: this one alone); a data-driven sampler reduces its statistics over
-            them and must return the same filters on every rank.
+            them (see ``SamplerCollective``) and must return the same filters on every rank.
         input_patches: ``input_patches(x)`` gives the patches each filter sees in input ``x``,
             ``(groups, patches, fan_in)`` (a convolution's receptive fields, a linear map's
             input rows), or None where the site has none (transposed convolutions).
@@ -79,7 +88,7 @@ class SamplerRequest:
     patch_budget_bytes: int = int(PATCH_BUDGET_MB * 2**20)
     progress: bool = False
     notes: list[str] = field(default_factory=list)
-    collective: Collective | None = None
+    collective: SamplerCollective | None = None
     input_patches: Callable[[Tensor], Tensor | None] = lambda layer_input: None
 
     def own_data_generator(self) -> torch.Generator | None:
@@ -96,14 +105,21 @@ class SamplerRequest:
 
 Sampler = Callable[[SamplerRequest], Tensor]
 
-SAMPLERS: dict[str, Sampler] = {}
+_REGISTERED: dict[str, Sampler] = {}  # the registry: written only by register_sampler
+SAMPLERS: Mapping[str, Sampler] = MappingProxyType(_REGISTERED)
+"""The registered samplers by name: a read-only view (``register_sampler`` adds to it)."""
 
 
-def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
-    """Decorator that adds a sampler to ``SAMPLERS`` under ``name`` (replacing one of that name).
+def register_sampler(name: str, *, replace: bool = False) -> Callable[[Sampler], Sampler]:
+    """Decorator that adds a sampler to the registry (``SAMPLERS``) under ``name``.
 
     A sampler is ``sampler(request: SamplerRequest) -> Tensor``, returning
     filters of shape ``request.shape`` (Part 1 then normalizes them).
+
+    Args:
+        name: the name ``init_(sampler=name)`` then takes.
+        replace: replace a sampler already registered under ``name`` (a built-in one
+            included); without it, a name already taken is a ``MagicInitError``.
 
     Example:
         >>> @magicinit.register_sampler("uniform")
@@ -116,7 +132,12 @@ def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     def add(sampler: Sampler) -> Sampler:
         if not callable(sampler):
             raise MagicInitError(f"register_sampler({name!r}): {type(sampler).__name__} is not callable")
-        SAMPLERS[name] = sampler
+        if name in _REGISTERED and not replace:
+            raise MagicInitError(
+                f"register_sampler({name!r}): a sampler is already registered under that name "
+                f"({sampler_name(_REGISTERED[name])}); choose another name, or pass replace=True to replace it"
+            )
+        _REGISTERED[name] = sampler
         return sampler
 
     return add
@@ -138,10 +159,19 @@ def get_sampler(sampler: str | Sampler) -> Sampler:
 
 
 def sampler_name(sampler: str | Sampler) -> str:
-    """How the report names ``sampler``: its registered name, or a callable's qualified name."""
+    """How the report names ``sampler``: its registered name, or a callable's qualified name
+    (a ``DataDrivenSampler``'s: its draw function's, with ``patches_per_filter`` where not the default)."""
     if isinstance(sampler, str):
         return sampler
-    return f"{getattr(sampler, '__module__', '?')}.{getattr(sampler, '__qualname__', type(sampler).__name__)}"
+    if not isinstance(sampler, DataDrivenSampler):
+        return _qualified_name(sampler)
+    if sampler.patches_per_filter == PATCHES_PER_FILTER:
+        return _qualified_name(sampler.draw)
+    return f"{_qualified_name(sampler.draw)}(patches_per_filter={sampler.patches_per_filter})"
+
+
+def _qualified_name(function: Callable[..., Any]) -> str:
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__name__)}"
 
 
 @register_sampler("gaussian")
@@ -176,7 +206,6 @@ def keep(request: SamplerRequest) -> Tensor:
 KMEANS_ITERATIONS = 20  # at most; k-means stops earlier once it has settled
 KMEANS_SETTLED = 1e-3  # settled: at most this fraction of the patches changed cluster in an iteration
 KMEANS_SEEDING_POINTS = 32  # k-means++ seeds are drawn from this many random patches per cluster at most
-PATCHES_PER_FILTER = 128  # patches drawn per output channel of a group (at least 4 x fan_in)
 WHITENING_EPSILON = 1e-2  # added to the eigenvalues, relative to their mean (regularized whitening)
 # Directions whose eigenvalue is below this fraction of the largest carry no signal
 # (a constant or duplicated input channel, float32 rounding); the whitening drops them,
@@ -192,13 +221,29 @@ MINIBATCH_EPOCHS = 10  # mini-batch k-means: passes over the patches (in random 
 
 
 @dataclass(frozen=True)
-class _Whitened:
-    """Per-group patch statistics: ``whitened = (x - mean) @ transform.T``."""
+class PatchWhitening:
+    """The PCA whitening of one layer's input patches, per group (what ``patch_whitening`` returns).
 
-    patches: Tensor  # (groups, M, fan_in), centred
-    eigenvalues: Tensor  # (groups, fan_in), descending, regularized; 0 past a group's rank
-    eigenvectors: Tensor  # (groups, fan_in, fan_in), columns, same order
-    rank: int  # directions with signal, the least over the groups
+    ``whitened = centred_patches @ transform.transpose(1, 2)``; a filter drawn in the
+    whitened space (a row ``w``) reads the raw patches as ``w @ transform``.
+
+    Attributes:
+        centred_patches: the patches minus their mean (over every process's patches),
+            ``(groups, patches, fan_in)``.
+        eigenvalues: of the patch covariance, ``(groups, fan_in)``, descending and regularized;
+            0 past a group's directions with signal.
+        eigenvectors: ``(groups, fan_in, fan_in)``, as columns, in the same order.
+        rank: the directions with signal (non-zero eigenvalues), the least over the groups.
+
+    Example:
+        >>> whitening = magicinit.patch_whitening(patches)
+        >>> whitening.whitened_patches()[0].T.cov()  # group 0's: about the identity, up to the rank
+    """
+
+    centred_patches: Tensor
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    rank: int
 
     @property
     def transform(self) -> Tensor:
@@ -206,23 +251,42 @@ class _Whitened:
         inverse_sqrt = torch.where(self.eigenvalues > 0, self.eigenvalues.clamp_min(1e-30).rsqrt(), 0.0)
         return (self.eigenvectors * inverse_sqrt.unsqueeze(1)).transpose(1, 2)
 
-    def whiten(self) -> Tensor:
-        return self.patches @ self.transform.transpose(1, 2)
+    def whitened_patches(self) -> Tensor:
+        """The whitened patches, ``(groups, patches, fan_in)`` (0 past the rank)."""
+        return self.centred_patches @ self.transform.transpose(1, 2)
 
 
 def _subsample(count: int, keep: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     return torch.randperm(count, generator=generator)[:keep].to(device)
 
 
-def _layer_patches(request: SamplerRequest) -> Tensor | None:
-    """A random subset of the layer's input patches, ``(groups, M, fan_in)`` float32.
+def _check_patches_per_filter(patches_per_filter: int) -> None:
+    if isinstance(patches_per_filter, bool) or not isinstance(patches_per_filter, int) or patches_per_filter < 1:
+        raise MagicInitError(f"patches_per_filter={patches_per_filter!r}: expected an int >= 1")
 
-    ``M`` is ``PATCHES_PER_FILTER`` per output channel of a group (at least
+
+def layer_patches(request: SamplerRequest, *, patches_per_filter: int = PATCHES_PER_FILTER) -> Tensor | None:
+    """A random subset of the layer's input patches in the Part 1 pass, ``(groups, M, fan_in)`` float32.
+
+    ``M`` is ``patches_per_filter`` per output channel of a group (at least
     ``4 * fan_in``, for the covariance), and at most what the memory budget
-    allows: enough for the covariance and the centroids, and far cheaper than
-    all patches. With several processes, ``M`` is shared out among the ranks
-    in proportion to the patches each holds.
+    (``request.patch_budget_bytes``) allows: enough for the covariance and the
+    centroids, and far cheaper than all patches. With several processes, ``M``
+    is shared out among the ranks in proportion to the patches each holds, and
+    each rank returns its own. None where the layer has no patches (transposed
+    convolutions) or its input is not a tensor.
+
+    Args:
+        request: the layer's sampler request.
+        patches_per_filter: patches wanted per output channel of a group (the built-in
+            samplers' default, 128); all of them with a large number, memory allowing.
+
+    Example:
+        >>> patches = magicinit.layer_patches(request, patches_per_filter=256)
+        >>> if patches is not None:
+        ...     whitening = magicinit.patch_whitening(patches, request.collective)
     """
+    _check_patches_per_filter(patches_per_filter)
     layer_input = request.layer_input[0] if request.layer_input else None
     if not isinstance(layer_input, Tensor):
         return None
@@ -230,7 +294,7 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     if probe is None:
         return None
     groups, out_per_group, fan = request.shape
-    wanted = max(PATCHES_PER_FILTER * out_per_group, 4 * fan)
+    wanted = max(patches_per_filter * out_per_group, 4 * fan)
     max_patches = max(1, min(wanted, request.patch_budget_bytes // (4 * groups * fan)))
     sample = layer_input
     generator = request.own_data_generator()
@@ -249,13 +313,26 @@ def _layer_patches(request: SamplerRequest) -> Tensor | None:
     return patches.float()
 
 
-def _whitened(patches: Tensor, collective: Collective | None = None, top: int | None = None) -> _Whitened:
-    """Per-group PCA whitening of ``patches`` (over all of ``collective``'s ranks: exact merged
-    mean and covariance, so every rank gets the same transform).
+def patch_whitening(
+    patches: Tensor, collective: SamplerCollective | None = None, *, top: int | None = None
+) -> PatchWhitening:
+    """Per-group PCA whitening of ``patches`` ``(groups, M, fan_in)``, over every process's patches.
 
-    ``top=None``: at full rank, every eigenvalue regularized by ``WHITENING_EPSILON`` times
-    their mean. ``top=k``: onto the top ``k`` directions only, with a negligible epsilon
-    (``TOP_WHITENING_EPSILON``), as the authors' reference implementation whitened.
+    With a ``collective``, the mean and covariance are those of all ranks' patches
+    merged exactly, so every rank gets the same whitening (each keeps its own
+    centred patches). Directions whose eigenvalue is below ``RANK_TOLERANCE`` of
+    the largest carry no signal and are dropped.
+
+    Args:
+        patches: each group's patches, as ``layer_patches`` returns them.
+        collective: the processes to reduce over (``request.collective``); None: these patches alone.
+        top: None: whiten at full rank, every eigenvalue regularized by ``WHITENING_EPSILON``
+            times their mean. ``k``: onto the top ``k`` directions only, with a negligible
+            epsilon (``TOP_WHITENING_EPSILON``), as the authors' reference implementation whitened.
+
+    Example:
+        >>> whitening = magicinit.patch_whitening(patches, request.collective, top=request.shape[1])
+        >>> filters = whitening.whitened_patches()[:, :request.shape[1]] @ whitening.transform
     """
     mean = patches.mean(dim=1, keepdim=True)
     centred = patches - mean
@@ -283,18 +360,54 @@ def _whitened(patches: Tensor, collective: Collective | None = None, top: int | 
         live[:, top:] = False
     eigenvalues = torch.where(live, regularized, 0.0)
     rank = int(live.sum(dim=-1).min())
-    return _Whitened(centred, eigenvalues.float(), eigenvectors.float(), rank)
+    return PatchWhitening(centred, eigenvalues.float(), eigenvectors.float(), rank)
 
 
-def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor], top_whitening: bool = False) -> Sampler:
-    """Wrap a sampler on whitened patches with the gaussian fallback and its report line.
+WhitenedDraw = Callable[[SamplerRequest, PatchWhitening], Tensor]  # what DataDrivenSampler calls
 
-    ``top_whitening``: whiten onto as many top directions as the layer has filters per
-    group (see ``_whitened``), else at full rank.
+
+@dataclass(frozen=True)
+class DataDrivenSampler:
+    """A sampler that draws a layer's filters from the whitening of its input patches.
+
+    Calling it with a request takes ``layer_patches`` and their ``patch_whitening``
+    (over every process) and returns ``draw(request, whitening)``, filters of shape
+    ``request.shape``. Where the layer has no patches, fewer patches than filters
+    per group, or only constant ones, it draws ``gaussian`` filters instead and says
+    so in ``request.notes`` (the report). The built-in pca, zca, kmeans and patches
+    samplers are ``DataDrivenSampler``s: ``dataclasses.replace(SAMPLERS["pca"],
+    patches_per_filter=...)`` is pca with another number of patches.
+
+    Attributes:
+        draw: ``draw(request, whitening) -> filters``; with several processes it must
+            return the same filters on every rank (``request.collective``).
+        top_whitening: whiten onto as many top directions as the layer has filters per
+            group (``patch_whitening(top=...)``), else at full rank.
+        patches_per_filter: patches per output channel of a group (``layer_patches``).
+
+    Example:
+        >>> def largest(request: magicinit.SamplerRequest, whitening: magicinit.PatchWhitening) -> torch.Tensor:
+        ...     whitened = whitening.whitened_patches()
+        ...     index = whitened.norm(dim=-1).topk(request.shape[1], dim=1).indices.unsqueeze(-1)
+        ...     return whitened.gather(1, index.expand(-1, -1, whitened.shape[-1])) @ whitening.transform
+        >>> magicinit.init_(model, images, sampler=magicinit.DataDrivenSampler(largest, patches_per_filter=256))
     """
 
-    def sampler(request: SamplerRequest) -> Tensor:
-        patches = _layer_patches(request)
+    draw: WhitenedDraw
+    top_whitening: bool = False
+    patches_per_filter: int = PATCHES_PER_FILTER
+
+    def __post_init__(self) -> None:
+        if not callable(self.draw):
+            raise MagicInitError(
+                f"DataDrivenSampler: draw must be a callable(request, whitening) -> filters, "
+                f"got {type(self.draw).__name__}"
+            )
+        _check_patches_per_filter(self.patches_per_filter)
+
+    def __call__(self, request: SamplerRequest) -> Tensor:
+        """The layer's filters, ``request.shape``: ``draw``'s, or gaussian ones where the patches cannot serve."""
+        patches = layer_patches(request, patches_per_filter=self.patches_per_filter)
         out_per_group = request.shape[1]
         if patches is None:
             request.notes.append("this layer type has no input patches: filters drawn by gaussian")
@@ -307,57 +420,54 @@ def _data_driven(draw: Callable[[SamplerRequest, _Whitened], Tensor], top_whiten
                 f"{count} input patches for {out_per_group} filters per group: filters drawn by gaussian"
             )
             return gaussian(request)
-        stats = _whitened(patches, request.collective, out_per_group if top_whitening else None)
-        if stats.rank == 0:
+        whitening = patch_whitening(patches, request.collective, top=out_per_group if self.top_whitening else None)
+        if whitening.rank == 0:
             request.notes.append("the input patches are constant: filters drawn by gaussian")
             return gaussian(request)
-        return draw(request, stats)
-
-    sampler.__doc__ = draw.__doc__
-    return sampler
+        return self.draw(request, whitening)
 
 
-def _random_whitened_rows(request: SamplerRequest, stats: _Whitened, count: int) -> Tensor:
+def _random_whitened_rows(request: SamplerRequest, whitening: PatchWhitening, count: int) -> Tensor:
     """``count`` filters per group, random directions in the whitened space."""
     groups, _, fan = request.shape
-    directions = torch.randn(groups, count, fan, generator=request.generator).to(stats.patches.device)
-    return directions @ stats.transform
+    directions = torch.randn(groups, count, fan, generator=request.generator).to(whitening.centred_patches.device)
+    return directions @ whitening.transform
 
 
-def _top_directions_then_random(request: SamplerRequest, stats: _Whitened, rows: Tensor) -> Tensor:
+def _top_directions_then_random(request: SamplerRequest, whitening: PatchWhitening, rows: Tensor) -> Tensor:
     """``rows`` (groups, k, fan) for the top k directions, completed with random whitened rows."""
     missing = request.shape[1] - rows.shape[1]
     if missing > 0:
         request.notes.append(
             f"more filters than patch directions with signal: {missing} per group random in the whitened space"
         )
-        rows = torch.cat([rows, _random_whitened_rows(request, stats, missing)], dim=1)
+        rows = torch.cat([rows, _random_whitened_rows(request, whitening, missing)], dim=1)
     return rows
 
 
 @register_sampler("pca")
-@_data_driven
-def pca(request: SamplerRequest, stats: _Whitened) -> Tensor:
+@DataDrivenSampler
+def pca(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
     """The top principal directions of the layer's input patches, scaled by ``1/sqrt(eigenvalue)``
     (the eigenvalue regularized by ``WHITENING_EPSILON`` times their mean)."""
-    k = min(request.shape[1], stats.rank)
-    return _top_directions_then_random(request, stats, stats.transform[:, :k])
+    k = min(request.shape[1], whitening.rank)
+    return _top_directions_then_random(request, whitening, whitening.transform[:, :k])
 
 
 @register_sampler("zca")
-@_data_driven
-def zca(request: SamplerRequest, stats: _Whitened) -> Tensor:
+@DataDrivenSampler
+def zca(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
     """Rows of the ZCA whitening transform restricted to the top principal directions.
 
     Each filter is centred on one patch element (pixel and channel), spread
     evenly over the patch, and whitens around it.
     """
     out, fan = request.shape[1], request.shape[2]
-    k = min(out, stats.rank)
-    top = stats.eigenvectors[:, :, :k]
-    restricted = top @ stats.transform[:, :k]  # (groups, fan, fan): V_k diag(1/sqrt(l_k)) V_k^T
+    k = min(out, whitening.rank)
+    top = whitening.eigenvectors[:, :, :k]
+    restricted = top @ whitening.transform[:, :k]  # (groups, fan, fan): V_k diag(1/sqrt(l_k)) V_k^T
     rows = restricted[:, (torch.arange(k, device=restricted.device) * fan) // k]
-    return _top_directions_then_random(request, stats, rows)
+    return _top_directions_then_random(request, whitening, rows)
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -365,12 +475,12 @@ def _unit_rows(x: Tensor) -> Tensor:
 
 
 @register_sampler("patches")
-@_data_driven
-def random_patches(request: SamplerRequest, stats: _Whitened) -> Tensor:
+@DataDrivenSampler
+def random_patches(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
     """Randomly chosen whitened, unit-length input patches, mapped back through the whitening."""
-    whitened = _unit_rows(stats.whiten())
+    whitened = _unit_rows(whitening.whitened_patches())
     chosen = _choose(whitened, request.shape[1], request)
-    return chosen @ stats.transform
+    return chosen @ whitening.transform
 
 
 def _choose(points: Tensor, count: int, request: SamplerRequest) -> Tensor:
@@ -417,7 +527,7 @@ def _spherical_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
     centroids = _seeds(points, clusters, request)
     collective = request.collective
     assignment = None
-    groups, count, fan = points.shape
+    groups, count, _fan = points.shape
     with _iterations(request, "kmeans", KMEANS_ITERATIONS) as steps:
         for _ in steps:
             new_assignment = (points @ centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, M)
@@ -458,7 +568,7 @@ def _minibatch_kmeans(points: Tensor, clusters: int, request: SamplerRequest) ->
     """
     centroids = _seeds(points, clusters, request)
     collective = request.collective
-    groups, count, fan = points.shape
+    groups, count, _fan = points.shape
     wanted = MINIBATCH_PER_CLUSTER * clusters
     total = count if collective is None else collective.total(count)
     steps_per_epoch = max(1, -(-total // wanted))  # alike on every rank
@@ -488,8 +598,7 @@ def _seeds(points: Tensor, clusters: int, request: SamplerRequest) -> Tensor:
     every rank seeds on its own points and all take rank 0's seeds."""
     seeding, own_generator = points, request.own_data_generator()  # called alike on every rank
     if points.shape[1] > KMEANS_SEEDING_POINTS * clusters:
-        seeding = points[:, _subsample(points.shape[1], KMEANS_SEEDING_POINTS * clusters, own_generator,
-                                       points.device)]
+        seeding = points[:, _subsample(points.shape[1], KMEANS_SEEDING_POINTS * clusters, own_generator, points.device)]
     centroids = _kmeans_plus_plus(seeding, clusters, request.generator)
     if request.collective is not None:
         centroids = request.collective.broadcast(centroids)
@@ -510,37 +619,54 @@ def _cluster_sums(points: Tensor, assignment: Tensor, clusters: int) -> tuple[Te
 def _iterations(request: SamplerRequest, what: str, count: int) -> tqdm:
     """``range(count)`` as a tqdm bar named after the layer, shown only when ``request.progress``
     (use it in a ``with`` block, so that the bar closes when the loop breaks)."""
-    return tqdm(range(count), desc=f"magicinit: {what} '{request.name}'", unit="it", leave=False,
-                disable=not request.progress)
+    return tqdm(
+        range(count), desc=f"magicinit: {what} '{request.name}'", unit="it", leave=False, disable=not request.progress
+    )
 
 
-def _kmeans(cluster: Callable[[Tensor, int, SamplerRequest], Tensor], top_whitening: bool, doc: str) -> Sampler:
+def _kmeans(
+    cluster: Callable[[Tensor, int, SamplerRequest], Tensor], top_whitening: bool, name: str, doc: str
+) -> DataDrivenSampler:
     """A k-means sampler: ``cluster`` the whitened, unit-length patches into one centroid per
-    output channel, and map the centroids back through the whitening."""
+    output channel, and map the centroids back through the whitening (``name``: its draw's)."""
 
-    def draw(request: SamplerRequest, stats: _Whitened) -> Tensor:
-        points = _unit_rows(stats.whiten())  # (groups, M, fan)
-        return cluster(points, request.shape[1], request) @ stats.transform
+    def draw(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
+        points = _unit_rows(whitening.whitened_patches())  # (groups, M, fan)
+        return cluster(points, request.shape[1], request) @ whitening.transform
 
-    draw.__doc__ = doc
-    return _data_driven(draw, top_whitening=top_whitening)
+    draw.__doc__, draw.__name__, draw.__qualname__ = doc, name, name
+    return DataDrivenSampler(draw, top_whitening=top_whitening)
 
 
-kmeans_full = register_sampler("kmeans-full")(_kmeans(_spherical_kmeans, False, """\
+kmeans_full = register_sampler("kmeans-full")(
+    _kmeans(
+        _spherical_kmeans,
+        False,
+        "kmeans_full",
+        """\
 Spherical k-means of the input patches whitened at full rank (regularized), one centroid per output channel.
 
 The patches are centred, whitened along every direction with signal (each
 eigenvalue plus ``WHITENING_EPSILON`` times their mean) and normalized to unit
 length; centroids come from ``_spherical_kmeans`` and are mapped back through
-the whitening."""))
+the whitening.""",
+    )
+)
 
-kmeans_reference = register_sampler("kmeans-reference")(_kmeans(_minibatch_kmeans, True, """\
+kmeans_reference = register_sampler("kmeans-reference")(
+    _kmeans(
+        _minibatch_kmeans,
+        True,
+        "kmeans_reference",
+        """\
 k-means after the authors' reference implementation, one centroid per output channel.
 
 The patches are centred, whitened onto only the top directions (as many as the
 layer has filters per group) with a negligible epsilon, normalized to unit
 length, and clustered by Euclidean mini-batch k-means (``_minibatch_kmeans``);
-the centroids are mapped back through the whitening."""))
+the centroids are mapped back through the whitening.""",
+    )
+)
 
 # What ``sampler="kmeans"`` means: the variant that trained better in ``bench/train.py --experiment kmeans``
 # (the reference's, in all 4 dataset/depth settings; see bench/RESULTS.md).

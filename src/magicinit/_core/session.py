@@ -15,13 +15,15 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .adapters import find_affine_layers
-from .context import PassContext, RateOptions, ScaleOptions
-from .distributed import Collective, ProcessGroupArg, resolve_process_group
+from .context import PassContext
+from .distributed import Collective, resolve_process_group
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
+from .options import Options
 from .safety import evaluating
 from .sites import UnitIndex, WeightUnit
+from .torch_internals import compiled_original, forward_hooks, forward_pre_hooks
 
 PROBE_SAMPLES = 2  # samples in the tracing pass
 
@@ -33,8 +35,8 @@ def _describe(batch: Batch) -> str:
 
 def original_module(model: Any) -> Any:
     """The module a ``torch.compile``'d model wraps (it shares its parameters), else ``model`` itself."""
-    original = getattr(model, "_orig_mod", None)
-    return original if isinstance(model, nn.Module) and isinstance(original, nn.Module) else model
+    original = compiled_original(model) if isinstance(model, nn.Module) else None
+    return original if original is not None else model
 
 
 Entry = TypeVar("Entry", bound=Callable[..., Any])
@@ -125,12 +127,15 @@ def _under(prefix: str, name: str) -> bool:
 def _protected_parameters(model: nn.Module, skip: list[str], include_frozen: bool) -> frozenset[str]:
     """Parameters that must not be written: skipped, or frozen (unless ``include_frozen``)."""
     return frozenset(
-        name for name, param in model.named_parameters(remove_duplicate=False)
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
         if any(_under(prefix, name) for prefix in skip) or (not param.requires_grad and not include_frozen)
     )
 
 
-def _exclusion(unit: WeightUnit, model: nn.Module, graph: LayerGraph, skip: list[str], include_frozen: bool) -> str | None:
+def _exclusion(
+    unit: WeightUnit, model: nn.Module, graph: LayerGraph, skip: list[str], include_frozen: bool
+) -> str | None:
     """Why ``unit`` is left as it is, or None if the call may change it."""
     names = (unit.name, unit.owner, *unit.parameters, *unit.aliases)
     if any(_under(prefix, name) for prefix in skip for name in names):
@@ -159,8 +164,9 @@ def _is_matrix(unit: WeightUnit, model: nn.Module) -> bool:
     return unit.kind == "parameter" and sum(size > 1 for size in unit.tensor(model).shape) >= 2
 
 
-def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph, skip: list[str],
-                  include_frozen: bool) -> tuple[dict[str, WeightUnit], dict[str, str], dict[str, WeightUnit]]:
+def _select_units(
+    model: nn.Module, index: UnitIndex, graph: LayerGraph, skip: list[str], include_frozen: bool
+) -> tuple[dict[str, WeightUnit], dict[str, str], dict[str, WeightUnit]]:
     """The weights to work on, those left alone (with the reason), and all the report lists.
 
     The report lists every weight used at an affine site, every weight of an affine
@@ -186,7 +192,9 @@ def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph, skip: l
             excluded[name] = reason
     if not units:
         reasons = "; ".join(f"'{n}': {r}" for n, r in excluded.items())
-        raise MagicInitError(f"no layer left to initialize ({reasons}); unfreeze layers, pass include_frozen=True or skip fewer")
+        raise MagicInitError(
+            f"no layer left to initialize ({reasons}); unfreeze layers, pass include_frozen=True or skip fewer"
+        )
     if not any(name in graph.sites for name in units):
         raise MagicInitError(
             f"none of the layers to initialize ({', '.join(list(units)[:5])}...) ran in "
@@ -202,18 +210,10 @@ def _select_units(model: nn.Module, index: UnitIndex, graph: LayerGraph, skip: l
 def start_session(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
-    *,
-    samples: int,
-    seed: int | None,
-    forward: ForwardFn | None,
-    skip: Iterable[str],
-    include_frozen: bool,
-    progress: bool,
-    rates: RateOptions,
-    scaling: ScaleOptions = ScaleOptions(),
-    process_group: ProcessGroupArg = "default",
+    options: Options,
 ) -> Session:
-    """Validate the arguments, gather the data, trace the graph and choose the weights.
+    """Validate the model and data, gather the data, trace the graph and choose the weights, as the (checked)
+    ``options`` say.
 
     Raises ``MagicInitError`` before touching the model if anything is wrong.
     With several processes, every rank raises if any rank could not gather its
@@ -226,14 +226,15 @@ def start_session(
             f"model: a TorchScript module ({type(model).__name__}, from torch.jit.script or torch.jit.trace) runs "
             "compiled code magicinit cannot see into; initialize the Python module first, then script it"
         )
-    skip = [skip] if isinstance(skip, str) else list(skip)
+    skip = [options.skip] if isinstance(options.skip, str) else list(options.skip)
+    include_frozen, scaling = options.include_frozen, options.scaling
     _check_model(model, skip)
     index = UnitIndex(model, protected=_protected_parameters(model, skip, include_frozen))
-    collective = resolve_process_group(process_group)
-    checked_forward = guard_forward(forward or default_forward)
+    collective = resolve_process_group(options.process_group)
+    checked_forward = guard_forward(options.forward or default_forward)
     error, gathered = None, None
     try:
-        gathered = _gather_and_trace(model, data, samples, index, checked_forward, scaling.across_normalization)
+        gathered = _gather_and_trace(model, data, options.samples, index, checked_forward, scaling.across_normalization)
     except MagicInitError as exc:
         if collective is None:
             raise
@@ -243,8 +244,14 @@ def start_session(
     assert gathered is not None
     units, excluded, all_units = _select_units(model, index, gathered.graph, skip, include_frozen)
     context = PassContext(
-        model=model, batch=gathered.batch, forward=checked_forward, generator=_generator(seed, collective),
-        collective=collective, progress=progress, rates=rates, scaling=scaling,
+        model=model,
+        batch=gathered.batch,
+        forward=checked_forward,
+        generator=_generator(options.seed, collective),
+        collective=collective,
+        progress=options.progress,
+        rates=options.rates,
+        scaling=scaling,
     )
     return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes + _user_hooks(model))
 
@@ -255,15 +262,20 @@ TORCH_REPARAMETRIZATIONS = (WeightNorm, BasePruningMethod, SpectralNorm)
 
 def _user_hooks(model: nn.Module) -> list[str]:
     """A note on the modules with forward hooks of the user's own, which run during the passes."""
-    hooked = [name or type(model).__name__ for name, module in model.named_modules()
-              if module._forward_hooks or any(not isinstance(hook, TORCH_REPARAMETRIZATIONS)
-                                              for hook in module._forward_pre_hooks.values())]
+    hooked = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if forward_hooks(module)
+        or any(not isinstance(hook, TORCH_REPARAMETRIZATIONS) for hook in forward_pre_hooks(module))
+    ]
     if not hooked:
         return []
     shown = ", ".join(f"'{name}'" for name in hooked[:5]) + (", ..." if len(hooked) > 5 else "")
-    return [f"forward hooks of your own on {shown} ran during initialization; the statistics are those of each "
-            "layer's own output, so a hook that changes a module's output changes what the layers after it "
-            "see (remove such hooks while initializing)"]
+    return [
+        f"forward hooks of your own on {shown} ran during initialization; the statistics are those of each "
+        "layer's own output, so a hook that changes a module's output changes what the layers after it "
+        "see (remove such hooks while initializing)"
+    ]
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:

@@ -19,12 +19,12 @@ change: one parameter (named after its module when it is the module's
 Torch's attention (``F.multi_head_attention_forward``) is one torch function
 whose inner calls a mode does not see; ``COMPOSITES`` lists such functions,
 which the interceptor runs with itself active inside them, so that their
-linear maps are sites like any other.
+linear maps are sites like any other (a ``CallInterceptor`` takes another set
+through its ``composites`` argument).
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,8 +39,24 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from .adapters import CONV, CONV_TRANSPOSE, LINEAR, MATMUL, AffineAdapter, Layout, module_adapter
+from .adapters import (
+    CONV,
+    CONV_TRANSPOSE,
+    LINEAR,
+    MATMUL,
+    AffineAdapter,
+    Layout,
+    module_adapter,
+)
 from .errors import MagicInitError
+from .operations import Slot, call_argument
+from .torch_internals import (
+    forward_pre_hooks,
+    parametrization_cache_enabled,
+    pruned_tensor_name,
+    view_base,
+    without_torch_function_dispatch,
+)
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -57,15 +73,24 @@ def op_name(func: Callable[..., Any]) -> str:
 
 _REFLECTED = {"add", "sub", "mul", "div", "truediv", "matmul", "pow"}
 _ALIASES = {
-    "radd": "add", "rmul": "mul", "truediv": "div", "true_divide": "div", "divide": "div",
-    "rtruediv": "rdiv", "multiply": "mul", "subtract": "sub", "rmatmul": "matmul",
-    "concat": "cat", "concatenate": "cat", "clip": "clamp", "absolute": "abs", "negative": "neg",
+    "radd": "add",
+    "rmul": "mul",
+    "truediv": "div",
+    "true_divide": "div",
+    "divide": "div",
+    "rtruediv": "rdiv",
+    "multiply": "mul",
+    "subtract": "sub",
+    "rmatmul": "matmul",
+    "concat": "cat",
+    "concatenate": "cat",
+    "clip": "clamp",
+    "absolute": "abs",
+    "negative": "neg",
 }
 
 
 # --- sites ---------------------------------------------------------------------------------------
-
-Slot = tuple[int, str]  # an argument's position and keyword
 
 
 @dataclass(frozen=True)
@@ -79,22 +104,17 @@ class SiteKind:
     groups: Slot | None = None
 
 
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot | None, default: Any = None) -> Any:
-    if slot is None:
-        return default
-    position, keyword = slot
-    if keyword in kwargs:
-        return kwargs[keyword]
-    return args[position] if position < len(args) else default
-
-
 _LINEAR = SiteKind(LINEAR, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"))
 _CONV = SiteKind(CONV, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"), groups=(6, "groups"))
 _CONV_T = SiteKind(CONV_TRANSPOSE, input=(0, "input"), weight=(1, "weight"), bias=(2, "bias"), groups=(6, "groups"))
 SITE_KINDS: dict[str, SiteKind] = {
     "linear": _LINEAR,
-    "conv1d": _CONV, "conv2d": _CONV, "conv3d": _CONV,
-    "conv_transpose1d": _CONV_T, "conv_transpose2d": _CONV_T, "conv_transpose3d": _CONV_T,
+    "conv1d": _CONV,
+    "conv2d": _CONV,
+    "conv3d": _CONV,
+    "conv_transpose1d": _CONV_T,
+    "conv_transpose2d": _CONV_T,
+    "conv_transpose3d": _CONV_T,
     "addmm": SiteKind(MATMUL, input=(1, "mat1"), weight=(2, "mat2"), bias=(0, "input")),
     "matmul": SiteKind(MATMUL, input=(0, "input"), weight=(1, "other")),
     "mm": SiteKind(MATMUL, input=(0, "input"), weight=(1, "mat2")),
@@ -109,28 +129,28 @@ class SiteCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     kind: SiteKind
-    unit: "WeightUnit"
+    unit: WeightUnit
 
     @property
     def input(self) -> Tensor:
         """The input the weight is applied to."""
-        return _argument(self.args, self.kwargs, self.kind.input)
+        return call_argument(self.args, self.kwargs, self.kind.input)
 
     @property
     def weight(self) -> Tensor:
         """The weight tensor of the call (the parameter, a view of it, or a reparametrization's result)."""
-        return _argument(self.args, self.kwargs, self.kind.weight)
+        return call_argument(self.args, self.kwargs, self.kind.weight)
 
     @property
     def bias(self) -> Tensor | None:
         """The bias added by the call, or None."""
-        bias = _argument(self.args, self.kwargs, self.kind.bias)
+        bias = call_argument(self.args, self.kwargs, self.kind.bias)
         return bias if isinstance(bias, Tensor) else None
 
     @property
     def groups(self) -> int:
         """Convolution groups (1 for other kinds)."""
-        return int(_argument(self.args, self.kwargs, self.kind.groups, 1))
+        return int(call_argument(self.args, self.kwargs, self.kind.groups, 1))
 
     @property
     def adapter(self) -> AffineAdapter:
@@ -140,7 +160,7 @@ class SiteCall:
     @property
     def through_view(self) -> bool:
         """Whether the site uses a view of its weight's parameter (a slice, a transpose)."""
-        return self.unit.kind == "parameter" and self.weight._base is not None
+        return self.unit.kind == "parameter" and view_base(self.weight) is not None
 
     @property
     def layout(self) -> Layout:
@@ -149,7 +169,8 @@ class SiteCall:
         matrix layout for a transposed matrix; else one filter per row."""
         if not self.through_view:
             return self.adapter, self.groups
-        weight, base = self.weight, self.weight._base
+        weight, base = self.weight, view_base(self.weight)
+        assert base is not None  # through_view
         if self.adapter in (LINEAR, MATMUL) and weight.dim() == base.dim() == 2:
             transposed = (weight.stride(0) < weight.stride(1)) != (base.stride(0) < base.stride(1))
             if not transposed:
@@ -212,7 +233,7 @@ def _span(view: Tensor, base: Tensor) -> tuple[int, int]:
     """The first and last storage positions ``view`` reads (relative to ``base``)."""
     start = view.storage_offset() - base.storage_offset()
     extent = sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()) if size > 0)
-    return start, start + extent
+    return int(start), int(start + extent)
 
 
 class FirstUses:
@@ -238,7 +259,8 @@ class FirstUses:
                 return False
             self._whole.add(name)
             return True
-        weight, base = site.weight, site.weight._base
+        weight, base = site.weight, view_base(site.weight)
+        assert base is not None  # through_view
         start, stop = _span(weight, base)
         mine: Tensor | None = None
         for earlier in self._views.get(name, []):
@@ -316,10 +338,14 @@ class WeightUnit:
         if self.kind not in ("weight_norm", "prune"):
             return
         module = model.get_submodule(self.owner)
-        for hook in module._forward_pre_hooks.values():
+        for hook in forward_pre_hooks(module):
             if isinstance(hook, WeightNorm) and self.kind == "weight_norm" and hook.name == self.attribute:
                 setattr(module, self.attribute, hook.compute_weight(module))
-            elif isinstance(hook, BasePruningMethod) and self.kind == "prune" and hook._tensor_name == self.attribute:
+            elif (
+                isinstance(hook, BasePruningMethod)
+                and self.kind == "prune"
+                and pruned_tensor_name(hook) == self.attribute
+            ):
                 setattr(module, self.attribute, hook.apply_mask(module))
 
     def scale_(self, model: nn.Module, factor: float) -> None:
@@ -328,7 +354,6 @@ class WeightUnit:
             self.real_parameters(model)[0].mul_(factor)
         else:
             raise AssertionError(f"weight '{self.name}' ({self.kind}) is read-only: {self.read_only}")
-
 
     def scale_input_slices_(self, model: nn.Module, factors: list[float], sizes: tuple[int, ...]) -> None:
         """Multiply consecutive slices of the weight's input channels (dimension 1) by ``factors``,
@@ -386,8 +411,11 @@ class UnitIndex:
             owner, _, attribute = names[0].rpartition(".")
             unit_name = _unit_name(owner, attribute)
             unit = WeightUnit(
-                name=unit_name if unit_name not in self.units else names[0], owner=owner,
-                owner_type=type(modules[owner]).__name__, attribute=attribute, parameters=(names[0],),
+                name=unit_name if unit_name not in self.units else names[0],
+                owner=owner,
+                owner_type=type(modules[owner]).__name__,
+                attribute=attribute,
+                parameters=(names[0],),
                 aliases=names[1:],
             )
             self.units[unit.name] = unit
@@ -402,7 +430,7 @@ class UnitIndex:
         if unit is not None:
             return unit
         for unit, module in self._reparametrized:
-            if unit.kind == "parametrization" and not parametrize._cache_enabled:
+            if unit.kind == "parametrization" and not parametrization_cache_enabled():
                 continue  # recomputed on every access: recognizable only while cached (the trace)
             try:
                 if getattr(module, unit.attribute) is tensor:
@@ -420,7 +448,7 @@ class UnitIndex:
         name = self.parameter_of(tensor)
         if name is None:
             return None
-        param = tensor if id(tensor) in self._parameter_names else tensor._base
+        param = tensor if id(tensor) in self._parameter_names else view_base(tensor)
         return None if id(param) in self._protected else name
 
     def of_module(self, module_name: str) -> WeightUnit | None:
@@ -444,8 +472,8 @@ def refreshed(model: nn.Module, units: Iterable[WeightUnit]) -> Iterator[None]:
 def _of_tensor_or_its_base(table: dict[int, Any], tensor: Tensor) -> Any:
     """``table``'s entry (keyed by tensor id) for ``tensor``, or for the tensor it is a view of."""
     entry = table.get(id(tensor))
-    if entry is None and tensor._base is not None:
-        entry = table.get(id(tensor._base))
+    if entry is None and view_base(tensor) is not None:
+        entry = table.get(id(view_base(tensor)))
     return entry
 
 
@@ -464,31 +492,52 @@ def _reparametrizations(owner: str, module: nn.Module) -> Iterator[WeightUnit]:
     """Units for the reparametrized weights of one module (hooks of torch.nn.utils, or parametrize)."""
     prefix = f"{owner}." if owner else ""
     kind_type = type(module).__name__
-    for hook in module._forward_pre_hooks.values():
+    for hook in forward_pre_hooks(module):
         if isinstance(hook, WeightNorm):
             yield WeightUnit(
-                name=_unit_name(owner, hook.name), owner=owner, owner_type=kind_type, attribute=hook.name,
-                kind="weight_norm", parameters=(f"{prefix}{hook.name}_g", f"{prefix}{hook.name}_v"), norm_dim=hook.dim,
+                name=_unit_name(owner, hook.name),
+                owner=owner,
+                owner_type=kind_type,
+                attribute=hook.name,
+                kind="weight_norm",
+                parameters=(f"{prefix}{hook.name}_g", f"{prefix}{hook.name}_v"),
+                norm_dim=hook.dim,
             )
         elif isinstance(hook, BasePruningMethod):
+            pruned = pruned_tensor_name(hook)
             yield WeightUnit(
-                name=_unit_name(owner, hook._tensor_name), owner=owner, owner_type=kind_type,
-                attribute=hook._tensor_name, kind="prune", parameters=(f"{prefix}{hook._tensor_name}_orig",),
+                name=_unit_name(owner, pruned),
+                owner=owner,
+                owner_type=kind_type,
+                attribute=pruned,
+                kind="prune",
+                parameters=(f"{prefix}{pruned}_orig",),
             )
         elif isinstance(hook, SpectralNorm):
             yield WeightUnit(
-                name=_unit_name(owner, hook.name), owner=owner, owner_type=kind_type, attribute=hook.name,
-                kind="spectral_norm", parameters=(f"{prefix}{hook.name}_orig",),
+                name=_unit_name(owner, hook.name),
+                owner=owner,
+                owner_type=kind_type,
+                attribute=hook.name,
+                kind="spectral_norm",
+                parameters=(f"{prefix}{hook.name}_orig",),
                 read_only="reparametrized by spectral_norm (torch.nn.utils.spectral_norm): its scale is "
                 "normalized away on every call, so magicinit leaves it as it is",
             )
     if parametrize.is_parametrized(module):
-        for attribute, chain in module.parametrizations.items():
+        parametrizations = module.parametrizations
+        assert isinstance(parametrizations, nn.ModuleDict)  # is_parametrized
+        for attribute, chain in parametrizations.items():
+            assert isinstance(chain, parametrize.ParametrizationList)
             names = [name for name, _ in chain.named_parameters(recurse=False)]
             kinds = ", ".join(type(p).__name__ for p in chain)
             yield WeightUnit(
-                name=_unit_name(owner, attribute), owner=owner, owner_type=kind_type, attribute=attribute,
-                kind="parametrization", parameters=tuple(f"{prefix}parametrizations.{attribute}.{n}" for n in names),
+                name=_unit_name(owner, attribute),
+                owner=owner,
+                owner_type=kind_type,
+                attribute=attribute,
+                kind="parametrization",
+                parameters=tuple(f"{prefix}parametrizations.{attribute}.{n}" for n in names),
                 read_only=f"parametrized by {kinds} (torch.nn.utils.parametrize): left as is",
             )
 
@@ -496,39 +545,31 @@ def _reparametrizations(owner: str, module: nn.Module) -> Iterator[WeightUnit]:
 # --- the interceptor -------------------------------------------------------------------------------
 
 # Torch functions whose inner calls should be seen: run with the mode active inside them.
-COMPOSITES: set[Callable[..., Any]] = {F.multi_head_attention_forward}
-
-
-def _traced_through(func: Callable[..., Any], cache: dict[Callable[..., Any], Callable[..., Any]]) -> Callable[..., Any]:
-    """``func`` whose own torch-function dispatch is off, so that its body runs with the mode active.
-
-    The functions in ``COMPOSITES`` first ask ``has_torch_function`` and hand
-    the whole call to the mode; this copy of ``func`` reads a
-    ``has_torch_function`` that says no, so the mode sees its inner calls
-    instead (``linear`` for the projections, ``bmm``, ``softmax``, ...).
-    """
-    if func not in cache:
-        namespace = dict(func.__globals__)
-        namespace["has_torch_function"] = lambda *_: False
-        copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-        copy.__kwdefaults__ = func.__kwdefaults__
-        cache[func] = copy
-    return cache[func]
+COMPOSITES: frozenset[Callable[..., Any]] = frozenset({F.multi_head_attention_forward})
 
 
 class CallInterceptor(TorchFunctionMode):
-    """A ``TorchFunctionMode`` that recognizes affine sites; subclasses decide what to do with each call."""
+    """A ``TorchFunctionMode`` that recognizes affine sites; subclasses decide what to do with each call.
 
-    def __init__(self, index: UnitIndex) -> None:
+    ``composites``: torch functions written in Python whose inner calls it should see (by default
+    ``COMPOSITES``; pass ``COMPOSITES | {f}`` to add one): each runs as a copy whose own
+    torch-function dispatch is off (``torch_internals.without_torch_function_dispatch``), with
+    the mode active inside it, so that its linear maps are sites like any other.
+    """
+
+    def __init__(self, index: UnitIndex, composites: frozenset[Callable[..., Any]] = COMPOSITES) -> None:
         super().__init__()
         self.index = index
+        self.composites = composites
         self._copies: dict[Callable[..., Any], Callable[..., Any]] = {}
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in COMPOSITES:
+        if func in self.composites:
+            if func not in self._copies:
+                self._copies[func] = without_torch_function_dispatch(func)
             with self:
-                return _traced_through(func, self._copies)(*args, **kwargs)
+                return self._copies[func](*args, **kwargs)
         site = self.recognize(func, args, kwargs)
         if site is None:
             return self.on_call(func, args, kwargs, site)
@@ -543,7 +584,7 @@ class CallInterceptor(TorchFunctionMode):
         raw = getattr(func, "__name__", "")
         if kind is None or raw.startswith(("__r", "__i")) or (raw.endswith("_") and not raw.endswith("__")):
             return None  # not affine, or its reflected (``W @ x`` from the right) or in-place form
-        weight = _argument(args, kwargs, kind.weight)
+        weight = call_argument(args, kwargs, kind.weight)
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             return None
         if weight.dim() < (2 if kind.adapter in (LINEAR, MATMUL) else 3):

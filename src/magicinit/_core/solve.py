@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .graph import Concatenation, LayerGraph, ScaleGroups
+from .graph import Concatenation, LayerGraph, ScaleGroups
 
 
 @dataclass
@@ -36,7 +34,7 @@ class ScaleSolution:
         parts = self.input_part_rho.get(layer)
         return None if parts is None else [math.exp(self.rho_out[layer] - rho) for rho in parts]
 
-    def damped(self, step: float) -> "ScaleSolution":
+    def damped(self, step: float) -> ScaleSolution:
         """The same direction, ``step`` times as far (every constraint is linear: still function-keeping)."""
         return ScaleSolution(
             {k: step * v for k, v in self.rho_in.items()},
@@ -54,7 +52,6 @@ class ScaleSolution:
     def bias_factor(self, layer: str) -> float:
         """Factor applied to the layer's bias, ``exp(rho_out)``."""
         return math.exp(self.rho_out[layer])
-
 
 
 def _system(graph: LayerGraph, layers: list[str], fixed: frozenset[str]) -> _ScaleSystem:
@@ -86,10 +83,12 @@ def _system(graph: LayerGraph, layers: list[str], fixed: frozenset[str]) -> _Sca
         system.centre = centre
     return system
 
+
 def can_change_rates(graph: LayerGraph, layers: Iterable[str], fixed: Iterable[str] = ()) -> bool:
     """Whether any function-keeping rescaling changes the rates of ``layers`` relative to each other."""
     system = _system(graph, [layer for layer in layers if layer in graph.sites], frozenset(fixed))
     return system.reduced is not None and bool((system.reduced.abs() > 1e-9).any())
+
 
 def _rate_change(graph: LayerGraph, layer: str, fixed: frozenset[str]) -> list[tuple[int, float]]:
     """``d log C / d rho`` per node at no change (slices of a concatenated input: equal shares)."""
@@ -98,6 +97,7 @@ def _rate_change(graph: LayerGraph, layer: str, fixed: frozenset[str]) -> list[t
         return [(input_node, 2.0), (output_node, -2.0)]
     parts = graph.input_parts[layer].parts
     return [(part, 2.0 / len(parts)) for part in parts] + [(output_node, -2.0)]
+
 
 def solve_scales(
     graph: LayerGraph,
@@ -132,7 +132,8 @@ def solve_scales(
         for _ in range(GAUSS_NEWTON_STEPS if sliced else 1):
             values, jacobian = _log_rates_after(graph, layers, rates, system.null_space @ z, system, shares)
             step = -torch.linalg.pinv(system.centre @ jacobian @ system.null_space, rtol=1e-10) @ (
-                system.centre @ values)
+                system.centre @ values
+            )
             z = z + step
             if not step.numel() or float(step.abs().max()) < 1e-12:
                 break
@@ -146,16 +147,19 @@ def solve_scales(
     rho_out = {layer: value(sites[0][1]) for layer, sites in graph.sites.items()}
     input_part_rho = {  # every consumer of slices, in the objective or not: its slices moved for the others
         layer: tuple(value(part) for part in concatenation.parts)
-        for layer, concatenation in graph.input_parts.items() if layer not in fixed
+        for layer, concatenation in graph.input_parts.items()
+        if layer not in fixed
     }
-    predicted_values, _ = _log_rates_after(graph, 
-        layers, torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64), rho, system, shares)
+    predicted_values, _ = _log_rates_after(
+        graph, layers, torch.tensor([log_rates[layer] for layer in layers], dtype=torch.float64), rho, system, shares
+    )
     predicted = dict(zip(layers, predicted_values.tolist()))
     normalization_rho = {name: value(norm.input_node) for name, norm in graph.normalizations.items()}
     approximated_rho: dict[str, float] = {}  # the largest change of an input of each such operation
     for op, node in graph.approximated_inputs:
         approximated_rho[op] = max(abs(value(node)), approximated_rho.get(op, 0.0))
     return ScaleSolution(rho_in, rho_out, predicted, normalization_rho, approximated_rho, input_part_rho)
+
 
 def _log_rates_after(
     graph: LayerGraph,

@@ -21,13 +21,15 @@ class ChannelMoments:
     sum_sq_dev: Tensor
 
     @classmethod
-    def concat(cls, parts: list["ChannelMoments"]) -> "ChannelMoments":
+    def concat(cls, parts: list[ChannelMoments]) -> ChannelMoments:
         """The channels of several moments side by side (each with its own count)."""
-        counts = [torch.full_like(p.mean, float(p.count)) if not isinstance(p.count, Tensor) else p.count for p in parts]
+        counts = [
+            torch.full_like(p.mean, float(p.count)) if not isinstance(p.count, Tensor) else p.count for p in parts
+        ]
         return cls(torch.cat(counts), torch.cat([p.mean for p in parts]), torch.cat([p.sum_sq_dev for p in parts]))
 
     @classmethod
-    def of(cls, view: Tensor, in_place: bool = False) -> "ChannelMoments":
+    def of(cls, view: Tensor, in_place: bool = False) -> ChannelMoments:
         """Moments of a float32/float64 ``(outer, channels, inner)`` view (see ``AffineAdapter.channel_view``).
 
         Three fast passes (sum, subtract the mean, norm), each reducing the
@@ -42,7 +44,7 @@ class ChannelMoments:
         sum_sq_dev = torch.linalg.vector_norm(centred, 2, dim=2).square().sum(0)
         return cls(count, mean, sum_sq_dev)
 
-    def merge(self, other: "ChannelMoments") -> "ChannelMoments":
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
         """Exact moments of the union of both samples (Chan et al.'s update)."""
         total = self.count + other.count
         delta = other.mean - self.mean

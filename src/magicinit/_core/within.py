@@ -65,7 +65,7 @@ class WithinLayerResult:
     notes: list[str] = field(default_factory=list)
     sites: int = 1
 
-    def followed_by(self, other: "WithinLayerResult") -> "WithinLayerResult":
+    def followed_by(self, other: WithinLayerResult) -> WithinLayerResult:
         """This result and ``other`` (a later, disjoint part of the same weight), channels side by side."""
         return WithinLayerResult(
             before=ChannelMoments.concat([self.before, other.before]),
@@ -102,8 +102,9 @@ def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, d
     filter_norms = filters.norm(dim=-1).flatten().to(moments.mean)
     typical = filter_norms * input_rms
     accumulation = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    noise = (torch.finfo(dtype).eps * (moments.mean.abs() + typical)
-             + accumulation * math.sqrt(filters.shape[-1]) * typical)
+    noise = (
+        torch.finfo(dtype).eps * (moments.mean.abs() + typical) + accumulation * math.sqrt(filters.shape[-1]) * typical
+    )
     return moments.std <= ZERO_VARIANCE_TOLERANCE * noise
 
 
@@ -160,9 +161,15 @@ class _WithinPass(CallInterceptor):
         adapter, weight, groups = site.adapter, site.weight, site.groups
         current = adapter.to_filters(weight, groups).detach().float().cpu()
         request = SamplerRequest(
-            name=unit.name, module=self.context.model.get_submodule(unit.owner), shape=current.shape,
-            current=current, layer_input=(site.input,), generator=self.context.generator,
-            patch_budget_bytes=self.patch_budget_bytes, progress=self.context.progress, collective=collective,
+            name=unit.name,
+            module=self.context.model.get_submodule(unit.owner),
+            shape=current.shape,
+            current=current,
+            layer_input=(site.input,),
+            generator=self.context.generator,
+            patch_budget_bytes=self.patch_budget_bytes,
+            progress=self.context.progress,
+            collective=collective,
             input_patches=site.patches,
         )
         filters = self.sampler(request)
@@ -187,13 +194,14 @@ class _WithinPass(CallInterceptor):
         if bias is None:
             notes = [*notes, "no bias: channel means are not set to beta (std is)"]
         elif not mean_set:
-            notes = [*notes, "its bias is no parameter, or is frozen or skipped: channel means are not set to beta "
-                     "(std is)"]
+            notes = [
+                *notes,
+                "its bias is no parameter, or is frozen or skipped: channel means are not set to beta (std is)",
+            ]
         output = site.call(weight=drawn, bias=None)  # measured without the bias; a bias kept is added back below
         if not isinstance(output, Tensor) or not output.is_floating_point():
             raise MagicInitError(
-                f"layer '{name}' returned {type(output).__name__}, not a floating tensor; "
-                "exclude it with skip=[...]"
+                f"layer '{name}' returned {type(output).__name__}, not a floating tensor; exclude it with skip=[...]"
             )
         adapter, groups = site.adapter, site.groups
         work = _for_statistics(output)
@@ -225,6 +233,7 @@ class _WithinPass(CallInterceptor):
         new_weight = adapter.from_filters(new_filters.to(weight.dtype), weight.shape, groups)
         unit.write_(self.context.model, weight, new_weight)
         if mean_set:
+            assert bias is not None  # mean_set says so
             bias.copy_((self.beta - before.mean * scale).to(bias.dtype))
         # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
         # a constant channel passes on its exact constant, not its rounding noise
@@ -267,8 +276,9 @@ def normalize_within(
     are those of all ranks' data. The caller restores the model on error.
     """
     with context.progress_bar(len(units), "magicinit: within-layer", unit="layer") as advance:
-        within = _WithinPass(context, index, units, sampler, beta=beta, patch_budget_bytes=patch_budget_bytes,
-                             on_layer_done=advance)
+        within = _WithinPass(
+            context, index, units, sampler, beta=beta, patch_budget_bytes=patch_budget_bytes, on_layer_done=advance
+        )
         with torch.no_grad(), within:
             context.run()
     return within.results
@@ -294,7 +304,9 @@ class _FirstSiteMoments(CallInterceptor):
             local = ChannelMoments.of(site.adapter.channel_view(_for_statistics(output)))
             moments = local if self.collective is None else self.collective.merge_moments(local)
             name = site.unit.name
-            self.moments[name] = ChannelMoments.concat([self.moments[name], moments]) if name in self.moments else moments
+            if name in self.moments:
+                moments = ChannelMoments.concat([self.moments[name], moments])
+            self.moments[name] = moments
             self.layouts.setdefault(name, site.layout)
         return output
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .._core.adapters import find_affine_layers
 
 __all__ = ["BASELINES"]
 
 
-def _each_affine_layer(weight_init: Callable[[nn.Parameter], object]) -> Callable[[nn.Module], None]:
+def _each_affine_layer(weight_init: Callable[[Tensor], object]) -> Callable[[nn.Module], None]:
     def init(model: nn.Module) -> None:
         for module in find_affine_layers(model).values():
-            weight_init(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            weight, bias = module.weight, module.bias
+            assert isinstance(weight, Tensor)  # an affine layer's weight (a bias is a tensor or None)
+            weight_init(weight)
+            if bias is not None:
+                assert isinstance(bias, Tensor)
+                nn.init.zeros_(bias)
 
     return init
 

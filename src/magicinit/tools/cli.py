@@ -12,31 +12,29 @@ import importlib
 import inspect
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import SAMPLERS, Diagnosis, MagicInitError, Report, diagnose, init_, rescale_
+from .. import Diagnosis, MagicInitError, Report, diagnose, init_, rescale_
+from .._core import arguments
 from .._core.adapters import find_affine_layers
-from .._core.arguments import MIN_RATE_ROUNDS, SEED_RANGE
-from .._core.context import SCALE_MODES, RateOptions, ScaleOptions
-from .._core.samplers import PATCH_BUDGET_MB
+from .._core.arguments import Check, InvalidOption
+from .._core.options import DIAGNOSE, INIT, LIBRARY_DEFAULT, OPTION_SPECS, RESCALE
 from .demo import DemoSettings, TrainingRun, run_demo
 from .nets import ZOO, build_model
 from .plots import plot_layer_statistics, require_matplotlib
 from .readers import BUILT_IN, load_images
 
-__all__ = ["main", "build_parser", "load_model", "load_weights", "save_weights"]
+__all__ = ["build_parser", "load_model", "load_weights", "main", "save_weights"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -62,55 +60,56 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its messages
-    return parse
+# how argparse names a value it cannot parse
+_TYPE_NAMES: dict[Callable[[str], Any], str] = {int: "integer", float: "number", str: "text"}
 
 
-_positive_int = _int_at_least(1)
+def _checked(parse: Callable[[str], Any], check: Check, name: str) -> Callable[[str], Any]:
+    """A flag's text to its value: parsed (``int``, ``float``, ...), then checked as the library checks it."""
 
+    def value(text: str) -> Any:
+        parsed = parse(text)
+        try:
+            return check(name, parsed)
+        except InvalidOption as error:
+            raise argparse.ArgumentTypeError(f"{text}: {error.expected}") from None
 
-def _seed(text: str) -> int:
-    low, high = SEED_RANGE
-    value = int(text)
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"{value}: must be in [{low}, 2**63 - 1]")
+    value.__name__ = _TYPE_NAMES.get(parse, parse.__name__)
     return value
 
 
-_seed.__name__ = "integer"
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be in [0, 1)")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be positive")
-    return value
-
-
-_RATE_OPTION_TYPES: dict[str, Callable[[str], Any]] = {
-    "chunk_size": _positive_int, "precision": _positive_float, "max_rounds": _int_at_least(MIN_RATE_ROUNDS),
-}
+def _add_library_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of the library's options that ``command`` takes, as ``options.py`` declares them
+    (``--rate-chunk-size`` for ``rate_chunk_size``, ``--no-within`` for an option on by default)."""
+    for spec in OPTION_SPECS:
+        line = spec.command_line
+        if line is None or command not in line.commands:
+            continue
+        default = spec.default if line.default is LIBRARY_DEFAULT else line.default
+        if line.parse is None:  # a flag: it turns the default over
+            action, words = ("store_false", f"do not {spec.help}") if default else ("store_true", spec.help)
+            parser.add_argument(spec.flag, dest=spec.keyword, action=action, help=words)
+        elif line.repeat:
+            parser.add_argument(
+                spec.flag,
+                dest=spec.keyword,
+                type=_checked(line.parse, line.check or spec.check, spec.keyword),
+                action="append",
+                default=[],
+                metavar=line.metavar,
+                help=spec.help,
+            )
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else default
+            parser.add_argument(
+                spec.flag,
+                dest=spec.keyword,
+                type=_checked(line.parse, line.check or spec.check, spec.keyword),
+                default=default,
+                choices=line.choices() if line.choices is not None else None,
+                metavar=line.metavar,
+                help=f"{spec.help} (default {shown})",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,91 +120,127 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # parents of the subcommands' parsers, which are _Parsers too
     common.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    common.add_argument("--progress", action="store_true", help="show progress bars")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    common.add_argument("--seed", type=_seed, default=0, help="seed of all random draws (default 0)")
 
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("model", metavar="MODEL",
-                       help=f"'package.module:factory', 'torchvision:NAME', 'timm:NAME', or a built-in: {', '.join(ZOO)}")
-    model.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
-                       help="keyword arguments of the factory, as a JSON object")
+    model = _Parser(add_help=False)
+    model.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"'package.module:factory', 'torchvision:NAME', 'timm:NAME', or a built-in: {', '.join(ZOO)}",
+    )
+    model.add_argument(
+        "--model-args",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments of the factory, as a JSON object",
+    )
     model.add_argument("--device", default="cpu", help="where to run (default cpu; e.g. cuda)")
-    model.add_argument("--data", required=True, metavar="DATA",
-                       help=f"folder of images, .npy/.npz/.pt file, idx file, or a built-in: {', '.join(BUILT_IN)}")
+    model.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help=f"folder of images, .npy/.npz/.pt file, idx file, or a built-in: {', '.join(BUILT_IN)}",
+    )
     model.add_argument("--data-key", metavar="KEY", help="the array of an .npz, or the entry of a .pt dict/tuple")
-    model.add_argument("--input-size", type=_positive_int, metavar="PIXELS",
-                       help="resize images to this square size (needed for a folder of images)")
-    model.add_argument("--channels", type=int, choices=(1, 3),
-                       help="read images as grayscale (1) or RGB (3); default: the model's first layer's inputs")
-    model.add_argument("--no-standardize", dest="standardize", action="store_false",
-                       help="keep the data's values (default: every channel mean 0, std 1)")
-    model.add_argument("--samples", type=_positive_int, default=256, help="init samples used (default 256)")
-    model.add_argument("--skip", action="append", default=[], metavar="NAME",
-                       help="leave this layer (qualified module or parameter name, or module prefix) as it is; repeatable")
+    model.add_argument(
+        "--input-size",
+        type=_checked(int, arguments.at_least(1), "input_size"),
+        metavar="PIXELS",
+        help="resize images to this square size (needed for a folder of images)",
+    )
+    model.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="read images as grayscale (1) or RGB (3); default: the model's first layer's inputs",
+    )
+    model.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        help="keep the data's values (default: every channel mean 0, std 1)",
+    )
     model.add_argument("--report", type=Path, metavar="FILE.json", help="also write the report as JSON")
     model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
 
-    rates = argparse.ArgumentParser(add_help=False)
-    for option in fields(RateOptions):  # --rate-chunk-size etc., the keywords rate_chunk_size etc. of the library
-        rates.add_argument(f"--rate-{option.name.replace('_', '-')}", type=_RATE_OPTION_TYPES[option.name],
-                           default=option.default, help=f"{option.metadata['help']} (default {option.default})")
-
-    scaling = argparse.ArgumentParser(add_help=False)
-    scaling.add_argument("--scale-mode", choices=SCALE_MODES, default=ScaleOptions.mode,
-                         help="Part 2: 'exact' keeps the function; 'approximate' also rescales across operations "
-                              f"homogeneous on the data within --scale-tolerance (default {ScaleOptions.mode})")
-    scaling.add_argument("--scale-tolerance", type=_fraction, default=ScaleOptions.tolerance,
-                         help="largest deviation from homogeneity of an operation rescaled across in 'approximate' "
-                              f"mode (default {ScaleOptions.tolerance})")
-
-    scaling.add_argument("--verify-rates", action="store_true",
-                         help="measure the change rates again after an exact rescaling (default: predicted)")
-    scaling.add_argument("--across-normalization", action="store_true",
-                         help="Part 2 also rescales layers whose outputs a normalization layer normalizes "
-                              "(default: a normalization fixes its input's scale)")
-
-    init = commands.add_parser("init", parents=[common, model, rates, scaling],
-                               help="initialize a model, write its weights",
-                               description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.")
-    init.add_argument("--out", type=Path, required=True, metavar="WEIGHTS",
-                      help="where to write the state_dict (torch.save; .safetensors by suffix)")
+    init = commands.add_parser(
+        "init",
+        parents=[common, model],
+        help="initialize a model, write its weights",
+        description="Parts 1 and 2 of the method: initialize MODEL on DATA, write the weights.",
+    )
+    init.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="WEIGHTS",
+        help="where to write the state_dict (torch.save; .safetensors by suffix)",
+    )
     init.add_argument("--weights", type=Path, metavar="FILE", help="start from these weights (for --sampler keep)")
-    init.add_argument("--sampler", default="gaussian", choices=sorted(SAMPLERS), help="how filters are drawn")
-    init.add_argument("--beta", type=_finite_float, default=0.0, help="channel mean after Part 1 (default 0)")
-    init.add_argument("--no-within", dest="within", action="store_false", help="skip Part 1")
-    init.add_argument("--no-between", dest="between", action="store_false", help="skip Part 2")
-    init.add_argument("--patch-budget-mb", type=_positive_float, default=PATCH_BUDGET_MB,
-                      help=f"memory for one layer's input patches (data-driven samplers; default {PATCH_BUDGET_MB:g})")
-    init.add_argument("--include-frozen", action="store_true", help="also initialize layers with requires_grad=False")
+    _add_library_options(init, INIT)
 
-    rescale = commands.add_parser("rescale", parents=[common, model, rates, scaling],
-                                  help="Part 2 only: equalize change rates of trained weights",
-                                  description="Rescale trained weights so all layers learn at the same rate, "
-                                              "keeping the network's function.")
+    rescale = commands.add_parser(
+        "rescale",
+        parents=[common, model],
+        help="Part 2 only: equalize change rates of trained weights",
+        description="Rescale trained weights so all layers learn at the same rate, keeping the network's function.",
+    )
     rescale.add_argument("--weights", type=Path, required=True, metavar="FILE", help="the trained weights")
     rescale.add_argument("--out", type=Path, required=True, metavar="WEIGHTS", help="where to write the result")
-    rescale.add_argument("--include-frozen", action="store_true", help="also rescale layers with requires_grad=False")
+    _add_library_options(rescale, RESCALE)
 
-    diag = commands.add_parser("diagnose", parents=[common, model, rates], help="per-layer statistics of a model",
-                               description="The channel-std spread and change rates of MODEL on DATA; "
-                                           "nothing is written but the optional report and plot.")
+    diag = commands.add_parser(
+        "diagnose",
+        parents=[common, model],
+        help="per-layer statistics of a model",
+        description="The channel-std spread and change rates of MODEL on DATA; "
+        "nothing is written but the optional report and plot.",
+    )
     diag.add_argument("--weights", type=Path, metavar="FILE", help="load these weights first")
+    _add_library_options(diag, DIAGNOSE)
 
-    demo = commands.add_parser("demo", parents=[common], help="train a deep plain CNN on digits with 3 inits",
-                               description="The main job on built-in defaults: a plain 20-layer CNN without batch "
-                                           "norm trained on scikit-learn's digits from torch's default init, "
-                                           "kaiming normal and magicinit.")
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="train a deep plain CNN on digits with 3 inits",
+        description="The main job on built-in defaults: a plain 20-layer CNN without batch "
+        "norm trained on scikit-learn's digits from torch's default init, "
+        "kaiming normal and magicinit.",
+    )
     defaults = DemoSettings()
-    demo.add_argument("--out-dir", type=Path, default=Path("magicinit-demo"),
-                      help="where the figures go (default ./magicinit-demo)")
-    demo.add_argument("--depth", type=_int_at_least(2), default=defaults.depth, help=f"affine layers (default {defaults.depth})")
-    demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
-                      help=f"training epochs (default {defaults.epochs})")
-    demo.add_argument("--learning-rates", type=_positive_float, nargs="+", default=list(defaults.learning_rates),
-                      metavar="LR", help=f"SGD learning rates (default {' '.join(map(str, defaults.learning_rates))})")
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    demo.add_argument(
+        "--seed",
+        type=_checked(int, arguments.seed_integer, "seed"),
+        default=defaults.seed,
+        help=f"seed of all random draws (default {defaults.seed})",
+    )
+    demo.add_argument(
+        "--out-dir", type=Path, default=Path("magicinit-demo"), help="where the figures go (default ./magicinit-demo)"
+    )
+    demo.add_argument(
+        "--depth",
+        type=_checked(int, arguments.at_least(2), "depth"),
+        default=defaults.depth,
+        help=f"affine layers (default {defaults.depth})",
+    )
+    demo.add_argument(
+        "--epochs",
+        type=_checked(int, arguments.at_least(1), "epochs"),
+        default=defaults.epochs,
+        help=f"training epochs (default {defaults.epochs})",
+    )
+    demo.add_argument(
+        "--learning-rates",
+        type=_checked(float, arguments.positive, "learning_rate"),
+        nargs="+",
+        default=list(defaults.learning_rates),
+        metavar="LR",
+        help=f"SGD learning rates (default {' '.join(map(str, defaults.learning_rates))})",
+    )
     demo.add_argument("--no-plots", dest="plots", action="store_false", help="write no figures")
     return parser
 
@@ -257,7 +292,8 @@ def load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     """The model named by ``spec``: a built-in name, ``torchvision:NAME``, ``timm:NAME`` or
     ``package.module:factory``."""
     try:
-        return _load_model(spec, model_args)
+        with _importable_working_directory():
+            return _load_model(spec, model_args)
     except TypeError as error:
         refused = _refused_arguments(spec, error)
         if refused is not None:
@@ -269,15 +305,19 @@ def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     if spec in ZOO:
         unknown = sorted(set(model_args) - set(inspect.signature(ZOO[spec]).parameters))
         if unknown and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(ZOO[spec]).parameters.values()):
-            raise UsageError(f"--model-args: model {spec!r} does not take {', '.join(map(repr, unknown))} "
-                             f"(it takes {', '.join(inspect.signature(ZOO[spec]).parameters)})")
+            raise UsageError(
+                f"--model-args: model {spec!r} does not take {', '.join(map(repr, unknown))} "
+                f"(it takes {', '.join(inspect.signature(ZOO[spec]).parameters)})"
+            )
         return build_model(spec, **model_args)
     source, _, name = spec.partition(":")
     if source in MODEL_SOURCES:
         return MODEL_SOURCES[source](spec, name, model_args)
     if ":" not in spec:
-        raise UsageError(f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME', 'timm:NAME' "
-                         "or 'package.module:factory'")
+        raise UsageError(
+            f"model {spec!r}: not a built-in ({', '.join(ZOO)}), 'torchvision:NAME', 'timm:NAME' "
+            "or 'package.module:factory'"
+        )
     module_name, factory_name = spec.split(":", 1)
     if not module_name or not factory_name:
         raise UsageError(f"model {spec!r}: expected 'package.module:factory'")
@@ -286,7 +326,9 @@ def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
     except ModuleNotFoundError as error:
         raise UsageError(f"model {spec!r}: module {module_name!r} cannot be imported ({error})") from None
     except Exception as error:  # a module that fails on import
-        raise MagicInitError(f"model {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}") from None
+        raise MagicInitError(
+            f"model {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}"
+        ) from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UsageError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
@@ -294,7 +336,8 @@ def _load_model(spec: str, model_args: dict[str, Any]) -> nn.Module:
         built = factory(**model_args)
     except TypeError as error:
         raise _refused_arguments(spec, error) or MagicInitError(
-            f"model {spec!r}: the factory raised TypeError: {error}") from None
+            f"model {spec!r}: the factory raised TypeError: {error}"
+        ) from None
     except Exception as error:
         raise MagicInitError(f"model {spec!r}: the factory raised {type(error).__name__}: {error}") from None
     if not isinstance(built, nn.Module):
@@ -308,7 +351,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         try:
             from safetensors.torch import load_model as load_safetensors
         except ImportError:
-            raise MagicInitError(f"weights {str(path)!r}: reading .safetensors needs: pip install safetensors") from None
+            raise MagicInitError(
+                f"weights {str(path)!r}: reading .safetensors needs: pip install safetensors"
+            ) from None
         try:  # load_model restores weights that save_model stored once for several tied parameters
             load_safetensors(model, str(path), device=str(next(model.parameters(), torch.empty(0)).device))
         except Exception as error:
@@ -330,34 +375,65 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Write the model's ``state_dict`` (on the CPU) with torch.save, or as .safetensors by suffix."""
+    """Write the model's ``state_dict`` (as CPU tensors) with torch.save, or as .safetensors by suffix; the
+    model stays where it is."""
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import save_model
         except ImportError:
             raise MagicInitError(f"writing {str(path)!r} needs: pip install safetensors") from None
-        save_model(model.to("cpu"), str(path))
+        save_model(model, str(path))  # it copies every tensor to the CPU itself
     else:
         torch.save({name: value.detach().cpu() for name, value in model.state_dict().items()}, path)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's global generators (CPU and every visible CUDA device) seeded with ``seed`` for the block
+    (layers the model's factory initializes at random are the same on every run), and as they were after it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _importable_working_directory() -> Iterator[None]:
+    """The working directory on ``sys.path`` for the block (factories there, as ``python -m`` finds them),
+    and ``sys.path`` as it was after it."""
+    folder = str(Path.cwd())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
     """The model (weights loaded, on ``--device``) and the init data."""
     model_args = dict(args.model_args)
-    torch.manual_seed(args.seed)  # layers left at their default init are the same on every run
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # factories in the working directory, as `python -m` finds them
     model: nn.Module | None = None
     channels = args.channels
     if not (args.model in ZOO and "in_channels" not in model_args):
-        model = load_model(args.model, model_args)
+        with _seeded(args.seed):
+            model = load_model(args.model, model_args)
         channels = channels or _first_in_channels(model) or 3
-    images = load_images(args.data, samples=args.samples, seed=args.seed, input_size=args.input_size,
-                         channels=channels or 3, key=args.data_key, standardize=args.standardize)
+    images = load_images(
+        args.data,
+        samples=args.samples,
+        seed=args.seed,
+        input_size=args.input_size,
+        channels=channels or 3,
+        key=args.data_key,
+        standardize=args.standardize,
+    )
     if model is None:  # a zoo net takes the data's channels unless told otherwise
         if images.dim() >= 3:
             model_args["in_channels"] = images.shape[1]
-        model = load_model(args.model, model_args)
+        with _seeded(args.seed):
+            model = load_model(args.model, model_args)
     if getattr(args, "weights", None) is not None:
         load_weights(model, args.weights)
     return model.to(_device(args.device)), images
@@ -444,10 +520,10 @@ def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str, mode
 
 
 def _library_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that ``init_``, ``rescale_`` and ``diagnose`` share, from the command line."""
-    rates = RateOptions(**{option.name: getattr(args, f"rate_{option.name}") for option in fields(RateOptions)})
-    return dict(seed=args.seed, samples=args.samples, skip=args.skip, progress=args.progress and not args.quiet,
-                **rates.keywords())
+    """The library's options that the command line gave (every flag ``_add_library_options`` added)."""
+    options = {spec.keyword: getattr(args, spec.keyword) for spec in OPTION_SPECS if hasattr(args, spec.keyword)}
+    options["progress"] = options["progress"] and not args.quiet
+    return options
 
 
 def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -> None:
@@ -457,32 +533,24 @@ def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -
     if report.normalizations:  # the one change a state_dict does not carry
         eps = ", ".join(f"{name}={values['eps']:.3g}" for name, values in list(report.normalizations.items())[:4])
         more = ", ..." if len(report.normalizations) > 4 else ""
-        print(f"magicinit: warning: {len(report.normalizations)} normalization layer(s) need their new eps, which "
-              f"{args.out} (a state_dict) does not hold: {eps}{more}; all of them are in the report "
-              "(--report, 'normalizations')", file=sys.stderr)
+        print(
+            f"magicinit: warning: {len(report.normalizations)} normalization layer(s) need their new eps, which "
+            f"{args.out} (a state_dict) does not hold: {eps}{more}; all of them are in the report "
+            "(--report, 'normalizations')",
+            file=sys.stderr,
+        )
 
 
 def _run_init(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    report = init_(
-        model, images, sampler=args.sampler, within=args.within, between=args.between, beta=args.beta,
-        include_frozen=args.include_frozen, patch_budget_mb=args.patch_budget_mb, **_scale_options(args),
-        **_library_options(args),
-    )
+    report = init_(model, images, **_library_options(args))
     _write_weights(args, model, report)
 
 
 def _run_rescale(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    report = rescale_(model, images, include_frozen=args.include_frozen, **_scale_options(args),
-                      **_library_options(args))
+    report = rescale_(model, images, **_library_options(args))
     _write_weights(args, model, report)
-
-
-def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 2's scale options (init and rescale; argparse checked them)."""
-    return dict(scale_mode=args.scale_mode, scale_tolerance=args.scale_tolerance, verify_rates=args.verify_rates,
-                across_normalization=args.across_normalization)
 
 
 def _run_diagnose(args: argparse.Namespace) -> None:
@@ -491,21 +559,27 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    settings = DemoSettings(depth=args.depth, epochs=args.epochs, learning_rates=tuple(args.learning_rates),
-                            seed=args.seed)
+    settings = DemoSettings(
+        depth=args.depth, epochs=args.epochs, learning_rates=tuple(args.learning_rates), seed=args.seed
+    )
 
     def say(text: str) -> None:
         if not args.quiet:
             print(text, flush=True)
 
     def on_run(run: TrainingRun) -> None:
-        say(f"  {run.init:<15} lr {run.learning_rate:<6g} test accuracy {100 * run.test_accuracy:5.1f}%  "
-            f"({run.train_seconds:.1f} s)")
+        say(
+            f"  {run.init:<15} lr {run.learning_rate:<6g} test accuracy {100 * run.test_accuracy:5.1f}%  "
+            f"({run.train_seconds:.1f} s)"
+        )
 
-    say(f"Training a plain {settings.depth}-layer ReLU CNN (no batch norm) on scikit-learn's digits, "
-        f"{settings.epochs} epochs, SGD momentum 0.9, learning rates {', '.join(map(str, settings.learning_rates))}:")
-    report, runs, table = run_demo(settings, args.out_dir if args.plots else None, on_run,
-                                   args.progress and not args.quiet)
+    say(
+        f"Training a plain {settings.depth}-layer ReLU CNN (no batch norm) on scikit-learn's digits, "
+        f"{settings.epochs} epochs, SGD momentum 0.9, learning rates {', '.join(map(str, settings.learning_rates))}:"
+    )
+    report, _runs, table = run_demo(
+        settings, args.out_dir if args.plots else None, on_run, args.progress and not args.quiet
+    )
     say("\nmagicinit.init_ report:\n" + str(report))
     say("\n" + table)
     if args.plots:
@@ -513,7 +587,10 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "init": _run_init, "rescale": _run_rescale, "diagnose": _run_diagnose, "demo": _run_demo,
+    "init": _run_init,
+    "rescale": _run_rescale,
+    "diagnose": _run_diagnose,
+    "demo": _run_demo,
 }
 
 

@@ -27,7 +27,7 @@ from .nets import plain_cnn
 from .plots import plot_curves, plot_layer_statistics
 from .readers import digits
 
-__all__ = ["DemoSettings", "TrainingRun", "train", "evaluate", "run_demo"]
+__all__ = ["DemoSettings", "TrainingRun", "evaluate", "run_demo", "train"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class TrainingRun:
     @property
     def final_loss(self) -> float:
         """Mean training loss over the last 10 % of steps (NaN once it diverged)."""
-        tail = self.losses[-max(1, len(self.losses) // 10):]
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
         return sum(tail) / len(tail) if tail else float("nan")
 
 
@@ -142,8 +142,15 @@ def run_demo(
             report = result if isinstance(result, Report) else report
             start = time.perf_counter()
             steps = settings.epochs * math.ceil(len(trainset) / settings.batch_size)
-            run.losses = train(model, images[trainset], labels[trainset], steps=steps,
-                               batch_size=settings.batch_size, learning_rate=learning_rate, seed=settings.seed)
+            run.losses = train(
+                model,
+                images[trainset],
+                labels[trainset],
+                steps=steps,
+                batch_size=settings.batch_size,
+                learning_rate=learning_rate,
+                seed=settings.seed,
+            )
             run.train_seconds = time.perf_counter() - start
             run.test_accuracy, run.test_loss = evaluate(model, images[test], labels[test])
             run.validation_accuracy = evaluate(model, images[validation], labels[validation])[0]
@@ -156,8 +163,9 @@ def run_demo(
         out_dir.mkdir(parents=True, exist_ok=True)
         best = _best_runs(runs)
         curves = {f"{run.init} (lr {run.learning_rate:g})": run.losses for run in best.values()}
-        plot_curves({f"plain {settings.depth}-layer CNN on digits, best lr per init": curves},
-                    out_dir / "loss_curves.png")
+        plot_curves(
+            {f"plain {settings.depth}-layer CNN on digits, best lr per init": curves}, out_dir / "loss_curves.png"
+        )
         plot_layer_statistics(report, out_dir / "layer_statistics.png", title="magicinit.init_ on the demo CNN")
     return report, runs, table
 
@@ -181,26 +189,37 @@ def _best_runs(runs: list[TrainingRun]) -> dict[str, TrainingRun]:
 def _table(runs: list[TrainingRun], settings: DemoSettings) -> str:
     """One row per init: test accuracy at every learning rate, and at the one validation picks."""
     best = _best_runs(runs)
-    header = ["init", *(f"acc @ lr {lr:g}" for lr in settings.learning_rates), "best lr", "test acc", "test loss",
-              "train loss", "init s", "train s"]
+    header = [
+        "init",
+        *(f"acc @ lr {lr:g}" for lr in settings.learning_rates),
+        "best lr",
+        "test acc",
+        "test loss",
+        "train loss",
+        "init s",
+        "train s",
+    ]
     rows = []
     for name, chosen in best.items():
         by_rate = {run.learning_rate: run for run in runs if run.init == name}
-        rows.append([
-            name,
-            *(_accuracy(by_rate[lr]) for lr in settings.learning_rates),
-            f"{chosen.learning_rate:g}",
-            _accuracy(chosen),
-            f"{chosen.test_loss:.3f}" if math.isfinite(chosen.test_loss) else "diverged",
-            f"{chosen.final_loss:.3f}" if math.isfinite(chosen.final_loss) else "diverged",
-            f"{chosen.init_seconds:.2f}",
-            f"{chosen.train_seconds:.1f}",
-        ])
+        rows.append(
+            [
+                name,
+                *(_accuracy(by_rate[lr]) for lr in settings.learning_rates),
+                f"{chosen.learning_rate:g}",
+                _accuracy(chosen),
+                f"{chosen.test_loss:.3f}" if math.isfinite(chosen.test_loss) else "diverged",
+                f"{chosen.final_loss:.3f}" if math.isfinite(chosen.final_loss) else "diverged",
+                f"{chosen.init_seconds:.2f}",
+                f"{chosen.train_seconds:.1f}",
+            ]
+        )
     return render_table(header, rows) + (
         f"\nacc: on {settings.test_samples} held-out test images. best lr: per init, the learning rate with the best "
         f"accuracy on {settings.validation_samples} validation images held out of the training set (not the test "
         "images); train loss: the mean over the run's last 10 % of steps. Every draw is seeded "
-        f"(seed {settings.seed}), so a rerun on the same machine gives this table.")
+        f"(seed {settings.seed}), so a rerun on the same machine gives this table."
+    )
 
 
 def _accuracy(run: TrainingRun) -> str:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import MagicInitError
 
-__all__ = ["ZOO", "TORCHVISION_CLASSIFIERS", "build_model", "plain_cnn", "caffenet", "vgg", "resnet_nobn"]
+__all__ = ["TORCHVISION_CLASSIFIERS", "ZOO", "build_model", "caffenet", "plain_cnn", "resnet_nobn", "vgg"]
 
 
 def _channels(base: int, width: float) -> int:
@@ -75,14 +76,29 @@ def caffenet(in_channels: int = 3, classes: int = 1000, width: float = 1.0, lrn:
         return [nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)] if lrn else []
 
     return nn.Sequential(
-        nn.Conv2d(in_channels, c1, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True), *norm(),
-        nn.Conv2d(c1, c2, 5, padding=2, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True), *norm(),
-        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c3, c3, 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(c3, c2, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
-        nn.AdaptiveAvgPool2d(6), nn.Flatten(),
-        nn.Linear(c2 * 36, hidden), nn.ReLU(), nn.Dropout(),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(),
+        nn.Conv2d(in_channels, c1, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        *norm(),
+        nn.Conv2d(c1, c2, 5, padding=2, groups=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        *norm(),
+        nn.Conv2d(c2, c3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c3, c3, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(c3, c2, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(6),
+        nn.Flatten(),
+        nn.Linear(c2 * 36, hidden),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(),
         nn.Linear(hidden, classes),
     )
 
@@ -114,9 +130,14 @@ def vgg(depth: int = 16, in_channels: int = 3, classes: int = 1000, width: float
         layers.append(nn.MaxPool2d(2, ceil_mode=True))
     hidden = _channels(4096, width)
     layers += [
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(channels_in, hidden), nn.ReLU(), nn.Dropout(),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels_in, hidden),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(),
         nn.Linear(hidden, classes),
     ]
     return nn.Sequential(*layers)
@@ -143,7 +164,7 @@ class BasicBlockNoBN(nn.Module):
 class ResNetNoBN(nn.Module):
     """ResNet with basic blocks and no batch norm (torchvision's layout otherwise)."""
 
-    BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+    BLOCKS: ClassVar[dict[int, tuple[int, ...]]] = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
     def __init__(self, depth: int = 18, in_channels: int = 3, classes: int = 1000, width: float = 1.0) -> None:
         super().__init__()
@@ -151,7 +172,8 @@ class ResNetNoBN(nn.Module):
             raise MagicInitError(f"resnet-nobn: depth={depth} is not one of {sorted(self.BLOCKS)}")
         channels = _channels(64, width)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 7, stride=2, padding=3), nn.ReLU(),
+            nn.Conv2d(in_channels, channels, 7, stride=2, padding=3),
+            nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
         )
         stages = []
@@ -179,8 +201,17 @@ def resnet_nobn(depth: int = 18, in_channels: int = 3, classes: int = 1000, widt
 
 # torchvision classifiers that tests/test_zoo.py initializes and bench/zoo.py tabulates (README).
 TORCHVISION_CLASSIFIERS = (
-    "alexnet", "vgg11", "resnet18", "googlenet", "densenet121", "mobilenet_v3_small", "squeezenet1_1",
-    "shufflenet_v2_x0_5", "efficientnet_b0", "convnext_tiny", "regnet_x_400mf",
+    "alexnet",
+    "vgg11",
+    "resnet18",
+    "googlenet",
+    "densenet121",
+    "mobilenet_v3_small",
+    "squeezenet1_1",
+    "shufflenet_v2_x0_5",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_x_400mf",
 )
 
 ZOO: dict[str, Callable[..., nn.Module]] = {

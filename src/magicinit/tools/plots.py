@@ -7,12 +7,13 @@ without pyplot, so nothing global (backends, open figures) is touched.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import Diagnosis, MagicInitError, Report
 
-__all__ = ["require_matplotlib", "plot_layer_statistics", "plot_curves"]
+__all__ = ["plot_curves", "plot_layer_statistics", "require_matplotlib"]
 
 
 def require_matplotlib(purpose: str) -> None:
@@ -32,14 +33,14 @@ def _figure(columns: int, width: float, height: float) -> tuple[Any, list[Any]]:
     return figure, list(axes)
 
 
-def _std_band(stds: list[float]) -> tuple[float, float, float]:
+def _std_band(stds: Sequence[float]) -> tuple[float, float, float]:
     """Median, and distances down to the minimum and up to the maximum (for error bars)."""
     positive = sorted(s for s in stds if s > 0) or [float("nan")]
     median = positive[len(positive) // 2]
     return median, median - positive[0], positive[-1] - median
 
 
-def _series(ax: Any, xs: list[float], values: list[float | None], errors: Any, label: str, marker: str) -> None:
+def _series(ax: Any, xs: Sequence[float], values: Sequence[float | None], errors: Any, label: str, marker: str) -> None:
     points = [(x, v, i) for i, (x, v) in enumerate(zip(xs, values)) if v is not None and v > 0 and math.isfinite(v)]
     if not points:
         return
@@ -61,8 +62,10 @@ def plot_layer_statistics(result: Report | Diagnosis, path: str | Path, title: s
     names = [layer.name or "(model)" for layer in layers]
     xs = list(range(len(layers)))
     if isinstance(result, Report):
-        for attribute, label, marker in (("channel_std_before", "before Part 1", "o"),
-                                         ("channel_std_after", "after Part 1", "s")):
+        for attribute, label, marker in (
+            ("channel_std_before", "before Part 1", "o"),
+            ("channel_std_after", "after Part 1", "s"),
+        ):
             bands = [_std_band(getattr(layer, attribute)) if getattr(layer, attribute) else None for layer in layers]
             medians = [band[0] if band else None for band in bands]
             whiskers = ([band[1] if band else 0.0 for band in bands], [band[2] if band else 0.0 for band in bands])
@@ -73,10 +76,11 @@ def plot_layer_statistics(result: Report | Diagnosis, path: str | Path, title: s
             errors = _log_error_bars(rates, log_errors)
             _series(rate_axis, xs, rates, errors, label, marker)
     else:
-        bands = [_std_band(layer.channel_std) for layer in layers]
-        _series(std_axis, xs, [b[0] for b in bands], ([b[1] for b in bands], [b[2] for b in bands]), "now", "o")
-        rates = [layer.rate for layer in layers]
-        _series(rate_axis, xs, rates, _log_error_bars(rates, [layer.rate_log_error for layer in layers]), "now", "o")
+        spreads = [_std_band(layer.channel_std) for layer in result.layers]
+        _series(std_axis, xs, [b[0] for b in spreads], ([b[1] for b in spreads], [b[2] for b in spreads]), "now", "o")
+        rates = [layer.rate for layer in result.layers]
+        log_errors = [layer.rate_log_error for layer in result.layers]
+        _series(rate_axis, xs, rates, _log_error_bars(rates, log_errors), "now", "o")
     for axis, label in ((std_axis, "channel std (median, min-max)"), (rate_axis, "relative change rate $C_k$")):
         axis.set_yscale("log")
         axis.set_ylabel(label)
@@ -91,15 +95,19 @@ def plot_layer_statistics(result: Report | Diagnosis, path: str | Path, title: s
     figure.savefig(path, dpi=120)
 
 
-def _log_error_bars(values: list[float | None], log_errors: list[float]) -> tuple[list[float], list[float]]:
+def _log_error_bars(values: Sequence[float | None], log_errors: Sequence[float]) -> tuple[list[float], list[float]]:
     down = [v * (1 - math.exp(-e)) if v else 0.0 for v, e in zip(values, log_errors)]
     up = [v * (math.exp(e) - 1) if v else 0.0 for v, e in zip(values, log_errors)]
     return down, up
 
 
 def plot_curves(
-    panels: dict[str, dict[str, list[float]]], path: str | Path, ylabel: str = "training loss",
-    xlabel: str = "step", log_y: bool = True, title: str = "",
+    panels: dict[str, dict[str, list[float]]],
+    path: str | Path,
+    ylabel: str = "training loss",
+    xlabel: str = "step",
+    log_y: bool = True,
+    title: str = "",
 ) -> None:
     """One panel per entry of ``panels``, each a set of named curves (e.g. loss per init)."""
     figure, axes = _figure(len(panels), 5.5 * len(panels), 4)

@@ -35,13 +35,19 @@ from torch import Tensor, nn
 
 from .. import MagicInitError
 
-__all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "load_images", "read_idx", "resize_images", "smooth_images", "digits"]
+__all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "digits", "load_images", "read_idx", "resize_images", "smooth_images"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-IDX_TYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32,
-             0x0E: torch.float64}
+IDX_TYPES = {
+    0x08: torch.uint8,
+    0x09: torch.int8,
+    0x0B: torch.int16,
+    0x0C: torch.int32,
+    0x0D: torch.float32,
+    0x0E: torch.float64,
+}
 
 
 def smooth_images(count: int, size: int = 32, seed: int = 0, channels: int = 3) -> Tensor:
@@ -96,8 +102,7 @@ def read_idx(path: Path) -> Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(body) != count * itemsize:
         raise MagicInitError(
-            f"data file {str(path)!r}: the header says {shape} ({count * itemsize} bytes), "
-            f"the file holds {len(body)}"
+            f"data file {str(path)!r}: the header says {shape} ({count * itemsize} bytes), the file holds {len(body)}"
         )
     values = torch.frombuffer(body, dtype=dtype) if count else torch.empty(0, dtype=dtype)
     if itemsize > 1:  # idx is big-endian
@@ -137,15 +142,19 @@ def _read_torch(path: Path, key: str | None) -> Tensor:
     if isinstance(loaded, dict):
         if key is not None:
             if key not in loaded:
-                raise MagicInitError(f"data file {str(path)!r} has no entry {key!r}; it has: {', '.join(map(str, loaded))}")
+                raise MagicInitError(
+                    f"data file {str(path)!r} has no entry {key!r}; it has: {', '.join(map(str, loaded))}"
+                )
             loaded = loaded[key]
         else:
             loaded = next((v for v in loaded.values() if isinstance(v, Tensor)), None)
     elif isinstance(loaded, (tuple, list)):
         if key is not None:
             if not key.isdigit() or int(key) >= len(loaded):
-                raise MagicInitError(f"data file {str(path)!r} holds a sequence of {len(loaded)}; "
-                                     f"the key must be an index below that, not {key!r}")
+                raise MagicInitError(
+                    f"data file {str(path)!r} holds a sequence of {len(loaded)}; "
+                    f"the key must be an index below that, not {key!r}"
+                )
             loaded = loaded[int(key)]
         else:
             loaded = next((v for v in loaded if isinstance(v, Tensor)), None)
@@ -160,7 +169,8 @@ def _read_image(path: Path, size: int, channels: int) -> Tensor:
     except ImportError:
         raise MagicInitError("reading an image folder needs Pillow: pip install 'magicinit[cli]'") from None
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image: Image.Image = opened  # converted below into other images
             if image.mode.startswith("I;16"):
                 image = image.convert("I")
             if image.mode == "I":  # 16-bit grayscale: scale to 8 bits rather than clip
@@ -186,9 +196,7 @@ def _subset(count: int, samples: int, seed: int) -> Tensor | None:
 def _read_folder(folder: Path, samples: int, seed: int, input_size: int, channels: int) -> Tensor:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise MagicInitError(
-            f"data folder {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise MagicInitError(f"data folder {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     chosen = _subset(len(files), samples, seed)
     if chosen is not None:
         files = [files[i] for i in chosen.tolist()]

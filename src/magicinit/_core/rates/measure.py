@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapters import Layout
-from .arguments import MIN_RATE_ROUNDS
-from .context import PassContext
-from .distributed import Collective
-from .inputs import batch_size
-from .per_sample import Estimate, OneDrawAtATime, choose_way, squared_filter_norms
-from .safety import temporary_hooks
-from .sites import WeightUnit, refreshed
+from ..adapters import Layout
+from ..context import PassContext
+from ..distributed import Collective
+from ..inputs import batch_size
+from ..options import MIN_RATE_ROUNDS
+from ..safety import temporary_hooks
+from ..sites import WeightUnit, refreshed
+from .choose import choose_strategy
+from .norms import squared_filter_norms
+from .strategy import NoiseDraws
 
 
 @dataclass
@@ -42,7 +44,7 @@ class ChangeRates:
         draws: number of noise draws (chunks times rounds) averaged.
         input_slice_gradient: for weights measured with ``input_slices``, ``E||dL/dW_s||^2`` of
             every slice ``s`` of their input channels (float64, on the CPU).
-        method: how the draws' gradient norms were computed (``per_sample``): ``"from site
+        method: how the draws' gradient norms were computed (``choose_strategy``): ``"from site
             activations"``, ``"vectorized per-sample gradients"`` or ``"one sample at a time"`` (with the
             reason where it is not the first).
     """
@@ -71,8 +73,8 @@ def measure_change_rates(
     norm of every slice is averaged too. The model's parameters are not changed.
     Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written);
     the real parameters' ``requires_grad`` is switched on for the duration and
-    the caller restores it. The draws' norms come from the fastest way
-    ``per_sample.choose_way`` finds for the model. With a
+    the caller restores it. The draws' norms come from the fastest strategy
+    ``choose.choose_strategy`` finds for the model. With a
     collective, every rank draws its own noise (from a generator forked off
     the shared one) over its own data, and the sums and their noise variances
     are summed over the ranks, which stop after the same round.
@@ -91,20 +93,24 @@ def measure_change_rates(
     slice_sums: dict[str, Tensor] = {}
     draw_totals: list[Tensor] = []  # per round: every layer's squared norm of every draw, (layers, draws)
     rounds = 0
-    estimate = Estimate(context, units, layouts, slices, generator)
+    noise_draws = NoiseDraws(context, units, layouts, slices, generator)
     # the reparametrizations' attributes hold this pass's graph: recomputed without it at the end
-    with context.progress_bar(options.max_rounds * draws_per_round, desc, unit="draw") as advance, \
-            temporary_hooks() as hooks, refreshed(model, units.values()):
-        way, method = choose_way(estimate, OneDrawAtATime(estimate, hooks))
+    with (
+        context.progress_bar(options.max_rounds * draws_per_round, desc, unit="draw") as advance,
+        temporary_hooks() as hooks,
+        refreshed(model, units.values()),
+    ):
+        strategy, method = choose_strategy(noise_draws, hooks)
         try:
             while rounds < options.max_rounds:
                 rounds += 1
                 round_totals: dict[str, list[Tensor]] = {name: [] for name in names}
-                for block in way.rounds():
+                for block in strategy.rounds():
                     for name in names:
                         per_channel = block.channel[name]
-                        channel_sums[name] = channel_sums[name] + per_channel.sum(0) if name in channel_sums \
-                            else per_channel.sum(0)
+                        channel_sums[name] = (
+                            channel_sums[name] + per_channel.sum(0) if name in channel_sums else per_channel.sum(0)
+                        )
                         round_totals[name].append(per_channel.sum(1))
                         if name in slices:
                             per_slice = block.slices[name].sum(0)
@@ -118,7 +124,7 @@ def measure_change_rates(
                     if all(e <= options.precision for e in errors.values()):
                         break
         finally:
-            way.close()
+            strategy.close()
     n_draws = draws_per_round * rounds
     if collective is not None:
         n_draws = collective.total(n_draws)
@@ -134,8 +140,7 @@ def measure_change_rates(
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
     slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
-    return ChangeRates(rate, _log_errors(names, draw_totals, collective), channel_rate, n_draws, slice_gradient,
-                       method)
+    return ChangeRates(rate, _log_errors(names, draw_totals, collective), channel_rate, n_draws, slice_gradient, method)
 
 
 def _log_errors(names: list[str], draw_totals: list[Tensor], collective: Collective | None = None) -> dict[str, float]:

@@ -1,4 +1,6 @@
-"""Part 2 beyond plain ReLU nets: normalization layers, ``scale_mode="approximate"``, nothing-to-do.
+"""Part 2 beyond plain ReLU nets: across normalization layers, ``scale_mode="approximate"`` (activations
+that are only nearly homogeneous), nothing to do, concatenations, and rates after an exact rescaling
+predicted rather than measured again.
 
 Every claim is checked by a measurement made here: outputs compared in eval and
 train mode, change rates from this file's own noise back-propagation
@@ -14,17 +16,20 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import magicinit
 from conftest import (
     affine_weights,
+    assert_same_state,
+    assert_untouched,
     geometric_spread,
+    interrupt_the_second_rate_measurement,
     noise_rates,
     relative_change,
     rescale_keeping_function,
     state_copy,
 )
-from torch import nn
-
-import magicinit
 from magicinit import LayerStatus
 from magicinit._core import between as between_module
 from magicinit.tools.nets import caffenet, plain_cnn
@@ -66,9 +71,16 @@ def _norm_net(norm: str) -> nn.Module:
         }[norm]()
 
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), make(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), make(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 64, 16), nn.ReLU(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        make(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        make(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
     )
 
 
@@ -98,6 +110,7 @@ def test_normalization_layers_leave_their_input_scale_free_and_keep_the_function
     assert report["7"].input_scale_fixed_by is not None  # the layer after the last norm: fixed by it
 
 
+@pytest.mark.slow
 def test_resnet18_rates_equalized_through_batch_norm_with_both_modes_kept() -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -143,7 +156,7 @@ def test_a_normalization_whose_eps_is_a_literal_fixes_the_scale_and_says_why() -
 
 def test_the_float64_check_still_guards_exact_mode_against_a_wrong_compensation(monkeypatch) -> None:
     # Fault injection: a compensation that forgets the running statistics changes eval-mode outputs.
-    def eps_only(module: nn.Module, log_scale: float, running_statistics: bool) -> None:
+    def eps_only(module: nn.Module, log_scale: float, normalization: object) -> None:
         module.eps = module.eps * math.exp(2 * log_scale)
 
     monkeypatch.setattr(between_module, "compensate_normalization", eps_only)
@@ -152,30 +165,21 @@ def test_the_float64_check_still_guards_exact_mode_against_a_wrong_compensation(
     saved = state_copy(model)
     with pytest.warns(RuntimeWarning, match="left as it was"):
         report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1, across_normalization=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    assert_untouched(model, saved, training=False)
     assert model[1].eps == 1e-5 and model[4].eps == 1e-5
     assert any("not kept" in note for note in report.notes)
 
 
 def test_an_interrupt_after_the_scales_were_applied_restores_weights_buffers_and_eps(monkeypatch) -> None:
-    measure = between_module.measure_change_rates
-    calls = []
-
-    def interrupted_after_first(*args, **kwargs):  # the verifying measurement comes after applying the scales
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return measure(*args, **kwargs)
-
-    monkeypatch.setattr(between_module, "measure_change_rates", interrupted_after_first)
+    calls = interrupt_the_second_rate_measurement(monkeypatch)
     model = _uneven(_norm_net("batch"))
     saved = state_copy(model)
     with pytest.raises(KeyboardInterrupt):
-        magicinit.rescale_(model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1, verify_rates=True, across_normalization=True)
+        magicinit.rescale_(
+            model, torch.randn(32, 3, 8, 8), seed=0, rate_precision=0.1, verify_rates=True, across_normalization=True
+        )
     assert len(calls) == 2
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    assert_untouched(model, saved)
     assert model[1].eps == 1e-5 and model[4].eps == 1e-5
 
 
@@ -189,8 +193,9 @@ class _ViTBlock(nn.Module):
         super().__init__()
         self.embed = nn.Conv2d(3, width, 4, stride=4)
         self.position = nn.Parameter(torch.randn(1, 4, width) * 0.1)
-        self.block = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, activation="gelu", batch_first=True,
-                                                norm_first=True)
+        self.block = nn.TransformerEncoderLayer(
+            width, 2, 32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.head = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,8 +211,7 @@ def test_with_no_free_scale_part2_measures_nothing_and_says_why() -> None:
     saved = state_copy(model)
     report = magicinit.rescale_(model, x, seed=0, across_normalization=True)  # even with layer norm's input free
     assert sum(calls) <= 3 * len(x)  # at most the cost of about 3 passes (here: one 2-sample trace)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    assert_same_state(model, saved)  # (the test's own counting hook stays)
     assert all(layer.status in (LayerStatus.FIXED, LayerStatus.EXCLUDED) for layer in report.layers)
     assert any(layer.status == LayerStatus.FIXED for layer in report.layers)
     assert report.rate_spread_before is None
@@ -301,8 +305,7 @@ def test_the_tolerance_decides_from_a_deviation_measured_on_the_data() -> None:
     saved = state_copy(strict)
     report = magicinit.rescale_(strict, x, seed=0, scale_mode="approximate", scale_tolerance=own / 2)
     assert report.approximated == {}
-    for key, value in strict.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    assert_untouched(strict, saved)
     assert "off by" in (report["0"].output_scale_fixed_by or "")
     # above it: tanh is tied, with the deviation this test measured (the first round's)
     loose = _tanh_net()
@@ -313,18 +316,20 @@ def test_the_tolerance_decides_from_a_deviation_measured_on_the_data() -> None:
     assert report["0"].status == LayerStatus.RESCALED
 
 
-@pytest.mark.parametrize("mode, tolerance, message", [
-    ("fast", 0.05, "scale_mode='fast'"),
-    ("approximate", 1.5, "scale_tolerance=1.5"),
-    ("approximate", -0.1, "scale_tolerance=-0.1"),
-])
+@pytest.mark.parametrize(
+    "mode, tolerance, message",
+    [
+        ("fast", 0.05, "scale_mode='fast'"),
+        ("approximate", 1.5, "scale_tolerance=1.5"),
+        ("approximate", -0.1, "scale_tolerance=-0.1"),
+    ],
+)
 def test_bad_scale_options_are_refused_by_name(mode: str, tolerance: float, message: str) -> None:
     model = _tanh_net()
     saved = state_copy(model)
     with pytest.raises(magicinit.MagicInitError, match=message):
         magicinit.init_(model, torch.randn(8, 6), scale_mode=mode, scale_tolerance=tolerance)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, saved[key]), key
+    assert_untouched(model, saved)
 
 
 # --- concatenations -----------------------------------------------------------------------------------------
@@ -346,8 +351,16 @@ class _Fire(nn.Module):
 
 def _fire_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _Fire(16, 4, 8), nn.MaxPool2d(2), _Fire(16, 4, 12),
-        nn.Dropout(0.2), nn.Conv2d(24, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        _Fire(16, 4, 8),
+        nn.MaxPool2d(2),
+        _Fire(16, 4, 12),
+        nn.Dropout(0.2),
+        nn.Conv2d(24, 5, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     )
 
 
@@ -520,6 +533,9 @@ def test_by_default_a_normalization_fixes_its_input_scale_and_part2_leaves_those
     assert not report.normalizations
     across = plain_cnn(6, batch_norm=True)
     report = magicinit.init_(across, x, seed=0, rate_precision=0.1, across_normalization=True)
-    changed = [name for name in convs
-               if not torch.allclose(across.get_submodule(name).weight, part1.get_submodule(name).weight)]
+    changed = [
+        name
+        for name in convs
+        if not torch.allclose(across.get_submodule(name).weight, part1.get_submodule(name).weight)
+    ]
     assert changed and report.normalizations

@@ -1,4 +1,4 @@
-"""Part 2's change rates at the cost of a few batched passes (issue 14): the three ways of getting each
+"""Part 2's change rates at the cost of a few batched passes: the three ways of getting each
 draw's gradient norms give the same estimate, the fast ones fall back where they cannot hold, and the
 k-means sampler settles early without losing its clusters."""
 
@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import affine_weights, noise_rates, plain_cnn, rescale_keeping_function
 from torch import nn
 
 import magicinit
-from magicinit._core import per_sample
-from magicinit._core import rates as rates_module
+from conftest import affine_weights, noise_rates, plain_cnn, rescale_keeping_function
 from magicinit._core import samplers
+from magicinit._core.rates import choose, from_activations, measure, norms, strategy
 
 
 class Mixed(nn.Module):
@@ -45,36 +44,40 @@ class Mixed(nn.Module):
 
 
 def _forced(monkeypatch: pytest.MonkeyPatch, way: str) -> None:
-    """Make Part 2 take ``way``: "loop" (one draw at a time) or "vectorized" (the site way refused)."""
+    """Make Part 2 take ``way``: "loop" (one chunk at a time) or "vectorized" (the strategy from site
+    activations refused)."""
     if way == "loop":
-        monkeypatch.setattr(per_sample, "_per_sample_draws_possible", lambda context, units: "forced by the test")
+        monkeypatch.setattr(choose, "_why_draws_cannot_be_batched", lambda context, units: "forced by the test")
     else:
-        def refuse(self: per_sample.FromActivations) -> None:
-            raise per_sample._Unsupported("forced by the test")
 
-        monkeypatch.setattr(per_sample.FromActivations, "_forward", refuse)
+        def refuse(self: from_activations.FromActivations) -> None:
+            raise strategy.StrategyRefused("forced by the test")
+
+        monkeypatch.setattr(from_activations.FromActivations, "_forward", refuse)
 
 
 def _diagnosis_with_way(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[magicinit.Diagnosis, str]:
-    """``magicinit.diagnose`` and the way its rates were computed (as ``choose_way`` described it)."""
+    """``magicinit.diagnose`` and the way its rates were computed (as ``choose_strategy`` described it)."""
     chosen = []
-    original = rates_module.choose_way
+    original = measure.choose_strategy
 
     def recording(*args: object) -> tuple[object, str]:
-        way, description = original(*args)
+        chosen_strategy, description = original(*args)
         chosen.append(description)
-        return way, description
+        return chosen_strategy, description
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rates_module, "choose_way", recording)
+        patch.setattr(measure, "choose_strategy", recording)
         diagnosis = magicinit.diagnose(model, x, **options)
     return diagnosis, chosen[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("way", ["loop", "vectorized"])
 @pytest.mark.parametrize("net, shape, layers", [("Mixed", (12, 3, 6, 6), 9), ("Wide", (12, 8, 7, 7), 8)])
-def test_norms_from_site_activations_equal_the_per_sample_gradients(monkeypatch, way: str, net: str,
-                                                                    shape: tuple[int, ...], layers: int) -> None:
+def test_norms_from_site_activations_equal_the_per_sample_gradients(
+    monkeypatch, way: str, net: str, shape: tuple[int, ...], layers: int
+) -> None:
     """Per layer, the rate and the mean and spread of its channels' rates (which a channel put in the wrong
     place would change: channels' weight norms differ after Part 1)."""
     torch.manual_seed(0)
@@ -120,19 +123,21 @@ def test_gram_norms_of_a_block_equal_those_of_the_formed_gradients() -> None:
     torch.manual_seed(10)
     rows_out, rows_in = torch.randn(5, 1, 7, 4), torch.randn(5, 1, 6 * 3, 4)  # 6 input channels, 3 taps each
     formed = torch.einsum("ngop,ngip->ngoi", rows_out, rows_in).double()
-    channel, slices = per_sample._gram_norms(rows_out, rows_in, (2, 4))
+    channel, slices = norms.gram_norms(rows_out, rows_in, (2, 4))
     torch.testing.assert_close(channel, formed.square().sum(-1).flatten(1))
     by_slice = torch.stack([formed[..., :6].square().sum((1, 2, 3)), formed[..., 6:].square().sum((1, 2, 3))], -1)
     torch.testing.assert_close(slices, by_slice)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net, shape, gram_sites", [(Mixed, (16, 3, 6, 6), 0), (Wide, (12, 8, 7, 7), 7)])
-def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(monkeypatch, net: type[nn.Module],
-                                                                     shape: tuple[int, ...], gram_sites: int) -> None:
+def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(
+    monkeypatch, net: type[nn.Module], shape: tuple[int, ...], gram_sites: int
+) -> None:
     """Rates and rescaling equal the loop's, with per-sample gradients formed (Mixed) or through the Gram
     matrix of each sample's positions (Wide: every site but the head's)."""
     through_gram = []
-    original = per_sample._gram_norms
+    original = norms.gram_norms
 
     def counting(rows_out: torch.Tensor, rows_in: torch.Tensor, sizes: object) -> object:
         through_gram.append((rows_out.shape[1:], rows_in.shape[1:]))
@@ -146,7 +151,7 @@ def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(monkeypatch
     slow = net()
     slow.load_state_dict(fast.state_dict())
     with monkeypatch.context() as patch:
-        patch.setattr(per_sample, "_gram_norms", counting)
+        patch.setattr(from_activations, "gram_norms", counting)
         report = rescale_keeping_function(fast, x, seed=5, rate_precision=0.05)
     assert any("from site activations" in note for note in report.notes)
     assert len(set(through_gram)) == gram_sites, through_gram
@@ -188,8 +193,10 @@ def test_samples_that_interact_fall_back_to_one_draw_at_a_time(monkeypatch) -> N
     torch.manual_seed(3)
     model, x = InteractingSamples(), torch.randn(16, 6)
     diagnosis, description = _diagnosis_with_way(model, x, seed=1, rate_precision=0.05)
-    assert description.startswith("one sample at a time (not from site activations: its norms of the first "
-                                   "and last samples disagreed with those of each sample alone")
+    assert description.startswith(
+        "one sample at a time (not from site activations: its norms of the first "
+        "and last samples disagreed with those of each sample alone"
+    )
     assert "could not be vectorized" in description
     with monkeypatch.context() as patch:
         _forced(patch, "loop")
@@ -208,8 +215,10 @@ def test_a_weight_used_through_a_view_is_measured_by_vectorized_gradients() -> N
             return torch.relu(self.a(x)) @ self.b.weight.t()
 
     _, description = _diagnosis_with_way(Transposed(), torch.randn(8, 6), seed=0, rate_precision=0.1)
-    assert description == ("vectorized per-sample gradients (not from site activations: 'b' is used by t, not only "
-                           "as the weight of affine maps)")
+    assert description == (
+        "vectorized per-sample gradients (not from site activations: 'b' is used by t, not only "
+        "as the weight of affine maps)"
+    )
 
 
 class HarmlessUses(nn.Module):
@@ -258,13 +267,19 @@ class ThroughAFunction(nn.Module):
 def test_a_weight_inside_a_custom_function_is_measured_another_way(monkeypatch) -> None:
     # the graph sees F.linear inside the Function's forward (under no_grad), and the gradient comes from
     # the Function's own backward: the site norms would miss it
-    model, reason = ThroughAFunction, ("'b' is used by linear where autograd does not record it (no_grad, or a "
-                                       "custom Function), not only as the weight of affine maps")
+    model, reason = (
+        ThroughAFunction,
+        (
+            "'b' is used by linear where autograd does not record it (no_grad, or a "
+            "custom Function), not only as the weight of affine maps"
+        ),
+    )
     torch.manual_seed(8)
     net, x = model(), torch.randn(12, 6)
     diagnosis, description = _diagnosis_with_way(net, x, seed=1, rate_precision=0.1)
-    assert description.startswith(f"vectorized per-sample gradients (not from site activations: {reason})") or \
-        description.startswith(f"one sample at a time (not from site activations: {reason}"), description
+    assert description.startswith(
+        f"vectorized per-sample gradients (not from site activations: {reason})"
+    ) or description.startswith(f"one sample at a time (not from site activations: {reason}"), description
     with monkeypatch.context() as patch:
         _forced(patch, "loop")
         looped = magicinit.diagnose(net, x, seed=1, rate_precision=0.1)
@@ -297,8 +312,12 @@ def test_kmeans_settles_before_its_iteration_cap_with_tight_clusters(monkeypatch
         return original_argmax(self, *args, **kwargs)
 
     request = samplers.SamplerRequest(
-        name="layer", module=nn.Linear(6, 4), shape=torch.Size((1, 4, 6)), current=torch.zeros(1, 4, 6),
-        layer_input=(points,), generator=torch.Generator().manual_seed(0),
+        name="layer",
+        module=nn.Linear(6, 4),
+        shape=torch.Size((1, 4, 6)),
+        current=torch.zeros(1, 4, 6),
+        layer_input=(points,),
+        generator=torch.Generator().manual_seed(0),
         input_patches=lambda layer_input: layer_input.reshape(1, -1, 6),
     )
     monkeypatch.setattr(torch.Tensor, "argmax", counting)
@@ -351,6 +370,6 @@ def test_squared_norms_neither_underflow_nor_overflow(magnitude: float) -> None:
     torch.manual_seed(11)
     values = torch.randn(3, 4, 5, 6)
     expected = values.double().square().sum((1, 3)) * magnitude**2
-    got = per_sample.squared_norms(values * magnitude, (1, 3))
+    got = norms.squared_norms(values * magnitude, (1, 3))
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0.0)
