@@ -448,3 +448,157 @@ def test_cli_scale_mode_reaches_the_report(tmp_path: Path) -> None:
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert settings["scale_mode"] == "approximate" and settings["scale_tolerance"] == 0.02
     assert settings["verify_rates"] is True and settings["across_normalization"] is True
+
+
+# --- an output never replaces an input (issue 26) ---------------------------------------------------------------
+
+
+TINY_FACTORY = (
+    "from collections import OrderedDict\n"
+    "from torch import nn\n"
+    "def tiny():\n"
+    "    return nn.Sequential(OrderedDict(features=nn.Conv2d(3, 4, 3), act=nn.ReLU(), flat=nn.Flatten(),\n"
+    "                                     classifier=nn.Linear(4 * 6 * 6, 3)))\n"
+)
+
+
+@pytest.fixture
+def inputs_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The working directory ``tmp_path`` with inputs: weights, data (a file and a folder of images) and a
+    model factory's module; reading any data or building any model fails the test."""
+    from PIL import Image
+
+    from magicinit.tools import cli
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_model("plain-cnn", depth=4, width=4).state_dict(), "trained.pt")
+    np.save("x.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))
+    (tmp_path / "images" / "nested").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save("images/nested/0.png")
+    (tmp_path / "my_models.py").write_text(TINY_FACTORY)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read or built before the usage error")
+
+    monkeypatch.setattr(cli, "load_images", refuse)
+    monkeypatch.setattr(cli, "load_model", refuse)
+    return tmp_path
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links followed) by its path, with its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            [
+                "rescale",
+                "plain-cnn",
+                "--weights",
+                "trained.pt",
+                "--data",
+                "x.npy",
+                "--out",
+                "w.pt",
+                "--report",
+                "trained.pt",
+            ],
+            "--report trained.pt: is the file --weights reads (trained.pt)",
+        ),
+        (["init", "plain-cnn", "--data", "x.npy", "--out", "x.npy"], "--out x.npy: is the file --data reads (x.npy)"),
+        (
+            ["init", "plain-cnn", "--data", "x.npy", "--out", "w.pt", "--report", "./images/../x.npy"],
+            "--report images/../x.npy: is the file --data reads (x.npy)",
+        ),
+        (
+            ["diagnose", "plain-cnn", "--weights", "trained.pt", "--data", "smooth", "--report", "link.json"],
+            "--report link.json: is the file --weights reads (trained.pt)",
+        ),
+        (
+            ["init", "plain-cnn", "--data", "x.npy", "--out", "hard.pt"],
+            "--out hard.pt: is the file --data reads (x.npy)",
+        ),
+        (
+            ["init", "my_models:tiny", "--data", "x.npy", "--out", "my_models.py"],
+            "--out my_models.py: is the file MODEL 'my_models:tiny' reads (my_models.py)",
+        ),
+        (
+            ["diagnose", "plain-cnn", "--data", "images", "--input-size", "8", "--plot", "images/nested/p.png"],
+            "--plot images/nested/p.png: is an image in the --data folder images",
+        ),
+        (
+            ["diagnose", "plain-cnn", "--data", "images", "--input-size", "8", "--plot", "outside.PNG"],
+            "--plot outside.PNG: is an image in the --data folder images",
+        ),
+    ],
+)
+def test_an_output_that_is_an_input_is_a_usage_error_before_anything_is_read(
+    inputs_here: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from magicinit.tools.cli import main
+
+    (inputs_here / "link.json").symlink_to(inputs_here / "trained.pt")
+    (inputs_here / "hard.pt").hardlink_to(inputs_here / "x.npy")
+    (inputs_here / "outside.PNG").write_bytes(b"an existing image that the data folder links to")
+    (inputs_here / "images" / "link.png").symlink_to(inputs_here / "outside.PNG")
+    before = file_bytes(inputs_here)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert file_bytes(inputs_here) == before
+
+
+def test_outputs_beside_the_inputs_are_allowed(
+    inputs_here: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from magicinit.tools import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "init", lambda args: None)  # the checks before any work, and no work
+    for args in (
+        ["init", "my_models:tiny", "--weights", "trained.pt", "--data", "x.npy", "--out", "w.pt", "--report", "r.json"],
+        ["init", "plain-cnn", "--data", "images", "--input-size", "8", "--out", "images/w.pt", "--plot", "p.png"],
+        ["init", "plain-cnn", "--data", "smooth", "--out", "smooth.pt", "--report", "my_models.json"],
+    ):
+        assert cli.main(args) == 0, capsys.readouterr().err
+
+
+def test_an_unknown_skip_name_is_a_usage_error_before_the_data_is_read(
+    inputs_here: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from magicinit.tools import cli
+
+    monkeypatch.setattr(cli, "load_model", load_model)  # the model is built; the data must not be read
+    code = cli.main(
+        ["init", "my_models:tiny", "--data", "x.npy", "--skip", "features", "--skip", "clasifier", "--out", "w.pt"]
+    )
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--skip 'clasifier': the model has no module or parameter of that name; close: 'classifier'" in error
+    assert len(error.strip().splitlines()) == 1
+    code = cli.main(["diagnose", "plain-cnn", "--data", "x.npy", "--skip", "99"])  # its channels come from the data
+    assert code == 2 and "--skip '99'" in capsys.readouterr().err
+    assert not (inputs_here / "w.pt").exists()
+
+
+def test_quiet_leaves_out_the_eps_warning_which_otherwise_prints(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from magicinit.tools.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "normed.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),\n"
+        "                         nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))\n"
+    )
+    args = ["init", "normed:net", "--data", "smooth", "--input-size", "8", "--samples", "16", "--out", "w.pt"]
+    args += ["--rate-precision", "0.2", "--rate-max-rounds", "2", "--across-normalization"]
+    assert main(args) == 0
+    assert "warning: 2 normalization layer(s) need their new eps" in capsys.readouterr().err
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")

@@ -1,20 +1,25 @@
 """magicinit.lightning.MagicInitCallback with a real Lightning Trainer on the CPU: a fit starts from the
-initialized weights (measured here, by hooks), and a resumed fit keeps the checkpoint's weights."""
+initialized weights (measured here, by hooks); a resumed fit, and a module restored by load_from_checkpoint, keep
+the checkpoint's weights; an unmarked module is refused; a seeded run sees the same batches with the callback."""
 
 from __future__ import annotations
 
 import copy
+import gc
+import random
+import weakref
 
+import numpy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
 import magicinit  # noqa: E402
 from conftest import channel_stats, first_call_outputs, state_copy  # noqa: E402
-from magicinit.lightning import MagicInitCallback  # noqa: E402
+from magicinit.lightning import MagicInitCallback, mark_untrained  # noqa: E402
 
 
 class PlainNet(pl.LightningModule):
@@ -83,7 +88,7 @@ def _trainer(tmp_path, callbacks: list[pl.Callback], **options: object) -> pl.Tr
 
 def test_a_fit_starts_from_weights_with_unit_channels(tmp_path) -> None:
     torch.manual_seed(1)
-    module, loader = PlainNet(), _loader()
+    module, loader = mark_untrained(PlainNet()), _loader()
     init_data = torch.cat([x for x, _ in loader])  # 96 samples: all of them are init data (samples=256)
     probe = AtTrainStart(init_data)
     callback = MagicInitCallback(between=False)
@@ -96,7 +101,7 @@ def test_a_fit_starts_from_weights_with_unit_channels(tmp_path) -> None:
 
 def test_the_fit_starts_from_what_init_gives_on_the_train_data(tmp_path) -> None:
     torch.manual_seed(2)
-    module, loader = PlainNet(), _loader()
+    module, loader = mark_untrained(PlainNet()), _loader()
     direct = copy.deepcopy(module)
     magicinit.init_(direct, loader, seed=0)
     probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
@@ -112,7 +117,7 @@ def test_a_resumed_fit_keeps_the_checkpoint_weights(tmp_path, first_fit_initiali
     # without the callback in the first fit, the checkpoint holds no callback state: the resume alone counts
     torch.manual_seed(3)
     trainer = _trainer(tmp_path, [MagicInitCallback()] if first_fit_initialized else [])
-    trainer.fit(PlainNet(), _loader())
+    trainer.fit(mark_untrained(PlainNet()), _loader())
     checkpoint = tmp_path / "after-one-epoch.ckpt"
     trainer.save_checkpoint(checkpoint)
     saved = torch.load(checkpoint, weights_only=False)["state_dict"]
@@ -126,9 +131,118 @@ def test_a_resumed_fit_keeps_the_checkpoint_weights(tmp_path, first_fit_initiali
         torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
 
 
+class MarkedNet(PlainNet):
+    """PlainNet that marks its weights untrained as the last line of ``__init__``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mark_untrained(self)
+
+
+def _trained_checkpoint(tmp_path, module_class: type[PlainNet], callbacks: list[pl.Callback]):
+    """Fits a new ``module_class`` for an epoch, saves a checkpoint, and drops every object of that fit (checked):
+    only the file is left, as in a new process. Returns the file and the state dict it holds."""
+    module = mark_untrained(module_class())
+    trainer = _trainer(tmp_path, callbacks)
+    trainer.fit(module, _loader())
+    checkpoint = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    module_left = weakref.ref(module)
+    del module, trainer, callbacks
+    gc.collect()
+    assert module_left() is None
+    return checkpoint, torch.load(checkpoint, weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("first_fit_initialized", [True, False])
+def test_a_module_restored_by_load_from_checkpoint_keeps_its_weights(tmp_path, first_fit_initialized: bool) -> None:
+    # without the callback in the first fit, the checkpoint holds nothing of magicinit: it loads all the same
+    torch.manual_seed(8)
+    checkpoint, saved = _trained_checkpoint(tmp_path, MarkedNet, [MagicInitCallback()] if first_fit_initialized else [])
+    restored = MarkedNet.load_from_checkpoint(checkpoint)  # strict: the checkpoint has no key the module lacks
+    probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
+    second = MagicInitCallback()
+    _trainer(tmp_path, [second, probe]).fit(restored, _loader())  # a new fit, not a resumed one
+    assert second.report is None and not second.initialized
+    for name, tensor in saved.items():  # training went on from exactly the checkpoint's weights
+        torch.testing.assert_close(probe.weights[name], tensor, rtol=0, atol=0)
+
+
+def test_an_unmarked_module_is_refused_with_the_remedy(tmp_path) -> None:
+    torch.manual_seed(9)
+    checkpoint, saved = _trained_checkpoint(tmp_path, PlainNet, [MagicInitCallback()])
+    restored = PlainNet.load_from_checkpoint(checkpoint)  # looks just like PlainNet()
+    with pytest.raises(
+        magicinit.MagicInitError,
+        match=r"PlainNet is not marked untrained, and a module restored by PlainNet.load_from_checkpoint\(...\) "
+        r"looks just like a new one.*mark_untrained\(module\) before trainer.fit.*"
+        r"leave MagicInitCallback out of a fit that starts from trained weights",
+    ):
+        _trainer(tmp_path, [MagicInitCallback()]).fit(restored, _loader())
+    for name, tensor in saved.items():
+        torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+class Augmented(Dataset):
+    """96 samples, each with noise drawn from torch's, Python's and numpy's global generators when it is read,
+    as random augmentations draw."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(96, 3, 6, 6, generator=generator)
+        self.y = torch.randint(0, 4, (96,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.rand(()) + random.random() + float(numpy.random.rand())
+        return self.x[index] + noise, self.y[index]
+
+
+class FirstBatches(pl.Callback):
+    """Records the batches of epoch 0 as training gets them."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 0:
+            self.batches.append([tensor.clone() for tensor in batch])
+
+
+def _first_batches_of_a_seeded_run(tmp_path, callbacks: list[pl.Callback], loader_options: dict[str, object]):
+    pl.seed_everything(10)
+    module = mark_untrained(PlainNet())
+    loader = DataLoader(Augmented(), batch_size=16, shuffle=True, **loader_options)
+    recorder = FirstBatches()
+    _trainer(tmp_path, [*callbacks, recorder], limit_train_batches=3, enable_checkpointing=False).fit(module, loader)
+    return recorder.batches
+
+
+@pytest.mark.parametrize(
+    "loader_options",
+    [
+        pytest.param(dict, id="global-generators"),
+        pytest.param(lambda: {"generator": torch.Generator().manual_seed(3)}, id="own-generator"),
+        pytest.param(
+            lambda: {"num_workers": 1, "persistent_workers": True}, marks=pytest.mark.slow, id="persistent-workers"
+        ),
+    ],
+)
+def test_a_seeded_run_sees_the_same_batches_with_the_callback(tmp_path, loader_options) -> None:
+    without = _first_batches_of_a_seeded_run(tmp_path, [], loader_options())
+    callback = MagicInitCallback(samples=32)  # reads two of the shuffled loader's batches
+    with_callback = _first_batches_of_a_seeded_run(tmp_path, [callback], loader_options())
+    assert callback.report is not None and len(without) == len(with_callback) == 3
+    for batch, batch_with_callback in zip(without, with_callback):
+        for tensor, tensor_with_callback in zip(batch, batch_with_callback):
+            torch.testing.assert_close(tensor_with_callback, tensor, rtol=0, atol=0)
+
+
 def test_a_second_fit_does_not_initialize_again(tmp_path) -> None:
     torch.manual_seed(4)
-    module, callback = PlainNet(), MagicInitCallback()
+    module, callback = mark_untrained(PlainNet()), MagicInitCallback()
     _trainer(tmp_path, [callback]).fit(module, _loader())
     trained = state_copy(module)
     probe = AtTrainStart(torch.zeros(1, 3, 6, 6))
@@ -140,8 +254,8 @@ def test_a_second_fit_does_not_initialize_again(tmp_path) -> None:
 def test_the_same_callback_initializes_a_new_module(tmp_path) -> None:
     torch.manual_seed(6)
     callback = MagicInitCallback(between=False)
-    _trainer(tmp_path, [callback]).fit(PlainNet(), _loader())
-    fresh, loader = PlainNet(), _loader()
+    _trainer(tmp_path, [callback]).fit(mark_untrained(PlainNet()), _loader())
+    fresh, loader = mark_untrained(PlainNet()), _loader()
     probe = AtTrainStart(torch.cat([x for x, _ in loader]))
     _trainer(tmp_path, [callback, probe]).fit(fresh, loader)
     torch.testing.assert_close(probe.channel_std[-1], torch.ones_like(probe.channel_std[-1]), rtol=1e-3, atol=1e-3)
@@ -156,7 +270,7 @@ class LateRestoring(pl.strategies.SingleDeviceStrategy):
 
 
 def test_a_strategy_that_restores_after_setup_is_refused_with_the_remedy(tmp_path) -> None:
-    module = PlainNet()
+    module = mark_untrained(PlainNet())
     before = state_copy(module)
     trainer = _trainer(
         tmp_path,
@@ -176,7 +290,7 @@ def test_a_strategy_that_restores_after_setup_is_refused_with_the_remedy(tmp_pat
 
 def test_init_data_given_to_the_callback_is_used(tmp_path) -> None:
     torch.manual_seed(5)
-    module, own = PlainNet(), 3.0 + 2.0 * torch.randn(64, 3, 6, 6)  # not the train data's distribution
+    module, own = mark_untrained(PlainNet()), 3.0 + 2.0 * torch.randn(64, 3, 6, 6)  # not the train data's distribution
     probe = AtTrainStart(own)
     _trainer(tmp_path, [MagicInitCallback(own, between=False), probe]).fit(module, _loader())
     torch.testing.assert_close(probe.channel_std[0], torch.ones_like(probe.channel_std[0]), rtol=1e-3, atol=1e-3)
@@ -206,7 +320,7 @@ def test_ddp_ranks_share_statistics_and_start_from_the_same_weights(tmp_path, be
     """Two CPU processes (ddp_spawn, gloo), each with half the train data: both start training from the same
     weights; with Part 1 alone, those of Part 1 on all the data in one process (the statistics were shared)."""
     torch.manual_seed(7)
-    module, loader = PlainNet(), _loader()
+    module, loader = mark_untrained(PlainNet()), _loader()
     single, drawn = copy.deepcopy(module), state_copy(module)
     magicinit.init_(single, loader, seed=0, between=between)
     trainer = pl.Trainer(

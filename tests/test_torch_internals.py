@@ -28,9 +28,12 @@ from magicinit._core.torch_internals import (
     compiled_original,
     forward_hooks,
     forward_pre_hooks,
+    global_forward_hooks,
     is_vectorization_refusal,
+    name_in_compiled_original,
     parametrization_cache_enabled,
     pruned_tensor_name,
+    reentrant_checkpoints_run_plainly,
     root_cause_name,
     view_base,
     without_torch_function_dispatch,
@@ -250,3 +253,82 @@ def test_a_compiled_model_keeps_the_module_it_wraps() -> None:
     compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled until it is called
     assert compiled_original(compiled) is model
     assert compiled_original(model) is None and compiled_original(object()) is None
+
+
+def test_a_compiled_models_names_are_the_originals_under_its_prefix() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4)), nn.Linear(4, 2))
+    compiled = torch.compile(model)
+    original_names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    compiled_names = {name for name, _ in compiled.named_modules()} | {name for name, _ in compiled.named_parameters()}
+    assert {name_in_compiled_original(name) for name in compiled_names} - {None} == original_names
+    assert name_in_compiled_original("_orig_mod.0.0.weight") == "0.0.weight"
+    assert name_in_compiled_original("_orig_mod") == ""
+    assert name_in_compiled_original("0.0") is None and name_in_compiled_original("_orig_modx") is None
+
+
+def test_global_forward_hooks_are_listed_pre_hooks_first_and_gone_once_removed() -> None:
+    before = global_forward_hooks()
+
+    def pre(module: nn.Module, args: Any) -> None:
+        return None
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        return None
+
+    post_handle = nn.modules.module.register_module_forward_hook(post)
+    pre_handle = nn.modules.module.register_module_forward_pre_hook(pre)
+    try:
+        listed = global_forward_hooks()
+        assert pre in listed and post in listed and listed.index(pre) < listed.index(post)
+        assert pre not in forward_pre_hooks(nn.Linear(2, 2))  # not a module's own
+    finally:
+        post_handle.remove()
+        pre_handle.remove()
+    assert global_forward_hooks() == before
+
+
+def _checkpointed(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(layer, torch.relu(x), use_reentrant=True)
+
+
+def test_reentrant_checkpoints_run_as_plain_calls_inside_the_block_and_checkpoint_again_after() -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(4, 3), torch.randn(5, 4, requires_grad=True)
+    real = torch.utils.checkpoint.CheckpointFunction
+    # torch's reentrant variant refuses .grad() through it (and gives the weights inside no gradient)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        torch.autograd.grad(_checkpointed(layer, x).sum(), [layer.weight, x], allow_unused=True)
+    with reentrant_checkpoints_run_plainly():
+        with reentrant_checkpoints_run_plainly():  # nested blocks
+            output = _checkpointed(layer, x)
+        (gradient,) = torch.autograd.grad(output.sum(), [layer.weight])
+        with torch.no_grad():
+            assert torch.equal(output, layer(torch.relu(x)))
+        assert torch.allclose(gradient, torch.relu(x).sum(0).expand(3, 4))
+        sequential = torch.utils.checkpoint.checkpoint_sequential(
+            nn.Sequential(layer, nn.ReLU()), 2, x, use_reentrant=True
+        )
+        assert torch.autograd.grad(sequential.sum(), [layer.weight])[0] is not None
+    assert torch.utils.checkpoint.CheckpointFunction is real
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        torch.autograd.grad(_checkpointed(layer, x).sum(), [layer.weight, x], allow_unused=True)
+
+
+def test_reentrant_checkpoints_keep_checkpointing_on_other_threads() -> None:
+    import threading
+
+    layer, x = nn.Linear(4, 3), torch.randn(5, 4, requires_grad=True)
+    outcome: list[BaseException | None] = []
+
+    def other_thread() -> None:
+        try:
+            torch.autograd.grad(_checkpointed(layer, x).sum(), [layer.weight, x], allow_unused=True)
+            outcome.append(None)
+        except RuntimeError as error:
+            outcome.append(error)
+
+    with reentrant_checkpoints_run_plainly():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert isinstance(outcome[0], RuntimeError) and "use_reentrant=True" in str(outcome[0])

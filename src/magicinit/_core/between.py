@@ -45,6 +45,34 @@ def _difference(reference: list[Tensor], current: list[Tensor]) -> float:
     return _norm([a.double() - b.double() for a, b in zip(reference, current)])
 
 
+class OutputsChangedShape(MagicInitError):
+    """The model's outputs changed shape when only the scales of its layers changed: an operation in
+    its forward selects by value (a comparison with a constant, a score threshold, top-k, NMS)."""
+
+    def __init__(self, reference: list[Tensor], current: list[Tensor]) -> None:
+        super().__init__(
+            f"the model's outputs changed shape under a rescaling of its layers ({_shapes(reference)} before, "
+            f"{_shapes(current)} after): an operation in its forward selects by value (a comparison with a "
+            "constant, a score threshold, top-k, non-maximum suppression), so Part 2 cannot compare its outputs. "
+            "Pass forward=callable(model, batch) that returns the raw outputs before the selection (a detector's "
+            "head outputs before score thresholds and NMS), or between=False"
+        )
+
+
+def _shapes(tensors: list[Tensor]) -> str:
+    shown = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
+    return f"[{shown}]"
+
+
+def check_output_shapes(reference: list[Tensor], current: list[Tensor], collective: Collective | None) -> None:
+    """Raise ``OutputsChangedShape`` (on every rank) if any rank's outputs differ in number or shape."""
+    changed = len(reference) != len(current) or any(a.shape != b.shape for a, b in zip(reference, current))
+    if collective is not None:
+        changed = bool(collective.total(int(changed)))
+    if changed:
+        raise OutputsChangedShape(reference, current)
+
+
 def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
     """Relative change ``||y' - y|| / ||y||`` over all output tensors."""
     norm = _norm(reference)
@@ -190,6 +218,7 @@ def _change_in_float64(
         return None, probe
     _apply_scales(twin, units, solution, graph)
     rescaled = _outputs(twin, probe64, forward)
+    check_output_shapes(reference, rescaled, context.collective)
     change = function_change(reference, rescaled)
     if change <= EXACT_TOLERANCE:
         return change, probe
@@ -208,7 +237,9 @@ def _change_in_float64(
     del original
     typical = max(_norm(reference), _norm(reference_jittered))
     change_here = _difference(reference, rescaled) / typical if typical > 0 else change
-    elsewhere = function_change(reference_jittered, _outputs(twin, jittered64, forward))
+    rescaled_jittered = _outputs(twin, jittered64, forward)
+    check_output_shapes(reference_jittered, rescaled_jittered, context.collective)
+    elsewhere = function_change(reference_jittered, rescaled_jittered)
     return (math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)), jittered
 
 
@@ -234,22 +265,24 @@ def _rounding_tolerance(model: nn.Module) -> float:
     return max(1e-3, 50 * torch.finfo(dtype).eps)
 
 
-def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch) -> None:
-    """Warn that the rescaling was not kept, naming the cause: a forward that is not repeatable (a random
-    operation), else an operation whose scale behaviour magicinit did not recognize."""
+def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch, cause: str | None = None) -> None:
+    """Warn that the rescaling was not kept, naming the cause: ``cause`` if known, else a forward that is
+    not repeatable (a random operation), else an operation whose scale behaviour magicinit did not recognize."""
     first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
-    randomness = function_change(first, second)
+    same_shapes = len(first) == len(second) and all(a.shape == b.shape for a, b in zip(first, second))
+    randomness = function_change(first, second) if same_shapes else math.inf
     if randomness > 0:
         cause = (
             f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
             "(relative) in eval mode, so a random operation runs in it (dropout forced on with "
             "training=True, torch.rand, ...); pass forward=... without it"
         )
-    else:
+    elif cause is None:
         cause = "some operation's scale behaviour was not recognized. Please report the model to magicinit"
+    amount = f"by {change:.2e} (relative, {where})" if math.isfinite(change) else f"({where})"
     warnings.warn(
-        f"magicinit: the between-layer rescaling would change the network's output by {change:.2e} "
-        f"(relative, {where}), so the model was left as it was: {cause}.",
+        f"magicinit: the between-layer rescaling would change the network's output {amount}, so the model was "
+        f"left as it was: {cause}.",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -324,21 +357,33 @@ def equalize_between(
     log_rates, excluded = _log_rates(before, called, fixed)
     solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
-    analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
+    result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
+    try:
+        analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
+    except OutputsChangedShape as changed:  # exact mode keeps the function or leaves the model as it was
+        _warn_not_kept(math.inf, "in a float64 copy of the model", context, probe, cause=str(changed))
+        result.reverted = True
+        return result
     if collective is not None and analysis_error is not None:
         analysis_error = collective.max(analysis_error)
-    result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
     if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
         _warn_not_kept(analysis_error, "in a float64 copy of the model", context, probe)
         result.reverted = True
         return result
     reference = _outputs(model, probe, context.forward)
-    snapshot = ModelSnapshot(model) if analysis_error is None else None  # only the fallback check can undo
+    snapshot = ModelSnapshot(model)  # the fallback check, and outputs that change shape on more samples, undo
     factors, result.changed = _apply_scales(model, called, solution, graph)
     result.weight_factor, result.rounds = factors, 1
     result.normalizations = _normalization_factors(solution)
-    _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
-    if snapshot is not None and not result.function_change <= _rounding_tolerance(model):
+    try:
+        _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
+    except OutputsChangedShape as changed:
+        snapshot.restore()
+        _warn_not_kept(math.inf, "in the model's own precision", context, probe, cause=str(changed))
+        result.reverted = True
+        result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
+        return result
+    if analysis_error is None and not result.function_change <= _rounding_tolerance(model):
         snapshot.restore()
         _warn_not_kept(result.function_change, "in the model's own precision", context, probe)
         result.reverted = True
@@ -373,7 +418,9 @@ def _normalization_factors(solution: ScaleSolution) -> dict[str, float]:
 def _change_beyond_scale(
     reference: list[Tensor], current: list[Tensor], collective: Collective | None
 ) -> tuple[float, float]:
-    """The global factor between the outputs, and the relative change beyond it (worst rank's)."""
+    """The global factor between the outputs, and the relative change beyond it (worst rank's);
+    ``OutputsChangedShape`` if the outputs changed shape."""
+    check_output_shapes(reference, current, collective)
     scale = output_scale(reference, current, collective)
     change = function_change([scale * t.double() for t in reference], current)
     return scale, (collective.max(change) if collective is not None else change)

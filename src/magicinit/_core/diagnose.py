@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .distributed import ProcessGroupArg
+from .initialize import check_attention_layout
 from .inputs import Batch
 from .options import DEFAULTS, DIAGNOSE_SEED, Options
 from .rates import measure_change_rates
@@ -25,6 +26,7 @@ def diagnose(
     *,
     seed: int | None = DIAGNOSE_SEED,
     samples: int = DEFAULTS.samples,
+    sample_dim: int = DEFAULTS.sample_dim,
     forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
     skip: Iterable[str] = DEFAULTS.skip,
     progress: bool = DEFAULTS.progress,
@@ -47,7 +49,7 @@ def diagnose(
         data: a batch or an iterable of batches, as for ``init_``.
         seed: seed of the noise draws (default 0: repeatable, torch's global RNG untouched);
             None uses torch's global RNG.
-        samples, forward, skip, progress, rate_*, process_group: as for ``init_`` (statistics
+        samples, sample_dim, forward, skip, progress, rate_*, process_group: as for ``init_`` (statistics
             over all processes of the group, each on its own data).
 
     Example:
@@ -60,6 +62,7 @@ def diagnose(
     with buffers_kept(model):  # the tracing pass and every later one: a forward may update buffers of its own
         session = start_session(model, data, options)
         with guarded(model):
+            notes = check_attention_layout(session.context, options.sample_dim, stacklevel=4)
             moments, layouts = first_site_moments(session.context, session.index, session.units)
             called = {name: unit for name, unit in session.units.items() if name in moments}
             rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
@@ -79,4 +82,4 @@ def diagnose(
                 rate_cv=coefficient_of_variation(channel_rate),
             )
         )
-    return Diagnosis(layers, rates.draws)
+    return Diagnosis(layers, rates.draws, notes)

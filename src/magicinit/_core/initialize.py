@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .between import BetweenResult, equalize_between
+from .context import PassContext
 from .distributed import ProcessGroupArg
 from .graph import LayerGraph
-from .inputs import Batch, batch_size
+from .inputs import Batch, batch_size, split_batch
 from .operations import normalization_eps
 from .options import DEFAULTS, Options
 from .report import LayerReport, LayerStatus, Report
-from .safety import guarded
+from .safety import evaluating, guarded
 from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_inference_mode, start_session
 from .sites import refreshed
@@ -34,6 +37,7 @@ def init_(
     beta: float = DEFAULTS.beta,
     seed: int | None = DEFAULTS.seed,
     samples: int = DEFAULTS.samples,
+    sample_dim: int = DEFAULTS.sample_dim,
     forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
     skip: Iterable[str] = DEFAULTS.skip,
     include_frozen: bool = DEFAULTS.include_frozen,
@@ -79,6 +83,10 @@ def init_(
         beta: target mean of every channel after Part 1 (the reference's ``-b``, 0.1 there).
         seed: same seed, model and data give bit-identical weights; None uses torch's global RNG.
         samples: at most this many samples of ``data`` are used.
+        sample_dim: the dimension of each input tensor that indexes samples: 1 for torch's
+            sequence-first transformer layers (``batch_first=False``, inputs ``(L, N, E)``), so that
+            ``samples`` caps sequences, not positions. A 1-dimensional tensor (labels) has its samples
+            along its only dimension; a 0-dimensional one is not split.
         forward: ``forward(model, batch) -> output`` for models with other inputs.
         skip: qualified module or parameter names (or module prefixes) whose weights are left as they are.
         include_frozen: also initialize layers whose weight has ``requires_grad=False``.
@@ -132,6 +140,7 @@ def rescale_(
     *,
     seed: int | None = DEFAULTS.seed,
     samples: int = DEFAULTS.samples,
+    sample_dim: int = DEFAULTS.sample_dim,
     forward: Callable[[nn.Module, Batch], Any] | None = DEFAULTS.forward,
     skip: Iterable[str] = DEFAULTS.skip,
     include_frozen: bool = DEFAULTS.include_frozen,
@@ -172,6 +181,7 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
     with refreshed(model, session.all_units.values()), guarded(model):
+        session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
         if options.within:
             start = time.perf_counter()
             within_results = normalize_within(
@@ -200,6 +210,61 @@ def _between(session: Session, constant: set[str]) -> BetweenResult:
     for name in constant:
         result.excluded[name] = "constant on the init data: its change rate means nothing"
     return result
+
+
+def check_attention_layout(context: PassContext, sample_dim: int, stacklevel: int) -> list[str]:
+    """A warning (and the same note, returned) where the data's ``sample_dim`` is not what the model's
+    ``nn.MultiheadAttention`` layers take as samples; no note where it is, or where that cannot be told.
+
+    The model runs on one init sample (grad on: torch's fast paths for attention, which skip the module's
+    forward, need it off); a layer that then gets a 3-dimensional query with one sequence position and a
+    batch of several (along its ``batch_first`` dimension) was handed positions as samples: the sample
+    dimension cut its sequences (torch's transformer layers take ``(L, N, E)`` by default, whose
+    dimension 0 a default ``sample_dim=0`` reads as samples). ``stacklevel``: the warning's, from here
+    to the user's call.
+    """
+    model = context.model
+    attentions = {name: module for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    if not attentions:
+        return []
+    queries: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            query = args[0] if args else kwargs.get("query")
+            if isinstance(query, Tensor) and query.dim() == 3:
+                queries.setdefault(name, tuple(query.shape))
+
+        return record
+
+    handles = [
+        module.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, module in attentions.items()
+    ]
+    try:
+        with evaluating(model), torch.enable_grad():
+            context.run(split_batch(context.batch, 0, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, shape in queries.items():
+        batch_first = attentions[name].batch_first
+        batch_dim = 0 if batch_first else 1
+        if shape[batch_dim] == 1 or shape[1 - batch_dim] != 1:
+            continue
+        remedy = (
+            f"pass sample_dim={1 - sample_dim}"
+            if sample_dim in (0, 1)
+            else "pass as sample_dim the dimension of each input tensor that indexes samples"
+        )
+        note = (
+            f"nn.MultiheadAttention '{name}' (batch_first={batch_first}) got a query of shape {shape} from one "
+            f"init sample: a sequence of one position in a batch of {shape[batch_dim]}, so sample_dim={sample_dim} "
+            "is not the data's sample dimension: sequences were cut to 'samples' positions and positions "
+            f"counted as samples; {remedy} (torch's transformer layers take (L, N, E) unless batch_first=True)"
+        )
+        warnings.warn(f"magicinit: {note}", UserWarning, stacklevel=stacklevel)
+        return [note]
+    return []
 
 
 def _count_samples(session: Session) -> dict[str, int]:

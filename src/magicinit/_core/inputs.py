@@ -1,10 +1,16 @@
 """Turning what the user passes as ``data`` into one batch of model input.
 
 A *batch* is a tensor, or a tuple/list/dict of batches (a DataLoader's
-``(images, labels)`` pair, say). Non-tensor leaves are carried along
-unchanged. All batches are concatenated along dimension 0, up to a cap on the
-number of samples, into one batch that the method's passes then use or
-split into chunks.
+``(images, labels)`` pair, say). Every tensor holds its samples along
+``sample_dim`` (a 1-dimensional tensor, a vector of labels, along its only
+dimension); a 0-dimensional tensor is not per sample. A list or tuple of
+values that hold no tensor (a DataLoader's list of captions), one per sample,
+is split and joined with the samples; other non-tensor values are carried
+along unchanged (those of the first batch). All batches are concatenated, up
+to a cap on the number of samples, into one batch with its samples along
+dimension 0 (``gather_batch``), which the method's passes then use or split
+into chunks; ``forward_in_data_layout`` hands the model each piece laid out
+as the data was.
 """
 
 from __future__ import annotations
@@ -104,28 +110,142 @@ def all_tensors(obj: Any) -> Iterator[Tensor]:
             yield from all_tensors(getattr(obj, item.name))
 
 
+def tensor_sample_dim(tensor: Tensor, sample_dim: int) -> int | None:
+    """The dimension of ``tensor`` that indexes samples when the data's is ``sample_dim``: that one, or the
+    only dimension of a 1-dimensional tensor (a vector of labels); None for a 0-dimensional tensor (not
+    per sample)."""
+    if tensor.dim() == 0:
+        return None
+    if tensor.dim() == 1:
+        return 0
+    if sample_dim >= tensor.dim():
+        raise MagicInitError(
+            f"sample_dim={sample_dim}: the data holds a tensor of shape {tuple(tensor.shape)}, which has no "
+            f"dimension {sample_dim}; pass as sample_dim the dimension of each input tensor that indexes samples"
+        )
+    return sample_dim
+
+
+def samples_first(batch: Batch, sample_dim: int) -> Batch:
+    """``batch`` with every tensor's sample dimension (``tensor_sample_dim``) moved to dimension 0."""
+    if sample_dim == 0:
+        return batch
+
+    def moved(tensor: Tensor) -> Tensor:
+        dim = tensor_sample_dim(tensor, sample_dim)
+        return tensor if not dim else tensor.movedim(dim, 0)
+
+    return map_tensors(moved, batch)
+
+
+def forward_in_data_layout(forward: ForwardFn, sample_dim: int) -> ForwardFn:
+    """``forward`` taking batches with their samples along dimension 0 (as ``gather_batch`` lays them out):
+    it hands the model each tensor with its samples back along ``sample_dim`` (contiguous), as the data had
+    them."""
+    if sample_dim == 0:
+        return forward
+
+    def as_given(tensor: Tensor) -> Tensor:
+        dim = tensor_sample_dim(tensor, sample_dim)
+        return tensor if not dim else tensor.movedim(0, dim).contiguous()
+
+    def call(model: nn.Module, batch: Batch) -> Any:
+        return forward(model, map_tensors(as_given, batch))
+
+    return call
+
+
 def batch_size(batch: Batch) -> int:
-    """Number of samples in a batch: dimension 0 of its first tensor."""
+    """Number of samples in a batch laid out by ``gather_batch`` (samples along dimension 0): dimension 0
+    of its first tensor that is not 0-dimensional."""
     for tensor in all_tensors(batch):
-        if tensor.dim() == 0:
-            raise MagicInitError("data: a batch holds a 0-dimensional tensor; batches need a sample dimension 0")
-        return tensor.shape[0]
-    raise MagicInitError("data: a batch holds no tensor; pass tensors, or tuples/lists/dicts of tensors")
+        if tensor.dim() > 0:
+            return tensor.shape[0]
+    raise MagicInitError(
+        "data: a batch holds no tensor with a sample dimension; pass tensors, or tuples/lists/dicts of tensors"
+    )
+
+
+def _is_per_sample_list(value: Any, count: int) -> bool:
+    """Whether ``value`` is a list or tuple (not a namedtuple) of ``count`` values, one per sample, none
+    holding a tensor: a DataLoader's list of captions or file names."""
+    return (
+        isinstance(value, (list, tuple))
+        and not hasattr(value, "_fields")
+        and len(value) == count
+        and not any(True for _ in all_tensors(list(value)))
+    )
 
 
 def split_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Samples ``start:stop`` of every tensor in the batch."""
-    return map_tensors(lambda tensor: tensor[start:stop], batch)
+    """Samples ``start:stop`` of a batch laid out by ``gather_batch``: of every tensor that is not
+    0-dimensional, and of every list of one value per sample (``_is_per_sample_list``)."""
+    count = batch_size(batch)
+
+    def split(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value[start:stop] if value.dim() > 0 else value
+        if _is_per_sample_list(value, count):
+            return value[start:stop]
+        if isinstance(value, (tuple, list)):
+            return _rebuilt(value, [split(item) for item in value])
+        if isinstance(value, dict):
+            return _rebuilt_dict(value, {key: split(item) for key, item in value.items()})
+        return value
+
+    return split(batch)
 
 
-def _concat(batches: list[Batch]) -> Batch:
+def _concat(batches: list[Batch], counts: list[int], indices: list[int], where: str = "") -> Batch:
+    """The batches (samples along dimension 0, ``counts`` samples each, ``indices`` their places in the
+    data) joined into one; ``where`` names the entry for an error (``['caption']``, ``[0]``)."""
     first = batches[0]
+    entry = f"data entry {where}" if where else "data"
     if isinstance(first, Tensor):
-        return torch.cat(batches, dim=0) if len(batches) > 1 else first
+        if not all(isinstance(batch, Tensor) for batch in batches):
+            raise MagicInitError(f"{entry} is a tensor in the first batch but not in all batches; pass batches alike")
+        if first.dim() == 0 or len(batches) == 1:
+            return first
+        for index, batch in zip(indices, batches):
+            if batch.dim() != first.dim() or batch.shape[1:] != first.shape[1:]:
+                raise MagicInitError(
+                    f"{entry} has shape {tuple(first.shape)} in the first batch but {tuple(batch.shape)} in "
+                    f"batch {index} (samples first): batches are joined along their samples, so their other "
+                    "dimensions must agree; pad every batch to one length (a collate_fn with a fixed length), "
+                    "or pass one batch"
+                )
+        return torch.cat(batches, dim=0)
+    per_sample = [_is_per_sample_list(batch, count) for batch, count in zip(batches, counts)]
+    if all(per_sample):
+        joined = [item for batch in batches for item in batch]
+        return joined if isinstance(first, list) else tuple(joined)
+    if any(per_sample) and isinstance(first, (tuple, list)) and not any(True for _ in all_tensors(first)):
+        other = per_sample.index(False)
+        raise MagicInitError(
+            f"{entry} holds one value per sample in batch {indices[per_sample.index(True)]} but not in batch "
+            f"{indices[other]} ({len(batches[other])} values, {counts[other]} samples); give each batch one "
+            "value per sample, or none"
+        )
     if isinstance(first, (tuple, list)):
-        return _rebuilt(first, [_concat([batch[i] for batch in batches]) for i in range(len(first))])
+        if not all(isinstance(batch, (tuple, list)) and len(batch) == len(first) for batch in batches):
+            raise MagicInitError(
+                f"{entry} is a {type(first).__name__} of {len(first)} entries in the first batch but not in every "
+                "batch; pass batches of one structure"
+            )
+        return _rebuilt(
+            first,
+            [_concat([batch[i] for batch in batches], counts, indices, f"{where}[{i}]") for i in range(len(first))],
+        )
     if isinstance(first, dict):
-        return _rebuilt_dict(first, {key: _concat([batch[key] for batch in batches]) for key in first})
+        if not all(isinstance(batch, dict) and batch.keys() == first.keys() for batch in batches):
+            raise MagicInitError(
+                f"{entry} is a dict with keys {sorted(map(str, first))} in the first batch but not in every batch; "
+                "pass batches with the same keys"
+            )
+        return _rebuilt_dict(
+            first,
+            {key: _concat([batch[key] for batch in batches], counts, indices, f"{where}[{key!r}]") for key in first},
+        )
     return first
 
 
@@ -137,21 +257,23 @@ def _check_finite(batch: Batch, index: int) -> None:
             raise MagicInitError(f"data: batch {index} contains NaN or Inf values; clean or filter the init data first")
 
 
-def _is_one_batch(data: Any) -> bool:
+def _is_one_batch(data: Any, sample_dim: int = 0) -> bool:
     """Whether ``data`` is one batch rather than an iterable of batches.
 
     A tensor, a dict and a tuple holding a tensor are one batch. A list of tensors is a list of batches
-    when the tensors could be batches of one input (the same shape past dimension 0 and the same dtype);
-    otherwise, if they share dimension 0, it is one batch of several entries, as a DataLoader's
-    ``next(iter(loader))`` gives ``[inputs, targets]``. A list of two or more tensors of one shape and
-    dtype is both: it is taken as batches, with a warning.
+    when the tensors could be batches of one input (the same shape apart from the sample dimension, and
+    the same dtype); otherwise, if they have as many samples, it is one batch of several entries, as a
+    DataLoader's ``next(iter(loader))`` gives ``[inputs, targets]``. A list of two or more tensors of one
+    shape and dtype is both: it is taken as batches, with a warning.
     """
     if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and any(isinstance(t, Tensor) for t in data)):
         return True
     if not isinstance(data, list) or not data or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in data):
         return False
-    alike = all(t.shape[1:] == data[0].shape[1:] and t.dtype == data[0].dtype for t in data)
-    same_samples = all(t.shape[0] == data[0].shape[0] for t in data)
+    first = samples_first(data[0], sample_dim)
+    laid_out = [samples_first(t, sample_dim) for t in data]
+    alike = all(t.shape[1:] == first.shape[1:] and t.dtype == first.dtype for t in laid_out)
+    same_samples = all(t.shape[0] == first.shape[0] for t in laid_out)
     if alike:
         if len(data) > 1 and same_samples:
             warnings.warn(
@@ -164,45 +286,80 @@ def _is_one_batch(data: Any) -> bool:
     return same_samples
 
 
+def _check_sample_counts(batch: Batch, count: int, sample_dim: int, index: int) -> None:
+    """With the samples along ``sample_dim`` (not 0), every tensor of batch ``index`` must hold ``count``
+    samples there: a tensor laid out otherwise (a key padding mask of shape ``(N, L)``) would be cut
+    along its other dimension."""
+    for tensor in all_tensors(batch):
+        dim = tensor_sample_dim(tensor, sample_dim)
+        if dim is not None and tensor.shape[dim] != count:
+            raise MagicInitError(
+                f"sample_dim={sample_dim}: batch {index} holds a tensor of shape {tuple(tensor.shape)} whose "
+                f"dimension {dim} has {tensor.shape[dim]} entries, where its first tensor has {count} samples; "
+                f"lay every tensor of the data out with its samples along dimension {sample_dim} (a vector of "
+                "labels along its only one), or pass the model's input alone"
+            )
+
+
+def _cast_to_model(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``tensor`` on ``device``, in ``dtype`` if floating, and not an inference tensor; values that are
+    finite but overflow ``dtype`` are an error naming the data (not the first layer that meets them)."""
+    if not tensor.is_floating_point():
+        moved = tensor.to(device=device)
+    else:
+        moved = tensor.to(device=device, dtype=dtype)
+        if dtype != tensor.dtype and not bool(torch.isfinite(moved).all()):
+            largest = float(tensor.detach().abs().max())
+            raise MagicInitError(
+                f"data: a tensor of shape {tuple(tensor.shape)} holds values up to {largest:.3g}, which overflow "
+                f"{dtype}, the model's dtype (largest finite value {torch.finfo(dtype).max:.3g}), when cast to "
+                "it; standardize the data (zero mean, unit variance) or scale it down"
+            )
+    return moved.clone() if moved.is_inference() else moved  # made in inference mode: no autograd
+
+
 def gather_batch(
     data: Tensor | Iterable[Batch],
     max_samples: int,
     device: torch.device,
     dtype: torch.dtype,
+    sample_dim: int = 0,
 ) -> Batch:
-    """Concatenate ``data`` into one batch of at most ``max_samples`` samples.
+    """Concatenate ``data`` into one batch of at most ``max_samples`` samples, with its samples along
+    dimension 0.
 
-    ``data`` is a batch or an iterable of batches (a DataLoader). Floating
-    tensors move to the model's ``device`` and ``dtype``, other tensors to its
-    device. NaN or Inf anywhere in the used data is an error.
+    ``data`` is a batch or an iterable of batches (a DataLoader), each with
+    its samples along ``sample_dim`` (see the module text). Floating tensors
+    move to the model's ``device`` and ``dtype``, other tensors to its device.
+    NaN or Inf anywhere in the used data, or values the model's dtype cannot
+    hold, is an error.
     """
     if max_samples < 1:
         raise MagicInitError(f"samples={max_samples}: the sample cap must be at least 1")
-    batches: Iterable[Batch] = [data] if _is_one_batch(data) else data
+    batches: Iterable[Batch] = [data] if _is_one_batch(data, sample_dim) else data
     collected: list[Batch] = []
-    count = 0
+    counts: list[int] = []
+    indices: list[int] = []
     try:
         iterator = iter(batches)
     except TypeError:
         raise MagicInitError(
             f"data: expected a tensor or an iterable of batches (a DataLoader), got {type(data).__name__}"
         ) from None
-    for index, batch in enumerate(iterator):
+    for index, given in enumerate(iterator):
+        batch = samples_first(given, sample_dim)
         size = batch_size(batch)
+        if sample_dim != 0:
+            _check_sample_counts(given, size, sample_dim, index)
         if size == 0:
             continue
-        batch = split_batch(batch, 0, max_samples - count)
+        batch = split_batch(batch, 0, max_samples - sum(counts))
         _check_finite(batch, index)
         collected.append(batch)
-        count += min(size, max_samples - count)
-        if count >= max_samples:
+        indices.append(index)
+        counts.append(min(size, max_samples - sum(counts)))
+        if sum(counts) >= max_samples:
             break
     if not collected:
         raise MagicInitError("data: no samples (the iterable was empty); pass at least one non-empty batch")
-    joined = _concat(collected)
-
-    def to_model(tensor: Tensor) -> Tensor:
-        moved = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device=device)
-        return moved.clone() if moved.is_inference() else moved  # made in inference mode: no autograd
-
-    return map_tensors(to_model, joined)
+    return map_tensors(lambda tensor: _cast_to_model(tensor, device, dtype), _concat(collected, counts, indices))

@@ -224,6 +224,12 @@ class Options:
         command_line=CommandLine(EVERY_COMMAND, int, default=0, check=arguments.seed_integer),
     )
     samples: int = option(256, arguments.at_least(1), "init samples used", command_line=CommandLine(EVERY_COMMAND, int))
+    sample_dim: int = option(
+        0,
+        arguments.at_least(0),
+        "the dimension of each input tensor that indexes samples: 1 for torch's sequence-first transformer "
+        "layers (batch_first=False)",
+    )
     forward: Callable[..., Any] | None = option(
         None, arguments.optional_callable, "forward(model, batch)", recorded=False
     )

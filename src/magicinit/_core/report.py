@@ -192,10 +192,11 @@ class LayerDiagnosis:
 
 @dataclass
 class Diagnosis:
-    """Per-layer statistics of a model on some data (``magicinit.diagnose``)."""
+    """Per-layer statistics of a model on some data (``magicinit.diagnose``), and notes on the data."""
 
     layers: list[LayerDiagnosis]
     draws: int
+    notes: list[str] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerDiagnosis:
         return _by_name(self.layers, name)
@@ -210,7 +211,8 @@ class Diagnosis:
             [d.name or "(model)", d.type, _fmt(d.output_cv), _fmt(d.rate), _fmt(d.rate_cv), _fmt(d.rate_mean)]
             for d in self.layers
         ]
-        return render_table(header, rows) + f"\n({self.draws} noise draws)"
+        lines = [render_table(header, rows), f"({self.draws} noise draws)"]
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
 def _by_name(layers: list[Any], name: str) -> Any:

@@ -19,11 +19,18 @@ from .context import PassContext
 from .distributed import Collective, resolve_process_group
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
-from .inputs import Batch, ForwardFn, all_tensors, default_forward, gather_batch, split_batch
+from .inputs import Batch, ForwardFn, all_tensors, default_forward, forward_in_data_layout, gather_batch, split_batch
 from .options import Options
 from .safety import evaluating
 from .sites import UnitIndex, WeightUnit
-from .torch_internals import compiled_original, forward_hooks, forward_pre_hooks
+from .torch_internals import (
+    compiled_original,
+    forward_hooks,
+    forward_pre_hooks,
+    global_forward_hooks,
+    name_in_compiled_original,
+    reentrant_checkpoints_run_plainly,
+)
 
 PROBE_SAMPLES = 2  # samples in the tracing pass
 
@@ -56,11 +63,14 @@ def outside_inference_mode(entry: Entry) -> Entry:
 
 
 def guard_forward(forward: ForwardFn) -> ForwardFn:
-    """``forward`` whose failures become a ``MagicInitError`` naming the input it got."""
+    """``forward`` whose failures become a ``MagicInitError`` naming the input it got. Inside it,
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` runs its function as a plain call (same values), so that
+    Part 2 gets gradients through it (``torch_internals.reentrant_checkpoints_run_plainly``)."""
 
     def call(model: nn.Module, batch: Batch) -> Any:
         try:
-            return forward(model, batch)
+            with reentrant_checkpoints_run_plainly():
+                return forward(model, batch)
         except MagicInitError:
             raise
         except Exception as exc:
@@ -96,8 +106,31 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_model(model: nn.Module, skip: list[str]) -> None:
-    """What can be refused before any data is read: lazy or meta parameters, unknown ``skip`` names."""
+def check_skip_names(model: nn.Module, skip: Iterable[str]) -> list[str]:
+    """The ``skip`` names (qualified module or parameter names, or module prefixes) as
+    ``original_module(model)`` knows them; ``MagicInitError`` for a name the model lacks.
+
+    A name as a ``torch.compile``'d model lists it (``_orig_mod.backbone``) is accepted and given as the
+    module it wraps names it (``backbone``), whether ``model`` is the compiled model or that module: magicinit
+    works on the original. What the command line checks ``--skip`` with, before it reads any data.
+    """
+    original = original_module(model)
+    known = {name for name, _ in original.named_modules()}
+    known |= {name for name, _ in original.named_parameters(remove_duplicate=False)}
+    resolved = []
+    for prefix in [skip] if isinstance(skip, str) else skip:
+        inner = prefix if prefix in known else name_in_compiled_original(prefix)
+        if inner is None or inner not in known:
+            raise MagicInitError(
+                f"skip: no module or parameter named '{prefix}' in the model; pass qualified names as "
+                "model.named_modules() or model.named_parameters() list them"
+            )
+        resolved.append(inner)
+    return resolved
+
+
+def _check_model(model: nn.Module) -> None:
+    """What can be refused before any data is read: lazy or meta parameters."""
     for name, param in model.named_parameters():
         if is_lazy(param):
             raise MagicInitError(
@@ -112,11 +145,6 @@ def _check_model(model: nn.Module, skip: list[str]) -> None:
                 f"layer '{layer}': its parameters are on the meta device; materialize the model "
                 "(model.to_empty(device=...)) before initializing it"
             )
-    known = {name for name, _ in model.named_modules()}
-    known |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for prefix in skip:
-        if prefix not in known:
-            raise MagicInitError(f"skip: no module or parameter named '{prefix}' in the model")
 
 
 def _under(prefix: str, name: str) -> bool:
@@ -142,6 +170,8 @@ def _exclusion(
         return "skipped (skip=...)"
     if unit.read_only is not None:
         return unit.read_only
+    if unit.tensor(model).numel() == 0:
+        return "its weight has no elements (0 output or input features): nothing to initialize"
     if not include_frozen and not all(p.requires_grad for p in unit.real_parameters(model)):
         return "frozen (requires_grad=False): left as is"
     uses = ", ".join(dict.fromkeys(graph.other_uses.get(unit.name, []))) or "no operation magicinit saw"
@@ -226,15 +256,23 @@ def start_session(
             f"model: a TorchScript module ({type(model).__name__}, from torch.jit.script or torch.jit.trace) runs "
             "compiled code magicinit cannot see into; initialize the Python module first, then script it"
         )
-    skip = [options.skip] if isinstance(options.skip, str) else list(options.skip)
     include_frozen, scaling = options.include_frozen, options.scaling
-    _check_model(model, skip)
+    _check_model(model)
+    skip = check_skip_names(model, options.skip)
     index = UnitIndex(model, protected=_protected_parameters(model, skip, include_frozen))
     collective = resolve_process_group(options.process_group)
-    checked_forward = guard_forward(options.forward or default_forward)
+    checked_forward = forward_in_data_layout(guard_forward(options.forward or default_forward), options.sample_dim)
     error, gathered = None, None
     try:
-        gathered = _gather_and_trace(model, data, options.samples, index, checked_forward, scaling.across_normalization)
+        gathered = _gather_and_trace(
+            model,
+            data,
+            options.samples,
+            index,
+            checked_forward,
+            scaling.across_normalization,
+            sample_dim=options.sample_dim,
+        )
     except MagicInitError as exc:
         if collective is None:
             raise
@@ -261,19 +299,28 @@ TORCH_REPARAMETRIZATIONS = (WeightNorm, BasePruningMethod, SpectralNorm)
 
 
 def _user_hooks(model: nn.Module) -> list[str]:
-    """A note on the modules with forward hooks of the user's own, which run during the passes."""
+    """A note on the forward hooks of the user's own, which run during the passes: those on modules, and the
+    global ones (``register_module_forward_hook``, ``register_module_forward_pre_hook``)."""
     hooked = [
         name or type(model).__name__
         for name, module in model.named_modules()
         if forward_hooks(module)
         or any(not isinstance(hook, TORCH_REPARAMETRIZATIONS) for hook in forward_pre_hooks(module))
     ]
-    if not hooked:
+    where = []
+    if hooked:
+        where.append("on " + ", ".join(f"'{name}'" for name in hooked[:5]) + (", ..." if len(hooked) > 5 else ""))
+    global_hooks = global_forward_hooks()
+    if global_hooks:
+        where.append(
+            f"on every module ({len(global_hooks)} global: "
+            "torch.nn.modules.module.register_module_forward_hook or register_module_forward_pre_hook)"
+        )
+    if not where:
         return []
-    shown = ", ".join(f"'{name}'" for name in hooked[:5]) + (", ..." if len(hooked) > 5 else "")
     return [
-        f"forward hooks of your own on {shown} ran during initialization; the statistics are those of each "
-        "layer's own output, so a hook that changes a module's output changes what the layers after it "
+        f"forward hooks of your own {' and '.join(where)} ran during initialization; the statistics are those "
+        "of each layer's own output, so a hook that changes a module's output changes what the layers after it "
         "see (remove such hooks while initializing)"
     ]
 
@@ -302,13 +349,15 @@ def _gather_and_trace(
     index: UnitIndex,
     forward: ForwardFn,
     across_normalization: bool = False,
+    *,
+    sample_dim: int = 0,
 ) -> _Gathered:
     """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them
-    (``across_normalization``: see ``ScaleOptions``)."""
+    (``across_normalization``: see ``ScaleOptions``; ``sample_dim``: see ``gather_batch``)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is None:
         raise MagicInitError(f"model {type(model).__name__} has no floating-point parameter to initialize")
-    batch = gather_batch(data, samples, weight.device, weight.dtype)
+    batch = gather_batch(data, samples, weight.device, weight.dtype, sample_dim)
     graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index, across_normalization)
     return _Gathered(batch, graph, notes)
 
@@ -319,8 +368,9 @@ def _trace(
     """The graph, traced on ``probe`` in eval mode, and notes.
 
     If tracing fails, the model runs on ``probe`` as it is: an error there is
-    the data's (or the model's); an error that only the tracing mode brings
-    about is said to be magicinit's.
+    the data's (or the model's). If it runs, the tracing is tried again: a forward
+    that fails on its first call alone is said to be one; an error that only the
+    tracing mode brings about is said to be magicinit's.
     """
     with evaluating(model), torch.no_grad():
         try:
@@ -328,6 +378,17 @@ def _trace(
         except Exception as exc:
             forward(model, probe)  # raises the data's error, if it is one
             cause = exc.__cause__ if isinstance(exc, MagicInitError) and exc.__cause__ is not None else exc
+            try:
+                trace_graph(model, probe, forward, index, across_normalization=across_normalization)
+            except Exception:
+                pass  # it fails under the tracing mode every time
+            else:
+                raise MagicInitError(
+                    f"the model's forward failed on its first call ({type(cause).__name__}: {cause}), and ran on "
+                    "the same init data when called again; run one forward pass on a batch before initializing "
+                    "the model (as for a lazy setup that completes on the first call), so that magicinit sees the "
+                    "model as it will be"
+                ) from exc
             raise MagicInitError(
                 f"the model runs on the init data, but not under magicinit's TorchFunctionMode, which it needs "
                 f"to find the affine calls ({type(cause).__name__}: {cause}); magicinit cannot initialize this forward "

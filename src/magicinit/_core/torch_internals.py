@@ -7,11 +7,15 @@ per function below), not somewhere deep inside Part 1 or Part 2.
 
 from __future__ import annotations
 
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.modules import module as module_internals
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
@@ -102,6 +106,9 @@ def view_base(tensor: Tensor) -> Tensor | None:
     return tensor._base
 
 
+COMPILED_ORIGINAL_ATTRIBUTE = "_orig_mod"  # where a torch.compile'd model keeps the module it wraps
+
+
 def compiled_original(module: object) -> nn.Module | None:
     """The module a ``torch.compile``'d model wraps (whose parameters it shares), or None if ``module`` is
     not one.
@@ -109,5 +116,77 @@ def compiled_original(module: object) -> nn.Module | None:
     Assumption: ``torch.compile(module)`` returns an ``OptimizedModule`` that keeps the original as
     ``_orig_mod``.
     """
-    original = getattr(module, "_orig_mod", None)
+    original = getattr(module, COMPILED_ORIGINAL_ATTRIBUTE, None)
     return original if isinstance(original, nn.Module) else None
+
+
+def name_in_compiled_original(name: str) -> str | None:
+    """The qualified name that a module or parameter a ``torch.compile``'d model lists as ``name``
+    (``_orig_mod.backbone``) has in the module it wraps (``backbone``; ``""`` for ``_orig_mod`` itself), or
+    None if ``name`` is not under that prefix.
+
+    Assumption: the compiled model keeps the original as the submodule ``_orig_mod`` (see
+    ``compiled_original``), so that its ``named_modules`` and ``named_parameters`` give the original's names
+    under that prefix.
+    """
+    if name == COMPILED_ORIGINAL_ATTRIBUTE:
+        return ""
+    prefix = COMPILED_ORIGINAL_ATTRIBUTE + "."
+    return name.removeprefix(prefix) if name.startswith(prefix) else None
+
+
+def global_forward_hooks() -> list[Callable[..., Any]]:
+    """The global forward hooks and forward pre-hooks (``torch.nn.modules.module.register_module_forward_hook``
+    and ``register_module_forward_pre_hook``), which run around every module's call, in registration order.
+
+    Assumption: ``torch.nn.modules.module`` keeps them in the dicts ``_global_forward_pre_hooks`` and
+    ``_global_forward_hooks``.
+    """
+    return [*module_internals._global_forward_pre_hooks.values(), *module_internals._global_forward_hooks.values()]
+
+
+REENTRANT_CHECKPOINT = "CheckpointFunction"  # the autograd.Function of torch.utils.checkpoint's reentrant variant
+
+
+class _PlainCheckpoint:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` while ``reentrant_checkpoints_run_plainly``
+    is active: on a thread that asked for it, the checkpointed function runs as a plain call (in the grad
+    mode around it); on any other thread, the real ``CheckpointFunction`` runs."""
+
+    original: Any = None  # the real CheckpointFunction, while the stand-in is installed
+    installs = 0  # blocks (on any thread) that need the stand-in installed
+    lock = threading.Lock()
+    local = threading.local()  # .depth: blocks active on this thread
+
+    @classmethod
+    def apply(cls, function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        if getattr(cls.local, "depth", 0):
+            return function(*args)
+        return cls.original.apply(function, preserve_rng_state, *args)
+
+
+@contextmanager
+def reentrant_checkpoints_run_plainly() -> Iterator[None]:
+    """Run a block in which ``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)`` (and
+    ``checkpoint_sequential``) called on this thread gives ``function(*args)`` as a plain call: the same
+    values, and a graph that ``torch.autograd.grad`` can go through (the reentrant variant runs ``function``
+    without gradients and allows only ``.backward()``). Other threads keep real checkpointing.
+
+    Assumption: the reentrant variant calls ``CheckpointFunction.apply(function, preserve_rng_state, *args)``,
+    looking up ``CheckpointFunction`` in ``torch.utils.checkpoint``'s globals at call time.
+    """
+    checkpoint_module = torch.utils.checkpoint
+    with _PlainCheckpoint.lock:
+        if getattr(checkpoint_module, REENTRANT_CHECKPOINT) is not _PlainCheckpoint:
+            _PlainCheckpoint.original = getattr(checkpoint_module, REENTRANT_CHECKPOINT)
+            setattr(checkpoint_module, REENTRANT_CHECKPOINT, _PlainCheckpoint)
+        _PlainCheckpoint.installs += 1
+    _PlainCheckpoint.local.depth = getattr(_PlainCheckpoint.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _PlainCheckpoint.local.depth -= 1
+        with _PlainCheckpoint.lock:
+            _PlainCheckpoint.installs -= 1
+            if _PlainCheckpoint.installs == 0 and _PlainCheckpoint.original is not None:
+                setattr(checkpoint_module, REENTRANT_CHECKPOINT, _PlainCheckpoint.original)

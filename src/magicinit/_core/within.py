@@ -212,9 +212,13 @@ class _WithinPass(CallInterceptor):
             before = collective.merge_moments(before)
             view.add_((local_mean - before.mean).view(1, -1, 1).to(view.dtype))
         if not (bool(torch.isfinite(before.mean).all()) and bool(torch.isfinite(before.sum_sq_dev).all())):
+            remedy = (
+                "run the initialization in float32 and cast afterwards"
+                if torch.finfo(output.dtype).bits < 32
+                else "check the layer's input (an earlier operation of the forward may overflow) and its weights"
+            )
             raise MagicInitError(
-                f"layer '{name}': its output on the init data is not finite (overflow in "
-                f"{output.dtype}?); run the initialization in float32 and cast afterwards"
+                f"layer '{name}': its output on the init data is not finite (overflow in {output.dtype}?); {remedy}"
             )
         std = before.std
         filters = adapter.to_filters(drawn, groups).to(work.dtype)

@@ -1,13 +1,17 @@
 """The ``magicinit`` command: init, rescale, diagnose, demo.
 
 Exit codes: 0 success, 2 usage error (bad arguments, a MODEL that names
-nothing), 1 failure (unreadable file, bad data, an error in the model), with a
-one-line message on stderr; ``--debug`` shows the traceback instead.
+nothing, an output that would replace an input, a ``--skip`` name the model
+lacks), 1 failure (unreadable file, bad data, an error in the model), with a
+one-line message on stderr; ``--debug`` shows the traceback instead. An
+output that would replace an input is refused before anything is read, a
+``--skip`` name before the data is read. ``--quiet`` prints nothing but errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import json
@@ -29,10 +33,11 @@ from .._core import arguments
 from .._core.adapters import find_affine_layers
 from .._core.arguments import Check, InvalidOption
 from .._core.options import DIAGNOSE, INIT, LIBRARY_DEFAULT, OPTION_SPECS, RESCALE
+from .._core.session import check_skip_names, original_module
 from .demo import DemoSettings, TrainingRun, run_demo
 from .nets import ZOO, build_model
 from .plots import plot_layer_statistics, require_matplotlib
-from .readers import BUILT_IN, load_images
+from .readers import BUILT_IN, data_path, image_files, is_image_file_name, load_images
 
 __all__ = ["build_parser", "load_model", "load_weights", "main", "save_weights"]
 
@@ -411,8 +416,24 @@ def _importable_working_directory() -> Iterator[None]:
             sys.path.remove(folder)
 
 
+def _check_skip(model: nn.Module, skip: list[str]) -> None:
+    """``--skip`` checked as the library checks ``skip``: a name the model lacks is a usage error naming it and
+    the model's names closest to it."""
+    for name in skip:
+        try:
+            check_skip_names(model, [name])
+        except MagicInitError:
+            original = original_module(model)
+            names = [module for module, _ in original.named_modules() if module]
+            names += [parameter for parameter, _ in original.named_parameters(remove_duplicate=False)]
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; close: {', '.join(map(repr, close))}" if close else ""
+            raise UsageError(f"--skip {name!r}: the model has no module or parameter of that name{hint}") from None
+
+
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
-    """The model (weights loaded, on ``--device``) and the init data."""
+    """The model (weights loaded, on ``--device``) and the init data; ``--skip`` is checked against the model
+    before the data is read."""
     model_args = dict(args.model_args)
     model: nn.Module | None = None
     channels = args.channels
@@ -420,6 +441,12 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
         with _seeded(args.seed):
             model = load_model(args.model, model_args)
         channels = channels or _first_in_channels(model) or 3
+    if args.skip:
+        named = model
+        if named is None:  # a zoo net built on the meta device (no memory, no random draws) has the names it will have
+            with torch.device("meta"):
+                named = load_model(args.model, model_args)
+        _check_skip(named, args.skip)
     images = load_images(
         args.data,
         samples=args.samples,
@@ -465,16 +492,75 @@ def _check_output(path: Path | None, option: str, suffixes: set[str] | None = No
         raise UsageError(f"{option} {path}: the file type must be one of {', '.join(sorted(suffixes))}")
 
 
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: the same path once symlinks and ``..`` are resolved, or, where both
+    exist, one file under two names (a hard link)."""
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
 def _check_distinct(outputs: dict[str, Path | None]) -> None:
     """Two options naming one file would overwrite each other: a usage error."""
-    seen: dict[Path, str] = {}
+    given = [(option, path) for option, path in outputs.items() if path is not None]
+    for index, (option, path) in enumerate(given):
+        for earlier, earlier_path in given[:index]:
+            if _same_file(earlier_path, path):
+                raise UsageError(f"{earlier} and {option} name the same file {path}; give each its own")
+
+
+def _model_module_file(spec: str) -> Path | None:
+    """The file in the working directory that MODEL ``module:factory`` imports its module from, if any."""
+    if spec in ZOO or ":" not in spec:
+        return None
+    module_name = spec.split(":", 1)[0]
+    parts = module_name.split(".")
+    if module_name in MODEL_SOURCES or not all(parts):
+        return None
+    candidates = (Path(*parts[:-1], f"{parts[-1]}.py"), Path(*parts, "__init__.py"))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _in_image_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path`` would be read as one of the images of the data folder ``folder``: an image file name
+    inside it, or an existing file that is one of its images under another name."""
+    if not is_image_file_name(path):
+        return False
+    if path.resolve().is_relative_to(folder.resolve()):
+        return True
+    return path.exists() and any(_same_file(path, image) for image in image_files(folder))
+
+
+def _check_inputs_kept(args: argparse.Namespace, outputs: dict[str, Path | None]) -> None:
+    """Before anything is read: an output that would replace an input (``--weights``, ``--data``, MODEL's module
+    file), or add an image to the ``--data`` folder, is a usage error."""
+    inputs: dict[str, Path] = {}
+    module_file = _model_module_file(args.model)
+    if module_file is not None:
+        inputs[f"MODEL {args.model!r}"] = module_file
+    data = data_path(args.data)
+    data_folder = data if data is not None and data.is_dir() else None
+    if data is not None and data_folder is None:
+        inputs["--data"] = data
+    if args.weights is not None:
+        inputs["--weights"] = args.weights
     for option, path in outputs.items():
         if path is None:
             continue
-        resolved = path.resolve()
-        if resolved in seen:
-            raise UsageError(f"{seen[resolved]} and {option} name the same file {path}; give each its own")
-        seen[resolved] = option
+        for source, input_path in inputs.items():
+            if _same_file(path, input_path):
+                raise UsageError(
+                    f"{option} {path}: is the file {source} reads ({input_path}); writing it would destroy that "
+                    f"input: give {option} another name"
+                )
+        if data_folder is not None and _in_image_folder(path, data_folder):
+            raise UsageError(
+                f"{option} {path}: is an image in the --data folder {data_folder}, which a later run would read "
+                f"as data: write {option} elsewhere"
+            )
 
 
 @contextmanager
@@ -530,7 +616,7 @@ def _write_weights(args: argparse.Namespace, model: nn.Module, report: Report) -
     _emit(args, report, f"magicinit {args.command} {args.model}", model)
     if not args.quiet:
         print(f"wrote {args.out}")
-    if report.normalizations:  # the one change a state_dict does not carry
+    if report.normalizations and not args.quiet:  # the one change a state_dict does not carry
         eps = ", ".join(f"{name}={values['eps']:.3g}" for name, values in list(report.normalizations.items())[:4])
         more = ", ..." if len(report.normalizations) > 4 else ""
         print(
@@ -626,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
                 _check_output(args.plot, "--plot", _figure_types())
             _check_output(getattr(args, "out", None), "--out")
             _check_output(args.report, "--report")
-            _check_distinct({"--out": getattr(args, "out", None), "--report": args.report, "--plot": args.plot})
+            outputs = {"--out": getattr(args, "out", None), "--report": args.report, "--plot": args.plot}
+            _check_distinct(outputs)
+            _check_inputs_kept(args, outputs)
         with _warnings_to_stderr(args.quiet):
             COMMANDS[args.command](args)
     except UsageError as error:

@@ -35,7 +35,18 @@ from torch import Tensor, nn
 
 from .. import MagicInitError
 
-__all__ = ["BUILT_IN", "IMAGE_SUFFIXES", "digits", "load_images", "read_idx", "resize_images", "smooth_images"]
+__all__ = [
+    "BUILT_IN",
+    "IMAGE_SUFFIXES",
+    "data_path",
+    "digits",
+    "image_files",
+    "is_image_file_name",
+    "load_images",
+    "read_idx",
+    "resize_images",
+    "smooth_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +204,18 @@ def _subset(count: int, samples: int, seed: int) -> Tensor | None:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
 
 
+def is_image_file_name(path: Path) -> bool:
+    """Whether a folder of images given as data would read ``path`` as one of its images (by its suffix)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images a folder given as data holds: its files (searched recursively) with an image suffix, sorted."""
+    return sorted(path for path in folder.rglob("*") if is_image_file_name(path) and path.is_file())
+
+
 def _read_folder(folder: Path, samples: int, seed: int, input_size: int, channels: int) -> Tensor:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(folder)
     if not files:
         raise MagicInitError(f"data folder {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     chosen = _subset(len(files), samples, seed)
@@ -259,6 +280,13 @@ def _read_file(path: Path, key: str | None) -> Tensor:
         raise MagicInitError(f"data file {str(path)!r} cannot be read: {type(error).__name__}: {error}") from None
 
 
+def data_path(source: str) -> Path | None:
+    """The file or folder that ``load_images(source)`` reads; None for a built-in set (a name in ``BUILT_IN``
+    that names no file or folder here)."""
+    path = Path(source)
+    return None if source in BUILT_IN and not path.exists() else path
+
+
 def load_images(
     source: str,
     *,
@@ -286,8 +314,8 @@ def load_images(
     """
     if samples < 1:
         raise MagicInitError(f"samples={samples}: must be at least 1")
-    path = Path(source)
-    if source in BUILT_IN and not path.exists():
+    path = data_path(source)
+    if path is None:
         values = _as_float_images(BUILT_IN[source](samples, seed, channels), f"data {source!r}", images_3d=True)
     elif path.is_dir():
         if input_size is None:

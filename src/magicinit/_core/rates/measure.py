@@ -19,18 +19,23 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..adapters import Layout
 from ..context import PassContext
 from ..distributed import Collective
+from ..errors import MagicInitError
 from ..inputs import batch_size
 from ..options import MIN_RATE_ROUNDS
 from ..safety import temporary_hooks
 from ..sites import WeightUnit, refreshed
 from .choose import choose_strategy
 from .norms import squared_filter_norms
-from .strategy import NoiseDraws
+from .strategy import NoiseDraws, check_gradients_reach_output
+
+# batch norms, which compute the statistics of the batch they get even in eval mode when they keep no running
+# statistics (track_running_stats=False)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -80,6 +85,11 @@ def measure_change_rates(
     are summed over the ranks, which stop after the same round.
     """
     options, collective = context.rates, context.collective
+    problem = _single_sample_batch_norm(context)
+    if collective is not None:  # every rank raises if one must (each has its own number of samples)
+        collective.agree(problem)
+    elif problem is not None:
+        raise problem
     generator = context.generator
     if collective is not None and generator is not None:
         generator = collective.fork(generator)
@@ -87,6 +97,7 @@ def measure_change_rates(
     for unit in units.values():
         for param in unit.real_parameters(model):
             param.requires_grad_(True)
+    check_gradients_reach_output(context, units)
     draws_per_round = len(range(0, batch_size(context.batch), options.chunk_size))
     channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
     slices = {name: sizes for name, sizes in (input_slices or {}).items() if name in units}
@@ -141,6 +152,27 @@ def measure_change_rates(
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
     slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
     return ChangeRates(rate, _log_errors(names, draw_totals, collective), channel_rate, n_draws, slice_gradient, method)
+
+
+def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
+    """The refusal (naming the layer) of chunks of a single sample for a model with a batch norm that keeps no
+    running statistics: it normalizes a sample alone by that sample's own statistics (for ``BatchNorm1d``: an
+    error), which is not the function it computes on a training batch; None where there is nothing to refuse."""
+    count, chunk_size = batch_size(context.batch), context.rates.chunk_size
+    if chunk_size > 1 and count % chunk_size != 1:
+        return None
+    for name, module in context.model.named_modules():
+        if isinstance(module, BATCH_NORMS) and module.running_mean is None:
+            why = "rate_chunk_size=1" if chunk_size == 1 else f"the last chunk of the {count} samples"
+            return MagicInitError(
+                f"layer '{name}' ({type(module).__name__}, track_running_stats=False) normalizes by the statistics "
+                "of the batch it gets, in eval mode too, and change rates are measured on chunks of the init data, "
+                f"which here hold a single sample ({why}): on one sample it fails or computes another function. "
+                "Pass rate_chunk_size=k with k of 2 or more (the training batch size gives the rates of training) "
+                "that leaves no chunk of a single sample, or init_(..., between=False): Part 1 alone works, on all "
+                "the init data at once"
+            )
+    return None
 
 
 def _log_errors(names: list[str], draw_totals: list[Tensor], collective: Collective | None = None) -> dict[str, float]:

@@ -4,16 +4,17 @@ measure a model (``StrategyRefused``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..adapters import Layout
 from ..context import PassContext
 from ..errors import MagicInitError
-from ..inputs import floating_tensors
+from ..inputs import floating_tensors, split_batch
+from ..safety import temporary_hooks
 from ..sites import WeightUnit
 from .norms import DrawNorms, squared_filter_norms, squared_slice_norms
 
@@ -112,5 +113,49 @@ def output_tensors(output: object) -> list[Tensor]:
         )
     raise MagicInitError(
         f"the model's output ({type(output).__name__}) does not depend on any initialized weight (no floating "
-        "output with a gradient); pass forward=... returning the network's output tensor"
+        "output with a gradient: does the forward switch gradients off, with torch.no_grad() or "
+        "torch.inference_mode()?); pass forward=... returning the network's output tensor, computed with "
+        "gradients on"
+    )
+
+
+def check_gradients_reach_output(context: PassContext, units: dict[str, WeightUnit]) -> None:
+    """Raise ``MagicInitError`` where the model's output on the first chunk of the init data carries no
+    gradient, saying why: the layers of ``units`` that ran with gradients off inside the forward (a forward
+    decorated with ``torch.no_grad()`` or ``torch.inference_mode()``), or else ``output_tensors``' reasons.
+
+    Checked with one forward pass of one chunk before any strategy runs, so that none of them meets such a
+    forward first and fails in its own terms. A layer that ran with gradients on at least once gets them.
+    """
+    grad_modes: dict[str, list[bool]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            grad_modes.setdefault(name, []).append(torch.is_grad_enabled())
+
+        return hook
+
+    with temporary_hooks() as hooks, torch.enable_grad():
+        for name, unit in units.items():
+            hooks.before(context.model.get_submodule(unit.owner), record(name))
+        output = context.run(split_batch(context.batch, 0, context.rates.chunk_size))
+    floating = list(floating_tensors(output))
+    if any(t.requires_grad for t in floating):
+        return
+    without = [name for name, modes in grad_modes.items() if not any(modes)]
+    if without:
+        shown = ", ".join(f"'{name}'" for name in without[:5]) + (", ..." if len(without) > 5 else "")
+        what = f"layer(s) {shown} ran with gradients switched off inside the forward"
+    elif any(t.is_inference() for t in floating):
+        what = "the forward computed it in inference mode (its output is an inference tensor)"
+    else:
+        output_tensors(output)  # raises why there is no output with a gradient
+        return
+    raise MagicInitError(
+        f"the model's output carries no gradient from its weights: {what} (a forward decorated with "
+        "@torch.no_grad() or @torch.inference_mode(), or such a block around the layers). Part 2 of init_ and "
+        "rescale_, and diagnose, measure change rates by back-propagating noise to the weights, which needs "
+        "gradients (magicinit runs Part 1 without them itself): remove the decorator, or pass forward=lambda "
+        "model, batch: ... that calls the layers with gradients on; init_(..., between=False) runs Part 1 "
+        "alone, which works with this forward"
     )
