@@ -94,3 +94,14 @@ def test_a_layer_with_no_output_features_is_left_alone_with_a_note(empty_at: str
     torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
     magicinit.init_(model, x, seed=0)  # Part 2 too
+
+
+def test_a_convolution_with_no_output_channels_that_torch_refuses_is_named_not_the_data() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = nn.Sequential(nn.Conv2d(3, 0, 3))
+    saved = state_copy(model)
+    with pytest.raises(MagicInitError, match=r"parameter '0.weight' has no elements") as error:
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0)
+    assert "rejected the init data" not in str(error.value)
+    assert_untouched(model, saved)

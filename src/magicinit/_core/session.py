@@ -74,6 +74,13 @@ def guard_forward(forward: ForwardFn) -> ForwardFn:
         except MagicInitError:
             raise
         except Exception as exc:
+            empty = [name for name, param in model.named_parameters() if param.numel() == 0]
+            if empty:  # torch's own layers refuse such weights (a convolution with 0 output channels)
+                raise MagicInitError(
+                    f"the model's forward failed: {type(exc).__name__}: {exc}. Its parameter '{empty[0]}' has no "
+                    "elements (a layer with 0 output or input features), which the layer itself may refuse: give "
+                    "it at least one, or remove it"
+                ) from exc
             raise MagicInitError(
                 f"the model rejected the init data (batch {_describe(batch)}): {type(exc).__name__}: {exc}. "
                 "Pass data the model accepts, or forward=callable(model, batch) for other inputs"
