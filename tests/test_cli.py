@@ -602,3 +602,117 @@ def test_quiet_leaves_out_the_eps_warning_which_otherwise_prints(
     assert "warning: 2 normalization layer(s) need their new eps" in capsys.readouterr().err
     assert main([*args, "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def image_folder_and_tars(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A folder of images (PNG and JPEG, RGB and grayscale, several sizes, nested, a non-image file) and tar
+    archives of it (plain and compressed, members named ``./...``), all made here."""
+    import tarfile
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "b" / "c").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.new("RGB", (12, 10), (255, 0, 51)).save(folder / "flat.png")  # known content
+    for index in range(4):
+        pixels = (rng.random((10 + index, 12, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "b" / f"{index}.png")
+        Image.fromarray(pixels).save(folder / "b" / "c" / f"{index}.jpg", quality=90)
+    Image.fromarray((rng.random((9, 9)) * 255).astype(np.uint8)).save(folder / "b-gray.png")  # after b/ by parts
+    (folder / "notes.txt").write_text("not an image")
+    tars = {}
+    for suffix, mode in ((".tar", "w"), (".tar.gz", "w:gz"), (".tgz", "w:gz"), (".tar.bz2", "w:bz2")):
+        tars[suffix] = tmp_path / f"shard{suffix}"
+        with tarfile.open(tars[suffix], mode) as tar:
+            tar.add(folder, arcname=".")
+    return folder, tars
+
+
+def test_a_tar_of_images_reads_as_the_folder_it_holds(tmp_path: Path) -> None:
+    folder, tars = image_folder_and_tars(tmp_path)
+    for options in (
+        {"input_size": 8},
+        {"input_size": 6, "samples": 5, "seed": 3},  # the same random subset of the same sorted names
+        {"input_size": 8, "channels": 1, "standardize": False},
+    ):
+        from_folder = load_images(str(folder), **options)
+        assert from_folder.shape[0] == options.get("samples", 10)
+        for tar in tars.values():
+            assert torch.equal(load_images(str(tar), **options), from_folder), (tar, options)
+    flat = load_images(str(tars[".tar"]), input_size=4, standardize=False)[-1]  # flat.png sorts last
+    assert torch.allclose(flat, torch.tensor([1.0, 0.0, 0.2])[:, None, None].expand(3, 4, 4))
+
+
+def test_a_tar_given_to_the_command_line_gives_the_weights_a_folder_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from magicinit.tools.cli import main
+
+    folder, tars = image_folder_and_tars(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    weights = {}
+    for data in (folder, tars[".tar.gz"]):
+        out = tmp_path / f"{data.name}.pt"
+        args = ["init", "plain-cnn", *SMALL, "--data", str(data), "--input-size", "8", "--out", str(out), "--quiet"]
+        assert main(args) == 0
+        weights[data] = torch.load(out, weights_only=True)
+    from_folder, from_tar = weights.values()
+    assert from_folder.keys() == from_tar.keys()
+    assert all(torch.equal(from_folder[name], from_tar[name]) for name in from_folder)
+
+
+def test_tar_archives_that_cannot_be_read_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    import tarfile
+
+    from magicinit.tools.cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("no images here")
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w") as tar:
+        tar.add(text, arcname="notes.txt")
+    broken = tmp_path / "broken.tar"
+    (tmp_path / "bad.png").write_bytes(b"not a PNG")
+    with tarfile.open(broken, "w") as tar:
+        tar.add(tmp_path / "bad.png", arcname="./shard/bad.png")
+    cut = tmp_path / "cut.tar.gz"
+    _, tars = image_folder_and_tars(tmp_path)
+    cut.write_bytes(tars[".tar.gz"].read_bytes()[:300])
+    garbage = tmp_path / "garbage.tgz"
+    garbage.write_bytes(b"not a tar archive at all")
+    for path, message in (
+        (empty, f"data archive '{empty}' has no images"),
+        (broken, f"image 'shard/bad.png' in '{broken}' cannot be read"),
+        (cut, f"data archive '{cut}' cannot be read as a tar archive"),
+        (garbage, f"data archive '{garbage}' cannot be read as a tar archive"),
+    ):
+        with pytest.raises(magicinit.MagicInitError, match=re.escape(message)):
+            load_images(str(path), input_size=8)
+    with pytest.raises(magicinit.MagicInitError, match="give the images' size with --input-size"):
+        load_images(str(tars[".tar"]))
+    assert main(["diagnose", "plain-cnn", "--data", str(broken), "--input-size", "8"]) == 1
+    error = capsys.readouterr().err
+    assert f"image 'shard/bad.png' in '{broken}' cannot be read" in error and len(error.strip().splitlines()) == 1
+
+
+def test_an_output_that_names_the_data_tar_is_a_usage_error(
+    inputs_here: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tarfile
+
+    from magicinit.tools.cli import main
+
+    with tarfile.open("shard.tar.gz", "w:gz") as tar:
+        tar.add("images", arcname=".")
+    (inputs_here / "shard-link.json").symlink_to(inputs_here / "shard.tar.gz")
+    before = file_bytes(inputs_here)
+    for args, message in (
+        (["--out", "shard.tar.gz"], "--out shard.tar.gz: is the file --data reads (shard.tar.gz)"),
+        (["--out", "w.pt", "--report", "shard-link.json"], "--report shard-link.json: is the file --data reads"),
+    ):
+        assert main(["init", "plain-cnn", "--data", "shard.tar.gz", "--input-size", "8", *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and message in captured.err, captured.err
+    assert file_bytes(inputs_here) == before

@@ -36,7 +36,7 @@ from .._core.options import DIAGNOSE, INIT, LIBRARY_DEFAULT, OPTION_SPECS, RESCA
 from .._core.session import check_skip_names, original_module
 from .demo import DemoSettings, TrainingRun, run_demo
 from .nets import ZOO, build_model
-from .plots import plot_layer_statistics, require_matplotlib
+from .plots import first_convolution, plot_filters, plot_layer_statistics, require_matplotlib
 from .readers import BUILT_IN, data_path, image_files, is_image_file_name, load_images
 
 __all__ = ["build_parser", "load_model", "load_weights", "main", "save_weights"]
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="DATA",
-        help=f"folder of images, .npy/.npz/.pt file, idx file, or a built-in: {', '.join(BUILT_IN)}",
+        help=f"folder or .tar/.tar.gz of images, .npy/.npz/.pt file, idx file, or a built-in: {', '.join(BUILT_IN)}",
     )
     model.add_argument("--data-key", metavar="KEY", help="the array of an .npz, or the entry of a .pt dict/tuple")
     model.add_argument(
@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--report", type=Path, metavar="FILE.json", help="also write the report as JSON")
     model.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-layer statistics")
+    model.add_argument(
+        "--plot-filters",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw the first convolution's filters (as the command leaves them)",
+    )
 
     init = commands.add_parser(
         "init",
@@ -463,7 +469,17 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
             model = load_model(args.model, model_args)
     if getattr(args, "weights", None) is not None:
         load_weights(model, args.weights)
+    if args.plot_filters is not None:
+        _check_filters_drawable(model, args.plot_filters)
     return model.to(_device(args.device)), images
+
+
+def _check_filters_drawable(model: nn.Module, path: Path) -> None:
+    """``--plot-filters`` needs a 2-d convolution: a model without one is a usage error before any work."""
+    try:
+        first_convolution(model)
+    except MagicInitError as error:
+        raise UsageError(f"--plot-filters {path}: {error}") from None
 
 
 def _device(name: str) -> torch.device:
@@ -591,16 +607,19 @@ def _figure_types() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
-def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str, model: nn.Module | None = None) -> None:
-    """Write the outputs asked for (weights, report, plot), all or none, then print the result."""
-    outputs = [path for path in (getattr(args, "out", None), args.report, args.plot) if path is not None]
+def _emit(args: argparse.Namespace, result: Report | Diagnosis, title: str, model: nn.Module) -> None:
+    """Write the outputs asked for (weights, report, plot, filters), all or none, then print the result."""
+    out = getattr(args, "out", None)
+    outputs = [path for path in (out, args.report, args.plot, args.plot_filters) if path is not None]
     with _staged(outputs) as staged:
-        if model is not None:
-            save_weights(model, staged[args.out])
+        if out is not None:
+            save_weights(model, staged[out])
         if args.report is not None:
             staged[args.report].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         if args.plot is not None:
             plot_layer_statistics(result, staged[args.plot], title=title)
+        if args.plot_filters is not None:
+            plot_filters(model, staged[args.plot_filters], title=title)
     if not args.quiet:
         print(result)
 
@@ -641,7 +660,7 @@ def _run_rescale(args: argparse.Namespace) -> None:
 
 def _run_diagnose(args: argparse.Namespace) -> None:
     model, images = _prepare(args)
-    _emit(args, diagnose(model, images, **_library_options(args)), f"magicinit diagnose {args.model}")
+    _emit(args, diagnose(model, images, **_library_options(args)), f"magicinit diagnose {args.model}", model)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -707,12 +726,18 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out_dir.exists() and not args.out_dir.is_dir():
                     raise UsageError(f"--out-dir {args.out_dir}: is a file, not a folder")
         else:
-            if args.plot is not None:
-                require_matplotlib(f"--plot {args.plot}")
-                _check_output(args.plot, "--plot", _figure_types())
+            for option, figure in (("--plot", args.plot), ("--plot-filters", args.plot_filters)):
+                if figure is not None:
+                    require_matplotlib(f"{option} {figure}")
+                    _check_output(figure, option, _figure_types())
             _check_output(getattr(args, "out", None), "--out")
             _check_output(args.report, "--report")
-            outputs = {"--out": getattr(args, "out", None), "--report": args.report, "--plot": args.plot}
+            outputs = {
+                "--out": getattr(args, "out", None),
+                "--report": args.report,
+                "--plot": args.plot,
+                "--plot-filters": args.plot_filters,
+            }
             _check_distinct(outputs)
             _check_inputs_kept(args, outputs)
         with _warnings_to_stderr(args.quiet):

@@ -1,4 +1,4 @@
-"""Figures of reports and training curves (matplotlib, the optional ``plot`` extra).
+"""Figures of reports, training curves and filters (matplotlib, the optional ``plot`` extra).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects and saved directly,
 without pyplot, so nothing global (backends, open figures) is touched.
@@ -7,13 +7,17 @@ without pyplot, so nothing global (backends, open figures) is touched.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import Diagnosis, MagicInitError, Report
+import torch
+from torch import Tensor, nn
 
-__all__ = ["plot_curves", "plot_layer_statistics", "require_matplotlib"]
+from .. import Diagnosis, MagicInitError, Report
+from .._core.adapters import find_affine_layers
+
+__all__ = ["first_convolution", "plot_curves", "plot_filters", "plot_layer_statistics", "require_matplotlib"]
 
 
 def require_matplotlib(purpose: str) -> None:
@@ -124,3 +128,130 @@ def plot_curves(
     if title:
         figure.suptitle(title)
     figure.savefig(path, dpi=120)
+
+
+FILTER_CELL_PIXELS = 40  # about how many screen pixels a filter is drawn across (an integer number per weight)
+_DPI = 100
+_MARGIN, _TITLE_BAND, _LABEL_BAND, _PANEL_GAP, _MIN_WIDTH = 8, 26, 20, 10, 360  # pixels
+
+
+def first_convolution(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The first 2-d convolution of ``model``, with its qualified name.
+
+    First in registration order among the model's affine layers
+    (``magicinit._core.adapters.find_affine_layers``), which is the first the
+    input meets in the usual nets; transposed convolutions are passed over.
+
+    Args:
+        model: the network.
+
+    Example:
+        >>> name, conv = first_convolution(torchvision.models.resnet18())  # ("conv1", Conv2d(3, 64, ...))
+    """
+    for name, module in find_affine_layers(model).items():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise MagicInitError(f"{type(model).__name__} has no 2-d convolution (nn.Conv2d) whose filters could be drawn")
+
+
+def _panel_weights(name: str, source: Tensor | nn.Module) -> tuple[str, Tensor]:
+    """The label and float32 CPU weights ``(out, in, kh, kw)`` of one panel, checked drawable."""
+    if isinstance(source, nn.Module):
+        layer, conv = first_convolution(source)
+        name = f"{name}: layer {layer}" if name else f"layer {layer}"
+        source = conv.weight
+    what = f"plot_filters: {name!r}" if name else "plot_filters"
+    if not isinstance(source, Tensor):
+        raise MagicInitError(f"{what}: got {type(source).__name__}; expected a Tensor or an nn.Module")
+    weights = source.detach().to("cpu", torch.float32)
+    if weights.dim() != 4 or weights.shape[1] not in (1, 3) or weights.shape[0] == 0:
+        raise MagicInitError(
+            f"{what}: filters of shape {tuple(weights.shape)}; expected (out, in, kh, kw) with 1 (gray) or 3 (RGB) "
+            "input channels and at least one filter (select channels first, e.g. weight[:, :3])"
+        )
+    return name, weights
+
+
+def _normalized(weights: Tensor) -> Tensor:
+    """Each filter min-max scaled to [0, 1] on its own (a constant filter: 0.5), as RGB ``(out, kh, kw, 3)``."""
+    flat = weights.flatten(1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    span = (high - low).view(-1, 1, 1, 1)
+    scaled = torch.where(span > 0, (weights - low.view(-1, 1, 1, 1)) / torch.where(span > 0, span, 1), 0.5)
+    return scaled.expand(-1, 3, -1, -1).permute(0, 2, 3, 1) if weights.shape[1] == 1 else scaled.permute(0, 2, 3, 1)
+
+
+def _mosaic(filters: Tensor, columns: int) -> Tensor:
+    """``filters`` (count, kh, kw, 3) side by side, ``columns`` a row, one white weight-pixel apart."""
+    count, height, width, _ = filters.shape
+    rows, columns = math.ceil(count / columns), min(columns, count)
+    mosaic = torch.ones(rows * (height + 1) - 1, columns * (width + 1) - 1, 3)
+    for index, image in enumerate(filters):
+        top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
+        mosaic[top : top + height, left : left + width] = image
+    return mosaic
+
+
+def plot_filters(
+    filters: Mapping[str, Tensor | nn.Module] | Tensor | nn.Module,
+    path: str | Path,
+    title: str = "",
+    max_filters: int = 64,
+    columns: int = 16,
+) -> None:
+    """Draw convolution filters as small images: one panel per entry, each a grid of its filters.
+
+    Each filter ``(in, kh, kw)`` becomes one small image, RGB for 3 input channels,
+    gray for 1, min-max normalized to [0, 1] on its own (its lowest weight black, its
+    highest white; a constant filter mid-gray), as filters are usually shown: the
+    picture shows each filter's pattern, not its scale. Filters are in output-channel
+    order, ``columns`` a row, each weight an integer number of pixels across (about
+    ``FILTER_CELL_PIXELS`` a filter), one blank weight between filters. Writes ``path``
+    (its suffix picks the type: PNG, PDF, SVG, ...) and returns nothing.
+
+    Args:
+        filters: weights ``(out, in, kh, kw)``, or a model (its first 2-d convolution,
+            see ``first_convolution``), or a mapping of names (panel labels, e.g. samplers
+            or models) to either; panels are drawn top to bottom in the mapping's order.
+        path: the file to write.
+        title: a title over all panels.
+        max_filters: draw at most this many filters per panel (the first ones).
+        columns: filters per grid row.
+
+    Example:
+        >>> plot_filters({"gaussian": net_a, "kmeans": net_b}, "filters.png", title="conv1")
+    """
+    if max_filters < 1 or columns < 1:
+        raise MagicInitError(f"plot_filters: max_filters={max_filters}, columns={columns}; both must be at least 1")
+    sources = filters if isinstance(filters, Mapping) else {"": filters}
+    if not sources:
+        raise MagicInitError("plot_filters: no filters given (an empty mapping)")
+    panels: list[tuple[str, Tensor]] = []
+    kernel = 1
+    for name, source in sources.items():
+        label, weights = _panel_weights(name, source)
+        shown = weights[:max_filters]
+        count = "" if len(shown) == len(weights) else f"first {len(shown)} of "
+        label = f"{label}  ({count}{len(weights)} filters, {weights.shape[2]}x{weights.shape[3]})".lstrip()
+        panels.append((label, _mosaic(_normalized(shown), columns)))
+        kernel = max(kernel, *weights.shape[2:])
+    require_matplotlib("plot_filters")
+    from matplotlib.figure import Figure
+
+    zoom = max(1, round(FILTER_CELL_PIXELS / kernel))  # screen pixels per weight
+    width = max(_MIN_WIDTH, 2 * _MARGIN + zoom * max(mosaic.shape[1] for _, mosaic in panels))
+    heights = [_LABEL_BAND + zoom * mosaic.shape[0] for _, mosaic in panels]
+    height = 2 * _MARGIN + (_TITLE_BAND if title else 0) + sum(heights) + _PANEL_GAP * (len(panels) - 1)
+    figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    if title:
+        figure.text(0.5, 1 - _MARGIN / height, title, ha="center", va="top", fontsize=11)
+    top = _MARGIN + (_TITLE_BAND if title else 0)  # pixels from the figure's top
+    for (label, mosaic), panel_height in zip(panels, heights):
+        figure.text(_MARGIN / width, 1 - (top + _LABEL_BAND - 4) / height, label, ha="left", va="bottom", fontsize=9)
+        mosaic_height, mosaic_width = zoom * mosaic.shape[0], zoom * mosaic.shape[1]
+        bottom = height - top - panel_height
+        axis = figure.add_axes((_MARGIN / width, bottom / height, mosaic_width / width, mosaic_height / height))
+        axis.imshow(mosaic.numpy(), interpolation="nearest", aspect="auto")
+        axis.set_axis_off()
+        top += panel_height + _PANEL_GAP
+    figure.savefig(path, dpi=_DPI)

@@ -5,6 +5,9 @@
 
 - a folder of images (searched recursively; Pillow reads them), each resized
   so its shorter side is ``input_size`` and centre-cropped to a square;
+- a tar archive of images (``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``,
+  ``.tar.xz``), read as that folder would be once unpacked, without unpacking
+  anything to disk (its regular-file members; links are not followed);
 - a ``.npy``/``.npz`` array (numpy), a ``.pt``/``.pth`` tensor (``torch.load``
   with ``weights_only=True``; from a dict, tuple or list the entry ``key`` or
   the first tensor);
@@ -16,7 +19,7 @@ uint8 data are divided by 255 and uint16 by 65535; other integer types are
 taken as they are. A 3-d array is ``(N, H, W)`` images and gets a channel
 axis when it comes from an idx file or ``H == W`` (else it is ``(N, C, L)``);
 a channels-last 4-d array (last axis 1, 3 or 4 and the second not) is made
-channels-first. Images read from a folder have 8 bits per channel (16-bit
+channels-first. Images read from a folder or an archive have 8 bits per channel (16-bit
 grayscale is scaled down, not clipped). ``standardize`` makes every
 channel mean 0 and std 1 over the loaded samples. At most ``samples`` samples
 are used, a random subset drawn with ``seed`` where there are more.
@@ -25,10 +28,14 @@ are used, a random subset drawn with ``seed`` where there are more.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import struct
-from collections.abc import Callable
-from pathlib import Path
+import tarfile
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePath, PurePosixPath
+from typing import IO, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -38,19 +45,26 @@ from .. import MagicInitError
 __all__ = [
     "BUILT_IN",
     "IMAGE_SUFFIXES",
+    "TAR_SUFFIXES",
     "data_path",
+    "decode_image",
     "digits",
     "image_files",
     "is_image_file_name",
+    "is_tar_file_name",
+    "iter_tar_images",
     "load_images",
     "read_idx",
     "resize_images",
     "smooth_images",
+    "tar_image_names",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+_Image = TypeVar("_Image", Path, str)  # an image of a folder (its path) or of an archive (its member's name)
 IDX_TYPES = {
     0x08: torch.uint8,
     0x09: torch.int8,
@@ -174,28 +188,46 @@ def _read_torch(path: Path, key: str | None) -> Tensor:
     return loaded
 
 
-def _read_image(path: Path, size: int, channels: int) -> Tensor:
+def _image_pixels(file: Path | IO[bytes], where: str, channels: int, size: int | None) -> Tensor:
+    """The image in ``file`` (named ``where`` in errors) as uint8 ``(channels, H, W)``: 16-bit grayscale scaled
+    to 8 bits; with ``size``, resized so its shorter side is ``size`` and centre-cropped to ``size x size``."""
     try:
         from PIL import Image
     except ImportError:
-        raise MagicInitError("reading an image folder needs Pillow: pip install 'magicinit[cli]'") from None
+        raise MagicInitError("reading images needs Pillow: pip install 'magicinit[cli]'") from None
     try:
-        with Image.open(path) as opened:
+        with Image.open(file) as opened:
             image: Image.Image = opened  # converted below into other images
             if image.mode.startswith("I;16"):
                 image = image.convert("I")
             if image.mode == "I":  # 16-bit grayscale: scale to 8 bits rather than clip
                 image = image.point(lambda value: value * (1 / 256))
             image = image.convert("L" if channels == 1 else "RGB")
-            scale = size / min(image.size)
-            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-            left, top = (width - size) // 2, (height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
+            if size is not None:
+                scale = size / min(image.size)
+                width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+                left, top = (width - size) // 2, (height - size) // 2
+                image = image.crop((left, top, left + size, top + size))
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            height, width = image.height, image.width
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise MagicInitError(f"image {str(path)!r} cannot be read: {error}") from None
-    return pixels.reshape(size, size, -1).permute(2, 0, 1).float() / 255.0
+        raise MagicInitError(f"image {where} cannot be read: {error}") from None
+    return pixels.reshape(height, width, -1).permute(2, 0, 1)
+
+
+def _read_image(file: Path | IO[bytes], where: str, size: int, channels: int) -> Tensor:
+    return _image_pixels(file, where, channels, size).float() / 255.0
+
+
+def decode_image(data: bytes, name: str, channels: int = 3) -> Tensor:
+    """An image file's bytes (any format Pillow reads), decoded at its own size as uint8 ``(channels, H, W)``
+    by the rules of ``load_images``' images (16-bit grayscale scaled to 8 bits); ``name`` is its name in errors.
+
+    Raises:
+        MagicInitError: naming ``name``, where Pillow cannot decode the bytes (or is not installed).
+    """
+    return _image_pixels(io.BytesIO(data), repr(name), channels, size=None)
 
 
 def _subset(count: int, samples: int, seed: int) -> Tensor | None:
@@ -204,7 +236,7 @@ def _subset(count: int, samples: int, seed: int) -> Tensor | None:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
 
 
-def is_image_file_name(path: Path) -> bool:
+def is_image_file_name(path: PurePath) -> bool:
     """Whether a folder of images given as data would read ``path`` as one of its images (by its suffix)."""
     return path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -214,14 +246,92 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if is_image_file_name(path) and path.is_file())
 
 
+def _chosen_images(images: list[_Image], origin: str, samples: int, seed: int) -> list[_Image]:
+    """Of the images a folder or an archive holds (sorted), those read: all, or a seeded random ``samples`` of
+    them; none is an error naming ``origin``."""
+    if not images:
+        raise MagicInitError(f"{origin} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    chosen = _subset(len(images), samples, seed)
+    return images if chosen is None else [images[i] for i in chosen.tolist()]
+
+
 def _read_folder(folder: Path, samples: int, seed: int, input_size: int, channels: int) -> Tensor:
-    files = image_files(folder)
-    if not files:
-        raise MagicInitError(f"data folder {str(folder)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    chosen = _subset(len(files), samples, seed)
-    if chosen is not None:
-        files = [files[i] for i in chosen.tolist()]
-    return torch.stack([_read_image(path, input_size, channels) for path in files])
+    files = _chosen_images(image_files(folder), f"data folder {str(folder)!r}", samples, seed)
+    return torch.stack([_read_image(path, repr(str(path)), input_size, channels) for path in files])
+
+
+def is_tar_file_name(path: PurePath) -> bool:
+    """Whether ``load_images`` reads ``path`` as a tar archive of images: its name ends with one of
+    ``TAR_SUFFIXES`` (any case)."""
+    return path.name.lower().endswith(TAR_SUFFIXES)
+
+
+@contextmanager
+def _tar_errors(archive: Path) -> Iterator[None]:
+    """Any failure to read ``archive`` (truncated, not a tar, bad compression) as an error naming it."""
+    try:
+        yield
+    except MagicInitError:
+        raise
+    except Exception as error:  # tarfile and each decompressor have their own exception types
+        raise MagicInitError(
+            f"data archive {str(archive)!r} cannot be read as a tar archive: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _is_image_member(member: tarfile.TarInfo) -> bool:
+    return member.isfile() and is_image_file_name(PurePosixPath(member.name))
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    """A member's path as the folder it unpacks to would have it: ``./a/b.png`` is ``a/b.png``."""
+    return PurePosixPath(member.name).as_posix()
+
+
+def tar_image_names(archive: Path) -> list[str]:
+    """The images a tar archive given as data holds: its regular-file members with an image suffix, by their
+    paths (without a leading ``./``), sorted as a folder's images are sorted.
+
+    Raises:
+        MagicInitError: naming the archive, where it cannot be read.
+    """
+    with _tar_errors(archive), tarfile.open(archive) as tar:
+        names = {_member_name(member) for member in tar if _is_image_member(member)}
+    return sorted(names, key=PurePosixPath)
+
+
+def iter_tar_images(archive: Path, names: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """Each image of a tar archive (a name of ``tar_image_names``) with its file's bytes, in the archive's
+    order, read in one pass (compressed or not) without unpacking anything to disk; only the images in
+    ``names`` where given. A name stored twice comes twice; the later copy is the one unpacking would leave.
+
+    Raises:
+        MagicInitError: naming the archive, where it cannot be read.
+    """
+    with _tar_errors(archive), tarfile.open(archive) as tar:
+        for member in tar:
+            if not _is_image_member(member):
+                continue
+            name = _member_name(member)
+            if names is not None and name not in names:
+                continue
+            file = tar.extractfile(member)
+            if file is None:  # not reached for a regular file
+                raise MagicInitError(f"data archive {str(archive)!r}: member {name!r} holds no data")
+            yield name, file.read()
+
+
+def _read_tar(archive: Path, samples: int, seed: int, input_size: int, channels: int) -> Tensor:
+    """The images of a tar archive as ``_read_folder`` reads them from the folder it unpacks to."""
+    names = _chosen_images(tar_image_names(archive), f"data archive {str(archive)!r}", samples, seed)
+    images = {
+        name: _read_image(io.BytesIO(data), f"{name!r} in {str(archive)!r}", input_size, channels)
+        for name, data in iter_tar_images(archive, set(names))
+    }
+    missing = [name for name in names if name not in images]
+    if missing:
+        raise MagicInitError(f"data archive {str(archive)!r} changed while it was read: {missing[0]!r} is gone")
+    return torch.stack([images[name] for name in names])
 
 
 PIXEL_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
@@ -271,7 +381,8 @@ def _read_file(path: Path, key: str | None) -> Tensor:
             values = read_idx(path)
         else:
             raise MagicInitError(
-                f"data file {str(path)!r}: unknown kind; use a folder of images, .npy, .npz, .pt, or an idx file"
+                f"data file {str(path)!r}: unknown kind; use a folder or a .tar/.tar.gz of images, .npy, .npz, .pt, "
+                "or an idx file"
             )
         return _as_float_images(values, f"data file {str(path)!r}", images_3d=is_idx)
     except MagicInitError:
@@ -300,12 +411,13 @@ def load_images(
     """The init data named by ``source`` (a folder, a file or a built-in name), as one tensor.
 
     Args:
-        source: folder of images, ``.npy``/``.npz``/``.pt``/``.pth`` file, idx file, or a name in ``BUILT_IN``.
+        source: folder of images, tar archive of images (a name ending with one of ``TAR_SUFFIXES``),
+            ``.npy``/``.npz``/``.pt``/``.pth`` file, idx file, or a name in ``BUILT_IN``.
         samples: at most this many samples (a seeded random subset where there are more).
         seed: seed of that subset and of generated data.
-        input_size: images are resized to ``input_size x input_size`` (folders: shorter side, then centre
-            crop; arrays: bilinear, antialiased); None keeps an array's size (folders need it).
-        channels: 1 (grayscale) or 3 (RGB) for images read from a folder or generated.
+        input_size: images are resized to ``input_size x input_size`` (folders and archives: shorter side, then
+            centre crop; arrays: bilinear, antialiased); None keeps an array's size (folders and archives need it).
+        channels: 1 (grayscale) or 3 (RGB) for images read from a folder or an archive, or generated.
         key: the array or entry to read from an ``.npz`` or a ``.pt`` dict/tuple.
         standardize: make every channel mean 0 and std 1 over the loaded samples.
 
@@ -317,10 +429,12 @@ def load_images(
     path = data_path(source)
     if path is None:
         values = _as_float_images(BUILT_IN[source](samples, seed, channels), f"data {source!r}", images_3d=True)
-    elif path.is_dir():
+    elif path.is_dir() or (path.is_file() and is_tar_file_name(path)):
         if input_size is None:
-            raise MagicInitError(f"data folder {source!r}: give the images' size with --input-size")
-        values = _read_folder(path, samples, seed, input_size, channels)
+            kind = "folder" if path.is_dir() else "archive"
+            raise MagicInitError(f"data {kind} {source!r}: give the images' size with --input-size")
+        read = _read_folder if path.is_dir() else _read_tar
+        values = read(path, samples, seed, input_size, channels)
     elif path.is_file():
         values = _read_file(path, key)
     else:
