@@ -260,3 +260,24 @@ def test_bilinear_branches_trade_scale_and_function_is_kept(bias: bool) -> None:
     assert report["a"].weight_scale != 1.0 and report["b"].weight_scale != 1.0
     if bias:  # the two branches' output scales cancel in the product
         assert math.isclose(report["a"].weight_scale * report["b"].weight_scale, 1.0, rel_tol=1e-9)
+
+
+def test_a_float64_model_is_rescaled_once_by_the_reported_factors() -> None:
+    """The float64 check works on a copy: for a float64 model, a copy too (not the model's own tensors)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)
+    ).double()
+    with torch.no_grad():
+        net[0].weight.mul_(10)
+        net[5].weight.mul_(0.1)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    before = net(x).detach()
+    weights = {name: net.get_submodule(name).weight.detach().clone() for name in ("0", "2", "5")}
+    report = magicinit.rescale_(net, x, seed=0)
+    for name, weight in weights.items():
+        factor = report[name].weight_scale
+        assert factor is not None
+        torch.testing.assert_close(net.get_submodule(name).weight.detach(), weight * factor, rtol=1e-12, atol=0)
+    assert report["0"].weight_scale < 0.5  # a real rescaling, which applied twice would show above
+    torch.testing.assert_close(net(x).detach(), before, rtol=1e-10, atol=1e-12)

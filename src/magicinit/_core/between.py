@@ -249,7 +249,7 @@ def _float64_twin(model: nn.Module) -> nn.Module | None:
     memo: dict[int, Any] = {}
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point() and id(tensor) not in memo:
-            twin_tensor = tensor.detach().double()
+            twin_tensor = tensor.detach().to(torch.float64, copy=True)  # a copy even of a float64 tensor
             memo[id(tensor)] = (
                 nn.Parameter(twin_tensor, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else twin_tensor
             )
