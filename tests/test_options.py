@@ -189,55 +189,20 @@ def test_the_command_line_leaves_torch_random_state_and_sys_path_as_they_were(
     torch.manual_seed(1234)
     state = torch.get_rng_state()
     random_state = random.getstate()
-    code = main(
-        ["init", "local_net:net", "--data", "smooth", "--samples", "8", "--out", "w.pt", "--quiet", "--seed", "5"]
-    )
+
+    def init(out: str, *extra: str) -> int:
+        arguments = ["init", "local_net:net", "--data", "smooth", "--samples", "8", "--out", out, "--quiet"]
+        return main([*arguments, "--seed", "5", *extra])
+
+    code = init("w.pt")
     assert code == 0
     assert torch.equal(torch.get_rng_state(), state)
     assert random.getstate() == random_state
     assert sys.path == path_before
     # the factory's own random layers are seeded: two runs write the same weights
     first = torch.load(tmp_path / "w.pt")
-    assert (
-        main(
-            [
-                "init",
-                "local_net:net",
-                "--data",
-                "smooth",
-                "--samples",
-                "8",
-                "--out",
-                "v.pt",
-                "--quiet",
-                "--seed",
-                "5",
-                "--no-within",
-                "--no-between",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "init",
-                "local_net:net",
-                "--data",
-                "smooth",
-                "--samples",
-                "8",
-                "--out",
-                "u.pt",
-                "--quiet",
-                "--seed",
-                "5",
-                "--no-within",
-                "--no-between",
-            ]
-        )
-        == 0
-    )
+    assert init("v.pt", "--no-within", "--no-between") == 0
+    assert init("u.pt", "--no-within", "--no-between") == 0
     assert all(
         torch.equal(a, b)
         for a, b in zip(torch.load(tmp_path / "v.pt").values(), torch.load(tmp_path / "u.pt").values())

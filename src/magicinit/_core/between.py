@@ -64,9 +64,14 @@ def _shapes(tensors: list[Tensor]) -> str:
     return f"[{shown}]"
 
 
+def _same_shapes(first: list[Tensor], second: list[Tensor]) -> bool:
+    """Whether two lists of outputs have the same number of tensors, each of the same shape."""
+    return len(first) == len(second) and all(a.shape == b.shape for a, b in zip(first, second))
+
+
 def check_output_shapes(reference: list[Tensor], current: list[Tensor], collective: Collective | None) -> None:
     """Raise ``OutputsChangedShape`` (on every rank) if any rank's outputs differ in number or shape."""
-    changed = len(reference) != len(current) or any(a.shape != b.shape for a, b in zip(reference, current))
+    changed = not _same_shapes(reference, current)
     if collective is not None:
         changed = bool(collective.total(int(changed)))
     if changed:
@@ -269,8 +274,7 @@ def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch
     """Warn that the rescaling was not kept, naming the cause: ``cause`` if known, else a forward that is
     not repeatable (a random operation), else an operation whose scale behaviour magicinit did not recognize."""
     first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
-    same_shapes = len(first) == len(second) and all(a.shape == b.shape for a, b in zip(first, second))
-    randomness = function_change(first, second) if same_shapes else math.inf
+    randomness = function_change(first, second) if _same_shapes(first, second) else math.inf
     if randomness > 0:
         cause = (
             f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
