@@ -162,7 +162,8 @@ def assert_unit_channels(
     """Part 1's promise, measured here independently of magicinit on ``x`` (the init data): every output
     channel of every layer the ``report`` lists as initialized (without a report: of every conv/linear layer)
     has population std 1 and, where the layer has a bias, mean ``beta``. Channels the report lists as
-    zero-variance (no signal on ``x``) are exempt from the std; a layer without a bias must say so in its notes."""
+    zero-variance (no signal on ``x``) are exempt from the std; a layer without a bias must say so in its notes.
+    A layer reported ``constant`` must be constant in every channel (measured: std 0 to rounding)."""
     outputs = first_call_outputs(model, x)
     modules = dict(model.named_modules())
     if report is None:
@@ -170,6 +171,11 @@ def assert_unit_channels(
     else:
         checked = []
         for entry in report.layers:
+            if entry.status == "constant":  # every channel without signal on x: said, and measured here
+                assert len(entry.zero_variance_channels) == len(entry.channel_std_after), entry.name
+                _, std = channel_stats(modules[entry.name], outputs[entry.name])
+                assert float(std.max()) <= atol, (entry.name, std)
+                continue
             assert entry.status == "initialized", (entry.name, entry.status)
             checked.append((entry.name, entry.zero_variance_channels))
             if modules[entry.name].bias is None:

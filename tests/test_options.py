@@ -108,8 +108,8 @@ def test_options_check_every_value_and_name_the_keyword() -> None:
 
 
 def _lrn_net_with_rates_far_apart() -> nn.Sequential:
-    """Rates 7e4 apart across an LRN (homogeneous at these activations): approximate mode needs several
-    rounds, each changing a scale by at most 2x."""
+    """Rates far apart across two LRNs (homogeneous at these activations), which leave exact mode no scale
+    free: approximate mode needs several rounds, each changing a scale by at most 2x."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
@@ -117,13 +117,14 @@ def _lrn_net_with_rates_far_apart() -> nn.Sequential:
         nn.LocalResponseNorm(5, alpha=1e-4),
         nn.Conv2d(16, 16, 3, padding=1),
         nn.ReLU(),
+        nn.LocalResponseNorm(5, alpha=1e-4),
         nn.Flatten(),
         nn.Linear(16 * 8 * 8, 5),
     )
     with torch.no_grad():
         net[0].weight.mul_(0.05)
         net[3].weight.mul_(20)
-        for layer in (net[0], net[3], net[6]):
+        for layer in (net[0], net[3], net[7]):
             layer.bias.zero_()
     return net
 

@@ -293,9 +293,10 @@ def test_part2_makes_few_model_calls() -> None:
     calls = {"count": 0}
     model.register_forward_pre_hook(lambda module, args: calls.__setitem__("count", calls["count"] + 1))
     report = magicinit.init_(model, x, seed=0)
-    # Part 1: a 2-sample probe and one pass; Part 2: the graph trace, a 1-sample shape probe, one draw alone
-    # for the check, one batched forward for all rounds, and the function checks (no call per draw)
-    assert calls["count"] <= 12, calls["count"]
+    # Part 1: a 2-sample probe, one pass and one to re-measure; Part 2: the graph trace, a 1-sample shape probe,
+    # one draw alone for the check, one batched forward for all rounds, and the function checks (the first
+    # samples and all samples, before and after; no call per draw)
+    assert calls["count"] <= 14, calls["count"]
     assert report.rate_spread_after < 1.01 and report.rate_spread_before > 3
 
 

@@ -44,9 +44,24 @@ def _model() -> ThresholdedHeads:
     return ThresholdedHeads()
 
 
+class HiddenThreshold(ThresholdedHeads):
+    """The same selection made outside torch (in numpy), where no trace sees the comparison."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(x)
+        scores, boxes = self.score(hidden), self.box(hidden)
+        keep = torch.from_numpy(scores.detach().numpy() > 0.1)
+        return (boxes * scores)[keep]
+
+
+def _hidden() -> HiddenThreshold:
+    torch.manual_seed(0)
+    return HiddenThreshold()
+
+
 @pytest.mark.slow
 def test_approximate_mode_on_selected_outputs_names_the_selection_and_the_remedy() -> None:
-    model, x = _model(), _data()
+    model, x = _hidden(), _data()
     saved = state_copy(model)
     with pytest.raises(MagicInitError, match=r"outputs changed shape.*selects by value.*forward=") as error:
         magicinit.rescale_(model, x, seed=0, scale_mode="approximate", rate_precision=0.1)
@@ -54,14 +69,25 @@ def test_approximate_mode_on_selected_outputs_names_the_selection_and_the_remedy
     assert_untouched(model, saved)
 
 
-def test_exact_mode_leaves_a_model_whose_selection_would_change_as_it_was_and_says_why() -> None:
+def test_exact_mode_fixes_the_scale_a_score_threshold_reads_and_keeps_the_selection() -> None:
     model, x = _model(), _data()
+    before = model(x).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
+    assert "comparison with 0.1" in (report["score"].output_scale_fixed_by or "")
+    assert report["box"].weight_scale not in (None, 1.0)  # the box head's scale stays free, and is used
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-6)  # same boxes selected
+
+
+def test_exact_mode_leaves_a_model_whose_hidden_selection_would_change_as_it_was_and_says_why() -> None:
+    model, x = _hidden(), _data()
     saved, before = state_copy(model), model(x).detach()
     with pytest.warns(RuntimeWarning, match=r"left as it was: the model's outputs changed shape"):
         report = magicinit.rescale_(model, x, seed=0, rate_precision=0.1)
     assert_untouched(model, saved)
     assert torch.equal(model(x).detach(), before)
-    assert any("not kept" in note for note in report.notes)
+    assert any("not kept" in note and "changed shape" in note for note in report.notes)
 
 
 def test_the_raw_head_outputs_recipe_rescales_and_keeps_the_selection() -> None:

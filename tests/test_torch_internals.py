@@ -65,8 +65,9 @@ def _vmap_error(func: Any) -> BaseException:
         lambda t: t * 2 if t.sum() > 0 else t,  # data-dependent control flow
         lambda t: torch.nonzero(t),  # an output of data-dependent shape
         lambda t: t * t.sum().item(),  # a value read into Python
+        lambda t: t * torch.from_numpy(t.numpy() > 0),  # a value read outside torch
     ],
-    ids=["no-batching-rule", "control-flow", "dynamic-shape", "item"],
+    ids=["no-batching-rule", "control-flow", "dynamic-shape", "item", "numpy"],
 )
 def test_vmaps_refusals_are_recognized_by_their_wording(func: Any) -> None:
     error = _vmap_error(func)

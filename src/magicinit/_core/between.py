@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .changed_operation import changed_operation, first_changed_operation, record_calls
 from .context import PassContext
 from .distributed import Collective
 from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
-from .inputs import Batch, ForwardFn, cast_floating, floating_tensors, jitter_floating, split_batch
+from .inputs import Batch, ForwardFn, batch_size, cast_floating, floating_tensors, jitter_floating, split_batch
 from .operations import HomogeneityTest, compensate_normalization
 from .rates import ChangeRates, measure_change_rates, squared_slice_norms
 from .safety import ModelSnapshot
@@ -117,6 +118,7 @@ class BetweenResult:
         output_scale: the global factor the outputs changed by (1 in exact mode).
         change_beyond_scale: relative output change once that factor is taken out.
         reverted: True if the rescaling would have changed the function and was not kept.
+        not_kept: why, as the warning said it (None where it was kept).
         nothing_to_do: why nothing was measured or changed, when no scale was free.
         approximated: operations treated as homogeneous ("approximate" mode), with their largest
             measured deviation.
@@ -135,6 +137,7 @@ class BetweenResult:
     output_scale: float = 1.0
     change_beyond_scale: float = 0.0
     reverted: bool = False
+    not_kept: str | None = None
     nothing_to_do: str | None = None
     approximated: dict[str, float] = field(default_factory=dict)
     normalizations: dict[str, float] = field(default_factory=dict)
@@ -142,6 +145,8 @@ class BetweenResult:
     after_predicted: bool = False  # ``after`` was predicted from the exact factors, not measured
     limited: str | None = None  # what stopped the approximate rounds short, if anything did
     graph: LayerGraph | None = None  # the graph of the last round, where it differs from the session's
+    instead_of_approximate: str | None = None  # approximate mode: how its rounds compared with the exact rescaling
+    exact_instead: bool = False  # approximate mode: its rounds were undone, the exact rescaling (or none) kept
 
 
 def _apply_scales(
@@ -181,8 +186,7 @@ def _apply_scales(
     return factors, changed
 
 
-FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked to keep the function
-FLOAT64_CHECK_SAMPLES = 4  # of those, in the float64 copy (a wrong analysis changes nearly every sample's output)
+FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked in a float64 copy of the model
 EXACT_TOLERANCE = 1e-9  # relative output change allowed in the float64 check
 FLOAT64_CHECK_MAX_BYTES = 2 * 1024**3  # larger models are checked in their own precision instead
 
@@ -194,39 +198,40 @@ def _outputs(model: nn.Module, batch: Batch, forward: ForwardFn) -> list[Tensor]
 
 def _change_in_float64(
     context: PassContext, probe: Batch, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
-) -> tuple[float | None, Batch]:
+) -> tuple[float | None, Batch, list[Tensor] | None]:
     """Relative output change the rescaling causes in a float64 copy of the model.
 
     In exact arithmetic a correct scale analysis changes nothing, so this
     separates a wrong analysis (an O(1) change) from the rounding of deep
     float32 networks (which alone can exceed 1e-4), on the first
-    ``FLOAT64_CHECK_SAMPLES`` samples of ``probe``. Returns the change and the
+    ``FUNCTION_CHECK_SAMPLES`` samples of ``probe``. Returns the change and the
     inputs for the checks that follow: ``probe``, or a jittered copy of those samples where the
     network's outputs on ``probe`` are cancelled down to rounding (init data
     with one sample, or constant data, makes Part 1 fit biases that cancel them
     exactly). In that case the change on ``probe`` is measured against the
     outputs' size on the jittered inputs, and the change there counts too. The
     change is None when no float64 copy can be made (too large, or not
-    copyable); the model itself is not touched.
+    copyable); the model itself is not touched. Third: the float64 copy's outputs on those inputs before the
+    rescaling (None without a copy), from which the model's own rounding is measured.
     """
     model, forward = context.model, context.forward
     if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
-        return None, probe
+        return None, probe, None
     twin = _float64_twin(model)
     if twin is None:
-        return None, probe
-    head = split_batch(probe, 0, FLOAT64_CHECK_SAMPLES)
+        return None, probe, None
+    head = split_batch(probe, 0, FUNCTION_CHECK_SAMPLES)
     probe64 = cast_floating(head, torch.float64)
     try:
         reference = _outputs(twin, probe64, forward)
     except MagicInitError:  # the forward casts (x.float()) or refuses float64: check in the model's precision
-        return None, probe
+        return None, probe, None
     _apply_scales(twin, units, solution, graph)
     rescaled = _outputs(twin, probe64, forward)
     check_output_shapes(reference, rescaled, context.collective)
     change = function_change(reference, rescaled)
     if change <= EXACT_TOLERANCE:
-        return change, probe
+        return change, probe, reference
     # Measured against the size the outputs have on other inputs, a change that is only
     # large relative to cancelled outputs becomes small; a wrong analysis stays large
     # there, and must also pass on the jittered inputs themselves (on a second twin: the
@@ -238,14 +243,15 @@ def _change_in_float64(
         assert original is not None  # the first copy succeeded
         reference_jittered = _outputs(original, jittered64, forward)
     except Exception:  # the model does not accept other values (indices stored as floats, say)
-        return change, probe
+        return change, probe, reference
     del original
     typical = max(_norm(reference), _norm(reference_jittered))
     change_here = _difference(reference, rescaled) / typical if typical > 0 else change
     rescaled_jittered = _outputs(twin, jittered64, forward)
     check_output_shapes(reference_jittered, rescaled_jittered, context.collective)
     elsewhere = function_change(reference_jittered, rescaled_jittered)
-    return (math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)), jittered
+    worst = math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)
+    return worst, jittered, reference_jittered
 
 
 def _float64_twin(model: nn.Module) -> nn.Module | None:
@@ -264,32 +270,85 @@ def _float64_twin(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
 def _rounding_tolerance(model: nn.Module) -> float:
     """Output change that rounding alone may cause, when no float64 check was possible."""
-    dtype = next(model.parameters()).dtype
-    return max(1e-3, 50 * torch.finfo(dtype).eps)
+    return max(1e-3, 50 * torch.finfo(_model_dtype(model)).eps)
 
 
-def _warn_not_kept(change: float, where: str, context: PassContext, probe: Batch, cause: str | None = None) -> None:
+ROUNDING_MARGIN = 10  # a rescaling's change in the model's precision may exceed its measured rounding so much
+ROUNDING_CAP = 1e-2  # and never this (relative; 10 units of rounding in bfloat16): beyond it outputs differ
+
+
+def _allowed_change(model: nn.Module, rounding: float | None) -> float:
+    """The largest output change that rounding explains: ``ROUNDING_MARGIN`` times the model's measured
+    ``rounding`` (relative), at least 100 units of its dtype's rounding, at most ``ROUNDING_CAP`` (or 10
+    units of rounding in a coarser dtype); where rounding could not be measured, ``_rounding_tolerance``."""
+    if rounding is None or not math.isfinite(rounding):
+        return _rounding_tolerance(model)
+    eps = torch.finfo(_model_dtype(model)).eps
+    return min(max(ROUNDING_MARGIN * rounding, 100 * eps), max(ROUNDING_CAP, 10 * eps))
+
+
+def _worst_samples(batch: Batch, reference: list[Tensor], current: list[Tensor]) -> Batch:
+    """The sample of ``batch`` whose outputs changed most (where every output has one row per sample),
+    else the first ``FUNCTION_CHECK_SAMPLES``: the input on which to look for what changed."""
+    count = batch_size(batch)
+    if count > 1 and reference and all(t.dim() > 0 and t.shape[0] == count for t in reference):
+        changes = sum(
+            (a.double() - b.double()).flatten(1).square().sum(1) if a.dim() > 1 else (a.double() - b.double()).square()
+            for a, b in zip(reference, current)
+        )
+        worst = int(torch.as_tensor(changes).argmax())
+        return split_batch(batch, worst, worst + 1)
+    return split_batch(batch, 0, FUNCTION_CHECK_SAMPLES)
+
+
+def _warn_not_kept(
+    change: float,
+    where: str,
+    context: PassContext,
+    probe: Batch,
+    cause: str | None = None,
+    operation: str | None = None,
+) -> str:
     """Warn that the rescaling was not kept, naming the cause: ``cause`` if known, else a forward that is
-    not repeatable (a random operation), else an operation whose scale behaviour magicinit did not recognize."""
+    not repeatable (a random operation), else ``operation`` (the first call whose result changed:
+    ``changed_operation``), else rounding in an ill-conditioned forward; returns what it said."""
     first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
     randomness = function_change(first, second) if _same_shapes(first, second) else math.inf
-    if randomness > 0:
+    if cause is not None:
+        pass
+    elif randomness > 0:
         cause = (
             f"the forward is not repeatable: two calls on the same input differ by {randomness:.2e} "
             "(relative) in eval mode, so a random operation runs in it (dropout forced on with "
             "training=True, torch.rand, ...); pass forward=... without it"
         )
-    elif cause is None:
-        cause = "some operation's scale behaviour was not recognized. Please report the model to magicinit"
+    elif operation is not None and operation.startswith("the forward"):
+        cause = f"{operation}; pass forward=callable(model, batch) whose path does not depend on the values"
+    elif operation is not None:
+        cause = (
+            f"the first operation whose result changed is {operation}. Its result depends on the scale of its "
+            "input, which magicinit did not recognize: please report it. scale_mode='approximate' measures such "
+            "operations on the data, or pass forward=callable(model, batch) that returns the outputs before it"
+        )
+    else:
+        cause = (
+            "no single operation's result changed beyond a positive factor, so rounding did it: the forward is "
+            "ill-conditioned there (outputs that nearly cancel, or rescaling factors spread over many orders of "
+            "magnitude); scale_mode='approximate' or between=False avoid it"
+        )
     amount = f"by {change:.2e} (relative, {where})" if math.isfinite(change) else f"({where})"
-    warnings.warn(
-        f"magicinit: the between-layer rescaling would change the network's output {amount}, so the model was "
-        f"left as it was: {cause}.",
-        RuntimeWarning,
-        stacklevel=4,
+    message = (
+        f"the between-layer rescaling would change the network's output {amount}, so the model was left as it "
+        f"was: {cause}"
     )
+    warnings.warn(f"magicinit: {message}.", RuntimeWarning, stacklevel=4)
+    return message
 
 
 def _log_rates(rates: ChangeRates, names: Iterable[str], fixed: set[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -306,6 +365,19 @@ def _log_rates(rates: ChangeRates, names: Iterable[str], fixed: set[str]) -> tup
         else:
             log_rates[name] = math.log(rate)
     return log_rates, excluded
+
+
+NO_GRADIENT = (
+    "no gradient reaches any layer from the model's outputs (every change rate measured 0): its outputs do not "
+    "depend on the weights through differentiable operations (detections after score thresholds and NMS, indices, "
+    "integers), so there is no rate to equalize; pass forward=callable(model, batch) that returns the raw outputs "
+    "(a detector's head outputs: docs/guide.md, Detectors)"
+)
+
+
+def _no_gradient(rates: ChangeRates) -> bool:
+    """Whether every measured rate is 0 (no layer gets a gradient)."""
+    return bool(rates.rate) and all(rate == 0.0 for rate in rates.rate.values())
 
 
 NOTHING_FREE = (
@@ -352,54 +424,229 @@ def equalize_between(
     """
     called = {name: unit for name, unit in units.items() if name in graph.sites}
     if context.scaling.mode == "approximate":
-        return _equalize_approximately(context, called, fixed, index)
+        original = ModelSnapshot(context.model)
+        approximate = _equalize_approximately(context, called, fixed, index)
+        return _no_worse_than_exact(context, called, graph, fixed, approximate, original)
     unchanged = {name: 1.0 for name in called}
     if not can_change_rates(graph, [name for name in called if name not in fixed], fixed):
         return BetweenResult(None, None, unchanged, [], nothing_to_do=NOTHING_FREE)
-    model, collective = context.model, context.collective
+    model = context.model
     before = _measure(context, called, graph, "magicinit: rates before")
+    if _no_gradient(before):
+        return BetweenResult(None, None, unchanged, [], nothing_to_do=NO_GRADIENT)
     log_rates, excluded = _log_rates(before, called, fixed)
     solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
-    probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
-    try:
-        analysis_error, probe = _change_in_float64(context, probe, called, solution, graph)
-    except OutputsChangedShape as changed:  # exact mode keeps the function or leaves the model as it was
-        _warn_not_kept(math.inf, "in a float64 copy of the model", context, probe, cause=str(changed))
-        result.reverted = True
-        return result
-    if collective is not None and analysis_error is not None:
-        analysis_error = collective.max(analysis_error)
-    if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
-        _warn_not_kept(analysis_error, "in a float64 copy of the model", context, probe)
-        result.reverted = True
-        return result
-    reference = _outputs(model, probe, context.forward)
-    snapshot = ModelSnapshot(model)  # the fallback check, and outputs that change shape on more samples, undo
-    factors, result.changed = _apply_scales(model, called, solution, graph)
-    result.weight_factor, result.rounds = factors, 1
-    result.normalizations = _normalization_factors(solution)
-    try:
-        _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
-    except OutputsChangedShape as changed:
-        snapshot.restore()
-        _warn_not_kept(math.inf, "in the model's own precision", context, probe, cause=str(changed))
-        result.reverted = True
-        result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
-        return result
-    if analysis_error is None and not result.function_change <= _rounding_tolerance(model):
-        snapshot.restore()
-        _warn_not_kept(result.function_change, "in the model's own precision", context, probe)
-        result.reverted = True
-        result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
-        return result
+    if _apply_exactly(context, called, graph, solution, result):
+        _set_rates_after(context, called, graph, solution, log_rates, result)
+    return result
+
+
+def _set_rates_after(
+    context: PassContext,
+    called: dict[str, WeightUnit],
+    graph: LayerGraph,
+    solution: ScaleSolution,
+    log_rates: dict[str, float],
+    result: BetweenResult,
+) -> None:
+    """``result.after`` once an exact rescaling was kept: measured again (``verify_rates``), else predicted."""
+    assert result.before is not None
     if result.changed and context.scaling.verify:
         result.after = _measure(context, called, graph, "magicinit: rates after")
     elif result.changed:
-        result.after, result.after_predicted = _predicted_rates(before, solution, log_rates), True
+        result.after, result.after_predicted = _predicted_rates(result.before, solution, log_rates), True
     else:
-        result.after = before
+        result.after = result.before
+
+
+def _spread_of(log_rates: dict[str, float]) -> float:
+    """max / min of the rates whose logarithms are given (1 for none)."""
+    return math.exp(max(log_rates.values()) - min(log_rates.values())) if log_rates else 1.0
+
+
+SPREAD_NOISE = 4  # a measured spread exceeds the true one by up to exp(4 rate_precision) (two log-rates' noise)
+
+
+def _no_worse_than_exact(
+    context: PassContext,
+    called: dict[str, WeightUnit],
+    graph: LayerGraph,
+    fixed: set[str],
+    approximate: BetweenResult,
+    original: ModelSnapshot,
+) -> BetweenResult:
+    """``approximate`` (the model as its rounds left it), unless the exact rescaling does better: where the
+    spread of the rates it predicts from the rates measured before the rounds (on the session's exact
+    ``graph``) is smaller than the spread the rounds ended at (measured, so beyond its noise: ``SPREAD_NOISE``),
+    the model goes back to ``original`` and the
+    exact rescaling is applied instead (kept only if it keeps the function: ``_apply_exactly``). A
+    rounds' result that left the rates further apart than they were is undone too."""
+    if approximate.before is None or approximate.after is None:
+        return approximate
+    model = context.model
+    ended = _spread_of(_log_rates(approximate.after, approximate.equalized, fixed)[0])
+    names = {name: unit for name, unit in called.items() if name in approximate.before.rate}
+    log_rates, excluded = _log_rates(approximate.before, names, fixed)
+    rounds_state = ModelSnapshot(model)
+    original.restore()
+    solution = None
+    predicted = log_rates
+    if approximate.approximated and can_change_rates(graph, list(log_rates), fixed):
+        solution = solve_scales(
+            graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, names, graph, approximate.before)
+        )
+        predicted = {**log_rates, **solution.predicted_log_rate}
+    exact = _spread_of(predicted)
+    if ended <= exact * math.exp(SPREAD_NOISE * context.rates.precision):  # a measured spread against a predicted one
+        rounds_state.restore()
+        return approximate
+    unchanged = {name: 1.0 for name in called}
+    result = BetweenResult(approximate.before, None, unchanged, list(log_rates), excluded=excluded)
+    result.graph, result.exact_instead = graph, True
+    if solution is not None:
+        with warnings.catch_warnings():  # its warning would say the model was left as it was: the note says why not
+            warnings.simplefilter("ignore", RuntimeWarning)
+            kept = _apply_exactly(context, names, graph, solution, result)
+        if not kept:
+            rounds_state.restore()
+            approximate.instead_of_approximate = (
+                f"the exact rescaling predicted a rate spread of {exact:.3g}x against the {ended:.3g}x the rounds "
+                f"ended at, but would change the function ({result.not_kept}): the rounds' result was kept"
+            )
+            return approximate
+        _set_rates_after(context, names, graph, solution, log_rates, result)
+        result.instead_of_approximate = (
+            f"scale_mode='approximate' ended at a rate spread of {ended:.3g}x after {approximate.rounds} round(s) "
+            f"(its output changed by {approximate.change_beyond_scale:.1e} beyond a global factor), where the exact "
+            f"rescaling predicts {exact:.3g}x and keeps the function: the exact rescaling was applied instead"
+        )
+        return result
+    result.after = approximate.before
+    result.instead_of_approximate = (
+        f"scale_mode='approximate' ended at a rate spread of {ended:.3g}x, wider than the {exact:.3g}x before its "
+        "rounds: the model was left as it was"
+    )
     return result
+
+
+def _apply_exactly(
+    context: PassContext,
+    called: dict[str, WeightUnit],
+    graph: LayerGraph,
+    solution: ScaleSolution,
+    result: BetweenResult,
+) -> bool:
+    """Apply ``solution`` to the model if it keeps the function, recording what it did in ``result``;
+    whether it was kept (else the model is as it was, ``result.reverted`` is set and a warning names
+    the cause).
+
+    Checked three times: in a float64 copy on the first ``FUNCTION_CHECK_SAMPLES`` init samples (a
+    wrong analysis; ``_change_in_float64``), in the model's own precision on those, and on all init
+    samples, where the change may exceed the first samples' rounding by ``ROUNDING_MARGIN`` at most: an
+    operation that selects by value (a threshold crossed in one sample only) is caught there. A
+    rescaling undone names the first operation whose result changed (``changed_operation``).
+    """
+    model, collective, forward = context.model, context.collective, context.forward
+    probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
+    unchanged = dict(result.weight_factor)
+    try:
+        analysis_error, checked, outputs64 = _change_in_float64(context, probe, called, solution, graph)
+    except OutputsChangedShape as changed:  # exact mode keeps the function or leaves the model as it was
+        result.not_kept = _warn_not_kept(math.inf, "in a float64 copy of the model", context, probe, cause=str(changed))
+        result.reverted = True
+        return False
+    if collective is not None and analysis_error is not None:
+        analysis_error = collective.max(analysis_error)
+    if analysis_error is not None and not analysis_error <= EXACT_TOLERANCE:  # NaN fails too
+        operation = _changed_operation_in_float64(context, checked, called, solution, graph)
+        result.not_kept = _warn_not_kept(
+            analysis_error, "in a float64 copy of the model", context, checked, operation=operation
+        )
+        result.reverted = True
+        return False
+    beyond_probe = checked is probe and batch_size(context.batch) > batch_size(probe)  # (jittered: cancelled)
+    if collective is not None:  # every rank takes part in the all-sample check's reductions, or none
+        beyond_probe = bool(collective.total(int(beyond_probe)))
+    reference = _outputs(model, checked, forward)
+    # the model's own rounding on the checked samples: its outputs against the float64 copy's (inf: not measured)
+    comparable = outputs64 is not None and _same_shapes(outputs64, reference)
+    rounding = function_change(outputs64, reference) if outputs64 is not None and comparable else math.inf
+    rounding = collective.max(rounding) if collective is not None else rounding
+    reference_all = _outputs(model, context.batch, forward) if beyond_probe else None
+    snapshot = ModelSnapshot(model)  # every check below undoes the rescaling through it
+    result.weight_factor, result.changed = _apply_scales(model, called, solution, graph)
+    result.rounds = 1
+    result.normalizations = _normalization_factors(solution)
+
+    def undo(change: float, where: str, batch: Batch, current: list[Tensor], cause: str | None = None) -> bool:
+        operation = None
+        if cause is None:
+            before = reference_all if reference_all is not None and batch is context.batch else reference
+            samples = _worst_samples(batch, before, current)
+            operation = changed_operation(model, samples, forward, snapshot.restore, _model_dtype(model))
+        snapshot.restore()
+        result.not_kept = _warn_not_kept(change, where, context, checked, cause=cause, operation=operation)
+        result.reverted = True
+        result.weight_factor, result.changed, result.normalizations = unchanged, set(), {}
+        result.function_change, result.output_scale, result.change_beyond_scale = 0.0, 1.0, 0.0  # as it was
+        return False
+
+    current = _outputs(model, checked, forward)
+    try:
+        _record_output_change(result, reference, current, collective)
+    except OutputsChangedShape as changed:
+        return undo(math.inf, "in the model's own precision", checked, current, cause=str(changed))
+    allowed = _allowed_change(model, rounding)
+    if not result.function_change <= allowed:  # a selection that rounding tips (top-k, NMS) changes it, too
+        where = f"in the model's own precision, where its rounding explains {allowed:.1e}"
+        return undo(result.function_change, where, checked, current)
+    if reference_all is not None:
+        allowed = _allowed_change(model, result.function_change if math.isfinite(rounding) else None)
+        current = _outputs(model, context.batch, forward)
+        try:
+            change = _change_on_all_samples(reference_all, current, collective, counts=checked is probe)
+        except OutputsChangedShape as changed:
+            return undo(math.inf, "on all init samples", context.batch, current, cause=str(changed))
+        if not change <= allowed:
+            where = f"on all init samples, in the model's own precision, where rounding explains {allowed:.1e}"
+            return undo(change, where, context.batch, current)
+        result.function_change = max(result.function_change, change)
+    return True
+
+
+def _change_on_all_samples(
+    reference: list[Tensor], current: list[Tensor], collective: Collective | None, counts: bool
+) -> float:
+    """The relative output change, worst rank's (a rank whose outputs cancel on its own samples, where
+    ``counts`` is False, adds 0); ``OutputsChangedShape`` on every rank if any rank's outputs changed shape."""
+    changed_shape = counts and not _same_shapes(reference, current)
+    change = function_change(reference, current) if counts and not changed_shape else 0.0
+    if collective is not None:
+        changed_shape, change = bool(collective.total(int(changed_shape))), collective.max(change)
+    if changed_shape:
+        raise OutputsChangedShape(reference, current)
+    return change
+
+
+def _changed_operation_in_float64(
+    context: PassContext, checked: Batch, units: dict[str, WeightUnit], solution: ScaleSolution, graph: LayerGraph
+) -> str | None:
+    """The first operation whose result the rescaling changes in float64 copies of the model, on the
+    sample of ``checked`` that changed most (``changed_operation``); None where none did or no copy works."""
+    original, rescaled = _float64_twin(context.model), _float64_twin(context.model)
+    if original is None or rescaled is None:
+        return None
+    try:
+        _apply_scales(rescaled, units, solution, graph)
+        batch = cast_floating(split_batch(checked, 0, FUNCTION_CHECK_SAMPLES), torch.float64)
+        samples = _worst_samples(
+            batch, _outputs(original, batch, context.forward), _outputs(rescaled, batch, context.forward)
+        )
+        before = record_calls(original, samples, context.forward)
+        return first_changed_operation(before, record_calls(rescaled, samples, context.forward), torch.float64)
+    except MagicInitError:  # outputs that change shape, a forward that refuses one sample: no name then
+        return None
 
 
 def _predicted_rates(before: ChangeRates, solution: ScaleSolution, log_rates: dict[str, float]) -> ChangeRates:
@@ -512,6 +759,9 @@ def _equalize_approximately(
         result.nothing_to_do, result.graph = NOTHING_FREE, graph
         return result
     rates = result.before = _measure(context, called, graph, "magicinit: rates before")
+    if _no_gradient(rates):
+        result.before, result.nothing_to_do, result.graph = None, NO_GRADIENT, graph
+        return result
     total = dict(unchanged)
     step, target = 1.0, 3 * context.rates.precision
     for _ in range(options.max_rounds):

@@ -13,7 +13,7 @@ from .inputs import Batch
 from .options import DEFAULTS, DIAGNOSE_SEED, Options
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
-from .safety import buffers_kept, guarded
+from .safety import guarded
 from .session import original_module, outside_inference_mode, start_session
 from .stats import coefficient_of_variation
 from .within import first_site_moments
@@ -59,13 +59,12 @@ def diagnose(
     keywords = {name: value for name, value in locals().items() if name not in ("model", "data")}
     options = Options.from_keywords({**keywords, "include_frozen": True})
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
-    with buffers_kept(model):  # the tracing pass and every later one: a forward may update buffers of its own
-        session = start_session(model, data, options)
-        with guarded(model):
-            notes = check_attention_layout(session.context, options.sample_dim, stacklevel=4)
-            moments, layouts = first_site_moments(session.context, session.index, session.units)
-            called = {name: unit for name, unit in session.units.items() if name in moments}
-            rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
+    session = start_session(model, data, options)  # its tracing pass leaves the model as it was
+    with guarded(model):  # and so do the later ones: their forwards' buffer updates are put back too
+        notes = check_attention_layout(session.context, options.sample_dim, stacklevel=4)
+        moments, layouts = first_site_moments(session.context, session.index, session.units)
+        called = {name: unit for name, unit in session.units.items() if name in moments}
+        rates = measure_change_rates(session.context, called, layouts, "magicinit: diagnose")
     layers = []
     for name, unit in called.items():
         channel_rate = rates.channel_rate[name]

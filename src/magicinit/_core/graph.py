@@ -8,6 +8,10 @@ function exactly if every other operation's scales agree:
 - homogeneous operations of degree 1 (ReLU, pooling, reshapes, sums, concatenations, ...)
   *tie* their floating inputs and outputs to one scale;
 - products add scales (``rho_out = rho_a + rho_b``), powers multiply them;
+- a comparison ties what it compares (so a comparison with zero leaves the scale
+  free), and a comparison with a non-zero number pins it (``h * (h > t)``,
+  ``torch.where(h > t, h, 0)``, score thresholds); indices chosen by order
+  (argmax, argsort, NMS) leave it free;
 - a normalization module (batch, layer, group, instance or RMS norm) leaves
   the scale of its input *free* and fixes that of its output: scaling its input
   by ``r`` keeps its output when its ``eps`` is scaled by ``r**2`` and its running
@@ -33,7 +37,8 @@ problem on the result is ``solve``'s.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +70,9 @@ class ScaleGroups:
 
     def __init__(self) -> None:
         self.parent: list[int] = []
-        self.pin_reason: dict[int, str] = {}  # keyed by group root
+        self.pins: dict[int, list[tuple[int, str]]] = {}  # keyed by group root: each pinned node and why, in order
         self.equations: list[dict[int, float]] = []
+        self.empty: set[int] = set()  # nodes of 0-element tensors: no scale of theirs can matter, nothing pins them
 
     def add(self) -> int:
         """A new node in a group of its own."""
@@ -87,25 +93,36 @@ class ScaleGroups:
             root, other = self.find(roots[0]), self.find(other)
             if root != other:
                 self.parent[other] = root
-                if other in self.pin_reason:
-                    self.pin_reason.setdefault(root, self.pin_reason.pop(other))
+                if other in self.pins:
+                    self.pins.setdefault(root, []).extend(self.pins.pop(other))
 
     def pin(self, node: int, reason: str) -> None:
-        """Fix ``node``'s group at ``rho = 0``; the first reason given is kept."""
-        self.pin_reason.setdefault(self.find(node), reason)
+        """Fix ``node``'s group at ``rho = 0``, for ``reason`` (every reason is kept, with its node); a
+        0-element tensor's node (``empty``: an empty cache, a placeholder) fixes nothing."""
+        if node not in self.empty:
+            self.pins.setdefault(self.find(node), []).append((node, reason))
 
     def equation(self, coefficients: dict[int, float]) -> None:
         """Require ``sum(coefficient * rho[node]) == 0``."""
         self.equations.append(coefficients)
 
     def reason(self, node: int) -> str | None:
-        """Why ``node``'s group is pinned, or None if it is free."""
-        return self.pin_reason.get(self.find(node))
+        """Why ``node``'s group is pinned (the first reason given), or None if it is free."""
+        pins = self.pins.get(self.find(node))
+        return pins[0][1] if pins else None
+
+    def nearest_reason(self, node: int) -> str | None:
+        """Why ``node``'s group is pinned, told by the pin nearest ``node`` in the order of the trace (the
+        operation next to a layer, not one across the network the group reaches through residual sums),
+        or None if it is free."""
+        pins = self.pins.get(self.find(node))
+        return min(pins, key=lambda pin: abs(pin[0] - node))[1] if pins else None
 
     def copy(self) -> ScaleGroups:
         """An independent copy."""
         other = ScaleGroups()
-        other.parent, other.pin_reason, other.equations = list(self.parent), dict(self.pin_reason), list(self.equations)
+        other.parent, other.equations, other.empty = list(self.parent), list(self.equations), set(self.empty)
+        other.pins = {root: list(pins) for root, pins in self.pins.items()}
         return other
 
 
@@ -142,12 +159,18 @@ class _Tracer(CallInterceptor):
         self.scope: list[str] = []
         self.called_modules: set[str] = set()
 
-    def node(self, tensor: Tensor, reason_if_new: str = "a constant (parameter, buffer or literal)") -> int:
-        """The node of ``tensor``; a tensor seen first as an input is pinned with ``reason_if_new``."""
+    def node(self, tensor: Tensor, reason_if_new: str | None = None) -> int:
+        """The node of ``tensor``; a tensor seen first as an input is pinned with ``reason_if_new``
+        (None: a constant, named with the module the present call is made in; "": not pinned, an
+        operation's output). A 0-element tensor pins nothing (``ScaleGroups.empty``)."""
         key = id(tensor)
         if key not in self.node_of:
             self.node_of[key] = self.groups.add()
             self.alive.append(tensor)
+            if tensor.numel() == 0:
+                self.groups.empty.add(self.node_of[key])
+            if reason_if_new is None:
+                reason_if_new = f"a constant (parameter, buffer or literal){self.where()}"
             if reason_if_new:
                 self.groups.pin(self.node_of[key], reason_if_new)
             else:
@@ -155,8 +178,11 @@ class _Tracer(CallInterceptor):
         return self.node_of[key]
 
     def where(self) -> str:
-        """Where the present call is made, for a pin's reason: `` in 'module'`` or empty."""
-        return f" in '{self.scope[-1]}'" if self.scope else ""
+        """Where the present call is made, for a pin's reason: `` in 'module'``, `` in the model's own
+        forward`` (the root module's), or empty."""
+        if not self.scope:
+            return ""
+        return f" in '{self.scope[-1]}'" if self.scope[-1] else " in the model's own forward"
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
@@ -173,7 +199,7 @@ class _Tracer(CallInterceptor):
         out = func(*args, **kwargs)
         outputs = list(floating_tensors(out))
         if not outputs and spec.without_floating_output is None:
-            return out  # sizes, shapes, comparisons: no floating data flows on
+            return out  # sizes, shapes: no floating data flows on (comparisons have an entry)
         inputs = list(floating_tensors((args, kwargs)))
         in_nodes = [self.node(t) for t in inputs]
         out_nodes = [self.node(t, reason_if_new="") for t in outputs]
@@ -391,16 +417,46 @@ class LayerGraph:
         """Why the layer's input and output scales are fixed (None where free; for a concatenated
         input, the slices' reasons where every slice is fixed)."""
         input_node, output_node = self.sites[layer][0]
-        input_reason = self.groups.reason(input_node)
+        input_reason = self.groups.nearest_reason(input_node)
         if layer in self.input_parts:
-            reasons = [self.groups.reason(part) for part in self.input_parts[layer].parts]
+            reasons = [self.groups.nearest_reason(part) for part in self.input_parts[layer].parts]
             input_reason = None if None in reasons else "; ".join(dict.fromkeys(r for r in reasons if r))
-        return input_reason, self.groups.reason(output_node)
+        return input_reason, self.groups.nearest_reason(output_node)
 
     def has_free_slices(self, layer: str) -> bool:
         """Whether some slice of the layer's concatenated input has a free scale."""
         parts = self.input_parts[layer].parts if layer in self.input_parts else ()
         return any(self.groups.reason(part) is None for part in parts)
+
+
+@dataclass
+class ModuleScope:
+    """Which modules are running: ``stack`` holds the qualified names of those whose forward is running,
+    innermost last (the root module's name is empty); ``called``, of every one that ran."""
+
+    stack: list[str] = field(default_factory=list)
+    called: set[str] = field(default_factory=set)
+
+
+@contextmanager
+def module_scope(model: nn.Module) -> Iterator[ModuleScope]:
+    """A ``ModuleScope`` of ``model`` kept current through the block by temporary forward hooks."""
+    name_of = {module: name for name, module in model.named_modules()}
+    scope = ModuleScope()
+
+    def enter(module: nn.Module, args: Any) -> None:
+        scope.stack.append(name_of.get(module, "?"))
+        scope.called.add(scope.stack[-1])
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if scope.stack:
+            scope.stack.pop()
+
+    with temporary_hooks() as hooks:
+        for module in name_of:
+            hooks.before(module, enter)
+            hooks.after(module, leave)
+        yield scope
 
 
 def trace_graph(
@@ -423,21 +479,10 @@ def trace_graph(
     ``across_normalization``: a normalization layer's input scale is free where its
     module can compensate (else every normalization pins it).
     """
-    name_of = {module: name for name, module in model.named_modules()}
-    tracer = _Tracer(units, {name: module for module, name in name_of.items()}, homogeneity, across_normalization)
-
-    def enter(module: nn.Module, args: Any) -> None:
-        tracer.scope.append(name_of.get(module, "?"))
-        tracer.called_modules.add(tracer.scope[-1])
-
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        if tracer.scope:
-            tracer.scope.pop()
-
-    with temporary_hooks() as hooks, parametrize.cached():
-        for module in name_of:
-            hooks.before(module, enter)
-            hooks.after(module, leave)
+    modules = dict(model.named_modules())
+    tracer = _Tracer(units, modules, homogeneity, across_normalization)
+    with module_scope(model) as scope, parametrize.cached():
+        tracer.scope, tracer.called_modules = scope.stack, scope.called
         for tensor in floating_tensors(batch):
             tracer.node(tensor, reason_if_new="model input")
         with tracer:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .between import BetweenResult, equalize_between
+from .between import NO_GRADIENT, BetweenResult, equalize_between
 from .context import PassContext
 from .distributed import ProcessGroupArg
 from .graph import LayerGraph
@@ -23,7 +24,7 @@ from .safety import evaluating, guarded
 from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_inference_mode, start_session
 from .sites import refreshed
-from .within import WithinLayerResult, normalize_within
+from .within import FEW_VALUES_PER_CHANNEL, ON_TARGET, WithinLayerResult, normalize_within, remeasure_after
 
 
 @outside_inference_mode
@@ -81,7 +82,8 @@ def init_(
         within: run Part 1.
         between: run Part 2.
         beta: target mean of every channel after Part 1 (the reference's ``-b``, 0.1 there).
-        seed: same seed, model and data give bit-identical weights; None uses torch's global RNG.
+        seed: same seed, model and data give bit-identical weights (across CPU thread counts: see
+            docs/guide.md); None uses torch's global RNG.
         samples: at most this many samples of ``data`` are used.
         sample_dim: the dimension of each input tensor that indexes samples: 1 for torch's
             sequence-first transformer layers (``batch_first=False``, inputs ``(L, N, E)``), so that
@@ -180,7 +182,7 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
     seconds: dict[str, float] = {}
     within_results: dict[str, WithinLayerResult] = {}
     between_result = None
-    with refreshed(model, session.all_units.values()), guarded(model):
+    with refreshed(model, session.all_units.values()), guarded(model) as snapshot:  # buffers put back at the end
         session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
         if options.within:
             start = time.perf_counter()
@@ -192,11 +194,16 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
                 beta=options.beta,
                 patch_budget_bytes=int(options.patch_budget_mb * 2**20),
             )
+            # what the report gives as "after": the output with the final Part 1 weights, not what each layer
+            # gave at its own normalization (a bias shared with a later layer has changed since)
+            remeasure_after(session.context, session.index, session.units, within_results)
             seconds["within"] = time.perf_counter() - start
         if options.between:
             start = time.perf_counter()
             constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
             between_result = _between(session, constant)
+            # running statistics Part 2 scaled on purpose stay; every other buffer is put back (safety.guarded)
+            snapshot.keep_buffers_of(model.get_submodule(name) for name in between_result.normalizations)
             seconds["between"] = time.perf_counter() - start
     settings = {**options.settings(), **_count_samples(session)}
     return _build_report(session, settings, within_results, between_result, seconds)
@@ -279,15 +286,33 @@ def _count_samples(session: Session) -> dict[str, int]:
 
 
 def _add_weight_facts(
-    session: Session, entry: LayerReport, within: WithinLayerResult | None, pinned: LayerGraph
+    session: Session,
+    entry: LayerReport,
+    within: WithinLayerResult | None,
+    pinned: LayerGraph,
+    bias_users: dict[str, list[str]],
 ) -> None:
-    """Notes on how the weight is held and used: other names, reparametrization, several sites, and
-    what fixes its scales in ``pinned`` (the graph Part 2 used last)."""
+    """Notes on how the weight is held and used: other names, reparametrization, a bias shared with
+    other layers (``bias_users``: the layers Part 1 set each bias parameter for, in order), several
+    sites, and what fixes its scales in ``pinned`` (the graph Part 2 used last)."""
     unit = session.all_units[entry.name]
     if unit.aliases:
         entry.notes.append(f"the same parameter is also registered as {', '.join(unit.aliases)}")
     if unit.kind in ("weight_norm", "prune") and entry.status in (LayerStatus.INITIALIZED, LayerStatus.RESCALED):
         entry.notes.append(f"{unit.kind}: written through {' and '.join(unit.parameters)}")
+    bias = within.bias if within is not None else None
+    sharing = bias_users.get(bias, []) if bias is not None else []
+    if len(sharing) > 1:
+        others = ", ".join(f"'{name}'" for name in sharing if name != entry.name)
+        last = sharing[-1]
+        entry.notes.append(
+            f"its bias '{bias}' is also the bias of {others}: Part 1 set it for each in turn, last for "
+            + (
+                "this layer"
+                if last == entry.name
+                else f"'{last}', so this layer's channel means are no longer beta (see its figures after)"
+            )
+        )
     graph = session.graph
     if entry.name not in graph.sites:
         return
@@ -322,6 +347,92 @@ def _add_weight_facts(
         entry.notes.append(f"output scale fixed by {entry.output_scale_fixed_by}")
 
 
+def _add_within_facts(session: Session, entry: LayerReport, within: WithinLayerResult, beta: float) -> None:
+    """Notes on what Part 1 did at the layer and what its output measured afterwards: constant channels,
+    channels off target (``WithinLayerResult.off_target``), too few values per channel."""
+    constant, channels = within.zero_variance, within.scale.numel()
+    mean = ", its bias set to beta" if within.mean_set else ""
+    if within.constant:
+        weight = session.all_units[entry.name].tensor(session.context.model)
+        if not bool(weight.detach().any()):
+            entry.notes.append(
+                f"every channel ({channels}) constant on the init data because its weight is all zero: not "
+                f"normalized: the weight stays zero{mean}; Part 2 holds it fixed"
+            )
+        else:
+            entry.notes.append(
+                f"every channel ({channels}) constant on the init data (its input is: a dead unit upstream, or "
+                f"constant data): not normalized: its filters are scaled to unit norm{mean}; Part 2 holds it fixed"
+            )
+    elif constant:
+        entry.notes.append(
+            f"{len(constant)} of {channels} channel(s) constant on the init data (first: {constant[:8]}): not "
+            f"normalized, given the median scale of the other channels{' and mean beta' if within.mean_set else ''}"
+        )
+    off_target = within.off_target(beta)
+    if off_target is not None:
+        entry.notes.append(off_target)
+    if within.values_per_channel < FEW_VALUES_PER_CHANNEL:
+        entry.notes.append(
+            f"only {within.values_per_channel} value(s) per channel on the init data (samples times positions), "
+            f"fewer than {FEW_VALUES_PER_CHANNEL}: its channel statistics stand for little; pass more samples"
+        )
+
+
+def _summarize_within(report: Report, within_results: dict[str, WithinLayerResult]) -> None:
+    """One note, and one warning, for each kind of Part 1 result that needs a look: layers constant in
+    every channel, layers off target after Part 1, layers with too few values per channel."""
+    beta = report.settings["beta"]
+    constant = [name for name, result in within_results.items() if result.constant]
+    off_target = [name for name, result in within_results.items() if result.off_target(beta) is not None]
+    few = [name for name, result in within_results.items() if result.values_per_channel < FEW_VALUES_PER_CHANNEL]
+    kinds = {
+        "are constant in every channel on the init data, so not normalized (status 'constant'; their notes "
+        "say why)": constant,
+        f"are off target after Part 1: re-measured with the final weights, a channel's std is outside "
+        f"[{ON_TARGET.std_low:g}, {ON_TARGET.std_high:g}] or its mean more than {ON_TARGET.mean:g} from beta "
+        "(their notes give the worst channels)": off_target,
+        f"were measured on fewer than {FEW_VALUES_PER_CHANNEL} values per channel (samples times positions): "
+        "their statistics stand for little; pass more samples": few,
+    }
+    for what, names in kinds.items():
+        if names:
+            listed = ", ".join(f"'{name}'" for name in names[:5]) + (", ..." if len(names) > 5 else "")
+            message = f"{len(names)} layer(s) ({listed}) {what}"
+            report.notes.append(message)
+            # stacklevel: here, _build_report, _initialize, init_ and its wrapper, then the user's call
+            warnings.warn(f"magicinit: {message}", UserWarning, stacklevel=6)
+
+
+LEFT_ALONE = (
+    LayerStatus.EXCLUDED,
+    LayerStatus.NEVER_CALLED,
+    LayerStatus.FIXED,
+    LayerStatus.CONSTANT,
+    LayerStatus.UNCHANGED,
+)
+
+
+def _summarize_left_alone(report: Report) -> None:
+    """Where most layers were left as they were (``LEFT_ALONE``), a note that counts them by reason."""
+    left = [layer for layer in report.layers if layer.status in LEFT_ALONE]
+    if 2 * len(left) <= len(report.layers) or not (report.settings["within"] or report.settings["between"]):
+        return
+    reasons = Counter(_left_alone_reason(layer) for layer in left)
+    counted = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    report.notes.append(f"{len(left)} of {len(report.layers)} layers were left as they were: {counted}")
+
+
+def _left_alone_reason(layer: LayerReport) -> str:
+    """A short reason for a layer left alone: its status, or for an excluded one its note's first words."""
+    if layer.status != LayerStatus.EXCLUDED or not layer.notes:
+        return str(layer.status)
+    reason = layer.notes[0]
+    for end in (":", " (", ",", " in '"):
+        reason = reason.split(end, 1)[0]
+    return reason
+
+
 def _build_report(
     session: Session,
     settings: dict[str, Any],
@@ -334,6 +445,10 @@ def _build_report(
     called = session.graph.calls
     model = session.context.model
     pinned = between_result.graph if between_result is not None and between_result.graph else session.graph
+    bias_users: dict[str, list[str]] = {}  # each bias parameter Part 1 set, and for which layers (in order)
+    for name, normalized in within_results.items():
+        if normalized.bias is not None:
+            bias_users.setdefault(normalized.bias, []).append(name)
     for name, unit in session.all_units.items():
         result = within_results.get(name)
         entry = LayerReport(
@@ -347,6 +462,12 @@ def _build_report(
             entry.notes.append(session.excluded[name])
         elif entry.status == LayerStatus.NEVER_CALLED:
             entry.notes.append("never called in forward: left as is")
+        elif entry.status == LayerStatus.UNCHANGED:
+            entry.notes.append(
+                "Part 1 did not reach it on the init data (the tracing probe called it): left as is"
+                if settings["within"]
+                else "left as is: within=False and between=False"
+            )
         if result is not None:
             entry.channel_mean_before = result.before.mean.tolist()
             entry.channel_std_before = result.before.std.tolist()
@@ -354,13 +475,8 @@ def _build_report(
             entry.channel_std_after = result.after.std.tolist()
             entry.zero_variance_channels = result.zero_variance
             entry.notes.extend(result.notes)
-            if result.zero_variance:
-                entry.notes.append(
-                    f"{len(result.zero_variance)} channel(s) constant on the init data "
-                    f"(first: {result.zero_variance[:8]}): given a safe scale (the median of the others, "
-                    "or unit-norm filters) and mean beta"
-                )
-        _add_weight_facts(session, entry, result, pinned)
+            _add_within_facts(session, entry, result, settings["beta"])
+        _add_weight_facts(session, entry, result, pinned, bias_users)
         if between_result is not None and between_result.before is not None and name in between_result.before.rate:
             entry.rate_before = between_result.before.rate[name]
             entry.rate_before_log_error = between_result.before.log_error[name]
@@ -368,10 +484,14 @@ def _build_report(
                 entry.rate_after = between_result.after.rate[name]
                 entry.rate_after_log_error = between_result.after.log_error[name]
             entry.weight_scale = between_result.weight_factor.get(name)
-            if name in between_result.excluded:
-                entry.notes.append(f"not equalized: {between_result.excluded[name]}")
+        if between_result is not None and name in between_result.excluded:  # with rates measured or not
+            entry.notes.append(f"not equalized: {between_result.excluded[name]}")
         layers.append(entry)
     report = Report(layers, settings, list(session.notes), seconds)
+    if not settings["within"] and not settings["between"]:
+        report.notes.append("within=False and between=False: nothing was measured or changed")
+    _summarize_within(report, within_results)
+    _summarize_left_alone(report)
     if between_result is not None:
         _add_between_facts(report, between_result, settings, model)
     return report
@@ -395,7 +515,9 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     report.rate_spread_before = _spread(between.before.rate, between.equalized)
     if between.after is not None:
         report.rate_spread_after = _spread(between.after.rate, between.equalized)
-    if settings.get("scale_mode") == "approximate":
+    if between.instead_of_approximate is not None:
+        report.notes.append(between.instead_of_approximate)
+    if settings.get("scale_mode") == "approximate" and not between.exact_instead:
         report.notes.append(
             f"scale_mode='approximate': {between.rounds} rescaling round(s), change rates from "
             f"{between.before.draws} noise draws per measurement ({between.before.method}); the output changed by "
@@ -425,7 +547,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
             f"statistics) scaled to match, so their output is unchanged. {EPS_NOT_IN_STATE_DICT}"
         )
     if between.reverted:
-        report.notes.append("between-layer rescaling was not kept: it would change the network's output")
+        report.notes.append(f"Part 2 was not kept: {between.not_kept or 'it would change the network output'}")
 
 
 EPS_NOT_IN_STATE_DICT = (
@@ -441,12 +563,14 @@ def _status(
     if name in session.excluded:
         return LayerStatus.EXCLUDED
     if within is not None:  # before the graph's word: the probe may take another path than all the data
-        return LayerStatus.INITIALIZED
+        return LayerStatus.CONSTANT if within.constant else LayerStatus.INITIALIZED
     if name not in session.graph.sites:
         return LayerStatus.NEVER_CALLED
-    if between is not None and not between.reverted and name in between.changed:
+    if between is None:  # no Part 2, and Part 1 did not run or did not reach it
+        return LayerStatus.UNCHANGED
+    if not between.reverted and name in between.changed:
         return LayerStatus.RESCALED
-    if between is not None and between.nothing_to_do is not None:
+    if between.nothing_to_do is not None and between.nothing_to_do != NO_GRADIENT:  # (rates of 0 were measured)
         return LayerStatus.FIXED
     return LayerStatus.MEASURED
 

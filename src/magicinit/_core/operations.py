@@ -174,6 +174,25 @@ def _pad(relations: ScaleRelations, op: Op) -> None:
     (_tie if not op.fill_value() else _pin)(relations, op)
 
 
+def _compare(relations: ScaleRelations, op: Op) -> None:
+    """A comparison (``h > t``, ``h == g``, bucketing by boundaries): a positive rescaling keeps its result
+    where both sides scale alike, so two compared tensors are tied (a constant tensor then pins the other)
+    and a comparison with zero leaves the scale free; one with a non-zero number fixes the compared
+    tensor's scale (``h * (h > 0.5)`` is no ReLU)."""
+    constants = [v for v in _numbers(op) if v != 0]
+    if constants:
+        reason = f"{op.name}{op.where} (a comparison with {constants[0]:g}: its result changes with the scale)"
+        for n in op.in_nodes:
+            relations.pin(n, reason)
+    else:
+        _tie(relations, op)
+
+
+def _by_order(relations: ScaleRelations, op: Op) -> None:
+    """Indices chosen by order (argmax, argsort, NMS): one positive factor per input tensor keeps them,
+    so the inputs' scales stay free (a concatenation read so gets one scale: ``graph``)."""
+
+
 def _affine(relations: ScaleRelations, op: Op) -> None:
     """A convolution or linear map whose weight is no parameter (a site records itself): multilinear
     in input and weight, unless a bias pins it."""
@@ -313,9 +332,10 @@ class OperationSpec:
 
     Attributes:
         rule: how a call with a floating output relates the scales of its floating inputs and outputs.
-        without_floating_output: how a call without one does: None, not at all (sizes, shapes,
-            comparisons); ``_pin``, a value read into Python, whose later use the trace cannot see;
-            another rule, an in-place write.
+        without_floating_output: how a call without one does: None, not at all (sizes, shapes);
+            ``_pin``, a value read into Python, whose later use the trace cannot see; ``_compare``, a
+            comparison, whose boolean result changes with the scale of what it compares to a constant;
+            ``_by_order``, indices chosen by order; another rule, an in-place write.
         slice_wise: it acts on every element alike and is homogeneous, so the slices of a
             concatenation pass through it with scales of their own (where it keeps the shape).
         channel_wise: it acts over the spatial dimensions of each channel (dimension 1) alone, so the
@@ -372,6 +392,13 @@ _OPERATIONS: dict[str, OperationSpec] = _table(
         (_CHANNEL_WISE, OperationSpec(_tie, channel_wise=True)),
         ("float", OperationSpec(_tie, slice_wise=True, without_floating_output=_pin)),
         ("item tolist int", OperationSpec(without_floating_output=_pin)),
+        (
+            "gt lt ge le eq ne greater less greater_equal less_equal not_equal bucketize searchsorted",
+            OperationSpec(_compare, without_floating_output=_compare),
+        ),
+        # degree-1 homogeneous values (one factor per input keeps the order) and their indices
+        ("topk sort msort kthvalue", OperationSpec(_tie)),
+        ("argmax argmin argsort nms", OperationSpec(without_floating_output=_by_order)),
         ("pad", OperationSpec(_pad, channel_wise=True, fill_value=(3, "value"))),
         ("constant_pad_nd", OperationSpec(_pad, channel_wise=True, fill_value=(2, "value"))),
         ("cat", OperationSpec(_tie, concatenation=True)),

@@ -36,11 +36,13 @@ class LayerStatus(StrEnum):
     """What happened to one affine layer (a ``str``: compares equal to its value)."""
 
     INITIALIZED = "initialized"  # Part 1 set it (Part 2 may have rescaled it too)
+    CONSTANT = "constant"  # Part 1 found every output channel constant on the init data: nothing to normalize
     RESCALED = "rescaled"  # Part 2 only: its weight was rescaled (a factor other than 1) and the rescaling kept
     MEASURED = "measured"  # its change rate was measured; its weights are as they were (factor 1, or not kept)
     FIXED = "fixed"  # Part 2 found its scales fixed by the graph (its notes say by what): left as is, not measured
     EXCLUDED = "excluded"  # left alone: skipped, frozen, tied, reparametrized, or applied otherwise (the note says)
     NEVER_CALLED = "never called"  # the forward pass on the init data never called it
+    UNCHANGED = "unchanged"  # called, but neither part measured or changed it (within=False and between=False)
 
 
 @dataclass
@@ -49,7 +51,9 @@ class LayerReport:
 
     Channel statistics are over the init data (population std). ``*_before``
     of Part 1 are those of the freshly drawn filters with zero bias; ``*_after``
-    those of the normalized output. Rates are relative change rates ``C_k``
+    those of the layer's output measured again after Part 1, with the final
+    Part 1 weights of every layer (before Part 2, which keeps the function
+    but may rescale the layer). Rates are relative change rates ``C_k``
     with the standard error of ``log C_k`` as spread. ``input_scale_fixed_by``
     and ``output_scale_fixed_by`` name what keeps Part 2 from rescaling the
     layer's input or output ("model input", "batch_norm in 'bn1'", ...; None

@@ -37,7 +37,9 @@ several processes the request's ``collective`` is a ``SamplerCollective``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -185,14 +187,47 @@ def orthogonal(request: SamplerRequest) -> Tensor:
     """Orthonormal filters within each group (rows, or columns when there are more rows).
 
     Drawn as the Q factor of a Gaussian matrix with the signs of R's diagonal
-    folded in, which makes Q uniformly (Haar) distributed.
+    folded in, which makes Q uniformly (Haar) distributed. The QR runs on one
+    thread (``one_intraop_thread``): LAPACK's blocked QR gives other last bits
+    with other thread counts, and one seed gives the same filters with any.
     """
     groups, rows, cols = request.shape
     tall = rows >= cols
     gaussian_matrix = torch.randn(groups, max(rows, cols), min(rows, cols), generator=request.generator)
-    q, r = torch.linalg.qr(gaussian_matrix)
+    with one_intraop_thread():
+        q, r = torch.linalg.qr(gaussian_matrix)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q if tall else q.transpose(-2, -1)
+
+
+@functools.cache
+def _openmp_backend() -> bool:
+    """Whether torch runs its intra-op parallel work on OpenMP (where the thread count is the calling
+    thread's own setting, and may change at any time)."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextmanager
+def one_intraop_thread() -> Iterator[None]:
+    """Run a block with torch's intra-op threads (``torch.set_num_threads``) set to one, and put back after,
+    however it ends: for a LAPACK call whose last bits depend on the thread count (``torch.linalg.qr``).
+
+    Why this is safe: with the OpenMP backend (torch's CPU builds; the only one where it is done) the count
+    may be set at any time, and ``omp_set_num_threads`` sets the calling thread's own OpenMP count; the
+    ``finally`` puts torch's count back (and MKL's with it, as every ``torch.set_num_threads`` call does).
+    At worst, torch work that other Python threads run meanwhile runs on fewer threads: slower, not
+    different. With another backend, where the count can only be set before any parallel work, or with
+    one thread already, the block runs as it is.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or not _openmp_backend():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @register_sampler("keep")

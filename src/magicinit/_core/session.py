@@ -21,7 +21,7 @@ from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, all_tensors, default_forward, forward_in_data_layout, gather_batch, split_batch
 from .options import Options
-from .safety import evaluating
+from .safety import observing
 from .sites import UnitIndex, WeightUnit
 from .torch_internals import (
     compiled_original,
@@ -372,14 +372,15 @@ def _gather_and_trace(
 def _trace(
     model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex, across_normalization: bool = False
 ) -> tuple[LayerGraph, list[str]]:
-    """The graph, traced on ``probe`` in eval mode, and notes.
+    """The graph, traced on ``probe`` in eval mode, and notes. The model is left as it was, whatever
+    the forward changes in it (a counter kept in a buffer): ``safety.observing``.
 
     If tracing fails, the model runs on ``probe`` as it is: an error there is
     the data's (or the model's). If it runs, the tracing is tried again: a forward
     that fails on its first call alone is said to be one; an error that only the
     tracing mode brings about is said to be magicinit's.
     """
-    with evaluating(model), torch.no_grad():
+    with observing(model), torch.no_grad():
         try:
             return trace_graph(model, probe, forward, index, across_normalization=across_normalization), []
         except Exception as exc:

@@ -31,11 +31,13 @@ def is_vectorization_refusal(error: BaseException) -> bool:
 
     Torch raises a plain ``RuntimeError`` (or ``ValueError``) without a type of
     its own for this; its message names vmap, a batching rule, functorch or a
-    batched tensor. Assumption: that wording (tested on an operation without a
-    batching rule and on data-dependent control flow).
+    batched tensor, or (a batched tensor read outside torch: ``.numpy()``) says the
+    tensor has no storage. Assumption: that wording (tested on an operation without a
+    batching rule, on data-dependent control flow and on ``.numpy()``).
     """
     text = " ".join(str(e) for e in (error, _root_cause(error))).lower()
-    return any(word in text for word in ("vmap", "batching rule", "functorch", "batched tensor"))
+    words = ("vmap", "batching rule", "functorch", "batched tensor", "doesn't have storage")
+    return any(word in text for word in words)
 
 
 def root_cause_name(error: BaseException) -> str:

@@ -6,9 +6,17 @@ each disjoint part of it, for the slices of a packed projection) it
 draws the filters (``samplers``), makes the call with them and a zero bias,
 measures the mean ``mu_i`` and standard deviation ``sigma_i`` of every output
 channel, sets ``W_i <- W_i / sigma_i`` and ``b_i <- beta - mu_i / sigma_i`` (through
-the weight's real parameters), and hands the *normalized* output on, so every
-later site already sees the initialized ones before it. The cost is one
-forward pass plus a few element-wise passes over each site's output.
+the weight's real parameters), and makes the call again with them: that output,
+what the model now computes there, rounding included, is handed on, so every
+later site is normalized on the input the initialized layers before it really
+give. (Handing on the ideal ``(z - mu_i) / sigma_i + beta`` instead lets each
+layer's rounding grow through the large scales of later layers whose channels
+have a small spread: with few values per channel, behind a global pool or in a
+squeeze-excitation block, channels drifted far from std 1. Which later layer
+amplifies cannot be told when a site is normalized, so every site makes the
+second call.) The cost is one forward pass plus a second call and a few
+element-wise passes per site; one more pass (``remeasure_after``) measures
+every layer's output with the final weights, for the report.
 
 A weight used at several sites is normalized at its first use in data order;
 its later uses see it as it then is.
@@ -39,15 +47,36 @@ ZERO_VARIANCE_TOLERANCE = 4.0
 EXTREME_MAGNITUDE = 1e18  # float32 outputs beyond it (or below its inverse) get float64 statistics
 
 
+@dataclass(frozen=True)
+class TargetBand:
+    """How far a channel re-measured after Part 1 may be from Part 1's target (std 1, mean ``beta``)
+    before the report says that the layer is off target."""
+
+    std_low: float
+    std_high: float
+    mean: float  # largest |mean - beta| (layers whose bias Part 1 set)
+
+
+# Part 1 hits its target up to rounding, far inside this band in any dtype (bfloat16 rounds at 2**-8):
+# a channel outside it was moved by more than rounding (a bias shared with a later layer, a forward
+# that is not repeatable), and the report says so.
+ON_TARGET = TargetBand(std_low=0.5, std_high=2.0, mean=0.5)
+# Below this many values per channel (samples times positions), a channel's moments are a few numbers'
+# spread: exact on the init data, but too few to stand for the data a training run will see (the relative
+# standard error of a std from n values is about 1 / sqrt(2 n): 25 % at 8). A head or squeeze-excitation
+# layer sees one value per sample, so 8 samples, the fewest the README's benchmarks use, pass.
+FEW_VALUES_PER_CHANNEL = 8
+
+
 @dataclass
 class WithinLayerResult:
     """What Part 1 measured and did at one layer.
 
     Attributes:
         before: channel moments of the drawn filters' output (bias zero), measured.
-        after: channel moments of the output handed on, which follow exactly from
-            ``before`` through the per-channel affine map applied (mean ``beta``,
-            std 1 up to rounding); a fresh forward pass re-measures them.
+        after: channel moments of the layer's output with its new weight and bias, measured
+            where Part 1 normalized it (mean ``beta`` and std 1 up to rounding), and measured
+            again with the final weights of all layers by ``remeasure_after``.
         scale: the factor applied to every output channel's filter.
         zero_variance: channels that were constant on the init data; they got
             the layer's median scale (or unit-norm filters) and mean ``beta``.
@@ -55,6 +84,7 @@ class WithinLayerResult:
         notes: what the sampler did differently (e.g. a fallback to gaussian).
         sites: how many sites normalized a part of the weight (more than one for disjoint
             slices of one parameter; their channels follow each other in site order).
+        bias: qualified name of the bias parameter Part 1 set (None where it set none).
     """
 
     before: ChannelMoments
@@ -64,6 +94,45 @@ class WithinLayerResult:
     mean_set: bool = True
     notes: list[str] = field(default_factory=list)
     sites: int = 1
+    bias: str | None = None
+
+    @property
+    def constant(self) -> bool:
+        """Every output channel was constant on the init data: there was nothing to normalize."""
+        return len(self.zero_variance) == self.scale.numel()
+
+    @property
+    def values_per_channel(self) -> int:
+        """The fewest values a channel's moments were taken over (samples times positions)."""
+        count = self.after.count
+        return int(count.min()) if isinstance(count, Tensor) else int(count)
+
+    def off_target(self, beta: float) -> str | None:
+        """What is off target in ``after`` (``ON_TARGET``), with the worst channels; None if nothing.
+
+        Constant channels have no std to set, and a layer whose bias Part 1 did not set no mean."""
+        std, mean = self.after.std.double(), self.after.mean.double()
+        live = torch.ones_like(std, dtype=torch.bool)
+        live[self.zero_variance] = False
+        std_off = live & ((std < ON_TARGET.std_low) | (std > ON_TARGET.std_high) | ~torch.isfinite(std))
+        mean_distance = (mean - beta).abs() if self.mean_set else torch.zeros_like(mean)
+        mean_off = ~(mean_distance <= ON_TARGET.mean)
+        off = std_off | mean_off
+        if not bool(off.any()):
+            return None
+        parts = []
+        if bool(std_off.any()):
+            distance = torch.where(std_off, std.clamp_min(1e-300).log().abs().nan_to_num(math.inf), -1.0)
+            worst = int(distance.argmax())
+            parts.append(f"std {float(std[worst]):.3g} (channel {worst})")
+        if bool(mean_off.any()):
+            worst = int(torch.where(mean_off, mean_distance.nan_to_num(math.inf), -1.0).argmax())
+            parts.append(f"mean {float(mean[worst]):.3g} (channel {worst}, beta {beta:g})")
+        return (
+            f"off target after Part 1: re-measured with the final weights, {int(off.sum())} of {off.numel()} "
+            f"channel(s) have a std outside [{ON_TARGET.std_low:g}, {ON_TARGET.std_high:g}] or a mean more than "
+            f"{ON_TARGET.mean:g} from beta; worst: {', '.join(parts)}"
+        )
 
     def followed_by(self, other: WithinLayerResult) -> WithinLayerResult:
         """This result and ``other`` (a later, disjoint part of the same weight), channels side by side."""
@@ -75,6 +144,7 @@ class WithinLayerResult:
             mean_set=self.mean_set and other.mean_set,
             notes=self.notes + [n for n in other.notes if n not in self.notes],
             sites=self.sites + other.sites,
+            bias=self.bias or other.bias,
         )
 
 
@@ -106,6 +176,14 @@ def _zero_variance(moments: ChannelMoments, filters: Tensor, input_rms: float, d
         torch.finfo(dtype).eps * (moments.mean.abs() + typical) + accumulation * math.sqrt(filters.shape[-1]) * typical
     )
     return moments.std <= ZERO_VARIANCE_TOLERANCE * noise
+
+
+def _per_channel(values: Tensor, site: SiteCall, output: Tensor) -> Tensor:
+    """One value per output channel of ``site``, shaped to broadcast against its ``output``, in its dtype."""
+    values = values.to(device=output.device, dtype=output.dtype if values.is_floating_point() else values.dtype)
+    if site.adapter.channels_last_in_output:
+        return values
+    return values.view(1, -1, *([1] * (output.dim() - 2)))
 
 
 def _input_rms(layer_input: Any) -> float:
@@ -239,17 +317,15 @@ class _WithinPass(CallInterceptor):
         if mean_set:
             assert bias is not None  # mean_set says so
             bias.copy_((self.beta - before.mean * scale).to(bias.dtype))
-        # the output handed on: (z - mu) * scale + mean_after, what the new W and b compute;
-        # a constant channel passes on its exact constant, not its rounding noise
-        pass_on_scale = torch.where(dead, torch.zeros_like(scale), scale)
-        view.mul_(pass_on_scale.view(1, -1, 1).to(work.dtype)).add_(mean_after.view(1, -1, 1).to(work.dtype))
-        after = ChannelMoments(before.count, mean_after, before.sum_sq_dev * pass_on_scale.square())
-        if bias is not None and not mean_set:  # the kept bias, as the function adds it (its value at a zero input)
-            kept = site.call(input=torch.zeros_like(site.input), weight=new_weight)
-            work.add_(_for_statistics(kept).to(work.dtype))
-            after = ChannelMoments.of(adapter.channel_view(work))
-            if collective is not None:
-                after = collective.merge_moments(after)
+        del output, work, view  # the drawn filters' output is measured: free it before the second call
+        handed_on = site.call(weight=new_weight)  # the new weight, and the bias as the call reads it (a kept one too)
+        if bool(dead.any()):  # a constant channel passes on its exact constant, not its rounding noise
+            handed_on = torch.where(
+                _per_channel(dead, site, handed_on), _per_channel(mean_after, site, handed_on), handed_on
+            )
+        after = ChannelMoments.of(adapter.channel_view(_for_statistics(handed_on)))
+        if collective is not None:
+            after = collective.merge_moments(after)
         result = WithinLayerResult(
             before=before,
             after=after,
@@ -257,11 +333,12 @@ class _WithinPass(CallInterceptor):
             zero_variance=dead.nonzero().flatten().tolist(),
             mean_set=mean_set,
             notes=notes,
+            bias=self.index.writable(bias) if mean_set else None,
         )
         self.results[name] = self.results[name].followed_by(result) if name in self.results else result
         if result.sites == self.results[name].sites:
             self.on_layer_done(1)
-        return work if work.dtype == output.dtype else work.to(output.dtype)
+        return handed_on
 
 
 def normalize_within(
@@ -325,3 +402,20 @@ def first_site_moments(
     with torch.no_grad(), recorder:
         context.run()
     return recorder.moments, recorder.layouts
+
+
+def remeasure_after(
+    context: PassContext, index: UnitIndex, units: dict[str, WeightUnit], results: dict[str, WithinLayerResult]
+) -> None:
+    """Set every result's ``after`` to the channel moments its layer gives with the final Part 1 weights
+    of all layers, at the sites Part 1 normalized (``first_site_moments``: one more pass over the init data).
+
+    They differ from those measured during Part 1 where something changed after the layer's own
+    normalization: a bias shared with a later layer (and then the layers after it too), a forward
+    that is not repeatable.
+    """
+    moments, _ = first_site_moments(context, index, {name: units[name] for name in results})
+    for name, result in results.items():
+        measured = moments.get(name)
+        if measured is not None and measured.mean.shape == result.after.mean.shape:
+            result.after = measured
