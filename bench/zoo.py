@@ -18,16 +18,23 @@ A second table runs every model again with ``scale_mode="approximate"``: layers
 rescaled, rate spread after, the operations treated as homogeneous on the data,
 the output change beyond one global factor, and the rounds.
 
+With ``--device cuda`` the models and inputs are on the GPU and every timed region is
+synchronized (``torch.cuda.synchronize``); its section is ``## bench/zoo.py --device cuda``.
+``--json PATH`` also writes the rows as JSON (``bench/gpu.sh`` reads them).
+
 Output: the tables on stdout, and the ``## bench/zoo.py`` section of
 ``bench/RESULTS.md``. Run from the repository root (about 3 minutes on 2 CPU cores)::
 
     pip install -c constraints.txt -e ".[test,bench]"
     python bench/zoo.py
+    python bench/zoo.py --device cuda --models resnet18 vgg11 --no-approximate --json zoo.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import statistics
 import time
@@ -70,6 +77,8 @@ class ZooRow:
     approximated: int = 0
     rounds: int = 0
     rate_way: str = "-"
+    forward_seconds: float | None = None  # the median forward of the copy whose ratio is the median
+    init_seconds: float | None = None  # that copy's init_
 
 
 def fixing_op(reason: str | None) -> str | None:
@@ -79,8 +88,14 @@ def fixing_op(reason: str | None) -> str | None:
     return reason.split(" in ")[0]
 
 
-def summarize(name: str, report: Report, caught: list[warnings.WarningMessage], ratio: float) -> ZooRow:
-    """The table row of one model's report."""
+def summarize(
+    name: str,
+    report: Report,
+    caught: list[warnings.WarningMessage],
+    ratio: float,
+    seconds: tuple[float | None, float | None] = (None, None),
+) -> ZooRow:
+    """The table row of one model's report; ``seconds``: (forward, init_) of the median copy."""
     ops: Counter = Counter()
     for layer in report.layers:
         for reason in (layer.input_scale_fixed_by, layer.output_scale_fixed_by):
@@ -102,43 +117,59 @@ def summarize(name: str, report: Report, caught: list[warnings.WarningMessage], 
         approximated=len(report.approximated),
         rounds=report.scale_rounds,
         rate_way=next((way for note in report.notes for way in RATE_WAYS if f"samples; {way}" in note), "-"),
+        forward_seconds=seconds[0],
+        init_seconds=seconds[1],
     )
 
 
 BUILT_IN = {"caffenet": {"width": 0.25, "classes": 1000}}  # built-in nets of magicinit.tools.nets, and their arguments
 
 
-def build(name: str) -> nn.Module:
-    """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, seeded."""
+def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, seeded,
+    on ``device``."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet's note about its future default init
-        return load_model(name, BUILT_IN[name]) if name in BUILT_IN else load_model(f"torchvision:{name}", {})
+        model = load_model(name, BUILT_IN[name]) if name in BUILT_IN else load_model(f"torchvision:{name}", {})
+    return model.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that the clock reads its end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact", repeats: int = 1) -> ZooRow:
-    """Initialize the model and time ``init_`` against one eval-mode forward pass (the median of
-    ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of the model
-    (the same seeds, so the same report), and the median of their ratios."""
-    ratios = []
+    """Initialize the model (on the device of ``inputs``) and time ``init_`` against one eval-mode forward pass
+    (the median of ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of
+    the model (the same seeds, so the same report), and the median of their ratios."""
+    device = inputs.device
+    timings = []  # (ratio, forward seconds, init_ seconds) of each copy
     for _ in range(repeats):
-        model = build(name)
+        model = build(name, device)
         with torch.no_grad():
             model.eval()(inputs)  # warm-up
             forwards = []
             for _ in range(FORWARD_REPEATS):
+                synchronize(device)
                 started = time.perf_counter()
                 model(inputs)
+                synchronize(device)
                 forwards.append(time.perf_counter() - started)
             forward_seconds = statistics.median(forwards)
         model.train()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            synchronize(device)
             started = time.perf_counter()
             report = magicinit.init_(model, inputs, seed=0, scale_mode=scale_mode, across_normalization=True)
+            synchronize(device)
             init_seconds = time.perf_counter() - started
-        ratios.append(init_seconds / forward_seconds)
-    return summarize(name, report, caught, statistics.median(ratios))
+        timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds))
+    _, forward_seconds, init_seconds = sorted(timings)[(len(timings) - 1) // 2]  # the median copy (lower)
+    return summarize(name, report, caught, statistics.median(t[0] for t in timings), (forward_seconds, init_seconds))
 
 
 def spread(value: float | None) -> str:
@@ -178,6 +209,32 @@ def approximate_table(exact: list[ZooRow], approximate: list[ZooRow]) -> str:
     return "\n".join(lines)
 
 
+def device_words(device: torch.device) -> str:
+    """``CPU``, or ``CUDA (the GPU's name)``."""
+    return "CPU" if device.type == "cpu" else f"CUDA ({torch.cuda.get_device_name(device)})"
+
+
+def json_rows(rows: list[ZooRow], approximate_rows: list[ZooRow], device: torch.device) -> str:
+    """The rows (and the approximate-mode rows) as JSON, with the device and versions."""
+
+    def plain(row: ZooRow) -> dict:
+        return dataclasses.asdict(row) | {"fixing_ops": dict(row.fixing_ops)}
+
+    return json.dumps(
+        {
+            "device": device_words(device),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "inputs": [8, 3, 64, 64],
+            "forward_repeats": FORWARD_REPEATS,
+            "init_repeats": INIT_REPEATS,
+            "rows": [plain(row) for row in rows],
+            "approximate_rows": [plain(row) for row in approximate_rows],
+        },
+        indent=1,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*TORCHVISION_CLASSIFIERS, *BUILT_IN], metavar="NAME")
@@ -189,19 +246,32 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the models and inputs are (default cpu); cuda fails where CUDA is not available",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         default=BENCH / "RESULTS.md",
-        help="the markdown file whose '## bench/zoo.py' section is replaced",
+        help="the markdown file whose '## bench/zoo.py' section (with --device cuda: "
+        "'## bench/zoo.py --device cuda') is replaced",
     )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON here")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
     rows, approximate_rows = [], []
     for name in args.models:
         rows.append(measure(name, inputs, repeats=INIT_REPEATS))
         if args.approximate:
             approximate_rows.append(measure(name, inputs, scale_mode="approximate"))
+        if args.json is not None:  # after every model: a run cut short keeps the models it measured
+            args.json.write_text(json_rows(rows, approximate_rows, device) + "\n")
         print(f"  {name} done", flush=True)
     table = markdown_table(rows)
     if approximate_rows:
@@ -212,11 +282,13 @@ def main() -> int:
         )
     print(table)
     notes = [f"- {row.name}: warning: {message}" for row in rows + approximate_rows for message in row.warnings]
+    heading = "## bench/zoo.py" if device.type == "cpu" else "## bench/zoo.py --device cuda"
+    command = "python bench/zoo.py" if device.type == "cpu" else "python bench/zoo.py --device cuda"
     section = (
-        f"## bench/zoo.py\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
+        f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU:\n\n"
-        f'```\npip install -c constraints.txt -e ".[test,bench]"\npython bench/zoo.py\n```\n\n'
+        f"{platform.processor() or platform.machine()}, {args.threads} threads, {device_words(device)}:\n\n"
+        f'```\npip install -c constraints.txt -e ".[test,bench]"\n{command}\n```\n\n'
         "`init_(model, x, seed=0, across_normalization=True)`, otherwise its defaults, on 8 Gaussian 3 x 64 x 64 "
         "inputs (Part 2 through the normalization layers, to show what the graph allows; by default a "
         "normalization fixes the scale of the layer before it); "
@@ -226,7 +298,7 @@ def main() -> int:
         "Part 2 computed them (see docs/method.md).\n\n"
         f"{table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "No warnings.\n\n")
     )
-    replace_section(args.results, "## bench/zoo.py", section)
+    replace_section(args.results, heading, section)
     return 0
 
 
