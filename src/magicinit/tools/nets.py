@@ -66,23 +66,43 @@ def plain_cnn(
     return nn.Sequential(*layers)
 
 
-def caffenet(in_channels: int = 3, classes: int = 1000, width: float = 1.0, lrn: bool = True) -> nn.Sequential:
+def caffenet(
+    in_channels: int = 3,
+    classes: int = 1000,
+    width: float = 1.0,
+    lrn: bool = True,
+    *,
+    small_images: bool = False,
+    hidden: int | None = None,
+) -> nn.Sequential:
     """The CaffeNet (AlexNet) layout: 5 convolutions (conv2, 4, 5 in 2 groups), LRN after
-    conv1 and conv2, 3 max-pools, 2 dropout-regularized hidden linear layers of 4096."""
-    c1, c2, c3, hidden = (_channels(n, width) for n in (96, 256, 384, 4096))
+    conv1 and conv2, 3 max-pools, 2 dropout-regularized hidden linear layers of 4096.
+
+    ``width`` scales every convolution's channels (and the hidden layers, unless ``hidden`` gives
+    their units). ``small_images``: the layout for 32 x 32 inputs (CIFAR-10), which the ImageNet stem
+    (conv1 11 x 11 stride 4, at least 63 pixels) cannot take: conv1 5 x 5 stride 1 and padded pools
+    (32 -> 16 -> 8 -> 4 pixels), the features flattened at 4 x 4.
+    """
+    c1, c2, c3 = (_channels(n, width) for n in (96, 256, 384))
     c1, c2, c3 = (2 * max(1, c // 2) for c in (c1, c2, c3))  # grouped convolutions need even widths
+    hidden = _channels(4096, width) if hidden is None else hidden
 
     def norm() -> list[nn.Module]:
         return [nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)] if lrn else []
 
+    def pool() -> nn.MaxPool2d:
+        return nn.MaxPool2d(3, 2, padding=1) if small_images else nn.MaxPool2d(3, 2, ceil_mode=True)
+
+    stem = nn.Conv2d(in_channels, c1, 5, padding=2) if small_images else nn.Conv2d(in_channels, c1, 11, 4, 2)
+    features = 4 if small_images else 6
     return nn.Sequential(
-        nn.Conv2d(in_channels, c1, 11, stride=4, padding=2),
+        stem,
         nn.ReLU(),
-        nn.MaxPool2d(3, 2, ceil_mode=True),
+        pool(),
         *norm(),
         nn.Conv2d(c1, c2, 5, padding=2, groups=2),
         nn.ReLU(),
-        nn.MaxPool2d(3, 2, ceil_mode=True),
+        pool(),
         *norm(),
         nn.Conv2d(c2, c3, 3, padding=1),
         nn.ReLU(),
@@ -90,10 +110,10 @@ def caffenet(in_channels: int = 3, classes: int = 1000, width: float = 1.0, lrn:
         nn.ReLU(),
         nn.Conv2d(c3, c2, 3, padding=1, groups=2),
         nn.ReLU(),
-        nn.MaxPool2d(3, 2, ceil_mode=True),
-        nn.AdaptiveAvgPool2d(6),
+        pool(),
+        nn.AdaptiveAvgPool2d(features),
         nn.Flatten(),
-        nn.Linear(c2 * 36, hidden),
+        nn.Linear(c2 * features * features, hidden),
         nn.ReLU(),
         nn.Dropout(),
         nn.Linear(hidden, hidden),

@@ -1,0 +1,139 @@
+"""bench/cifar_train.py and bench/cifar_nets.py on a tiny fake CIFAR-shaped dataset (no ../shared data)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+pytest.importorskip("lsuv")  # bench/train.py, which cifar_train.py imports from, wants the bench extra
+
+import cifar_train
+import magicinit
+from cifar_nets import caffenet_cifar, resnet20, vit
+from cifar_train import adaptive_grid, kendall_tau
+from magicinit.tools.nets import plain_cnn
+from train import Dataset
+
+torch.set_num_threads(1)
+
+
+def fake_cifar(count: int = 160, seed: int = 0) -> Dataset:
+    """CIFAR-shaped images whose class shifts one channel's mean, standardized, split 3 ways."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        images = torch.randn(n, 3, 32, 32, generator=generator)
+        images[:, 0] += 0.3 * (labels.float()[:, None, None] - 4.5)
+        return images, labels
+
+    return Dataset("fake", part(count), part(40), part(40))
+
+
+def test_the_grid_extends_while_the_best_rate_is_at_an_edge() -> None:
+    tried: list[float] = []
+
+    def score(lr: float) -> float:  # peaks at 1.0: above the starting grid
+        tried.append(lr)
+        return -abs(torch.log10(torch.tensor(lr)).item())
+
+    search = adaptive_grid([0.01, 0.03, 0.1], score, max_extensions=5)
+    assert search.best == 1.0 and not search.stopped_at_edge
+    assert search.tried == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+    assert search.extensions == 3 and len(tried) == len(set(tried)) == 6
+
+    downward = adaptive_grid([0.01, 0.03, 0.1], lambda lr: -lr, max_extensions=2)
+    assert downward.tried == [0.001, 0.003, 0.01, 0.03, 0.1]
+    assert downward.best == 0.001 and downward.stopped_at_edge  # the limit stopped it
+
+    inside = adaptive_grid([0.01, 0.03, 0.1], lambda lr: -abs(lr - 0.03))
+    assert inside.tried == [0.01, 0.03, 0.1] and inside.best == 0.03 and inside.extensions == 0
+
+
+def test_kendall_tau() -> None:
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+NETS = {
+    "plain d10": lambda: plain_cnn(10, 16, in_channels=3, classes=10),
+    "caffenet": lambda: caffenet_cifar(0.125, hidden=64),
+    "resnet20": lambda: resnet20(batch_norm=False),
+    "resnet20-bn": lambda: resnet20(batch_norm=True),
+    "vit": lambda: vit(32, 2, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_each_net_builds_and_magicinit_gives_unit_std_channels(name: str) -> None:
+    torch.manual_seed(0)
+    model = NETS[name]()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    images = torch.randn(48, 3, 32, 32)
+    magicinit.init_(model, images, seed=0, between=False)  # Part 1 alone: every channel std 1 exactly
+    outputs: dict[str, torch.Tensor] = {}
+    affine = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [  # channels first: a convolution's dim 1, a linear layer's last dim
+        module.register_forward_hook(
+            lambda mod, inp, out, n=n: outputs.__setitem__(
+                n, (out.transpose(0, 1) if isinstance(mod, nn.Conv2d) else out.movedim(-1, 0)).detach()
+            )
+        )
+        for n, module in affine[:4]
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    for layer, output in outputs.items():
+        std = output.flatten(1).std(dim=1)  # per output channel, over images and positions
+        assert torch.allclose(std, torch.ones_like(std), atol=0.05), (layer, std)
+
+
+def test_the_plain_family_runs_end_to_end_and_writes_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output, results = tmp_path / "cifar_plain.json", tmp_path / "RESULTS.md"
+    argv = [
+        "--family", "plain", "--depths", "4", "--rows", "kaiming normal", "magicinit (gaussian)",
+        "--lrs", "0.01", "0.03", "--max-extensions", "1", "--seeds", "0", "1", "--steps", "4",
+        "--init-samples", "32", "--output", str(output), "--results", str(results),
+    ]  # fmt: skip
+    monkeypatch.setattr(cifar_train, "estimate_seconds", lambda args, data: 0.0)
+    bench = cifar_train.main(argv, data=fake_cifar())
+    stored = json.loads(output.read_text())
+    runs = stored["runs"]
+    grids = stored["grids"]
+    assert set(grids) == {"depth 4, kaiming normal", "depth 4, magicinit (gaussian)"}
+    for label, grid in grids.items():
+        row = label.split(", ", 1)[1]
+        grid_runs = [r for r in runs if r["init"] == row and r["seed"] == 0]
+        assert sorted(r["learning_rate"] for r in grid_runs) == grid["tried"]
+        assert len(grid["tried"]) in (2, 3)  # the starting grid, and one extension where the best was at an edge
+        seed_1 = [r for r in runs if r["init"] == row and r["seed"] == 1]
+        assert [r["learning_rate"] for r in seed_1] == [grid["best"]]
+    assert len(runs) == len(bench.runs)
+    for run in runs:
+        assert run["steps"] == 4 and run["losses"]
+        assert run["diverged"] or 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["diverged"] or 0.0 <= run["validation_accuracy_3_4"] <= 1.0
+    section = results.read_text()
+    assert "## bench/cifar_train.py --family plain" in section and "| kaiming normal |" in section
+    assert "Kendall's tau" in section
+
+    # --resume trains nothing again
+    monkeypatch.setattr(cifar_train, "train_run", lambda *a: pytest.fail("trained again"))
+    again = cifar_train.main([*argv, "--resume"], data=fake_cifar())
+    assert set(again.runs) == set(bench.runs)
+
+
+def test_quick_does_not_write_the_real_results() -> None:
+    args = cifar_train.parse_args(["--family", "vit", "--quick"])
+    assert args.output.parent != cifar_train.BENCH and args.results.parent != cifar_train.BENCH
+    assert len(args.seeds) == 1 and len(args.lrs) == 2 and len(args.depths) == 1
