@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .graph import ModuleScope, module_scope
+from .graph import ModuleScope, describe_scope, module_scope
 from .inputs import Batch, ForwardFn, all_tensors
 from .operations import OPERATIONS
 from .sites import op_name
@@ -68,10 +68,7 @@ class _Recorder(TorchFunctionMode):
             return out
         results = [t for t in all_tensors(out) if isinstance(t, Tensor)]
         call = len(self.calls)
-        if self.scope.stack:
-            where = f" in '{self.scope.stack[-1]}'" if self.scope.stack[-1] else " in the model's own forward"
-        else:
-            where = ""
+        where = describe_scope(self.scope.stack)
         copies = [t.detach().clone() for t in results]
         self.recorded_bytes += sum(t.numel() * t.element_size() for t in copies)
         self.calls.append(RecordedCall(op_name(func), where, copies, sources))

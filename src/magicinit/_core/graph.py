@@ -180,9 +180,7 @@ class _Tracer(CallInterceptor):
     def where(self) -> str:
         """Where the present call is made, for a pin's reason: `` in 'module'``, `` in the model's own
         forward`` (the root module's), or empty."""
-        if not self.scope:
-            return ""
-        return f" in '{self.scope[-1]}'" if self.scope[-1] else " in the model's own forward"
+        return describe_scope(self.scope)
 
     def on_call(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], site: SiteCall | None
@@ -436,6 +434,14 @@ class ModuleScope:
 
     stack: list[str] = field(default_factory=list)
     called: set[str] = field(default_factory=set)
+
+
+def describe_scope(stack: list[str]) -> str:
+    """Where a call made inside the modules ``stack`` (innermost last) is made, for a message:
+    `` in 'module'``, `` in the model's own forward`` (the root module's), or empty (outside any)."""
+    if not stack:
+        return ""
+    return f" in '{stack[-1]}'" if stack[-1] else " in the model's own forward"
 
 
 @contextmanager
