@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 
 import magicinit
 from magicinit.tools.cli import load_model
+from magicinit.tools.demo import DemoSettings, TrainingRun, verdict
 from magicinit.tools.nets import ZOO, build_model
 from magicinit.tools.readers import load_images, read_idx
 
@@ -215,28 +217,70 @@ def test_missing_matplotlib_is_a_clear_message(images_npy: Path, tmp_path: Path)
 
 
 def test_demo_trains_and_writes_figures(tmp_path: Path) -> None:
-    result = run_cli("demo", "--depth", "5", "--epochs", "1", "--learning-rates", "0.01", "--out-dir", tmp_path)
+    result = run_cli(
+        "demo", "--depth", "4", "--epochs", "1", "--learning-rates", "0.01", "--seeds", "2", "--out-dir", tmp_path
+    )
     assert result.returncode == 0, result.stderr
-    for init in ("torch default", "kaiming normal", "magicinit"):
-        assert init in result.stdout
-    assert "test acc" in result.stdout
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("init "))) :][2:5]
+    # the init, the mean accuracy over the seeds and its range at the one rate, the runs >= 50 %, those diverged;
+    # torch's default init: one seed
+    assert re.fullmatch(r"torch default +\d+\.\d +\d/1 +\d/1", table[0]), table[0]
+    for row, init in zip(table[1:], ("kaiming normal", "magicinit")):
+        assert re.fullmatch(rf"{init} +\d+\.\d \(\d+\.\d-\d+\.\d\) +\d/2 +\d/2", row), row
+    verdict = lines[lines.index(next(line for line in lines if line.startswith("Verdict"))) :][:3]
+    assert verdict[0] == "Verdict, from the ranges over the seeds (all runs of one init at one rate), magicinit:"
+    for line, other in zip(verdict[1:], ("torch default", "kaiming normal")):
+        assert re.fullmatch(
+            rf"- against {other}: (above at every learning rate|(overlapping|below) at lr 0\.01); "
+            rf"at each one's best learning rate, (magicinit ahead|a tie|{other} ahead)\.",
+            line,
+        ), line
     for name in ("loss_curves.png", "layer_statistics.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_verdict_compares_ranges_over_seeds() -> None:
+    def runs(init: str, rate: float, *accuracies: float) -> list[TrainingRun]:
+        return [
+            TrainingRun(init, rate, seed, losses=[1.0] if accuracy == accuracy else [math.nan], test_accuracy=accuracy)
+            for seed, accuracy in enumerate(accuracies)
+        ]
+
+    settings = DemoSettings(learning_rates=(0.001, 0.01, 0.1))
+    grid = [
+        *runs("torch default", 0.001, 0.1),
+        *runs("torch default", 0.01, 0.1),
+        *runs("torch default", 0.1, math.nan),  # diverged: counts as 0
+        *runs("kaiming normal", 0.001, 0.5, 0.6, 0.55),
+        *runs("kaiming normal", 0.01, 0.91, 0.95, 0.93),  # its best rate: overlaps magicinit's best
+        *runs("kaiming normal", 0.1, 0.6, 0.7, 0.8),
+        *runs("magicinit", 0.001, 0.9, 0.92, 0.91),
+        *runs("magicinit", 0.01, 0.94, 0.96, 0.95),
+        *runs("magicinit", 0.1, 0.1, 0.2, math.nan),
+    ]
+    assert verdict(grid, settings).splitlines() == [
+        "Verdict, from the ranges over the seeds (all runs of one init at one rate), magicinit:",
+        "- against torch default: above at lr 0.001, 0.01; overlapping at lr 0.1; "
+        "at each one's best learning rate, magicinit ahead.",
+        "- against kaiming normal: above at lr 0.001; overlapping at lr 0.01; below at lr 0.1; "
+        "at each one's best learning rate, a tie.",
+    ]
 
 
 @pytest.mark.slow
 def test_the_demo_gives_the_same_table_in_every_process(tmp_path: Path) -> None:
     # torch seeds its global generator differently in every process: every draw of the demo is seeded
-    tables = []
+    outputs = []
     for _run in range(2):
-        result = run_cli("demo", "--depth", "6", "--epochs", "1", "--learning-rates", "0.01", "0.03", "--no-plots")
-        assert result.returncode == 0, result.stderr
-        tables.append(
-            [line for line in result.stdout.splitlines() if line.startswith(("torch ", "kaiming ", "magicinit "))]
+        result = run_cli(
+            "demo", "--depth", "6", "--epochs", "1", "--learning-rates", "0.01", "0.03", "--seeds", "2", "--no-plots"
         )
-    assert len(tables[0]) == 3
-    untimed = [[" ".join(row.split()[:-2]) for row in table] for table in tables]  # the last two: seconds
-    assert untimed[0] == untimed[1]
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        outputs.append(text[text.index("\ninit ") : text.rindex(" runs in ")])  # the table and the verdict
+    assert "Verdict" in outputs[0]
+    assert outputs[0] == outputs[1]
 
 
 def test_data_readers(tmp_path: Path) -> None:

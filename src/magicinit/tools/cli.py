@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a deep plain CNN on digits with 3 inits",
         description="The main job on built-in defaults: a plain 20-layer CNN without batch "
         "norm trained on scikit-learn's digits from torch's default init, "
-        "kaiming normal and magicinit.",
+        "kaiming normal and magicinit, at every learning rate and from several seeds.",
     )
     defaults = DemoSettings()
     demo.add_argument("--progress", action="store_true", help="show progress bars")
@@ -251,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(defaults.learning_rates),
         metavar="LR",
         help=f"SGD learning rates (default {' '.join(map(str, defaults.learning_rates))})",
+    )
+    demo.add_argument(
+        "--seeds",
+        type=_checked(int, arguments.at_least(1), "seeds"),
+        default=defaults.seeds,
+        help=f"runs per init and learning rate, seeded SEED, SEED + 1, ... (default {defaults.seeds}; "
+        f"torch's default init: the first {defaults.seeds_torch_default})",
     )
     demo.add_argument("--no-plots", dest="plots", action="store_false", help="write no figures")
     return parser
@@ -665,7 +673,11 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 
 def _run_demo(args: argparse.Namespace) -> None:
     settings = DemoSettings(
-        depth=args.depth, epochs=args.epochs, learning_rates=tuple(args.learning_rates), seed=args.seed
+        depth=args.depth,
+        epochs=args.epochs,
+        learning_rates=tuple(args.learning_rates),
+        seeds=args.seeds,
+        seed=args.seed,
     )
 
     def say(text: str) -> None:
@@ -673,22 +685,28 @@ def _run_demo(args: argparse.Namespace) -> None:
             print(text, flush=True)
 
     def on_run(run: TrainingRun) -> None:
+        accuracy = "diverged" if run.diverged else f"{100 * run.test_accuracy:5.1f}%"
         say(
-            f"  {run.init:<15} lr {run.learning_rate:<6g} test accuracy {100 * run.test_accuracy:5.1f}%  "
+            f"  {run.init:<15} lr {run.learning_rate:<6g} seed {run.seed:<3} test accuracy {accuracy}  "
             f"({run.train_seconds:.1f} s)"
         )
 
+    seeds, default_seeds = (", ".join(map(str, settings.run_seeds(init))) for init in ("magicinit", "torch default"))
+    epochs = f"{settings.epochs} epoch" + ("s" if settings.epochs != 1 else "")
     say(
-        f"Training a plain {settings.depth}-layer ReLU CNN (no batch norm) on scikit-learn's digits, "
-        f"{settings.epochs} epochs, SGD momentum 0.9, learning rates {', '.join(map(str, settings.learning_rates))}:"
+        f"Training a plain {settings.depth}-layer ReLU CNN (width {settings.width}, no batch norm) on scikit-learn's "
+        f"digits, {epochs}, SGD momentum 0.9, batch {settings.batch_size}, learning rates "
+        f"{', '.join(map(str, settings.learning_rates))}, seeds {seeds} (torch default: {default_seeds}):"
     )
-    report, _runs, table = run_demo(
+    start = time.perf_counter()
+    report, runs, table = run_demo(
         settings, args.out_dir if args.plots else None, on_run, args.progress and not args.quiet
     )
-    say("\nmagicinit.init_ report:\n" + str(report))
+    say(f"\nmagicinit.init_ report (seed {settings.seed}):\n{report}")
     say("\n" + table)
+    say(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s")
     if args.plots:
-        say(f"\nwrote {args.out_dir / 'loss_curves.png'} and {args.out_dir / 'layer_statistics.png'}")
+        say(f"wrote {args.out_dir / 'loss_curves.png'} and {args.out_dir / 'layer_statistics.png'}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
