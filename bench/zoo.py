@@ -1,8 +1,19 @@
-"""What magicinit does to torchvision's classifiers: the README's zoo table, measured.
+"""What magicinit does to a zoo of models, and where its time goes: the README's zoo table, measured.
 
-For each model (``torchvision.models.get_model(name, weights=None)``, seeded)
-it runs ``magicinit.init_`` with its defaults on 8 Gaussian 3 x 64 x 64 inputs
-and tabulates, from the report:
+Families (``--family``; each writes its own section of ``bench/RESULTS.md``; the models, their inputs and
+forwards are in ``bench/zoo_models.py``):
+
+* ``torchvision`` (the default): torchvision's classifiers (``get_model(name, weights=None)``), the
+  segmentation model ``lraspp_mobilenet_v3_large`` and the detector ``ssdlite320_mobilenet_v3_large`` (at
+  160 px, with docs/guide.md's detector recipe as ``forward=``), and the built-in ``caffenet``; section
+  ``## bench/zoo.py``;
+* ``timm``: ``timm.create_model(name, pretrained=False)`` (``img_size=64`` where the model has a fixed
+  size); section ``## bench/zoo.py --family timm``;
+* ``hf``: Hugging Face's T5 and Llama from small configs, where ``transformers`` is importable (otherwise
+  the section says that it was not run); section ``## bench/zoo.py --family hf``.
+
+For each model (seeded) it runs ``magicinit.init_`` with its defaults (and ``across_normalization=True``),
+mostly on 8 Gaussian 3 x 64 x 64 inputs, and tabulates, from the report:
 
 * Part 1: how many of the convolution/linear layers were normalized (the others
   are never called in an eval-mode forward, e.g. googlenet's auxiliary heads);
@@ -11,22 +22,24 @@ and tabulates, from the report:
   ...; counted once per layer side; the model's own input and output do not
   count), with the change-rate spread (max/min over all layers) before and after;
 * the time of ``init_`` over the time of one forward pass of the same inputs (the median
-  over three fresh copies of the model: these machines are noisy).
+  over ``--repeats`` fresh copies of the model: these machines are noisy).
 
-The built-in ``caffenet`` (the paper's layout with LRN, width 1/4) comes last.
 A second table runs every model again with ``scale_mode="approximate"``: layers
 rescaled, rate spread after, the operations treated as homogeneous on the data,
-the output change beyond one global factor, and the rounds.
+the output change beyond one global factor, and the rounds. A third says where the time of ``init_`` goes in
+both modes (``Report.seconds`` and ``Report.between_seconds``), each stage in forward passes (its seconds over
+the forward's), so that the stages add up to init_ / forward.
 
 With ``--device cuda`` the models and inputs are on the GPU and every timed region is
-synchronized (``torch.cuda.synchronize``); its section is ``## bench/zoo.py --device cuda``.
+synchronized (``torch.cuda.synchronize``); its section's heading ends in ``--device cuda``.
 ``--json PATH`` also writes the rows as JSON (``bench/gpu.sh`` reads them).
 
-Output: the tables on stdout, and the ``## bench/zoo.py`` section of
-``bench/RESULTS.md``. Run from the repository root (about 3 minutes on 2 CPU cores)::
+Output: the tables on stdout, and the family's section of ``bench/RESULTS.md``. Run from the repository root
+(the torchvision family: about 5 minutes on 2 CPU cores; timm with ``--repeats 1``: about 25)::
 
     pip install -c constraints.txt -e ".[test,bench]"
     python bench/zoo.py
+    python bench/zoo.py --family timm --repeats 1
     python bench/zoo.py --device cuda --models resnet18 vgg11 --no-approximate --json zoo.json
 """
 
@@ -36,12 +49,14 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import statistics
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -49,19 +64,31 @@ from torch import nn
 
 import magicinit
 from magicinit import Report
-from magicinit.tools.cli import load_model
-from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 from results_file import BENCH, commit, replace_section
+from zoo_models import BUILT_IN, FAMILIES, IMAGES, ModelSpec, default_models, hf_missing, spec
+from zoo_models import build as build_spec
+
+__all__ = ["BUILT_IN", "build", "measure", "stage_forwards", "time_table"]
 
 USUAL_PINS = {"model input", "model output"}
 FORWARD_REPEATS = 5  # the forward is timed this many times; the median is the ratio's denominator
-INIT_REPEATS = 3  # init_ is timed on this many fresh copies; the table gives the median ratio
+INIT_REPEATS = 3  # init_ is timed on this many fresh copies (exact mode; --repeats); the median copy is tabulated
 RATE_WAYS = ("from site activations", "vectorized per-sample gradients", "one sample at a time")
+# the columns of the time table: stage -> the keys of Report.seconds / Report.between_seconds it sums
+TIME_COLUMNS: dict[str, tuple[str, ...]] = {
+    "trace": ("seconds:data", "seconds:trace"),
+    "Part 1": ("seconds:within",),
+    "rates": ("between:rates",),
+    "solve": ("between:solve",),
+    "checks": ("between:checks",),
+    "retrace": ("between:retrace",),
+}
+OTHER = "other"  # the rest of init_'s wall time: snapshots, restores, bookkeeping, Part 2's own, the API's
 
 
 @dataclass
 class ZooRow:
-    """One model's line of the table."""
+    """One model's line of the tables (one scale mode)."""
 
     name: str
     layers: int
@@ -79,6 +106,13 @@ class ZooRow:
     rate_way: str = "-"
     forward_seconds: float | None = None  # the median forward of the copy whose ratio is the median
     init_seconds: float | None = None  # that copy's init_
+    scale_mode: str = "exact"
+    seconds: dict[str, float] = field(default_factory=dict)  # that copy's Report.seconds
+    between_seconds: dict[str, float] = field(default_factory=dict)  # and Report.between_seconds
+    rate_draws: int | None = None  # noise draws of one change-rate measurement (rounds x samples)
+    samples_used: int | None = None
+    input: str = IMAGES
+    error: str | None = None  # init_ (or the model) failed: the exception, and nothing else is filled in
 
 
 def fixing_op(reason: str | None) -> str | None:
@@ -86,6 +120,13 @@ def fixing_op(reason: str | None) -> str | None:
     if reason is None or reason in USUAL_PINS:
         return None
     return reason.split(" in ")[0]
+
+
+def rate_draws(report: Report) -> int | None:
+    """The noise draws of one change-rate measurement (the note "change rates from N noise draws", in
+    approximate mode "... per measurement": it measures again in its scale rounds); None where none was made."""
+    draws = [int(n) for note in report.notes for n in re.findall(r"change rates from (\d+) noise draws", note)]
+    return max(draws) if draws else None
 
 
 def summarize(
@@ -111,7 +152,7 @@ def summarize(
         fixing_ops=ops,
         spread_before=report.rate_spread_before,
         spread_after=report.rate_spread_after,
-        warnings=[str(w.message) for w in caught],
+        warnings=list(dict.fromkeys(str(w.message) for w in caught)),
         init_over_forward=ratio,
         output_change_beyond_scale=report.output_change_beyond_scale,
         approximated=len(report.approximated),
@@ -119,20 +160,18 @@ def summarize(
         rate_way=next((way for note in report.notes for way in RATE_WAYS if f"samples; {way}" in note), "-"),
         forward_seconds=seconds[0],
         init_seconds=seconds[1],
+        scale_mode=str(report.settings.get("scale_mode", "exact")),
+        seconds=dict(report.seconds),
+        between_seconds=dict(report.between_seconds),
+        rate_draws=rate_draws(report),
+        samples_used=report.settings.get("samples_used"),
     )
 
 
-BUILT_IN = {"caffenet": {"width": 0.25, "classes": 1000}}  # built-in nets of magicinit.tools.nets, and their arguments
-
-
 def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, seeded,
-    on ``device``."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # googlenet's note about its future default init
-        model = load_model(name, BUILT_IN[name]) if name in BUILT_IN else load_model(f"torchvision:{name}", {})
-    return model.to(device)
+    """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, or a
+    torchvision extra of ``bench/zoo_models.py``, seeded, on ``device``."""
+    return build_spec(spec(name), device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -141,35 +180,98 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, inputs: torch.Tensor, scale_mode: str = "exact", repeats: int = 1) -> ZooRow:
-    """Initialize the model (on the device of ``inputs``) and time ``init_`` against one eval-mode forward pass
-    (the median of ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of
-    the model (the same seeds, so the same report), and the median of their ratios."""
-    device = inputs.device
-    timings = []  # (ratio, forward seconds, init_ seconds) of each copy
+def measure(
+    model_spec: ModelSpec | str,
+    inputs: Any = None,
+    scale_mode: str = "exact",
+    repeats: int = 1,
+    device: torch.device | str | None = None,
+) -> ZooRow:
+    """Initialize the model and time ``init_`` against one eval-mode forward pass (the median of
+    ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of the model (the
+    same seeds, so the same report), and the row of the median copy by ratio (the lower middle one for an even
+    count). ``model_spec``: a ``ModelSpec`` or a torchvision name; ``inputs``: the init data (default: the spec's,
+    on ``device``, default the CPU). A failure of the model or of ``init_`` is a row with ``error``."""
+    model_spec = spec(model_spec) if isinstance(model_spec, str) else model_spec
+    if inputs is None:
+        inputs = model_spec.inputs().to(device or "cpu")
+    device = torch.device(device) if device is not None else inputs.device
+    forward = model_spec.forward or (lambda model, batch: model(batch))
+    timings = []  # (ratio, forward seconds, init_ seconds, report, warnings) of each copy
     for _ in range(repeats):
-        model = build(name, device)
-        with torch.no_grad():
-            model.eval()(inputs)  # warm-up
-            forwards = []
-            for _ in range(FORWARD_REPEATS):
+        try:
+            model = build_spec(model_spec, device)
+            with torch.no_grad():
+                forward(model.eval(), inputs)  # warm-up
+                forwards = []
+                for _ in range(FORWARD_REPEATS):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    forward(model, inputs)
+                    synchronize(device)
+                    forwards.append(time.perf_counter() - started)
+                forward_seconds = statistics.median(forwards)
+            model.train()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 synchronize(device)
                 started = time.perf_counter()
-                model(inputs)
+                report = magicinit.init_(
+                    model,
+                    inputs,
+                    seed=0,
+                    scale_mode=scale_mode,
+                    across_normalization=True,
+                    forward=model_spec.forward,
+                )
                 synchronize(device)
-                forwards.append(time.perf_counter() - started)
-            forward_seconds = statistics.median(forwards)
-        model.train()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            synchronize(device)
-            started = time.perf_counter()
-            report = magicinit.init_(model, inputs, seed=0, scale_mode=scale_mode, across_normalization=True)
-            synchronize(device)
-            init_seconds = time.perf_counter() - started
-        timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds))
-    _, forward_seconds, init_seconds = sorted(timings)[(len(timings) - 1) // 2]  # the median copy (lower)
-    return summarize(name, report, caught, statistics.median(t[0] for t in timings), (forward_seconds, init_seconds))
+                init_seconds = time.perf_counter() - started
+        except Exception as error:  # a row that says why, and the run goes on
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            return ZooRow(
+                model_spec.name, 0, 0, 0, 0, Counter(), None, None, [], float("nan"), scale_mode=scale_mode,
+                input=model_spec.input_words, error=message,
+            )  # fmt: skip
+        timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds, report, caught))
+    ratio, forward_seconds, init_seconds, report, caught = sorted(timings, key=lambda t: t[0])[(len(timings) - 1) // 2]
+    row = summarize(model_spec.name, report, caught, ratio, (forward_seconds, init_seconds))
+    row.input = model_spec.input_words
+    return row
+
+
+def stage_forwards(row: ZooRow) -> dict[str, float]:
+    """Where ``row``'s init_ went, in forward passes (seconds over the forward's): one entry per column of
+    ``TIME_COLUMNS`` whose stages ran, and ``other``, the rest of init_'s measured wall time (the report's own
+    ``other``, Part 2's ``other``, and what the API does around the stopwatch), so that the values add up to
+    ``init_seconds / forward_seconds``. Empty for a failed row."""
+    if row.error is not None or row.init_seconds is None or not row.forward_seconds:
+        return {}
+    source = {f"seconds:{k}": v for k, v in row.seconds.items()} | {
+        f"between:{k}": v for k, v in row.between_seconds.items()
+    }
+    stages = {}
+    for column, keys in TIME_COLUMNS.items():
+        if any(key in source for key in keys):
+            stages[column] = sum(source.get(key, 0.0) for key in keys)
+    stages[OTHER] = row.init_seconds - sum(stages.values())
+    return {column: seconds / row.forward_seconds for column, seconds in stages.items()}
+
+
+def dominant(row: ZooRow) -> str:
+    """The stage that took most of ``row``'s init_, with its share, and for the change rates the rounds
+    (noise draws over samples), for approximate mode's checks and retrace the scale rounds."""
+    stages = stage_forwards(row)
+    if not stages:
+        return "-"
+    total = sum(stages.values())
+    stage, value = max(stages.items(), key=lambda item: item[1])
+    words = f"{stage} {100 * value / total:.0f} %"
+    if stage == "rates" and row.rate_draws and row.samples_used:
+        words += f" ({row.rate_draws // row.samples_used} rounds of {row.samples_used} samples"
+        words += ")" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds)"
+    elif stage in ("checks", "retrace", "solve") and row.scale_mode == "approximate":
+        words += f" ({row.rounds} scale rounds)"
+    return words
 
 
 def spread(value: float | None) -> str:
@@ -184,6 +286,9 @@ def markdown_table(rows: list[ZooRow]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        if row.error is not None:
+            lines.append(f"| {row.name} | failed: {row.error} | - | - | - | - | - | - |")
+            continue
         part1 = f"{row.normalized}" + (f" ({row.never_called} never called)" if row.never_called else "")
         ops = ", ".join(f"{op} ×{count}" for op, count in row.fixing_ops.most_common()) or "-"
         lines.append(
@@ -201,10 +306,40 @@ def approximate_table(exact: list[ZooRow], approximate: list[ZooRow]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row, other in zip(exact, approximate):
+        if other.error is not None:
+            lines.append(f"| {row.name} | failed: {other.error} | - | - | - | - |")
+            continue
         change = "-" if other.output_change_beyond_scale is None else f"{other.output_change_beyond_scale:.1e}"
+        rescaled = "-" if row.error is not None else row.rescaled
         lines.append(
-            f"| {row.name} | {row.rescaled} → {other.rescaled} | {spread(row.spread_after)} → "
+            f"| {row.name} | {rescaled} → {other.rescaled} | {spread(row.spread_after)} → "
             f"{spread(other.spread_after)} | {other.approximated} | {change} | {other.rounds} |"
+        )
+    return "\n".join(lines)
+
+
+def time_table(rows: list[ZooRow]) -> str:
+    """Where init_'s time goes, one line per row (model and scale mode): init_ / forward, then each stage in
+    forward passes (``stage_forwards``; "-" where the stage did not run), the stage that dominates, and the
+    forward's milliseconds. The stage columns add up to init_ / forward up to the rounding of the figures."""
+    columns = [*TIME_COLUMNS, OTHER]
+    lines = [
+        "| model | mode | init_ / forward | "
+        + " | ".join(columns)
+        + " | most of the time | forward ms | rate draws per measurement (rounds × samples) |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|",
+    ]
+    for row in rows:
+        if row.error is not None:
+            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 3))
+            continue
+        stages = stage_forwards(row)
+        total = sum(stages.values())
+        figures = " | ".join(f"{stages[c]:.1f}" if c in stages else "-" for c in columns)
+        milliseconds = "-" if row.forward_seconds is None else f"{1000 * row.forward_seconds:.1f}"
+        draws = "-" if row.rate_draws is None else str(row.rate_draws)
+        lines.append(
+            f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} | {draws} |"
         )
     return "\n".join(lines)
 
@@ -214,20 +349,44 @@ def device_words(device: torch.device) -> str:
     return "CPU" if device.type == "cpu" else f"CUDA ({torch.cuda.get_device_name(device)})"
 
 
-def json_rows(rows: list[ZooRow], approximate_rows: list[ZooRow], device: torch.device) -> str:
-    """The rows (and the approximate-mode rows) as JSON, with the device and versions."""
+def versions() -> dict[str, str]:
+    """The versions of the libraries the rows depend on (those importable)."""
+    found = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    for name in ("timm", "transformers"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def json_rows(
+    rows: list[ZooRow],
+    approximate_rows: list[ZooRow],
+    device: torch.device,
+    family: str = "torchvision",
+    repeats: int = INIT_REPEATS,
+    not_run: str | None = None,
+) -> str:
+    """The rows (and the approximate-mode rows) as JSON, with the device and versions; each row with its
+    stages in forward passes (``forward_equivalents``, see ``stage_forwards``)."""
 
     def plain(row: ZooRow) -> dict:
-        return dataclasses.asdict(row) | {"fixing_ops": dict(row.fixing_ops)}
+        return dataclasses.asdict(row) | {
+            "fixing_ops": dict(row.fixing_ops),
+            "forward_equivalents": stage_forwards(row),
+        }
 
     return json.dumps(
         {
             "device": device_words(device),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
+            **versions(),
+            "family": family,
+            "not_run": not_run,
             "inputs": [8, 3, 64, 64],
             "forward_repeats": FORWARD_REPEATS,
-            "init_repeats": INIT_REPEATS,
+            "init_repeats": repeats,
+            "approximate_repeats": 1,
             "rows": [plain(row) for row in rows],
             "approximate_rows": [plain(row) for row in approximate_rows],
         },
@@ -235,9 +394,115 @@ def json_rows(rows: list[ZooRow], approximate_rows: list[ZooRow], device: torch.
     )
 
 
+def heading_and_command(family: str, device: torch.device, repeats: int) -> tuple[str, str]:
+    """The family's RESULTS.md heading and the command that writes it."""
+    flags = ("" if family == "torchvision" else f" --family {family}") + (
+        "" if device.type == "cpu" else " --device cuda"
+    )
+    heading = "## bench/zoo.py" + flags
+    command = "python bench/zoo.py" + flags + ("" if repeats == INIT_REPEATS else f" --repeats {repeats}")
+    return heading, command
+
+
+def section_text(
+    family: str,
+    device: torch.device,
+    threads: int,
+    repeats: int,
+    rows: list[ZooRow],
+    approximate_rows: list[ZooRow],
+    not_run: str | None = None,
+) -> str:
+    """The family's section of RESULTS.md: how it was run, the tables (or why it was not run), the warnings."""
+    heading, command = heading_and_command(family, device, repeats)
+    lines = [
+        f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
+        f"commit {commit()}, " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ", "
+        f"{platform.processor() or platform.machine()}, {threads} threads, {device_words(device)}:\n\n"
+        f'```\npip install -c constraints.txt -e ".[test,bench]"\n{command}\n```'
+    ]
+    if not_run is not None:
+        names = ", ".join(default_models(family))
+        lines.append(f"Not run: {not_run} (models: {names}).")
+        return "\n".join(lines) + "\n"
+    inputs = Counter(row.input for row in rows + approximate_rows)
+    usual = inputs.most_common(1)[0][0] if inputs else IMAGES
+    others = {row.name: row.input for row in rows + approximate_rows if row.input != usual}
+    lines.append(
+        "`init_(model, x, seed=0, across_normalization=True)`, otherwise its defaults, on "
+        + usual
+        + "".join(f"; {name}: {words}" for name, words in others.items())
+        + " (Part 2 through the normalization layers, to show what the graph allows; by default a "
+        "normalization fixes the scale of the layer before it). init_ / forward is the time of init_ over that "
+        f"of one eval-mode forward pass of the same inputs (the median of {FORWARD_REPEATS}) timed just before "
+        + (
+            f"it, the median over {repeats} fresh copies of the model"
+            if repeats > 1
+            else "it, on one copy of the model (not the median of several: a run with several took too long)"
+        )
+        + " in exact mode, one copy in approximate mode; the per-sample gradient norms column says how "
+        "Part 2 computed them (see docs/method.md)."
+    )
+    notes = [f"- {spec_note}" for spec_note in model_notes(family, rows)]
+    if notes:
+        lines.append("Models:\n\n" + "\n".join(notes))
+    table = markdown_table(rows)
+    if approximate_rows:
+        table += (
+            '\n\nThe same with `scale_mode="approximate"` (rescaled layers and spreads of both modes; the '
+            "output change is on the first 32 init samples, after removing one global factor):\n\n"
+            + approximate_table(rows, approximate_rows)
+        )
+    lines.append(table)
+    lines.append(
+        "Where the time goes (`Report.seconds`, `Report.between_seconds` of the tabulated copy), each stage in "
+        "forward passes (its seconds over the forward's), so that a row's stages add up to its init_ / forward "
+        "(up to the rounding of the figures): trace = the data and the graph trace; Part 1 = within; rates, "
+        "solve, checks (the float64 and own-precision function checks; in approximate mode the output-budget "
+        "checks) and retrace (approximate mode's re-tracing) are Part 2's; other = the rest (snapshots and "
+        "restores, Part 2's bookkeeping, the API around the stopwatch). Rate draws: the change-rate "
+        "measurement's noise draws (its rounds × samples) per measurement; exact mode measures once, "
+        "approximate mode again in its scale rounds (the rounds of the approximate table). "
+        + (
+            f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "
+            "benchmarks ran beside it), not absolute speeds."
+            if device.type == "cpu"
+            else "Every stage boundary is synchronized."
+        )
+    )
+    lines.append(time_table(rows + approximate_rows))
+    warned = [f"- {row.name} ({row.scale_mode}): warning: {m}" for row in rows + approximate_rows for m in row.warnings]
+    lines.append("\n".join(warned) if warned else "No warnings.")
+    return "\n\n".join(lines) + "\n\n"
+
+
+def model_notes(family: str, rows: list[ZooRow]) -> list[str]:
+    """The notes of the family's models that were measured (how they were built and called)."""
+    notes: list[str] = []
+    for row in rows:
+        try:
+            model_spec = spec(row.name, family)
+        except KeyError:
+            continue
+        notes.extend(f"{row.name}: {note}" for note in model_spec.notes)
+        if family == "timm":
+            from zoo_models import TIMM_ARGS
+
+            args = TIMM_ARGS.get(row.name, {})
+            notes.append(
+                f"{row.name}: timm.create_model({row.name!r}, pretrained=False"
+                + "".join(f", {k}={v!r}" for k, v in args.items())
+                + ")"
+            )
+    return notes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[*TORCHVISION_CLASSIFIERS, *BUILT_IN], metavar="NAME")
+    parser.add_argument("--family", choices=FAMILIES, default="torchvision", help="which models (default torchvision)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, metavar="NAME", help="these models of the family (default: its list)"
+    )
     parser.add_argument(
         "--no-approximate",
         dest="approximate",
@@ -245,6 +510,12 @@ def main() -> int:
         help="skip the second table (scale_mode='approximate')",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=INIT_REPEATS,
+        help=f"fresh copies timed in exact mode (default {INIT_REPEATS}); the median copy is tabulated",
+    )
     parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -255,8 +526,8 @@ def main() -> int:
         "--results",
         type=Path,
         default=BENCH / "RESULTS.md",
-        help="the markdown file whose '## bench/zoo.py' section (with --device cuda: "
-        "'## bench/zoo.py --device cuda') is replaced",
+        help="the markdown file whose '## bench/zoo.py' section (with --family F: '## bench/zoo.py --family F'; "
+        "with --device cuda: ... '--device cuda') is replaced",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -264,40 +535,23 @@ def main() -> int:
         parser.error("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
-    rows, approximate_rows = [], []
-    for name in args.models:
-        rows.append(measure(name, inputs, repeats=INIT_REPEATS))
-        if args.approximate:
-            approximate_rows.append(measure(name, inputs, scale_mode="approximate"))
-        if args.json is not None:  # after every model: a run cut short keeps the models it measured
-            args.json.write_text(json_rows(rows, approximate_rows, device) + "\n")
-        print(f"  {name} done", flush=True)
-    table = markdown_table(rows)
-    if approximate_rows:
-        table += (
-            '\n\nThe same with `scale_mode="approximate"` (rescaled layers and spreads of both modes; the '
-            "output change is on the first 32 init samples, after removing one global factor):\n\n"
-            + approximate_table(rows, approximate_rows)
-        )
-    print(table)
-    notes = [f"- {row.name}: warning: {message}" for row in rows + approximate_rows for message in row.warnings]
-    heading = "## bench/zoo.py" if device.type == "cpu" else "## bench/zoo.py --device cuda"
-    command = "python bench/zoo.py" if device.type == "cpu" else "python bench/zoo.py --device cuda"
-    section = (
-        f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
-        f"commit {commit()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, {device_words(device)}:\n\n"
-        f'```\npip install -c constraints.txt -e ".[test,bench]"\n{command}\n```\n\n'
-        "`init_(model, x, seed=0, across_normalization=True)`, otherwise its defaults, on 8 Gaussian 3 x 64 x 64 "
-        "inputs (Part 2 through the normalization layers, to show what the graph allows; by default a "
-        "normalization fixes the scale of the layer before it); "
-        "init_ / forward is the time of init_ over that of one eval-mode forward pass of the same inputs "
-        f"(the median of {FORWARD_REPEATS}) timed just before it, the median over {INIT_REPEATS} fresh copies of "
-        "the model; the per-sample gradient norms column says how "
-        "Part 2 computed them (see docs/method.md).\n\n"
-        f"{table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "No warnings.\n\n")
-    )
+    heading, _ = heading_and_command(args.family, device, args.repeats)
+    not_run = hf_missing() if args.family == "hf" else None
+    rows: list[ZooRow] = []
+    approximate_rows: list[ZooRow] = []
+    if not_run is None:
+        for name in args.models or default_models(args.family):
+            model_spec = spec(name, args.family)
+            rows.append(measure(model_spec, scale_mode="exact", repeats=args.repeats, device=device))
+            if args.approximate:
+                approximate_rows.append(measure(model_spec, scale_mode="approximate", device=device))
+            if args.json is not None:  # after every model: a run cut short keeps the models it measured
+                args.json.write_text(json_rows(rows, approximate_rows, device, args.family, args.repeats) + "\n")
+            print(f"  {name} done", flush=True)
+    elif args.json is not None:
+        args.json.write_text(json_rows([], [], device, args.family, args.repeats, not_run) + "\n")
+    section = section_text(args.family, device, args.threads, args.repeats, rows, approximate_rows, not_run)
+    print(section)
     replace_section(args.results, heading, section)
     return 0
 

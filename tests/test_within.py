@@ -37,9 +37,29 @@ def test_part1_is_one_forward_pass_not_one_per_layer() -> None:
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     magicinit.init_(model, torch.randn(16, 3, 8, 8), between=False, seed=0)
-    # one probe pass on 2 samples (graph), one pass over the data (Part 1), one to re-measure for the report
-    assert len(calls) == 3
+    # one probe pass on 2 samples (graph), one pass over the data (Part 1); no layer's output can change after
+    # its own normalization (no shared bias, no constant channel), so nothing is re-measured for the report
+    assert len(calls) == 2
     assert not model._forward_hooks and len(model._forward_pre_hooks) == 1
+
+
+def test_the_report_after_part_1_is_what_the_model_gives_without_a_remeasuring_pass() -> None:
+    torch.manual_seed(0)
+    model, x = plain_cnn(8), torch.randn(32, 3, 8, 8)
+    report = magicinit.init_(model, x, between=False, seed=0)
+    captured: dict[str, torch.Tensor] = {}
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    handles = [
+        module.register_forward_hook(lambda m, a, out, name=name: captured.__setitem__(name, out.detach()))
+        for name, module in convs.items()
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    for name, output in captured.items():
+        std = output.transpose(0, 1).flatten(1).std(1, correction=0)
+        assert torch.allclose(torch.tensor(report[name].channel_std_after), std, rtol=1e-4, atol=1e-5), name
 
 
 def test_same_seed_gives_bit_identical_weights_and_other_seed_does_not() -> None:

@@ -1,4 +1,6 @@
-"""torchvision's classifiers: initialized without error, a valid report, finite outputs.
+"""torchvision's classifiers: initialized without error, a valid report, finite outputs; and bench/zoo.py's
+tables and time columns on one tiny model (they add up to init_ / forward), its families and its Hugging Face
+section where transformers is missing.
 
 torchvision is in the test extra (constraints.txt pins it); these tests are
 skipped, with a reason, where it is missing. README ("The torchvision model
@@ -7,14 +9,17 @@ zoo") tabulates what each model gets; ``bench/zoo.py`` regenerates that table.
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import magicinit
-from conftest import AFFINE, channel_stats, first_call_outputs
+from conftest import AFFINE, channel_stats, first_call_outputs, plain_cnn
 from magicinit.tools.cli import load_model
 from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 
@@ -70,3 +75,102 @@ def test_torchvision_classifier_is_initialized_with_a_valid_report(name: str) ->
         fixed = layer.input_scale_fixed_by is not None and layer.output_scale_fixed_by is not None
         if fixed:
             assert layer.weight_scale == 1.0, layer.name
+
+
+# --- bench/zoo.py: its tables, and where init_'s time goes, on one tiny model -------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import gpu_table  # noqa: E402
+import zoo  # noqa: E402
+import zoo_models  # noqa: E402
+
+TINY = zoo_models.ModelSpec(
+    "tiny_cnn",
+    lambda: plain_cnn(depth=4, width=8),
+    lambda: torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+    input_words="8 Gaussian 3 x 16 x 16 inputs",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_rows() -> tuple[zoo.ZooRow, zoo.ZooRow]:
+    """The tiny model measured by bench/zoo.py in both scale modes (one copy each: a few seconds)."""
+    return zoo.measure(TINY), zoo.measure(TINY, scale_mode="approximate")
+
+
+def figures(cell: str) -> float:
+    return 0.0 if cell == "-" else float(cell)
+
+
+def test_zoo_time_columns_add_up_to_init_over_forward(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow]) -> None:
+    exact, approximate = tiny_rows
+    for row in tiny_rows:
+        assert row.error is None and row.init_seconds is not None and row.forward_seconds is not None
+        stages = zoo.stage_forwards(row)
+        assert {"trace", "Part 1", "rates", "solve", "checks", "other"} <= set(stages)
+        # the stages (the stopwatch's, and the rest of init_'s measured wall time) add up to the ratio exactly
+        assert sum(stages.values()) == pytest.approx(row.init_seconds / row.forward_seconds, rel=1e-9)
+        assert row.init_over_forward == pytest.approx(row.init_seconds / row.forward_seconds, rel=1e-9)
+        # what the stopwatch did not see ("other" = its own other, Part 2's and the API's) stays small
+        assert all(value >= 0 for key, value in stages.items() if key != "other")
+        assert stages["other"] > -1e-3 * sum(stages.values())
+        assert row.rate_draws is not None and row.samples_used == 8 and row.rate_draws % 8 == 0
+    assert "retrace" in zoo.stage_forwards(approximate) and "retrace" not in zoo.stage_forwards(exact)
+
+    table = zoo.time_table([exact, approximate])
+    lines = [line for line in table.splitlines() if line.startswith("| tiny_cnn |")]
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert len(lines) == 2
+    first, last = header.index("trace"), header.index("other")
+    for line, row in zip(lines, tiny_rows):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[1] == row.scale_mode and len(cells) == len(header)
+        total = float(cells[header.index("init_ / forward")])
+        parts = [figures(cell) for cell in cells[first : last + 1]]
+        # each printed figure is rounded to 0.05: the printed stages add up to the printed total within that
+        assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1) + 1e-9, line
+        assert total == pytest.approx(row.init_over_forward, abs=0.05)
+        assert "%" in cells[header.index("most of the time")]
+
+
+def test_zoo_tables_json_and_section(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow], tmp_path: Path) -> None:
+    exact, approximate = tiny_rows
+    failed = zoo.measure(zoo_models.ModelSpec("broken", lambda: nn.Conv2d(5, 4, 3), TINY.inputs))
+    assert failed.error is not None and "RuntimeError" in failed.error and zoo.stage_forwards(failed) == {}
+    device = torch.device("cpu")
+    section = zoo.section_text("torchvision", device, 1, 3, [exact, failed], [approximate, failed])
+    assert section.startswith("## bench/zoo.py\n")
+    assert "| tiny_cnn | 4 |" in section and "| broken | failed: RuntimeError" in section
+    assert "| tiny_cnn | approximate |" in section and "8 Gaussian 3 x 16 x 16 inputs" in section
+    # the JSON keeps the keys bench/gpu_table.py reads, and adds the stages in forward passes
+    (tmp_path / "zoo.json").write_text(zoo.json_rows([exact], [approximate], device, "torchvision", 3))
+    data = json.loads((tmp_path / "zoo.json").read_text())
+    row = data["rows"][0]
+    assert {"name", "init_seconds", "forward_seconds", "init_over_forward", "spread_before", "rate_way"} <= set(row)
+    assert sum(row["forward_equivalents"].values()) == pytest.approx(row["init_over_forward"], rel=1e-9)
+    assert data["approximate_rows"][0]["between_seconds"]["retrace"] > 0
+    problem, text = gpu_table.figures_zoo(tmp_path, gpu_table.Step("zoo", 0, 1.0, 90, "zoo.log"))
+    assert problem is None and text.startswith("tiny_cnn: init_/fwd ")
+
+
+def test_zoo_families_and_the_hugging_face_section(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert zoo.heading_and_command("timm", torch.device("cpu"), 1) == (
+        "## bench/zoo.py --family timm",
+        "python bench/zoo.py --family timm --repeats 1",
+    )
+    assert {"coatnet_0_rw_224", "ghostnet_100", "cait_xxs24_224"} <= set(zoo_models.default_models("timm"))
+    assert {"lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large"} <= set(
+        zoo_models.default_models("torchvision")
+    )
+    assert callable(zoo_models.detector_recipe()["raw_head_outputs"])  # docs/guide.md's block, run as written
+    # without transformers the section says so (forced here, whether or not it is installed)
+    monkeypatch.setattr(zoo, "hf_missing", lambda: "transformers not installed")
+    results, out = tmp_path / "RESULTS.md", tmp_path / "hf.json"
+    monkeypatch.setattr(
+        sys, "argv", ["zoo.py", "--family", "hf", "--threads", "1", "--results", str(results), "--json", str(out)]
+    )
+    assert zoo.main() == 0
+    text = results.read_text()
+    assert "## bench/zoo.py --family hf\n" in text and "Not run: transformers not installed (models: t5, llama)" in text
+    assert json.loads(out.read_text())["not_run"] == "transformers not installed"

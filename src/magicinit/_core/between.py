@@ -389,7 +389,8 @@ NOTHING_FREE = (
 def _measure(context: PassContext, units: dict[str, WeightUnit], graph: LayerGraph, desc: str) -> ChangeRates:
     """The rates of ``units``, with the slices of concatenated inputs that ``graph`` found."""
     slices = {name: concatenation.sizes for name, concatenation in graph.input_parts.items()}
-    return measure_change_rates(context, units, graph.layouts, desc, input_slices=slices)
+    with context.stopwatch.stage("rates"):
+        return measure_change_rates(context, units, graph.layouts, desc, input_slices=slices)
 
 
 def _slice_shares(
@@ -435,9 +436,12 @@ def equalize_between(
     if _no_gradient(before):
         return BetweenResult(None, None, unchanged, [], nothing_to_do=NO_GRADIENT)
     log_rates, excluded = _log_rates(before, called, fixed)
-    solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
+    with context.stopwatch.stage("solve"):
+        solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
     result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
-    if _apply_exactly(context, called, graph, solution, result):
+    with context.stopwatch.stage("checks"):
+        kept = _apply_exactly(context, called, graph, solution, result)
+    if kept:
         _set_rates_after(context, called, graph, solution, log_rates, result)
     return result
 
@@ -493,9 +497,10 @@ def _no_worse_than_exact(
     solution = None
     predicted = log_rates
     if approximate.approximated and can_change_rates(graph, list(log_rates), fixed):
-        solution = solve_scales(
-            graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, names, graph, approximate.before)
-        )
+        with context.stopwatch.stage("solve"):
+            solution = solve_scales(
+                graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, names, graph, approximate.before)
+            )
         predicted = {**log_rates, **solution.predicted_log_rate}
     exact = _spread_of(predicted)
     if ended <= exact * math.exp(SPREAD_NOISE * context.rates.precision):  # a measured spread against a predicted one
@@ -507,7 +512,8 @@ def _no_worse_than_exact(
     if solution is not None:
         with warnings.catch_warnings():  # its warning would say the model was left as it was: the note says why not
             warnings.simplefilter("ignore", RuntimeWarning)
-            kept = _apply_exactly(context, names, graph, solution, result)
+            with context.stopwatch.stage("checks"):
+                kept = _apply_exactly(context, names, graph, solution, result)
         if not kept:
             rounds_state.restore()
             approximate.instead_of_approximate = (
@@ -743,11 +749,13 @@ def _equalize_approximately(
     model, collective, options = context.model, context.collective, context.scaling
     probe = split_batch(context.batch, 0, FUNCTION_CHECK_SAMPLES)
     test, agree = HomogeneityTest(options.tolerance), _agreed_deviations(collective)
-    reference = _outputs(model, probe, context.forward)
+    stopwatch = context.stopwatch
+    with stopwatch.stage("checks"):
+        reference = _outputs(model, probe, context.forward)
     unchanged = {name: 1.0 for name in called}
 
     def trace() -> LayerGraph:
-        with torch.no_grad():
+        with torch.no_grad(), stopwatch.stage("retrace"):
             return trace_graph(
                 model, probe, context.forward, index, test, agree, across_normalization=options.across_normalization
             )
@@ -772,13 +780,16 @@ def _equalize_approximately(
             break
         if result.rounds and not graph.approximated:
             break  # every relation is exact: the first solve predicted these rates, more rounds chase noise
-        solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
+        with stopwatch.stage("solve"):
+            full = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
+        solution = full
         if spread_now - _rms_deviation(solution.predicted_log_rate) <= context.rates.precision:
             break  # what is left is the graph's, not the last step's
         largest = max(solution.approximated_rho.values(), default=0.0)
         limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
         solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
-        applied = _apply_within_budget(context, called, solution, graph, probe, reference)
+        with stopwatch.stage("checks"):
+            applied = _apply_within_budget(context, called, solution, graph, probe, reference)
         if applied is None:
             result.limited = (
                 f"a further step would change the output by more than scale_tolerance={options.tolerance:g} "
@@ -793,6 +804,11 @@ def _equalize_approximately(
         total = {name: total[name] * factors.get(name, 1.0) for name in total}
         result.changed |= changed
         result.rounds += 1
+        if not graph.approximated and not options.verify and _same_step(solution, full):
+            # every relation exact and the full step taken: the solve's prediction is the rates after it, as in
+            # exact mode (a second measurement would only add its noise); verify_rates=True measures them
+            rates, result.after_predicted = _predicted_rates(rates, full, log_rates), True
+            break
         graph = trace()
         called = {name: unit for name, unit in called.items() if name in graph.sites}
         rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
@@ -803,8 +819,14 @@ def _equalize_approximately(
         if options.max_rounds and _worst_deviation(log_rates) > target:
             result.limited = f"scale_max_rounds={options.max_rounds} rounds were made, the rates still apart"
     result.weight_factor, result.after, result.graph = total, rates, graph
-    _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
+    with stopwatch.stage("checks"):
+        _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
     return result
+
+
+def _same_step(taken: ScaleSolution, solved: ScaleSolution) -> bool:
+    """Whether ``taken`` moves every scale as far as ``solved`` (no damping, no backtracking)."""
+    return (taken.rho_in, taken.rho_out, taken.input_part_rho) == (solved.rho_in, solved.rho_out, solved.input_part_rho)
 
 
 BACKTRACKING_STEPS = 4  # tries of one approximate step: the full (damped) step, then halves

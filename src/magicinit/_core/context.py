@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .distributed import Collective
 from .inputs import Batch, ForwardFn
 from .options import RateOptions, ScaleOptions
+from .stopwatch import Stopwatch
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,6 +30,7 @@ class PassContext:
         progress: show tqdm progress bars.
         rates: how change rates are estimated.
         scaling: how Part 2 may rescale.
+        stopwatch: where the call's time goes (``Stopwatch.stage``).
     """
 
     model: nn.Module
@@ -39,6 +41,7 @@ class PassContext:
     progress: bool
     rates: RateOptions
     scaling: ScaleOptions = ScaleOptions()
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
     def run(self, batch: Batch | None = None) -> Any:
         """The model's output on ``batch`` (default: all the init data)."""

@@ -40,7 +40,7 @@ def diagnose(
     For every affine layer that the forward pass calls: the mean and std of
     each output channel, the coefficient of variation of those stds (output
     CV, 0 when every channel has the same scale), the layer's change rate
-    ``C_k`` from back-propagated Gaussian noise with its standard error, and
+    ``C_k`` from back-propagated noise with its standard error, and
     the mean and coefficient of variation of the per-channel change rates.
     A well-initialized network has output CV near 0 and equal rates.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -24,7 +23,18 @@ from .safety import evaluating, guarded
 from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_inference_mode, start_session
 from .sites import refreshed
-from .within import FEW_VALUES_PER_CHANNEL, ON_TARGET, WithinLayerResult, normalize_within, remeasure_after
+from .stopwatch import Stopwatch
+from .within import (
+    FEW_VALUES_PER_CHANNEL,
+    ON_TARGET,
+    WithinLayerResult,
+    after_may_differ,
+    normalize_within,
+    remeasure_after,
+)
+
+CALL = "call"  # the stopwatch's stage around a whole call: its own time is the report's "other"
+OTHER = "other"
 
 
 @outside_inference_mode
@@ -178,35 +188,46 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
     """Parts 1 and 2 as ``options`` say (checked), and the report."""
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     chosen_sampler = get_sampler(options.sampler)
-    session = start_session(model, data, options)
-    seconds: dict[str, float] = {}
-    within_results: dict[str, WithinLayerResult] = {}
-    between_result = None
-    with refreshed(model, session.all_units.values()), guarded(model) as snapshot:  # buffers put back at the end
-        session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
-        if options.within:
-            start = time.perf_counter()
-            within_results = normalize_within(
-                session.context,
-                session.index,
-                session.units,
-                chosen_sampler,
-                beta=options.beta,
-                patch_budget_bytes=int(options.patch_budget_mb * 2**20),
-            )
-            # what the report gives as "after": the output with the final Part 1 weights, not what each layer
-            # gave at its own normalization (a bias shared with a later layer has changed since)
-            remeasure_after(session.context, session.index, session.units, within_results)
-            seconds["within"] = time.perf_counter() - start
-        if options.between:
-            start = time.perf_counter()
-            constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
-            between_result = _between(session, constant)
-            # running statistics Part 2 scaled on purpose stay; every other buffer is put back (safety.guarded)
-            snapshot.keep_buffers_of(model.get_submodule(name) for name in between_result.normalizations)
-            seconds["between"] = time.perf_counter() - start
+    stopwatch = Stopwatch()
+    with stopwatch.stage(CALL):  # its own time: the snapshots and restores, bookkeeping
+        session = start_session(model, data, options, stopwatch)
+        within_results: dict[str, WithinLayerResult] = {}
+        between_result = None
+        # buffers put back at the end
+        with refreshed(model, session.all_units.values()), guarded(model) as snapshot:
+            session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
+            if options.within:
+                with stopwatch.stage("within"):
+                    within_results = normalize_within(
+                        session.context,
+                        session.index,
+                        session.units,
+                        chosen_sampler,
+                        beta=options.beta,
+                        patch_budget_bytes=int(options.patch_budget_mb * 2**20),
+                    )
+                    # what the report gives as "after": the output with the final Part 1 weights, where it may
+                    # differ from what each layer gave at its own normalization (a bias shared with a later layer)
+                    if after_may_differ(within_results):
+                        remeasure_after(session.context, session.index, session.units, within_results)
+            if options.between:
+                with stopwatch.stage("between"):
+                    constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
+                    between_result = _between(session, constant)
+                    # running statistics Part 2 scaled on purpose stay; every other buffer is put back
+                    # (safety.guarded)
+                    snapshot.keep_buffers_of(model.get_submodule(name) for name in between_result.normalizations)
     settings = {**options.settings(), **_count_samples(session)}
-    return _build_report(session, settings, within_results, between_result, seconds)
+    return _build_report(session, settings, within_results, between_result, stopwatch)
+
+
+def _seconds(stopwatch: Stopwatch) -> tuple[dict[str, float], dict[str, float]]:
+    """``Report.seconds`` and ``Report.between_seconds`` from the call's stopwatch."""
+    seconds = {**stopwatch.children(CALL), OTHER: stopwatch.exclusive.get(CALL, 0.0)}
+    between = {}
+    if "between" in stopwatch.inclusive:
+        between = {**stopwatch.children("between"), OTHER: stopwatch.exclusive["between"]}
+    return seconds, between
 
 
 def _between(session: Session, constant: set[str]) -> BetweenResult:
@@ -438,9 +459,10 @@ def _build_report(
     settings: dict[str, Any],
     within_results: dict[str, WithinLayerResult],
     between_result: BetweenResult | None,
-    seconds: dict[str, float],
+    stopwatch: Stopwatch,
 ) -> Report:
-    """The report: one entry per affine layer of the model, in registration order, and the call's notes."""
+    """The report: one entry per affine layer of the model, in registration order, the call's notes and where
+    its time went (``stopwatch``)."""
     layers = []
     called = session.graph.calls
     model = session.context.model
@@ -487,7 +509,8 @@ def _build_report(
         if between_result is not None and name in between_result.excluded:  # with rates measured or not
             entry.notes.append(f"not equalized: {between_result.excluded[name]}")
         layers.append(entry)
-    report = Report(layers, settings, list(session.notes), seconds)
+    seconds, between_seconds = _seconds(stopwatch)
+    report = Report(layers, settings, list(session.notes), seconds=seconds, between_seconds=between_seconds)
     if not settings["within"] and not settings["between"]:
         report.notes.append("within=False and between=False: nothing was measured or changed")
     _summarize_within(report, within_results)

@@ -27,7 +27,7 @@ from . import arguments
 from .distributed import ProcessGroupArg
 from .samplers import PATCH_BUDGET_MB, SAMPLERS, Sampler, sampler_name
 
-MIN_RATE_ROUNDS = 2  # passes over the init data at least when estimating change rates: the noise error needs two
+MIN_RATE_ROUNDS = 2  # rate_max_rounds at least: a second round measures the noise alone where one round's bound misses
 SCALE_MODES = ("exact", "approximate")
 DIAGNOSE_SEED = 0  # diagnose's default seed: its noise draws change nothing, so it repeats itself by default
 

@@ -101,7 +101,9 @@ class Report:
     layers: list[LayerReport]
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # wall seconds by stage: data, trace, within (Part 1), between (Part 2), other (snapshots, restores)
     seconds: dict[str, float] = field(default_factory=dict)
+    between_seconds: dict[str, float] = field(default_factory=dict)  # Part 2's: rates, solve, checks, other
     rate_spread_before: float | None = None
     rate_spread_after: float | None = None
     output_change: float | None = None  # relative output change caused by Part 2 on the init data
@@ -168,7 +170,11 @@ class Report:
             lines.extend(notes)
         lines.extend(f"note: {note}" for note in self.notes)
         if self.seconds:
-            lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+            stages = [f"{k} {v:.2f}s" for k, v in self.seconds.items()]
+            if len(self.between_seconds) > 1 and "between" in self.seconds:  # more than its own "other"
+                inside = ", ".join(f"{k} {v:.2f}s" for k, v in self.between_seconds.items())
+                stages[list(self.seconds).index("between")] += f" ({inside})"
+            lines.append("time: " + ", ".join(stages))
         return "\n".join(lines)
 
 

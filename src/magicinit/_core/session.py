@@ -23,6 +23,7 @@ from .inputs import Batch, ForwardFn, all_tensors, default_forward, forward_in_d
 from .options import Options
 from .safety import observing
 from .sites import UnitIndex, WeightUnit
+from .stopwatch import Stopwatch
 from .torch_internals import (
     compiled_original,
     forward_hooks,
@@ -248,9 +249,10 @@ def start_session(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     options: Options,
+    stopwatch: Stopwatch | None = None,
 ) -> Session:
     """Validate the model and data, gather the data, trace the graph and choose the weights, as the (checked)
-    ``options`` say.
+    ``options`` say; ``stopwatch`` (kept in the session's context) times the stages ``data`` and ``trace``.
 
     Raises ``MagicInitError`` before touching the model if anything is wrong.
     With several processes, every rank raises if any rank could not gather its
@@ -270,6 +272,7 @@ def start_session(
     collective = resolve_process_group(options.process_group)
     checked_forward = forward_in_data_layout(guard_forward(options.forward or default_forward), options.sample_dim)
     error, gathered = None, None
+    stopwatch = Stopwatch() if stopwatch is None else stopwatch
     try:
         gathered = _gather_and_trace(
             model,
@@ -279,6 +282,7 @@ def start_session(
             checked_forward,
             scaling.across_normalization,
             sample_dim=options.sample_dim,
+            stopwatch=stopwatch,
         )
     except MagicInitError as exc:
         if collective is None:
@@ -297,6 +301,7 @@ def start_session(
         progress=options.progress,
         rates=options.rates,
         scaling=scaling,
+        stopwatch=stopwatch,
     )
     return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes + _user_hooks(model))
 
@@ -358,14 +363,18 @@ def _gather_and_trace(
     across_normalization: bool = False,
     *,
     sample_dim: int = 0,
+    stopwatch: Stopwatch,
 ) -> _Gathered:
     """At most ``samples`` samples of ``data`` on the model's device and dtype, and the graph traced on them
-    (``across_normalization``: see ``ScaleOptions``; ``sample_dim``: see ``gather_batch``)."""
+    (``across_normalization``: see ``ScaleOptions``; ``sample_dim``: see ``gather_batch``), timed as the stages
+    ``data`` and ``trace``."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is None:
         raise MagicInitError(f"model {type(model).__name__} has no floating-point parameter to initialize")
-    batch = gather_batch(data, samples, weight.device, weight.dtype, sample_dim)
-    graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index, across_normalization)
+    with stopwatch.stage("data"):
+        batch = gather_batch(data, samples, weight.device, weight.dtype, sample_dim)
+    with stopwatch.stage("trace"):
+        graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index, across_normalization)
     return _Gathered(batch, graph, notes)
 
 

@@ -15,8 +15,10 @@ have a small spread: with few values per channel, behind a global pool or in a
 squeeze-excitation block, channels drifted far from std 1. Which later layer
 amplifies cannot be told when a site is normalized, so every site makes the
 second call.) The cost is one forward pass plus a second call and a few
-element-wise passes per site; one more pass (``remeasure_after``) measures
-every layer's output with the final weights, for the report.
+element-wise passes per site; where a later write can change an earlier
+layer's output (a shared bias; ``after_may_differ``), one more pass
+(``remeasure_after``) measures every layer's output with the final weights,
+for the report.
 
 A weight used at several sites is normalized at its first use in data order;
 its later uses see it as it then is.
@@ -76,7 +78,7 @@ class WithinLayerResult:
         before: channel moments of the drawn filters' output (bias zero), measured.
         after: channel moments of the layer's output with its new weight and bias, measured
             where Part 1 normalized it (mean ``beta`` and std 1 up to rounding), and measured
-            again with the final weights of all layers by ``remeasure_after``.
+            again with the final weights of all layers by ``remeasure_after`` where they may differ.
         scale: the factor applied to every output channel's filter.
         zero_variance: channels that were constant on the init data; they got
             the layer's median scale (or unit-norm filters) and mean ``beta``.
@@ -402,6 +404,21 @@ def first_site_moments(
     with torch.no_grad(), recorder:
         context.run()
     return recorder.moments, recorder.layouts
+
+
+def after_may_differ(results: dict[str, WithinLayerResult]) -> bool:
+    """Whether a layer's output with the final Part 1 weights may differ from what Part 1 measured right after
+    normalizing it (``remeasure_after`` then measures it): where a bias is shared by two layers (the later one
+    writes it after the earlier was measured), where a layer has a constant channel (Part 1 hands on its exact
+    constant, the model computes it with rounding), or where a weight is normalized at several sites.
+    Otherwise every layer's output in the Part 1 pass is the model's own call with its final weights on the
+    model's own input (each site's second call), and what it measured there is what the model gives."""
+    biases = [result.bias for result in results.values() if result.bias is not None]
+    return (
+        len(biases) != len(set(biases))
+        or any(result.zero_variance for result in results.values())
+        or any(result.sites > 1 for result in results.values())
+    )
 
 
 def remeasure_after(

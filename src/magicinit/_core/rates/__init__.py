@@ -1,4 +1,4 @@
-"""Part 2's change rates (``measure_change_rates``): back-propagated Gaussian noise, and the squared gradient
+"""Part 2's change rates (``measure_change_rates``): back-propagated random noise, and the squared gradient
 norms of every noise draw, got by the fastest strategy that holds for the model.
 
 A *draw* is one chunk of the init data (``rate_chunk_size`` samples, one by default) with its own Gaussian

@@ -1,16 +1,21 @@
-"""The relative change rate of every layer, from back-propagated Gaussian noise (Parts 2 and 4).
+"""The relative change rate of every layer, from back-propagated noise (Parts 2 and 4).
 
 A layer's relative change rate is ``C_k = sqrt(E||dL/dW_k||^2 / ||W_k||^2)``
-under a random linear loss ``L = eta . output`` (Gaussian noise
-back-propagated from the top: no labels). It is estimated on small chunks of
-the init data, each with its own noise draw: the gradient of a chunk mixes
-its samples' contributions with random signs, so many small chunks give a far
-steadier estimate than a few large ones at the same cost. Rounds over the
-data (each chunk with fresh noise) repeat until the standard error of every
-``log C_k`` is below a target. The target is the rate *on the init data*, so
-the error counts only the noise: it is estimated from how much each chunk's
-squared gradient norm varies between rounds, not from differences between
-samples.
+under a random linear loss ``L = eta . output`` (noise back-propagated from
+the top: no labels). The paper draws ``eta`` from a standard Gaussian; any
+noise with ``E[eta eta^T] = I`` has the same expectation, and Rademacher
+noise (``strategy.NoiseDraws.noise``) has the least variance. It is
+estimated on small chunks of the init data, each with its own noise draw: the
+gradient of a chunk mixes its samples' contributions with random signs, so
+many small chunks give a far steadier estimate than a few large ones at the
+same cost. Rounds over the data (each chunk with fresh noise) repeat until
+the standard error of every ``log C_k`` is below a target. The target is the
+rate *on the init data*, so the error counts only the noise: it is estimated
+from how much each chunk's squared gradient norm varies between rounds, not
+from differences between samples. After the first round only, where it holds
+``ONE_ROUND_MIN_DRAWS`` draws or more, the spread of its draws bounds that
+error from above (it counts the differences between samples too), and where
+the bound already meets the target no second round is made.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from ..sites import WeightUnit, refreshed
 from .choose import choose_strategy
 from .norms import squared_filter_norms
 from .strategy import NoiseDraws, check_gradients_reach_output
+
+ONE_ROUND_MIN_DRAWS = 64  # draws in one round from which their own spread is trusted to bound the noise error
 
 # batch norms, which compute the statistics of the batch they get even in eval mode when they keep no running
 # statistics (track_running_stats=False)
@@ -130,6 +137,10 @@ def measure_change_rates(
                 # one transfer per round, not per layer or draw (layers on other devices joined first)
                 totals = [torch.cat(round_totals[name]) for name in names]
                 draw_totals.append(torch.stack([t.to(totals[0].device) for t in totals]).cpu())
+                if rounds == 1 and all(
+                    e <= options.precision for e in _one_round_log_errors(names, draw_totals, collective).values()
+                ):
+                    break
                 if rounds >= MIN_RATE_ROUNDS:
                     errors = _log_errors(names, draw_totals, collective)
                     if all(e <= options.precision for e in errors.values()):
@@ -151,7 +162,8 @@ def measure_change_rates(
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
     slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
-    return ChangeRates(rate, _log_errors(names, draw_totals, collective), channel_rate, n_draws, slice_gradient, method)
+    errors = (_one_round_log_errors if rounds == 1 else _log_errors)(names, draw_totals, collective)
+    return ChangeRates(rate, errors, channel_rate, n_draws, slice_gradient, method)
 
 
 def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
@@ -173,6 +185,36 @@ def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
                 "the init data at once"
             )
     return None
+
+
+def _one_round_log_errors(
+    names: list[str], draw_totals: list[Tensor], collective: Collective | None = None
+) -> dict[str, float]:
+    """An upper bound of the standard error of ``log C`` due to the noise after one round (``draw_totals``:
+    one round, ``(layers, chunks)``), from the spread of its draws; inf with fewer than
+    ``ONE_ROUND_MIN_DRAWS`` draws (all ranks') or another number of rounds.
+
+    Each draw is one chunk under its own noise: the draws' variance is the mean noise variance of a
+    chunk plus the variance of the chunks' expected norms (law of total variance), so in expectation it
+    exceeds the noise alone; a layer no gradient reaches has error 0.
+    """
+    sums = torch.zeros(len(names), 3, dtype=torch.float64)
+    if len(draw_totals) == 1:
+        values = draw_totals[0].double()
+        sums[:, 0], sums[:, 1], sums[:, 2] = values.sum(1), values.square().sum(1), values.shape[1]
+    if collective is not None:
+        sums = collective.sum(sums)
+    errors = {}
+    for name, (total, squares, count) in zip(names, sums.tolist()):
+        if total <= 0:
+            errors[name] = 0.0 if count else math.inf
+        elif count < max(ONE_ROUND_MIN_DRAWS, 2):
+            errors[name] = math.inf
+        else:
+            mean = total / count
+            variance = max(squares / count - mean * mean, 0.0) * count / (count - 1)
+            errors[name] = 0.5 * math.sqrt(variance / count) / mean  # log C = 0.5 log C^2
+    return errors
 
 
 def _log_errors(names: list[str], draw_totals: list[Tensor], collective: Collective | None = None) -> dict[str, float]:

@@ -46,7 +46,7 @@ class StrategyRefused(MagicInitError):
 class NoiseDraws:
     """The draws of one change-rate measurement, as every strategy sees them: the pass's context, the
     weights measured (their units, filter layouts and slices of input channels), and the generator their
-    Gaussian noise comes from."""
+    noise comes from."""
 
     def __init__(
         self,
@@ -61,10 +61,18 @@ class NoiseDraws:
         self.names = list(units)
 
     def noise(self, shapes: list[torch.Size], count: int) -> list[list[Tensor]]:
-        """For each of ``count`` draws in order, float32 noise of every output shape (on the CPU
-        generator's stream, so every strategy draws the same numbers)."""
+        """For each of ``count`` draws in order, float32 Rademacher noise (each entry -1 or +1 with equal
+        odds) of every output shape (on the CPU generator's stream, so every strategy draws the same numbers).
+
+        Its second moment is that of standard Gaussian noise (``E[eta eta^T] = I``), so the expected squared
+        gradient norm, hence the change rate, is the same; its variance is lower: for one sample,
+        ``||J^T eta||^2`` varies by ``2 (||M||_F^2 - sum_i M_ii^2)`` against ``2 ||M||_F^2`` (``M = J J^T``),
+        and a layer next to the output (``M`` diagonal) gets its exact norm from a single draw."""
         return [
-            [torch.randn(shape, generator=self.generator, dtype=torch.float32) for shape in shapes]
+            [
+                torch.randint(0, 2, shape, generator=self.generator, dtype=torch.float32).mul_(2).sub_(1)
+                for shape in shapes
+            ]
             for _ in range(count)
         ]
 
