@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import statistics
@@ -83,7 +82,16 @@ from cifar10 import ARCHIVE, VALIDATION_SHARE, cifar10_arrays
 from cifar_nets import caffenet_cifar, resnet20, vit
 from magicinit.tools.demo import evaluate, train
 from magicinit.tools.nets import plain_cnn
-from results_file import BENCH, DIVERGED_ACCURACY, accuracies, commit, replace_section
+from results_file import (
+    BENCH,
+    DIVERGED_ACCURACY,
+    accuracies,
+    commit,
+    machine_facts,
+    replace_section,
+    stored_runs,
+    write_runs,
+)
 from train import (
     BATCH_NORM_TWIN,
     BATCH_SIZE,
@@ -427,11 +435,9 @@ class Bench:
 
     def load(self) -> None:
         """Take the runs of an earlier JSON with the same settings (``--resume``)."""
-        if not self.path.is_file():
+        stored = stored_runs(self.path, self.settings())
+        if stored is None:
             return
-        stored = json.loads(self.path.read_text())
-        if stored.get("settings") != self.settings():
-            raise SystemExit(f"--resume: {self.path} has settings {stored.get('settings')}, this run {self.settings()}")
         for record in stored["runs"]:
             run = Run(**record)
             self.runs[run.key()] = run
@@ -439,31 +445,17 @@ class Bench:
         self.init_errors = stored.get("init_errors", {})
 
     def write(self) -> None:
-        machine = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "commit": self.args.commit,
-        }
-        lines = [json.dumps(asdict(run)) for run in self.runs.values()]
-        text = (
-            '{"settings": '
-            + json.dumps(self.settings())
-            + ',\n"machine": '
-            + json.dumps(machine)
-            + ',\n"grids": '
-            + json.dumps(self.grids)
-            + ',\n"init_errors": '
-            + json.dumps(self.init_errors)
-            + ',\n"runs": [\n'
-            + ",\n".join(lines)
-            + "\n]}\n"
+        """The JSON, one run per line, replaced whole."""
+        write_runs(
+            self.path,
+            {
+                "settings": self.settings(),
+                "machine": machine_facts(commit=self.args.commit),
+                "grids": self.grids,
+                "init_errors": self.init_errors,
+            },
+            {"runs": [asdict(run) for run in self.runs.values()]},
         )
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(text)
-        temporary.replace(self.path)
 
 
 def run_family(args: argparse.Namespace, data: Dataset, bench: Bench) -> None:

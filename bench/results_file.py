@@ -1,13 +1,18 @@
-"""What the benchmark scripts share: the library's commit, their sections of ``bench/RESULTS.md``, and how
-a training run's accuracy is read (a diverged run counts as chance) and its learning rate chosen."""
+"""What the benchmark scripts share: the library's commit, their sections of ``bench/RESULTS.md``, their raw
+JSON (written after every run, resumed with the same settings), and how a training run's accuracy is read (a
+diverged run counts as chance) and its learning rate chosen."""
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 BENCH = Path(__file__).resolve().parent
 
@@ -34,6 +39,43 @@ def replace_section(results: Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)
+
+
+def machine_facts(**extra: Any) -> dict[str, Any]:
+    """The torch version, threads, platform, processor and Python of this process, and ``extra``."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        **extra,
+    }
+
+
+def stored_runs(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON at ``path`` (None if there is none) when it was written with ``settings``; ``SystemExit``
+    naming both when not (``--resume`` must not mix runs of other settings)."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("settings") != settings:
+        raise SystemExit(f"--resume: {path} has settings {stored.get('settings')}, this run {settings}")
+    return stored
+
+
+def write_runs(path: Path, fields: dict[str, Any], records: dict[str, list[dict[str, Any]]]) -> None:
+    """Write ``fields`` (one line each) then ``records`` (one record per line) as one JSON object to ``path``,
+    replacing it whole (a temporary file renamed, so a reader never sees half of it)."""
+    parts = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in fields.items()]
+    parts += [
+        f"{json.dumps(key)}: [\n" + ",\n".join(json.dumps(record) for record in values) + "\n]"
+        for key, values in records.items()
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text("{" + ",\n".join(parts) + "}\n")
+    temporary.replace(path)
 
 
 DIVERGED_ACCURACY = 0.1  # a diverged run counts as chance (10 classes)
