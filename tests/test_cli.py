@@ -38,7 +38,7 @@ def images_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def without_times(data: dict) -> dict:
-    return {key: value for key, value in data.items() if key != "seconds"}
+    return {key: value for key, value in data.items() if key not in ("seconds", "between_seconds")}
 
 
 def assert_close_json(a: object, b: object) -> None:

@@ -51,7 +51,7 @@ class DemoSettings:
     width: int = 32
     epochs: int = 4
     batch_size: int = 64
-    learning_rates: tuple[float, ...] = (0.003, 0.01)
+    learning_rates: tuple[float, ...] = (0.001, 0.003)
     seeds: int = 3  # runs per init and learning rate, seeded seed, seed + 1, ...
     # torch's default init stays at chance in every run tried (every seed, rate and thread count): the first
     # seeds_torch_default seeds show it at a fraction of the cost
