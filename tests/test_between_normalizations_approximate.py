@@ -539,3 +539,20 @@ def test_by_default_a_normalization_fixes_its_input_scale_and_part2_leaves_those
         if not torch.allclose(across.get_submodule(name).weight, part1.get_submodule(name).weight)
     ]
     assert changed and report.normalizations
+
+
+def test_approximate_mode_predicts_the_rates_after_a_round_where_nothing_was_approximated() -> None:
+    # a ReLU chain: every relation is exact, so the full step's rates follow from the solve, as in exact mode;
+    # diagnose measures them independently on the rescaled model
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    x = torch.randn(128, 3, 6, 6)
+    report = magicinit.init_(model, x, seed=0, scale_mode="approximate")
+    assert report.rates_after_predicted and report.scale_rounds == 1
+    assert report.rate_spread_before is not None and report.rate_spread_before > 2
+    measured = magicinit.diagnose(model, x, seed=5)
+    rates = [layer.rate for layer in measured.layers]
+    assert max(rates) / min(rates) < 1.3  # equal up to the noise of one measurement (errors of a few percent)
