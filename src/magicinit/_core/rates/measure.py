@@ -31,7 +31,6 @@ from ..context import PassContext
 from ..distributed import Collective
 from ..errors import MagicInitError
 from ..inputs import batch_size
-from ..options import MIN_RATE_ROUNDS
 from ..safety import temporary_hooks
 from ..sites import WeightUnit, refreshed
 from .choose import choose_strategy
@@ -111,6 +110,7 @@ def measure_change_rates(
     slice_sums: dict[str, Tensor] = {}
     draw_totals: list[Tensor] = []  # per round: every layer's squared norm of every draw, (layers, draws)
     rounds = 0
+    errors: dict[str, float] = {}  # of the last round's estimate
     noise_draws = NoiseDraws(context, units, layouts, slices, generator)
     # the reparametrizations' attributes hold this pass's graph: recomputed without it at the end
     with (
@@ -137,14 +137,10 @@ def measure_change_rates(
                 # one transfer per round, not per layer or draw (layers on other devices joined first)
                 totals = [torch.cat(round_totals[name]) for name in names]
                 draw_totals.append(torch.stack([t.to(totals[0].device) for t in totals]).cpu())
-                if rounds == 1 and all(
-                    e <= options.precision for e in _one_round_log_errors(names, draw_totals, collective).values()
-                ):
+                # after one round, its draws' bound; after more, the noise measured between rounds
+                errors = (_one_round_log_errors if rounds == 1 else _log_errors)(names, draw_totals, collective)
+                if all(e <= options.precision for e in errors.values()):
                     break
-                if rounds >= MIN_RATE_ROUNDS:
-                    errors = _log_errors(names, draw_totals, collective)
-                    if all(e <= options.precision for e in errors.values()):
-                        break
         finally:
             strategy.close()
     n_draws = draws_per_round * rounds
@@ -162,7 +158,6 @@ def measure_change_rates(
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
     slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
-    errors = (_one_round_log_errors if rounds == 1 else _log_errors)(names, draw_totals, collective)
     return ChangeRates(rate, errors, channel_rate, n_draws, slice_gradient, method)
 
 
