@@ -11,7 +11,7 @@ through forward hooks, the raw outputs with Part 2 against those of Part 1 alone
 from __future__ import annotations
 
 import math
-import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,9 @@ detection = pytest.importorskip("torchvision.models.detection")
 # with a few small images
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*fewer than \d+ values per channel:UserWarning")
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide.md"
-
-
-def recipe() -> dict[str, Any]:
-    """The names the guide's detector recipe defines (``raw_head_outputs``, ``grid_boxes``), run as written."""
-    found = re.findall(r"<!-- detectors-recipe -->\n```python\n(.*?)```", GUIDE.read_text(), re.S)
-    assert len(found) == 1, "docs/guide.md has no (or several) detector recipe"
-    namespace: dict[str, Any] = {"__name__": "guide_detectors"}
-    exec(compile(found[0], "docs/guide.md:detectors", "exec"), namespace)
-    return namespace
+# the guide's recipe, run as written: bench/zoo_models.py reads the block (the zoo times the same forward)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from zoo_models import detector_recipe as recipe  # noqa: E402
 
 
 def ssdlite(size: int) -> nn.Module:
