@@ -279,3 +279,41 @@ def test_minibatch_kmeans_finds_the_euclidean_means_of_tight_clusters() -> None:
     nearest = distance.argmin(dim=1)
     assert sorted(nearest.tolist()) == list(range(5))
     assert distance.min(dim=1).values.max() < 0.02, distance.min(dim=1).values
+
+
+@pytest.mark.parametrize("top", [None, 5])
+def test_signal_only_whitening_drops_only_coordinates_that_are_zero_everywhere(top: int | None) -> None:
+    """k-means and random patches work on ``whitened_patches(signal_only=True)``: the full whitened
+    patches without their trailing all-zero coordinates, mapped back by as many rows of the transform."""
+    g = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(2, 300, 7, generator=g) @ torch.randn(2, 7, 18, generator=g)  # 7 directions of 18
+    whitening = magicinit.patch_whitening(low_rank, top=top)
+    full, signal = whitening.whitened_patches(), whitening.whitened_patches(signal_only=True)
+    assert whitening.directions == (7 if top is None else 5) and signal.shape == (2, 300, whitening.directions)
+    assert bool((full[..., whitening.directions :] == 0).all())
+    torch.testing.assert_close(full[..., : whitening.directions], signal, rtol=1e-5, atol=1e-5)
+    expected = whitening.centred_patches.double() @ whitening.transform.double().transpose(1, 2)
+    torch.testing.assert_close(full.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_in_the_signal_coordinates_finds_the_centroids_of_the_full_whitened_space() -> None:
+    """The reference k-means on the leading coordinates (what the sampler now clusters) gives the
+    same filters as on the full, zero-padded whitened patches, from the same seed."""
+    g = torch.Generator().manual_seed(2)
+    patches = torch.randn(1, 600, 5, generator=g) @ torch.randn(1, 5, 27, generator=g) + torch.randn(1, 600, 27) * 0.01
+    whitening = magicinit.patch_whitening(patches, top=4)
+    request = samplers.SamplerRequest(
+        name="layer",
+        module=nn.Linear(27, 4),
+        shape=torch.Size((1, 4, 27)),
+        current=torch.zeros(1, 4, 27),
+        layer_input=(patches[0],),
+        generator=torch.Generator().manual_seed(0),
+    )
+    filters = {}
+    for signal_only in (False, True):
+        request = dataclasses.replace(request, generator=torch.Generator().manual_seed(0))
+        points = samplers._unit_rows(whitening.whitened_patches(signal_only=signal_only))
+        centroids = samplers._minibatch_kmeans(points, 4, request)
+        filters[signal_only] = centroids @ whitening.transform[:, : points.shape[-1]]
+    torch.testing.assert_close(filters[True], filters[False], rtol=1e-4, atol=1e-5)

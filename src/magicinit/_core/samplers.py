@@ -286,9 +286,26 @@ class PatchWhitening:
         inverse_sqrt = torch.where(self.eigenvalues > 0, self.eigenvalues.clamp_min(1e-30).rsqrt(), 0.0)
         return (self.eigenvectors * inverse_sqrt.unsqueeze(1)).transpose(1, 2)
 
-    def whitened_patches(self) -> Tensor:
-        """The whitened patches, ``(groups, patches, fan_in)`` (0 past the rank)."""
-        return self.centred_patches @ self.transform.transpose(1, 2)
+    @property
+    def directions(self) -> int:
+        """The leading whitened coordinates that carry signal in some group (every later one is 0 in all
+        groups): ``fan_in`` or less at full rank, at most the ``top`` asked for otherwise."""
+        return int((self.eigenvalues > 0).sum(dim=-1).max())
+
+    def whitened_patches(self, *, signal_only: bool = False) -> Tensor:
+        """The whitened patches, ``(groups, patches, fan_in)`` (0 past the rank).
+
+        Args:
+            signal_only: only the first ``directions`` coordinates, ``(groups, patches, directions)``;
+                map rows of that space back with ``transform[:, :directions]``. The same points
+                without the coordinates that are 0 everywhere: distances, norms and means are
+                unchanged, and far cheaper where the whitening kept only the top directions.
+        """
+        signal = self.transform[:, : self.directions]
+        whitened = self.centred_patches @ signal.transpose(1, 2)
+        if signal_only:
+            return whitened
+        return nn.functional.pad(whitened, (0, self.centred_patches.shape[-1] - whitened.shape[-1]))
 
 
 def _subsample(count: int, keep: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -513,9 +530,9 @@ def _unit_rows(x: Tensor) -> Tensor:
 @DataDrivenSampler
 def random_patches(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
     """Randomly chosen whitened, unit-length input patches, mapped back through the whitening."""
-    whitened = _unit_rows(whitening.whitened_patches())
+    whitened = _unit_rows(whitening.whitened_patches(signal_only=True))
     chosen = _choose(whitened, request.shape[1], request)
-    return chosen @ whitening.transform
+    return chosen @ whitening.transform[:, : whitened.shape[-1]]
 
 
 def _choose(points: Tensor, count: int, request: SamplerRequest) -> Tensor:
@@ -666,8 +683,8 @@ def _kmeans(
     output channel, and map the centroids back through the whitening (``name``: its draw's)."""
 
     def draw(request: SamplerRequest, whitening: PatchWhitening) -> Tensor:
-        points = _unit_rows(whitening.whitened_patches())  # (groups, M, fan)
-        return cluster(points, request.shape[1], request) @ whitening.transform
+        points = _unit_rows(whitening.whitened_patches(signal_only=True))  # (groups, M, directions)
+        return cluster(points, request.shape[1], request) @ whitening.transform[:, : points.shape[-1]]
 
     draw.__doc__, draw.__name__, draw.__qualname__ = doc, name, name
     return DataDrivenSampler(draw, top_whitening=top_whitening)
