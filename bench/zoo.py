@@ -13,7 +13,8 @@ forwards are in ``bench/zoo_models.py``):
   the section says that it was not run); section ``## bench/zoo.py --family hf``.
 
 For each model (seeded) it runs ``magicinit.init_`` with its defaults (and ``across_normalization=True``),
-mostly on 8 Gaussian 3 x 64 x 64 inputs, and tabulates, from the report:
+mostly on 8 Gaussian 3 x 64 x 64 inputs (``--samples N``: N of them, in a section of its own), and
+tabulates, from the report:
 
 * Part 1: how many of the convolution/linear layers were normalized (the others
   are never called in an eval-mode forward, e.g. googlenet's auxiliary heads);
@@ -65,7 +66,7 @@ from torch import nn
 import magicinit
 from magicinit import Report
 from results_file import BENCH, commit, replace_section
-from zoo_models import BUILT_IN, FAMILIES, IMAGES, ModelSpec, default_models, hf_missing, spec
+from zoo_models import BUILT_IN, FAMILIES, IMAGES, SAMPLES, ModelSpec, default_models, hf_missing, spec
 from zoo_models import build as build_spec
 
 __all__ = ["BUILT_IN", "build", "measure", "stage_forwards", "time_table"]
@@ -111,7 +112,7 @@ class ZooRow:
     between_seconds: dict[str, float] = field(default_factory=dict)  # and Report.between_seconds
     rate_draws: int | None = None  # noise draws of one change-rate measurement (rounds x samples)
     samples_used: int | None = None
-    input: str = IMAGES
+    input: str = IMAGES.format(count=SAMPLES)
     error: str | None = None  # init_ (or the model) failed: the exception, and nothing else is filled in
 
 
@@ -186,15 +187,17 @@ def measure(
     scale_mode: str = "exact",
     repeats: int = 1,
     device: torch.device | str | None = None,
+    samples: int = SAMPLES,
 ) -> ZooRow:
     """Initialize the model and time ``init_`` against one eval-mode forward pass (the median of
     ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of the model (the
     same seeds, so the same report), and the row of the median copy by ratio (the lower middle one for an even
-    count). ``model_spec``: a ``ModelSpec`` or a torchvision name; ``inputs``: the init data (default: the spec's,
-    on ``device``, default the CPU). A failure of the model or of ``init_`` is a row with ``error``."""
+    count). ``model_spec``: a ``ModelSpec`` or a torchvision name; ``inputs``: the init data (default: the spec's
+    of ``samples`` samples, on ``device``, default the CPU). A failure of the model or of ``init_`` is a row with
+    ``error``."""
     model_spec = spec(model_spec) if isinstance(model_spec, str) else model_spec
     if inputs is None:
-        inputs = model_spec.inputs().to(device or "cpu")
+        inputs = model_spec.inputs(samples).to(device or "cpu")
     device = torch.device(device) if device is not None else inputs.device
     forward = model_spec.forward or (lambda model, batch: model(batch))
     timings = []  # (ratio, forward seconds, init_ seconds, report, warnings) of each copy
@@ -230,12 +233,12 @@ def measure(
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             return ZooRow(
                 model_spec.name, 0, 0, 0, 0, Counter(), None, None, [], float("nan"), scale_mode=scale_mode,
-                input=model_spec.input_words, error=message,
+                input=model_spec.input_words.format(count=samples), error=message,
             )  # fmt: skip
         timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds, report, caught))
     ratio, forward_seconds, init_seconds, report, caught = sorted(timings, key=lambda t: t[0])[(len(timings) - 1) // 2]
     row = summarize(model_spec.name, report, caught, ratio, (forward_seconds, init_seconds))
-    row.input = model_spec.input_words
+    row.input = model_spec.input_words.format(count=samples)
     return row
 
 
@@ -367,6 +370,7 @@ def json_rows(
     family: str = "torchvision",
     repeats: int = INIT_REPEATS,
     not_run: str | None = None,
+    samples: int = SAMPLES,
 ) -> str:
     """The rows (and the approximate-mode rows) as JSON, with the device and versions; each row with its
     stages in forward passes (``forward_equivalents``, see ``stage_forwards``)."""
@@ -383,7 +387,7 @@ def json_rows(
             **versions(),
             "family": family,
             "not_run": not_run,
-            "inputs": [8, 3, 64, 64],
+            "samples": samples,
             "forward_repeats": FORWARD_REPEATS,
             "init_repeats": repeats,
             "approximate_repeats": 1,
@@ -394,10 +398,12 @@ def json_rows(
     )
 
 
-def heading_and_command(family: str, device: torch.device, repeats: int) -> tuple[str, str]:
-    """The family's RESULTS.md heading and the command that writes it."""
-    flags = ("" if family == "torchvision" else f" --family {family}") + (
-        "" if device.type == "cpu" else " --device cuda"
+def heading_and_command(family: str, device: torch.device, repeats: int, samples: int = SAMPLES) -> tuple[str, str]:
+    """The family's RESULTS.md heading and the command that writes it (another sample count: its own section)."""
+    flags = (
+        ("" if family == "torchvision" else f" --family {family}")
+        + ("" if samples == SAMPLES else f" --samples {samples}")
+        + ("" if device.type == "cpu" else " --device cuda")
     )
     heading = "## bench/zoo.py" + flags
     command = "python bench/zoo.py" + flags + ("" if repeats == INIT_REPEATS else f" --repeats {repeats}")
@@ -412,9 +418,10 @@ def section_text(
     rows: list[ZooRow],
     approximate_rows: list[ZooRow],
     not_run: str | None = None,
+    samples: int = SAMPLES,
 ) -> str:
     """The family's section of RESULTS.md: how it was run, the tables (or why it was not run), the warnings."""
-    heading, command = heading_and_command(family, device, repeats)
+    heading, command = heading_and_command(family, device, repeats, samples)
     lines = [
         f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ", "
@@ -426,7 +433,7 @@ def section_text(
         lines.append(f"Not run: {not_run} (models: {names}).")
         return "\n".join(lines) + "\n"
     inputs = Counter(row.input for row in rows + approximate_rows)
-    usual = inputs.most_common(1)[0][0] if inputs else IMAGES
+    usual = inputs.most_common(1)[0][0] if inputs else IMAGES.format(count=samples)
     others = {row.name: row.input for row in rows + approximate_rows if row.input != usual}
     lines.append(
         "`init_(model, x, seed=0, across_normalization=True)`, otherwise its defaults, on "
@@ -529,28 +536,42 @@ def main() -> int:
         help="the markdown file whose '## bench/zoo.py' section (with --family F: '## bench/zoo.py --family F'; "
         "with --device cuda: ... '--device cuda') is replaced",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=SAMPLES,
+        help=f"init samples of every model (default {SAMPLES}); another count writes a section of its own",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    heading, _ = heading_and_command(args.family, device, args.repeats)
+    heading, _ = heading_and_command(args.family, device, args.repeats, args.samples)
     not_run = hf_missing() if args.family == "hf" else None
     rows: list[ZooRow] = []
     approximate_rows: list[ZooRow] = []
     if not_run is None:
         for name in args.models or default_models(args.family):
             model_spec = spec(name, args.family)
-            rows.append(measure(model_spec, scale_mode="exact", repeats=args.repeats, device=device))
+            rows.append(
+                measure(model_spec, scale_mode="exact", repeats=args.repeats, device=device, samples=args.samples)
+            )
             if args.approximate:
-                approximate_rows.append(measure(model_spec, scale_mode="approximate", device=device))
+                approximate_rows.append(
+                    measure(model_spec, scale_mode="approximate", device=device, samples=args.samples)
+                )
             if args.json is not None:  # after every model: a run cut short keeps the models it measured
-                args.json.write_text(json_rows(rows, approximate_rows, device, args.family, args.repeats) + "\n")
+                args.json.write_text(
+                    json_rows(rows, approximate_rows, device, args.family, args.repeats, samples=args.samples) + "\n"
+                )
             print(f"  {name} done", flush=True)
     elif args.json is not None:
-        args.json.write_text(json_rows([], [], device, args.family, args.repeats, not_run) + "\n")
-    section = section_text(args.family, device, args.threads, args.repeats, rows, approximate_rows, not_run)
+        args.json.write_text(json_rows([], [], device, args.family, args.repeats, not_run, args.samples) + "\n")
+    section = section_text(
+        args.family, device, args.threads, args.repeats, rows, approximate_rows, not_run, args.samples
+    )
     print(section)
     replace_section(args.results, heading, section)
     return 0

@@ -1,11 +1,12 @@
 """The models of ``bench/zoo.py`` by family: how each is built, what input it gets and how it is called.
 
 * ``torchvision``: the classifiers of ``magicinit.tools.nets.TORCHVISION_CLASSIFIERS`` and the built-in
-  ``caffenet`` on 8 Gaussian 3 x 64 x 64 inputs, and two extras the issue names: the segmentation model
-  ``lraspp_mobilenet_v3_large`` (same inputs; its output is a dict, whose tensors magicinit's default forward
-  finds) and the detector ``ssdlite320_mobilenet_v3_large`` at 160 px with the detector recipe of
-  ``docs/guide.md`` (``### Detectors``: a ``forward=`` returning the heads' raw outputs). The recipe is not
-  copied here: ``detector_recipe`` runs the guide's block, as ``tests/test_detectors.py`` does.
+  ``caffenet`` on 8 Gaussian 3 x 64 x 64 inputs (``zoo.py --samples``: another count), and two extras the
+  issue names: the segmentation model ``lraspp_mobilenet_v3_large`` (same inputs; its output is a dict,
+  whose tensors magicinit's default forward finds) and the detector ``ssdlite320_mobilenet_v3_large`` at
+  160 px with the detector recipe of ``docs/guide.md`` (``### Detectors``: a ``forward=`` returning the
+  heads' raw outputs). The recipe is not copied here: ``detector_recipe`` runs the guide's block, as
+  ``tests/test_detectors.py`` does.
 * ``timm``: ``timm.create_model(name, pretrained=False, **TIMM_ARGS.get(name, {}))`` on the same 64 px inputs
   (``img_size=64`` where the model is built for one size).
 * ``hf``: Hugging Face's T5 and Llama from small configs (random weights, offline) on token ids, when
@@ -33,8 +34,9 @@ from magicinit.tools.nets import TORCHVISION_CLASSIFIERS
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide.md"
 FAMILIES = ("torchvision", "timm", "hf")
 BUILT_IN = {"caffenet": {"width": 0.25, "classes": 1000}}  # built-in nets of magicinit.tools.nets, and their arguments
-IMAGES = "8 Gaussian 3 x 64 x 64 inputs"
-TOKENS = (8, 32)  # Hugging Face inputs: 8 sequences of 32 token ids
+SAMPLES = 8  # init samples of every model unless zoo.py --samples says otherwise
+IMAGES = "{count} Gaussian 3 x 64 x 64 inputs"  # input_words are formatted with the sample count
+TOKENS = 32  # Hugging Face inputs: sequences of 32 token ids
 VOCABULARY = 512
 
 Forward = Callable[[nn.Module, Any], Any]
@@ -46,15 +48,15 @@ class ModelSpec:
 
     name: str
     build: Callable[[], nn.Module]  # called after torch.manual_seed(0)
-    inputs: Callable[[], Any]  # the init data (on the CPU; moved to the device by the caller)
-    input_words: str = IMAGES  # what the inputs are, for the RESULTS text
+    inputs: Callable[[int], Any]  # the init data of that many samples (on the CPU; the caller moves it)
+    input_words: str = IMAGES  # what the inputs are, for the RESULTS text; "{count}": the sample count
     forward: Forward | None = None  # init_'s forward= and the timed forward; None: model(inputs)
     notes: list[str] = field(default_factory=list)
 
 
-def gaussian_images(size: int = 64) -> Tensor:
-    """The zoo's usual init data: 8 Gaussian 3 x size x size inputs (seeded)."""
-    return torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+def gaussian_images(count: int = SAMPLES, size: int = 64) -> Tensor:
+    """The zoo's usual init data: ``count`` Gaussian 3 x size x size inputs (seeded)."""
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 @functools.cache
@@ -96,8 +98,8 @@ TORCHVISION_EXTRAS = {
     "ssdlite320_mobilenet_v3_large": ModelSpec(
         "ssdlite320_mobilenet_v3_large",
         lambda: _ssdlite(160),
-        lambda: torch.rand(8, 3, 160, 160, generator=torch.Generator().manual_seed(1)),
-        input_words="8 uniform [0, 1) 3 x 160 x 160 images (transform's fixed size 160)",
+        lambda count: torch.rand(count, 3, 160, 160, generator=torch.Generator().manual_seed(1)),
+        input_words="{count} uniform [0, 1) 3 x 160 x 160 images (transform's fixed size 160)",
         forward=raw_head_outputs,
         notes=["forward=: docs/guide.md's detector recipe (raw head outputs)"],
     ),
@@ -136,16 +138,16 @@ def _hf_llama() -> nn.Module:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=TOKENS[1],
+        max_position_embeddings=TOKENS,
     )
     return transformers.LlamaForCausalLM(config)
 
 
-def _token_ids() -> Tensor:
-    return torch.randint(0, VOCABULARY, TOKENS, generator=torch.Generator().manual_seed(1))
+def _token_ids(count: int) -> Tensor:
+    return torch.randint(0, VOCABULARY, (count, TOKENS), generator=torch.Generator().manual_seed(1))
 
 
-HF_WORDS = f"{TOKENS[0]} sequences of {TOKENS[1]} random token ids (vocabulary {VOCABULARY})"
+HF_WORDS = f"{{count}} sequences of {TOKENS} random token ids (vocabulary {VOCABULARY})"
 HF_MODELS = {
     "t5": ModelSpec(
         "t5",
