@@ -74,6 +74,7 @@ __all__ = ["BUILT_IN", "build", "measure", "stage_forwards", "time_table"]
 USUAL_PINS = {"model input", "model output"}
 FORWARD_REPEATS = 5  # the forward is timed this many times; the median is the ratio's denominator
 INIT_REPEATS = 3  # init_ is timed on this many fresh copies (exact mode; --repeats); the median copy is tabulated
+DEFAULT_THREADS = 2  # torch CPU threads unless --threads
 RATE_WAYS = ("from site activations", "vectorized per-sample gradients", "one sample at a time")
 # the columns of the time table: stage -> the keys of Report.seconds / Report.between_seconds it sums
 TIME_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -422,6 +423,13 @@ def section_text(
 ) -> str:
     """The family's section of RESULTS.md: how it was run, the tables (or why it was not run), the warnings."""
     heading, command = heading_and_command(family, device, repeats, samples)
+    measured = [row.name for row in rows]
+    if rows and measured != default_models(family):
+        command += " --models " + " ".join(measured)
+    if rows and not approximate_rows:
+        command += " --no-approximate"
+    if threads != DEFAULT_THREADS:
+        command += f" --threads {threads}"
     lines = [
         f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at "
         f"commit {commit()}, " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ", "
@@ -447,7 +455,8 @@ def section_text(
             if repeats > 1
             else "it, on one copy of the model (not the median of several: a run with several took too long)"
         )
-        + " in exact mode, one copy in approximate mode; the per-sample gradient norms column says how "
+        + (" in exact mode, one copy in approximate mode" if approximate_rows else " in exact mode")
+        + "; the per-sample gradient norms column says how "
         "Part 2 computed them (see docs/method.md)."
     )
     notes = [f"- {spec_note}" for spec_note in model_notes(family, rows)]
@@ -516,7 +525,9 @@ def main() -> int:
         action="store_false",
         help="skip the second table (scale_mode='approximate')",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS, help=f"torch CPU threads (default {DEFAULT_THREADS})"
+    )
     parser.add_argument(
         "--repeats",
         type=int,

@@ -143,6 +143,10 @@ def test_zoo_tables_json_and_section(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow], t
     assert section.startswith("## bench/zoo.py\n")
     assert "| tiny_cnn | 4 |" in section and "| broken | failed: RuntimeError" in section
     assert "| tiny_cnn | approximate |" in section and "8 Gaussian 3 x 16 x 16 inputs" in section
+    assert "\npython bench/zoo.py --models tiny_cnn broken --threads 1\n" in section  # the command that wrote it
+    exact_only = zoo.section_text("torchvision", device, 2, 3, [exact], [], samples=64)
+    assert exact_only.startswith("## bench/zoo.py --samples 64\n") and "in exact mode;" in exact_only
+    assert "\npython bench/zoo.py --samples 64 --models tiny_cnn --no-approximate\n" in exact_only
     # the JSON keeps the keys bench/gpu_table.py reads, and adds the stages in forward passes
     (tmp_path / "zoo.json").write_text(zoo.json_rows([exact], [approximate], device, "torchvision", 3))
     data = json.loads((tmp_path / "zoo.json").read_text())
