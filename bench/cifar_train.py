@@ -65,7 +65,9 @@ import argparse
 import copy
 import math
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -550,7 +552,7 @@ def tables(bench: Bench) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         ends: dict[str, list[float]] = {}
         early: dict[str, list[float]] = {}
-        for row in args.rows:
+        for row in FAMILIES[args.family].rows:  # every row the JSON holds (--resume may add rows to earlier runs)
             label = f"depth {depth}, {row}"
             if label in bench.init_errors:
                 lines.append(f"| {row} | failed: {bench.init_errors[label]} | | | | |")
@@ -710,12 +712,30 @@ def main(argv: Sequence[str] | None = None, data: Dataset | None = None) -> Benc
     started = time.perf_counter()
     run_family(args, data, bench)
     minutes = (time.perf_counter() - started) / 60
-    heading = f"## bench/cifar_train.py --family {args.family}"
-    command = f"python bench/cifar_train.py --family {args.family}" + (" --quick" if args.quick else "")
+    command = "python bench/cifar_train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    how = (
+        f"Command, run from the repository root on {time.strftime('%Y-%m-%d')}, library at commit {args.commit}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, CPU, "
+        f"{minutes:.0f} minutes (this invocation"
+        + (
+            "; with --resume, the runs of earlier invocations that the JSON held are kept and tabulated"
+            if args.resume
+            else ""
+        )
+        + f"):\n\n```\n{command}\n```"
+    )
+    replace_section(args.results, f"## bench/cifar_train.py --family {args.family}", section_text(bench, how))
+    print()
+    print(tables(bench))
+    print(f"wrote {args.results}, {args.output}")
+    return bench
+
+
+def section_text(bench: Bench, how: str) -> str:
+    """The family's section of RESULTS.md: ``how`` it was run (the commands), the settings, every table."""
+    args = bench.args
     section = (
-        f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at commit "
-        f"{args.commit}, torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} "
-        f"threads, CPU, {minutes:.0f} minutes (this invocation):\n\n```\n{command}\n```\n\n"
+        f"## bench/cifar_train.py --family {args.family}\n\n{how}\n\n"
         f"{FAMILIES[args.family].summary}\n\n"
         f"CIFAR-10: {args.train_count} training images, {args.validation_count} validation images (pick the "
         f"rate), {args.test_count} test images; per-channel standardization. {args.steps} SGD steps (momentum "
@@ -729,11 +749,7 @@ def main(argv: Sequence[str] | None = None, data: Dataset | None = None) -> Benc
         "run's training and its evaluations. Raw numbers: "
         f"`{args.output.name if args.output.parent == BENCH else args.output}`.\n\n" + tables(bench) + "\n"
     )
-    replace_section(args.results, heading, section)
-    print()
-    print(tables(bench))
-    print(f"wrote {args.results}, {args.output}")
-    return bench
+    return section
 
 
 if __name__ == "__main__":

@@ -131,6 +131,13 @@ def test_the_plain_family_runs_end_to_end_and_writes_every_run(tmp_path: Path, m
     monkeypatch.setattr(cifar_train, "train_run", lambda *a: pytest.fail("trained again"))
     again = cifar_train.main([*argv, "--resume"], data=fake_cifar())
     assert set(again.runs) == set(bench.runs)
+    # a resumed invocation with fewer rows still tabulates every row the JSON holds, and says how it ran
+    only_kaiming = [*argv[:6], *argv[7:], "--resume"]
+    assert only_kaiming[5] == "kaiming normal" and "magicinit (gaussian)" not in only_kaiming
+    cifar_train.main(only_kaiming, data=fake_cifar())
+    section = results.read_text()
+    assert "| kaiming normal |" in section and "| magicinit (gaussian) |" in section
+    assert "--rows 'kaiming normal' --lrs" in section and "runs of earlier invocations" in section
 
 
 def test_quick_does_not_write_the_real_results() -> None:
