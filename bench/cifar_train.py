@@ -46,8 +46,10 @@ Protocol (all defaults; see ``--help``), one network family per invocation (``--
 The JSON holds every run (loss curve every ``LOSS_EVERY`` steps, accuracies, rate, seed, divergence, init
 time, the magicinit report's notes and warnings) and the machine; it is rewritten after every run, and
 ``--resume`` skips the runs it already holds (with the same settings), so an interrupted run can go on and
-``--depths 10`` then ``--depths 20 --resume`` fill one table. ``--estimate`` times a few steps of each net
-and prints the expected wall time without training; a normal run prints the estimate first.
+``--depths 10`` then ``--depths 20 --resume`` fill one table. A run with other than the family's steps
+(``--steps``: does the ranking at 3/4 hold in a longer run?) has its own JSON (``..._steps<N>_results.json``)
+and its own section (``--family <f> --steps <N>``), beside the default run's. ``--estimate`` times a few
+steps of each net and prints the expected wall time without training; a normal run prints the estimate first.
 
 Run from the repository root::
 
@@ -56,6 +58,7 @@ Run from the repository root::
     python bench/cifar_train.py --family plain --depths 10            # one depth per invocation ...
     python bench/cifar_train.py --family plain --depths 20 --resume   # ... into the same table
     python bench/cifar_train.py --family caffenet
+    python bench/cifar_train.py --family caffenet --steps 300   # twice as long: a section of its own
     python bench/cifar_train.py --family vit --quick        # a smoke test (minutes), not for conclusions
 """
 
@@ -676,6 +679,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [row for row in args.rows if row not in family.rows]
     if unknown:
         parser.error(f"--rows {unknown}: not rows of --family {args.family}; it has {list(family.rows)}")
+    longer = f"_steps{args.steps}" if args.steps and args.steps != family.steps else ""  # its own JSON and section
     args.steps = args.steps or family.steps
     if args.quick:
         args.train_count, args.validation_count, args.test_count, args.init_samples = 1_000, 256, 256, 64
@@ -685,7 +689,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         quick_dir.mkdir(exist_ok=True)
         args.output = args.output or quick_dir / f"cifar_{args.family.replace('-', '_')}_results.json"
         args.results = args.results or quick_dir / "RESULTS.md"
-    args.output = args.output or BENCH / f"cifar_{args.family.replace('-', '_')}_results.json"
+    args.output = args.output or BENCH / f"cifar_{args.family.replace('-', '_')}{longer}_results.json"
     args.results = args.results or BENCH / "RESULTS.md"
     return args
 
@@ -724,18 +728,25 @@ def main(argv: Sequence[str] | None = None, data: Dataset | None = None) -> Benc
         )
         + f"):\n\n```\n{command}\n```"
     )
-    replace_section(args.results, f"## bench/cifar_train.py --family {args.family}", section_text(bench, how))
+    replace_section(args.results, heading(args), section_text(bench, how))
     print()
     print(tables(bench))
     print(f"wrote {args.results}, {args.output}")
     return bench
 
 
+def heading(args: argparse.Namespace) -> str:
+    """The heading of the family's section of RESULTS.md; a run of other than the family's steps (``--steps``)
+    has a section of its own, beside the default one (as it has its own JSON)."""
+    steps = "" if args.quick or args.steps == FAMILIES[args.family].steps else f" --steps {args.steps}"
+    return f"## bench/cifar_train.py --family {args.family}{steps}"
+
+
 def section_text(bench: Bench, how: str) -> str:
     """The family's section of RESULTS.md: ``how`` it was run (the commands), the settings, every table."""
     args = bench.args
     section = (
-        f"## bench/cifar_train.py --family {args.family}\n\n{how}\n\n"
+        f"{heading(args)}\n\n{how}\n\n"
         f"{FAMILIES[args.family].summary}\n\n"
         f"CIFAR-10: {args.train_count} training images, {args.validation_count} validation images (pick the "
         f"rate), {args.test_count} test images; per-channel standardization. {args.steps} SGD steps (momentum "

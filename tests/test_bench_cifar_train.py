@@ -19,6 +19,7 @@ import magicinit
 from cifar_nets import caffenet_cifar, resnet20, vit
 from cifar_train import adaptive_grid, kendall_tau
 from magicinit.tools.nets import plain_cnn
+from results_file import replace_section
 from train import Dataset
 
 torch.set_num_threads(1)
@@ -144,3 +145,19 @@ def test_quick_does_not_write_the_real_results() -> None:
     args = cifar_train.parse_args(["--family", "vit", "--quick"])
     assert args.output.parent != cifar_train.BENCH and args.results.parent != cifar_train.BENCH
     assert len(args.seeds) == 1 and len(args.lrs) == 2 and len(args.depths) == 1
+
+
+def test_a_longer_run_has_its_own_json_and_section(tmp_path: Path) -> None:
+    default = cifar_train.parse_args(["--family", "caffenet"])
+    longer = cifar_train.parse_args(["--family", "caffenet", "--steps", str(2 * default.steps)])
+    assert default.output.name == "cifar_caffenet_results.json"
+    assert longer.output.name == f"cifar_caffenet_steps{2 * default.steps}_results.json"
+    assert cifar_train.heading(default) == "## bench/cifar_train.py --family caffenet"
+    assert cifar_train.heading(longer) == f"## bench/cifar_train.py --family caffenet --steps {2 * default.steps}"
+    same = cifar_train.parse_args(["--family", "caffenet", "--steps", str(default.steps)])
+    assert same.output == default.output and cifar_train.heading(same) == cifar_train.heading(default)
+    results = tmp_path / "RESULTS.md"  # writing one section leaves the other
+    for args, text in ((default, "short"), (longer, "long"), (default, "short again")):
+        replace_section(results, cifar_train.heading(args), f"{cifar_train.heading(args)}\n\n{text}\n")
+    written = results.read_text()
+    assert "short again" in written and "long" in written and "short\n" not in written
