@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -238,6 +239,16 @@ def geometric_spread(rates: list[float]) -> float:
 @pytest.fixture(autouse=True)
 def _fixed_seed() -> None:
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test at one torch thread (restored after): its float32 reductions in one order, as in the
+    whole suite, where test modules set one thread at import."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def noise_rates(

@@ -16,13 +16,7 @@ import features
 from features import Config, extract_features, fit_probe, probe_layer, select_data, standardize, tap_points
 from magicinit.tools.nets import caffenet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net() -> torch.nn.Sequential:

@@ -35,6 +35,7 @@ def build(name: str) -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet")
+@pytest.mark.usefixtures("one_thread")  # efficientnet_b0's channel stds depend on the float32 order (below)
 @pytest.mark.parametrize(
     "name", [pytest.param(name, marks=[] if name in FAST else pytest.mark.slow) for name in TORCHVISION_CLASSIFIERS]
 )
@@ -67,7 +68,9 @@ def test_torchvision_classifier_is_initialized_with_a_valid_report(name: str) ->
         # float32 forward is 1e-3 away from float64 at the classifier; with its batch norms'
         # inputs rescaled by Part 2, float32 channel stds move by up to 1.2e-2 where float64
         # ones move by 1e-11), so 2e-2 there and 1e-2 elsewhere; a wrong normalization is an
-        # O(1) spread.
+        # O(1) spread. Its squeeze-excitation layers see 8 pooled inputs that barely differ, so
+        # their weights fit float32 statistics: measured in float64 the spread is as large (2e-2
+        # at features.7.0.block.2.fc2), and at 2 threads it is 2.2e-2 in float32: one thread.
         live = [c for c in range(len(layer.channel_std_after)) if c not in layer.zero_variance_channels]
         _, std = channel_stats(modules[layer.name], outputs[layer.name])
         std = std[live]
