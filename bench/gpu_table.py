@@ -497,6 +497,7 @@ def norm_route(route: str, decisions: dict[str, bool] | None = None) -> Iterator
 
     from magicinit._core.rates import from_activations, norms
     from magicinit._core.rates.from_activations import FromActivations
+    from results_file import synchronize
 
     original_decide, original_norms = norms.gram_is_cheaper, FromActivations._site_norms
     current: list[str] = []
@@ -507,10 +508,6 @@ def norm_route(route: str, decisions: dict[str, bool] | None = None) -> Iterator
         if decisions is not None and current:
             decisions[current[-1]] = chosen
         return chosen
-
-    def synchronize(device: Any) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def timed_norms(self: Any, record: Any, grad: Any) -> None:
         current[:] = [record.name]
@@ -548,6 +545,7 @@ def gram_main(args: argparse.Namespace) -> int:
     import magicinit
 
     sys.path.insert(0, str(BENCH))
+    from results_file import synchronize
     from zoo import RATE_WAYS, build
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -557,17 +555,13 @@ def gram_main(args: argparse.Namespace) -> int:
     inputs = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
     chosen = library_route(device)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def rescale(model: torch.nn.Module, route: str, decisions: dict[str, Any] | None = None) -> tuple[float, Any]:
         with norm_route(route, decisions), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            synchronize()
+            synchronize(device)
             started = time.perf_counter()
             report = magicinit.rescale_(model, inputs, seed=0, across_normalization=True)
-            synchronize()
+            synchronize(device)
         return time.perf_counter() - started, report
 
     print(f"device {device}: the library's route where the Gram matrix is cheaper by the count: {chosen}")

@@ -27,6 +27,12 @@ def commit() -> str:
         return "unknown"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that the clock reads its end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def replace_section(results: Path, heading: str, section: str) -> None:
     """Replace the section of ``results`` that starts at the line ``heading`` (a whole ``## `` line, so
     ``## bench/train.py`` does not match ``## bench/train.py --experiment kmeans``) by ``section``, or append it."""

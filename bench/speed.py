@@ -73,6 +73,7 @@ from torch import Tensor, nn
 import magicinit
 from magicinit import Report
 from magicinit.tools.nets import plain_cnn
+from results_file import synchronize
 
 try:
     import lsuv
@@ -156,11 +157,6 @@ def timed(action: Callable[[], Result], device: torch.device) -> tuple[float, Re
     result = action()
     synchronize(device)
     return time.perf_counter() - start, result
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_forward(model: nn.Module, inputs: Tensor) -> Tensor:

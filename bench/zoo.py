@@ -65,7 +65,7 @@ from torch import nn
 
 import magicinit
 from magicinit import Report
-from results_file import BENCH, commit, replace_section
+from results_file import BENCH, commit, replace_section, synchronize
 from zoo_models import BUILT_IN, FAMILIES, IMAGES, SAMPLES, ModelSpec, default_models, hf_missing, spec
 from zoo_models import build as build_spec
 
@@ -174,12 +174,6 @@ def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
     """The model as the command line builds ``torchvision:NAME`` (no pretrained weights) or a built-in, or a
     torchvision extra of ``bench/zoo_models.py``, seeded, on ``device``."""
     return build_spec(spec(name), device)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously), so that the clock reads its end."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(
