@@ -20,6 +20,10 @@ is half ``log ||dL/dW||^2``), to compare with the rounds ``bench/zoo.py --sample
 independent check: the worst layer's per-draw std from real draws (``--draws`` backward passes of
 ``eta . f(x)``), beside the one the formula gives.
 
+``--part shares`` measures the other half of the cost: how unequally the samples weigh (every sample's
+mean squared gradient norm of every layer as a share of the layer's total, from a few Rademacher draws per
+sample), in a section of its own.
+
 Layers whose Jacobian over all outputs would take more than ``--max-jacobian-gb`` are left out (the final
 classifiers: their ``A`` is a multiple of the identity on a 1 000-class output, which a Rademacher draw
 measures exactly). Output: a table per model on stdout and the section ``## bench/rate_noise.py`` of
@@ -27,6 +31,7 @@ measures exactly). Output: a table per model on stdout and the section ``## benc
 
     pip install -c constraints.txt -e ".[test,bench]"
     python bench/rate_noise.py --models mobilenet_v3_small squeezenet1_1 --threads 1
+    python bench/rate_noise.py --part shares --models mobilenet_v3_small squeezenet1_1 --threads 1
 """
 
 from __future__ import annotations
@@ -54,6 +59,18 @@ TARGET = 0.02  # the default rate_precision: standard error of log C
 DEFLATIONS = (1, 4, 16)  # own-sample deflation ranks
 SHARED = 16  # the other sample's deflation rank
 OUTPUT_BLOCK = 50  # outputs per batched backward pass
+SHARES_ABOUT = (
+    "How unequally the init samples weigh in the rates: on the model after Part 1 (on the same samples), every "
+    "sample's mean squared gradient norm of every layer from `--share-draws` Rademacher draws (plain autograd, "
+    "one sample at a time; each mean is itself noisy by about the per-draw spread over the square root of the "
+    "draws), as a share of the layer's total. A layer whose heaviest sample holds half of it needs that "
+    "sample's noise averaged down, and drawing every sample as often wastes the others' draws (docs/method.md, "
+    '"Drawing where the weight is").'
+)
+SHARES_HEADER = (
+    "| model | layers | samples | heaviest sample's share (median over layers) | (largest) "
+    "| samples holding half a layer's total (median) |"
+)
 ABOUT = (
     "Per layer and sample, the output-space Gram matrix `A = J J^T` of the layer's weight, computed exactly (one "
     "backward pass per output) on the model after Part 1 (`init_(model, x, between=False, seed=0)` on the "
@@ -137,6 +154,41 @@ def drawn_std(model: nn.Module, sample: Tensor, weight: Tensor, draws: int, seed
         (grad,) = torch.autograd.grad(output, [weight], noise, retain_graph=True)
         values.append(float(grad.double().square().sum()))
     return statistics.stdev(values) / statistics.fmean(values)
+
+
+def sample_shares(model: nn.Module, inputs: Tensor, weights: dict[str, Tensor], draws: int, seed: int) -> Tensor:
+    """Every sample's share of each layer's squared gradient norm, ``(layers, samples)``: per sample the mean
+    of ``draws`` Rademacher draws of ``||dL/dW||^2`` (plain autograd, one sample at a time), over their sum."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.zeros(len(weights), len(inputs), dtype=torch.float64)
+    for index in range(len(inputs)):
+        output = model(inputs[index : index + 1]).flatten()
+        for _ in range(draws):
+            noise = torch.randint(0, 2, output.shape, generator=generator).float() * 2 - 1
+            grads = torch.autograd.grad(output, list(weights.values()), noise, retain_graph=True)
+            means[:, index] += torch.stack([g.double().square().sum() for g in grads]) / draws
+    return means / means.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+def shares_row(name: str, args: argparse.Namespace) -> str:
+    """One model's row of the shares table: over its layers, the median and the largest share of the
+    heaviest sample, and the median number of samples it takes to hold half a layer's total."""
+    model_spec = spec(name)
+    model = build(model_spec)
+    inputs = model_spec.inputs(args.share_samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        magicinit.init_(model, inputs, between=False, seed=0)
+    model.eval()
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    shares = sample_shares(model, inputs, weights, args.share_draws, seed=3)
+    heaviest = shares.amax(1)
+    ordered = shares.sort(dim=1, descending=True).values.cumsum(1)
+    half = (ordered < 0.5).sum(1) + 1  # samples holding half of the layer's total
+    return (
+        f"| {name} | {len(weights)} | {args.share_samples} | {float(heaviest.median()):.2f} | "
+        f"{float(heaviest.max()):.2f} | {float(half.double().median()):.0f} |"
+    )
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -226,6 +278,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-samples", type=int, default=8, help="Part 1's samples (the zoo's default)")
     parser.add_argument("--draws", type=int, default=400, help="real draws of the independent check")
     parser.add_argument("--max-jacobian-gb", type=float, default=2.0, help="leave out layers above this")
+    parser.add_argument(
+        "--part", choices=["noise", "shares"], default="noise",
+        help="noise: the per-draw spread and deflation (the Gram matrices); shares: how unequally the samples weigh",
+    )  # fmt: skip
+    parser.add_argument("--share-samples", type=int, default=64, help="--part shares: the samples")
+    parser.add_argument("--share-draws", type=int, default=8, help="--part shares: draws per sample")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -239,19 +297,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = []
-    for name in args.models:
-        results.append(measure(name, args))
-        print(f"{name}: done", flush=True)
-    text = table(results)
+    if args.part == "shares":
+        heading, about = f"{HEADING} --part shares", SHARES_ABOUT
+        rows = [shares_row(name, args) for name in args.models]
+        text = "\n".join([SHARES_HEADER, "|---|---|---|---|---|---|", *rows])
+    else:
+        heading, about = HEADING, ABOUT
+        results = []
+        for name in args.models:
+            results.append(measure(name, args))
+            print(f"{name}: done", flush=True)
+        text = table(results)
     command = "python bench/rate_noise.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     section = (
-        f"{HEADING}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at commit "
+        f"{heading}\n\nCommand, run from the repository root on {time.strftime('%Y-%m-%d')}, library at commit "
         f"{commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} "
         f"threads, {(time.perf_counter() - started) / 60:.0f} minutes:\n\n```\n{command}\n```\n\n"
-        f"{ABOUT}\n\n{text}\n"
+        f"{about}\n\n{text}\n"
     )
-    replace_section(args.results, HEADING, section)
+    replace_section(args.results, heading, section)
     print(text)
 
 

@@ -111,7 +111,7 @@ class ZooRow:
     scale_mode: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)  # that copy's Report.seconds
     between_seconds: dict[str, float] = field(default_factory=dict)  # and Report.between_seconds
-    rate_draws: int | None = None  # noise draws of one change-rate measurement (rounds x samples)
+    rate_draws: int | None = None  # noise draws of one change-rate measurement
     samples_used: int | None = None
     input: str = IMAGES.format(count=SAMPLES)
     error: str | None = None  # init_ (or the model) failed: the exception, and nothing else is filled in
@@ -265,7 +265,7 @@ def dominant(row: ZooRow) -> str:
     stage, value = max(stages.items(), key=lambda item: item[1])
     words = f"{stage} {100 * value / total:.0f} %"
     if stage == "rates" and row.rate_draws and row.samples_used:
-        words += f" ({row.rate_draws // row.samples_used} rounds of {row.samples_used} samples"
+        words += f" ({row.rate_draws} draws on {row.samples_used} samples"
         words += ")" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds)"
     elif stage in ("checks", "retrace", "solve") and row.scale_mode == "approximate":
         words += f" ({row.rounds} scale rounds)"
@@ -324,7 +324,7 @@ def time_table(rows: list[ZooRow]) -> str:
     lines = [
         "| model | mode | init_ / forward | "
         + " | ".join(columns)
-        + " | most of the time | forward ms | rate draws per measurement (rounds × samples) |",
+        + " | most of the time | forward ms | rate draws per measurement |",
         "|---|---|---|" + "---|" * len(columns) + "---|---|---|",
     ]
     for row in rows:
@@ -471,7 +471,8 @@ def section_text(
         "solve, checks (the float64 and own-precision function checks; in approximate mode the output-budget "
         "checks) and retrace (approximate mode's re-tracing) are Part 2's; other = the rest (snapshots and "
         "restores, Part 2's bookkeeping, the API around the stopwatch). Rate draws: the change-rate "
-        "measurement's noise draws (its rounds × samples) per measurement; exact mode measures once, "
+        "measurement's noise draws per measurement (two rounds of every sample at least, unless the first "
+        "round's bound meets the precision; later rounds draw the samples that weigh most); exact mode measures once, "
         "approximate mode again in its scale rounds (the rounds of the approximate table). "
         + (
             f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "

@@ -63,3 +63,14 @@ def test_deflation() -> None:
     assert len(tables) == 2 and [row.name for row in tables[0]] == ["0", "4"]
     first = tables[0][0]  # 7 outputs: deflating 16 directions takes them all
     assert first.plain > 0.1 and first.deflated[16] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_larger_sample_holds_a_larger_share() -> None:
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 7, bias=False))
+    inputs = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    inputs[3] *= 10  # a bias-free ReLU net: its gradients are 10 times larger, its squared norms 100 times
+    weights = {"0": model[0].weight, "2": model[2].weight}
+    shares = rate_noise.sample_shares(model, inputs, weights, draws=4, seed=0)
+    assert shares.shape == (2, 5)
+    torch.testing.assert_close(shares.sum(1), torch.ones(2, dtype=torch.float64))
+    assert (shares.argmax(1) == 3).all() and (shares[:, 3] > 0.8).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import socket
 import subprocess
@@ -129,6 +130,20 @@ def _check_part1_equals_one_process_on_the_union(rank: int, world: int) -> None:
         for ours, theirs in zip(diagnosis.layers, alone.layers):
             assert ours.channel_std == pytest.approx(theirs.channel_std, rel=1e-5)
             assert ours.channel_mean == pytest.approx(theirs.channel_mean, rel=1e-4, abs=1e-6)
+    # rates where two samples (both on the last rank) weigh most: the rounds after the second draw them more
+    # often, over the ranks, which stop together; the rates agree with one process on the union within errors
+    heavy = [shard.clone() for shard in shards]
+    heavy[-1][:2] *= 8
+    diagnosis = magicinit.diagnose(model, heavy[rank], seed=4, rate_precision=0.02, rate_max_rounds=6)
+    _same_on_every_rank(diagnosis.to_dict(), world)
+    assert diagnosis.draws % len(union) != 0  # not whole rounds only: some samples were drawn more often
+    if rank == 0:
+        alone = magicinit.diagnose(
+            model, torch.cat(heavy), seed=4, rate_precision=0.02, rate_max_rounds=6, process_group=None
+        )
+        for ours, theirs in zip(diagnosis.layers, alone.layers):
+            assert ours.rate_log_error <= 0.02 and theirs.rate_log_error <= 0.02
+            assert abs(math.log(ours.rate / theirs.rate)) <= 3 * math.hypot(ours.rate_log_error, theirs.rate_log_error)
 
 
 def _check_both_parts_leave_bit_identical_ranks(rank: int, world: int) -> None:

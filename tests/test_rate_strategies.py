@@ -4,6 +4,8 @@ k-means sampler settles early without losing its clusters."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,35 @@ def test_norms_from_site_activations_equal_the_per_sample_gradients(
         assert ours.rate > 0, ours.name
         for figure in ("rate", "rate_mean", "rate_cv"):
             assert getattr(ours, figure) == pytest.approx(getattr(theirs, figure), rel=1e-4), (ours.name, figure)
+
+
+@pytest.mark.parametrize("way", ["loop", "vectorized"])
+def test_every_way_gives_the_same_rates_when_some_samples_are_drawn_more_often(monkeypatch, way: str) -> None:
+    """Two samples weigh most: after two rounds they get most of the draws, several in one round; every way
+    of getting the norms draws the same noise for the same samples in the same order (slices included)."""
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(16, 3, 6, 6)
+    x[:2] *= 8
+    magicinit.init_(model, x, seed=0, between=False)
+    options = {"seed": 3, "rate_precision": 0.02, "rate_max_rounds": 8}
+    later_rounds: list[list[int]] = []
+    original = measure._next_draws
+    monkeypatch.setattr(measure, "_next_draws", lambda *a: later_rounds.append(original(*a)) or later_rounds[-1])
+    fast, description = _diagnosis_with_way(model, x, **options)
+    monkeypatch.setattr(measure, "_next_draws", original)
+    assert description == "from site activations"
+    assert any(len(set(drawn)) < len(drawn) < 16 * 8 for drawn in later_rounds)  # samples drawn several times
+    assert {0, 1} <= set(later_rounds[0])  # the two large ones among them
+    with monkeypatch.context() as patch:
+        _forced(patch, way)
+        reference, other = _diagnosis_with_way(model, x, **options)
+    assert other.startswith("one sample at a time" if way == "loop" else "vectorized")
+    assert fast.draws == reference.draws
+    for ours, theirs in zip(fast.layers, reference.layers):
+        for figure in ("rate", "rate_mean", "rate_cv"):
+            assert getattr(ours, figure) == pytest.approx(getattr(theirs, figure), rel=1e-4), (ours.name, figure)
+        # the head's error is float32 rounding (its draws are exact), 1e-17 to 1e-9: absolute
+        assert ours.rate_log_error == pytest.approx(theirs.rate_log_error, rel=1e-4, abs=1e-6), ours.name
 
 
 class Wide(nn.Module):
@@ -294,9 +325,14 @@ def test_part2_makes_few_model_calls() -> None:
     model.register_forward_pre_hook(lambda module, args: calls.__setitem__("count", calls["count"] + 1))
     report = magicinit.init_(model, x, seed=0)
     # Part 1: a 2-sample probe, one pass and one to re-measure; Part 2: the graph trace, a 1-sample shape probe,
-    # one draw alone for the check, one batched forward for all rounds, and the function checks (the first
-    # samples and all samples, before and after; no call per draw)
-    assert calls["count"] <= 14, calls["count"]
+    # one draw alone for the check, one batched forward for the first two rounds, one for each later round (of
+    # the samples it draws), and the function checks (the first samples and all samples, before and after; no
+    # call per draw)
+    (draws, rounds), *_ = [
+        (int(a), int(b)) for note in report.notes for a, b in re.findall(r"from (\d+) noise draws in (\d+) round", note)
+    ]
+    assert calls["count"] <= 14 + max(rounds - 2, 0), (calls["count"], rounds)
+    assert draws >= 2 * 64 > calls["count"]
     assert report.rate_spread_after < 1.01 and report.rate_spread_before > 3
 
 

@@ -665,7 +665,15 @@ def _predicted_rates(before: ChangeRates, solution: ScaleSolution, log_rates: di
         factor = math.exp(predicted - log_rates[name])
         rate[name] = before.rate[name] * factor
         channel_rate[name] = before.channel_rate[name] * factor
-    return ChangeRates(rate, dict(before.log_error), channel_rate, before.draws, dict(before.input_slice_gradient))
+    return ChangeRates(
+        rate,
+        dict(before.log_error),
+        channel_rate,
+        before.draws,
+        dict(before.input_slice_gradient),
+        before.method,
+        before.rounds,
+    )
 
 
 def _normalization_factors(solution: ScaleSolution) -> dict[str, float]:

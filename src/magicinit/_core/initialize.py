@@ -107,7 +107,7 @@ def init_(
             draw 128 random patches per filter, fewer if over budget).
         rate_chunk_size: samples per noise draw when estimating change rates.
         rate_precision: target standard error of each ``log C_k``.
-        rate_max_rounds: at most this many passes over the data per rate estimate.
+        rate_max_rounds: at most the draws of this many passes over the data per rate estimate.
         scale_mode: ``"exact"`` (Part 2 keeps the function to rounding; an operation that is not
             homogeneous fixes the scales around it) or ``"approximate"`` (operations homogeneous
             on the init data within ``scale_tolerance``, such as LRN at small activations, are
@@ -553,7 +553,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
             report.notes.append(f"the rounds stopped early: {between.limited}")
     else:
         report.notes.append(
-            f"change rates from {between.before.draws} noise draws "
+            f"change rates from {between.before.draws} noise draws in {between.before.rounds} round(s) "
             f"(chunks of {settings['rate_chunk_size']} samples; {between.before.method}); the rescaling changed "
             "the output by "
             f"{between.function_change:.1e} (relative, rounding)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -180,20 +180,37 @@ def _is_per_sample_list(value: Any, count: int) -> bool:
 def split_batch(batch: Batch, start: int, stop: int) -> Batch:
     """Samples ``start:stop`` of a batch laid out by ``gather_batch``: of every tensor that is not
     0-dimensional, and of every list of one value per sample (``_is_per_sample_list``)."""
+    return _samples_of(batch, lambda tensor: tensor[start:stop], lambda values: values[start:stop])
+
+
+def select_batch(batch: Batch, indices: Sequence[int]) -> Batch:
+    """Samples ``indices`` (in that order) of a batch laid out by ``gather_batch``, as ``split_batch`` takes
+    a range of them."""
+    rows = list(indices)
+    return _samples_of(
+        batch,
+        lambda tensor: tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device)],
+        lambda values: type(values)([values[i] for i in rows]),  # a list or a plain tuple (not a namedtuple)
+    )
+
+
+def _samples_of(batch: Batch, of_tensor: Callable[[Tensor], Tensor], of_list: Callable[[Any], Any]) -> Batch:
+    """The batch with ``of_tensor`` applied to every tensor that is not 0-dimensional and ``of_list`` to
+    every list of one value per sample: some of its samples (``split_batch``, ``select_batch``)."""
     count = batch_size(batch)
 
-    def split(value: Any) -> Any:
+    def take(value: Any) -> Any:
         if isinstance(value, Tensor):
-            return value[start:stop] if value.dim() > 0 else value
+            return of_tensor(value) if value.dim() > 0 else value
         if _is_per_sample_list(value, count):
-            return value[start:stop]
+            return of_list(value)
         if isinstance(value, (tuple, list)):
-            return _rebuilt(value, [split(item) for item in value])
+            return _rebuilt(value, [take(item) for item in value])
         if isinstance(value, dict):
-            return _rebuilt_dict(value, {key: split(item) for key, item in value.items()})
+            return _rebuilt_dict(value, {key: take(item) for key, item in value.items()})
         return value
 
-    return split(batch)
+    return take(batch)
 
 
 def _concat(batches: list[Batch], counts: list[int], indices: list[int], where: str = "") -> Batch:

@@ -100,7 +100,8 @@ class RateOptions:
             for the cost: in a larger chunk the samples' gradients add up with
             random signs, which adds variance (the reference used batches of 16).
         precision: stop when the standard error of every ``log C_k`` is below this.
-        max_rounds: passes over the init data at most.
+        max_rounds: the draws of this many passes over the init data at most (after two passes,
+            the chunks that hold most of a layer's gradient are drawn more often than the others).
     """
 
     chunk_size: int = option(
@@ -120,7 +121,7 @@ class RateOptions:
     max_rounds: int = option(
         16,
         arguments.at_least(MIN_RATE_ROUNDS),
-        "at most this many passes over the data per rate estimate",
+        "at most the draws of this many passes over the data per rate estimate",
         keyword="rate_max_rounds",
         command_line=CommandLine(EVERY_COMMAND, int),
     )

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -66,9 +66,9 @@ class OneChunkAtATime:
         """The norms of the draw of the chunk at ``start``, under fresh noise."""
         return self.draws.gradient_norms(self.gradients(start))
 
-    def rounds(self) -> Iterator[DrawNorms]:
-        """One round: every draw, in order."""
-        return map(self.norms, self.starts)
+    def rounds(self, draws: Sequence[int] | None = None) -> Iterator[DrawNorms]:
+        """One round: every draw (``draws``: those, by index), in order."""
+        return map(self.norms, self.starts if draws is None else [self.starts[i] for i in draws])
 
     def close(self) -> None:
         """Nothing held between rounds."""

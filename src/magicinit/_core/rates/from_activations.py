@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch.nn.grad
 from torch import Tensor
 
 from ..adapters import CONV, LINEAR, MATMUL
-from ..inputs import Batch, all_tensors, batch_size
+from ..inputs import Batch, all_tensors, batch_size, select_batch
 from ..operations import call_argument
 from ..sites import CallInterceptor, SiteCall, UnitIndex
 from ..torch_internals import view_base
@@ -207,7 +207,9 @@ class FromActivations:
         ``samples``: the draws (one sample each) measured, by default the whole init data."""
         self.draws, self.output_shapes = draws, output_shapes
         context = draws.context
-        self.samples = context.batch if samples is None else samples
+        self.all_samples = context.batch if samples is None else samples
+        self.samples = self.all_samples  # the kept forward's samples: all, or those of ``drawn``
+        self.drawn: list[int] | None = None
         self.count = batch_size(self.samples)
         self.index = UnitIndex(context.model)
         self.parameter_names = {id(draws.units[name].tensor(context.model)): name for name in draws.names}
@@ -244,9 +246,19 @@ class FromActivations:
         targets = list(capture.zeros.values())
         self.graph, self.sites = (outputs, targets, sites), sites
 
-    def rounds(self) -> Iterator[DrawNorms]:
+    def rounds(self, draws: Sequence[int] | None = None) -> Iterator[DrawNorms]:
         """One round: every sample's norms under fresh noise (one backward over the kept forward). The
-        first is the round ``choose_strategy`` checked, if it left one (``pending``)."""
+        first is the round ``choose_strategy`` checked, if it left one (``pending``). ``draws``: those
+        samples only, by index, in that order (the kept forward is then of them, made anew where they
+        change)."""
+        wanted = None if draws is None else list(draws)
+        if wanted == list(range(batch_size(self.all_samples))):
+            wanted = None
+        if wanted != self.drawn:
+            self.close()
+            self.pending, self.drawn = None, wanted
+            self.samples = self.all_samples if wanted is None else select_batch(self.all_samples, wanted)
+            self.count = batch_size(self.samples)
         if self.pending is not None:
             pending, self.pending = self.pending, None
             yield pending
@@ -255,9 +267,9 @@ class FromActivations:
             self._forward()
         assert self.graph is not None
         outputs, targets, _ = self.graph
-        draws, model = self.draws, self.draws.context.model
+        noise_draws, model = self.draws, self.draws.context.model
         assert self.output_shapes is not None  # set by the forward
-        noise = draws.noise(self.output_shapes, self.count)
+        noise = noise_draws.noise(self.output_shapes, self.count)
         stacked = [torch.cat([draw[k] for draw in noise]).to(outputs[k]) for k in range(len(outputs))]
         self.channel, self.slice_sums, self.gradient_sums, self.problem = {}, {}, {}, None
         if targets:
@@ -267,14 +279,14 @@ class FromActivations:
         for name, total in self.gradient_sums.items():
             self._add_filter_norms(name, total)
         channel, slices = {}, {}
-        for name in draws.names:
-            adapter, groups = draws.layouts[name]
-            weight = draws.units[name].tensor(model)
+        for name in noise_draws.names:
+            adapter, groups = noise_draws.layouts[name]
+            weight = noise_draws.units[name].tensor(model)
             zeros = weight.new_zeros(self.count, adapter.out_channels(weight, groups), dtype=torch.float64)
             channel[name] = self.channel.get(name, zeros)
-            if name in draws.slices:
+            if name in noise_draws.slices:
                 slices[name] = self.slice_sums.get(
-                    name, weight.new_zeros(self.count, len(draws.slices[name]), dtype=torch.float64)
+                    name, weight.new_zeros(self.count, len(noise_draws.slices[name]), dtype=torch.float64)
                 )
         yield DrawNorms(self.count, channel, slices)
 

@@ -16,6 +16,18 @@ from differences between samples. After the first round only, where it holds
 ``ONE_ROUND_MIN_DRAWS`` draws or more, the spread of its draws bounds that
 error from above (it counts the differences between samples too), and where
 the bound already meets the target no second round is made.
+
+The samples rarely weigh alike: on some models one sample holds half of a
+layer's squared gradient norm (``bench/rate_noise.py``), and a draw of a sample
+that holds a thousandth barely moves the error. From the third round on, only
+the draws that still matter are made: each chunk keeps its own mean (the
+estimate is the sum of the chunks' means, whatever their numbers of draws),
+and a chunk is drawn again while its draws are fewer than the allocation that
+would meet the target at the least total (Neyman's: proportional to the
+chunk's standard deviation) for some layer not yet at the target. A chunk's
+variance, measured from few draws, is taken as at least the layer's median
+relative variance times its mean squared, so that a chunk is not dropped
+because its first draws happened to agree.
 """
 
 from __future__ import annotations
@@ -38,6 +50,10 @@ from .norms import squared_filter_norms
 from .strategy import NoiseDraws, check_gradients_reach_output
 
 ONE_ROUND_MIN_DRAWS = 64  # draws in one round from which their own spread is trusted to bound the noise error
+FULL_ROUNDS = 2  # rounds of every chunk before only the chunks that matter are drawn
+# Drawing some chunks only needs every chunk's own channel (and slice) sums: at most this many floats of them
+# (chunks x channels of all layers); above, every round draws every chunk.
+PER_CHUNK_FLOATS = 2**24
 
 # batch norms, which compute the statistics of the batch they get even in eval mode when they keep no running
 # statistics (track_running_stats=False)
@@ -52,7 +68,9 @@ class ChangeRates:
         rate: ``C_k`` per layer (0 where no gradient reaches the layer).
         log_error: standard error of ``log C_k`` (the estimate's spread).
         channel_rate: per output channel ``sqrt(E||dL/dW_i||^2 / ||W_i||^2)``.
-        draws: number of noise draws (chunks times rounds) averaged.
+        draws: number of noise draws averaged (over all chunks and rounds).
+        rounds: rounds made (the first ``FULL_ROUNDS`` of every chunk, later ones of the chunks that matter,
+            each as many times as they get draws).
         input_slice_gradient: for weights measured with ``input_slices``, ``E||dL/dW_s||^2`` of
             every slice ``s`` of their input channels (float64, on the CPU).
         method: how the draws' gradient norms were computed (``choose_strategy``): ``"from site
@@ -66,6 +84,7 @@ class ChangeRates:
     draws: int
     input_slice_gradient: dict[str, Tensor] = field(default_factory=dict)
     method: str = "one sample at a time"
+    rounds: int = 0
 
 
 def measure_change_rates(
@@ -104,61 +123,92 @@ def measure_change_rates(
         for param in unit.real_parameters(model):
             param.requires_grad_(True)
     check_gradients_reach_output(context, units)
-    draws_per_round = len(range(0, batch_size(context.batch), options.chunk_size))
-    channel_sums: dict[str, Tensor] = {}  # on the model's device, summed over all draws
+    chunks = len(range(0, batch_size(context.batch), options.chunk_size))
     slices = {name: sizes for name, sizes in (input_slices or {}).items() if name in units}
-    slice_sums: dict[str, Tensor] = {}
-    draw_totals: list[Tensor] = []  # per round: every layer's squared norm of every draw, (layers, draws)
+    channels = sum(layouts[name][0].out_channels(units[name].tensor(model), layouts[name][1]) for name in names)
+    per_chunk = chunks * (channels + sum(map(len, slices.values()))) <= PER_CHUNK_FLOATS
+    if collective is not None:  # every rank draws some chunks only, or none does (the same collectives)
+        per_chunk = collective.total(0 if per_chunk else 1) == 0
+    pilot, sums = _ChunkSums(chunks, per_chunk), _ChunkSums(chunks, per_chunk)  # round 1; the later rounds
+    budget = options.max_rounds * chunks  # the draws of rate_max_rounds rounds over every chunk, at most
+    all_chunks = collective.total(chunks) if collective is not None else chunks
+    # per round: the chunks drawn (a chunk drawn several times repeats) and every layer's squared norm of each
+    # of those draws, (layers, draws)
+    history: list[tuple[Tensor, Tensor]] = []
     rounds = 0
     errors: dict[str, float] = {}  # of the last round's estimate
+    drawn: list[int] | None = None  # the chunks of the next round (None: each once)
+    weights: Tensor | None = None  # in the rounds after FULL_ROUNDS: every chunk's share of the draws
     noise_draws = NoiseDraws(context, units, layouts, slices, generator)
     # the reparametrizations' attributes hold this pass's graph: recomputed without it at the end
     with (
-        context.progress_bar(options.max_rounds * draws_per_round, desc, unit="draw") as advance,
+        context.progress_bar(budget, desc, unit="draw") as advance,
         temporary_hooks() as hooks,
         refreshed(model, units.values()),
     ):
         strategy, method = choose_strategy(noise_draws, hooks)
         try:
-            while rounds < options.max_rounds:
+            while True:
                 rounds += 1
+                indices = list(range(chunks)) if drawn is None else drawn
+                into = pilot if rounds == 1 else sums
                 round_totals: dict[str, list[Tensor]] = {name: [] for name in names}
-                for block in strategy.rounds():
+                position = 0
+                for block in strategy.rounds(drawn) if indices else ():
+                    rows = indices[position : position + block.count]
+                    position += block.count
                     for name in names:
-                        per_channel = block.channel[name]
-                        channel_sums[name] = (
-                            channel_sums[name] + per_channel.sum(0) if name in channel_sums else per_channel.sum(0)
-                        )
-                        round_totals[name].append(per_channel.sum(1))
+                        into.add("channel", name, block.channel[name], rows)
+                        round_totals[name].append(block.channel[name].sum(1))
                         if name in slices:
-                            per_slice = block.slices[name].sum(0)
-                            slice_sums[name] = slice_sums[name] + per_slice if name in slice_sums else per_slice
+                            into.add("slices", name, block.slices[name], rows)
                     advance(block.count)
+                into.count(indices)
                 # one transfer per round, not per layer or draw (layers on other devices joined first)
-                totals = [torch.cat(round_totals[name]) for name in names]
-                draw_totals.append(torch.stack([t.to(totals[0].device) for t in totals]).cpu())
-                # after one round, its draws' bound; after more, the noise measured between rounds
-                errors = (_one_round_log_errors if rounds == 1 else _log_errors)(names, draw_totals, collective)
+                totals = torch.zeros(len(names), 0, dtype=torch.float64)
+                if indices:
+                    joined = [torch.cat(round_totals[name]) for name in names]
+                    totals = torch.stack([t.to(joined[0].device) for t in joined]).cpu().double()
+                history.append((torch.tensor(indices, dtype=torch.long), totals))
+                # after one round, its draws' bound; after more, the noise measured between a chunk's draws (once
+                # only the chunks that matter are drawn, of the rounds after the first: see _draw_weights)
+                if rounds == 1:
+                    errors = _one_round_log_errors(names, history, chunks, collective)
+                elif weights is None:
+                    errors = _log_errors(names, history, chunks, collective)
+                else:
+                    errors = _log_errors(names, history[1:], chunks, collective, one_draw_floor=True)
                 if all(e <= options.precision for e in errors.values()):
                     break
+                remaining = budget - pilot.draws() - sums.draws()
+                if rounds < FULL_ROUNDS or not per_chunk:
+                    drawn, more = None, chunks if remaining >= chunks else 0
+                else:
+                    if weights is None:
+                        weights = _draw_weights(history[0][1], collective)
+                    drawn = _next_draws(weights, sums.counts, rounds + 1 - FULL_ROUNDS, remaining, all_chunks)
+                    more = len(drawn)
+                if (collective.total(more) if collective is not None else more) == 0:
+                    break  # the budget is spent
         finally:
             strategy.close()
-    n_draws = draws_per_round * rounds
+    n_draws = pilot.draws() + sums.draws()
+    if weights is None:  # every chunk drawn in every round: all of them count
+        sums = pilot.merged(sums)
     if collective is not None:
         n_draws = collective.total(n_draws)
-        channel_sums = {name: collective.sum(channel_sums[name]) for name in names}
-        slice_sums = {name: collective.sum(slice_sums[name]) for name in slice_sums}
+        chunks = collective.total(chunks)
     rate, channel_rate = {}, {}
     for name in names:
         adapter, groups = layouts[name]
         channel_norm_sq = squared_filter_norms(adapter.to_filters(units[name].tensor(model).detach(), groups))
         channel_norm_sq = channel_norm_sq.flatten().cpu()
-        mean_grad_sq = channel_sums[name].cpu() / n_draws
+        mean_grad_sq = sums.mean_over_chunks("channel", name, collective) / chunks
         weight_norm_sq = float(channel_norm_sq.sum())
         rate[name] = math.sqrt(float(mean_grad_sq.sum()) / weight_norm_sq) if weight_norm_sq > 0 else math.inf
         channel_rate[name] = (mean_grad_sq / channel_norm_sq).sqrt().float()
-    slice_gradient = {name: total.cpu() / n_draws for name, total in slice_sums.items()}
-    return ChangeRates(rate, errors, channel_rate, n_draws, slice_gradient, method)
+    slice_gradient = {name: sums.mean_over_chunks("slices", name, collective) / chunks for name in slices}
+    return ChangeRates(rate, errors, channel_rate, n_draws, slice_gradient, method, rounds)
 
 
 def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
@@ -183,10 +233,10 @@ def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
 
 
 def _one_round_log_errors(
-    names: list[str], draw_totals: list[Tensor], collective: Collective | None = None
+    names: list[str], history: list[tuple[Tensor, Tensor]], chunks: int, collective: Collective | None = None
 ) -> dict[str, float]:
-    """An upper bound of the standard error of ``log C`` due to the noise after one round (``draw_totals``:
-    one round, ``(layers, chunks)``), from the spread of its draws; inf with fewer than
+    """An upper bound of the standard error of ``log C`` due to the noise after one round (``history``: one
+    round, every chunk drawn once), from the spread of its draws; inf with fewer than
     ``ONE_ROUND_MIN_DRAWS`` draws (all ranks') or another number of rounds.
 
     Each draw is one chunk under its own noise: the draws' variance is the mean noise variance of a
@@ -194,8 +244,8 @@ def _one_round_log_errors(
     exceeds the noise alone; a layer no gradient reaches has error 0.
     """
     sums = torch.zeros(len(names), 3, dtype=torch.float64)
-    if len(draw_totals) == 1:
-        values = draw_totals[0].double()
+    if len(history) == 1:
+        values = history[0][1].double()
         sums[:, 0], sums[:, 1], sums[:, 2] = values.sum(1), values.square().sum(1), values.shape[1]
     if collective is not None:
         sums = collective.sum(sums)
@@ -212,30 +262,140 @@ def _one_round_log_errors(
     return errors
 
 
-def _log_errors(names: list[str], draw_totals: list[Tensor], collective: Collective | None = None) -> dict[str, float]:
-    """Standard error of ``log C`` due to the noise, from per-(round, chunk) squared gradient norms
-    (``draw_totals``: per round, ``(layers, chunks)`` in the order of ``names``).
+def _chunk_statistics(history: list[tuple[Tensor, Tensor]], chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From the rounds' draws (``history``), every chunk's number of draws ``(chunks,)``, and per layer and
+    chunk the mean of its draws' squared norms and their variance (unbiased; 0 with fewer than two draws),
+    ``(layers, chunks)``."""
+    rows = torch.cat([drawn for drawn, _ in history])
+    values = torch.cat([totals for _, totals in history], dim=1)
+    counts = torch.bincount(rows, minlength=chunks).double()
+    means = values.new_zeros(values.shape[0], chunks).index_add_(1, rows, values) / counts.clamp_min(1)
+    squares = values.new_zeros(values.shape[0], chunks).index_add_(1, rows, (values - means[:, rows]).square())
+    variances = torch.where(counts >= 2, squares / (counts - 1).clamp_min(1), 0.0)
+    return counts, means, variances
 
-    Each chunk's noise variance is estimated across rounds; with one round
-    the error is unknown (inf). A layer no gradient reaches has rate 0 exactly
-    (error 0). With a ``collective``, the chunks of all ranks count.
+
+def _log_errors(
+    names: list[str],
+    history: list[tuple[Tensor, Tensor]],
+    chunks: int,
+    collective: Collective | None = None,
+    *,
+    one_draw_floor: bool = False,
+) -> dict[str, float]:
+    """Standard error of ``log C`` due to the noise, from the rounds' draws (``history``: per round, the
+    chunks drawn and their squared gradient norms, ``(layers, draws)`` in the order of ``names``).
+
+    Each chunk's noise variance is estimated across its own draws, and its mean's variance is that over
+    its number of draws; with one round the error is unknown (inf). ``one_draw_floor``: a chunk drawn
+    once has the layer's median relative variance (over the chunks drawn more) times its mean squared. A
+    layer no gradient reaches has rate 0 exactly (error 0). With a ``collective``, the chunks of all ranks
+    count.
     """
-    rounds = len(draw_totals)
-    values = torch.stack(draw_totals).double() if rounds else torch.zeros(0, len(names), 0, dtype=torch.float64)
-    # per layer: the sum of the chunks' means and the sum of their variances over the rounds
+    # per layer: the sum of the chunks' means and the sum of their means' variances
     sums = torch.zeros(len(names), 2, dtype=torch.float64)
-    if rounds:
-        sums[:, 0] = values.mean(0).sum(1)
-    if rounds >= 2:
-        sums[:, 1] = values.var(0, correction=1).sum(1)
+    if history:
+        counts, means, variances = _chunk_statistics(history, chunks)
+        if one_draw_floor:
+            relative = torch.where((counts >= 2) & (means > 0), variances / means.square().clamp_min(1e-300), math.nan)
+            typical = relative.nanmedian(dim=1).values.nan_to_num(math.inf).unsqueeze(1)
+            variances = torch.where(counts == 1, typical * means.square(), variances).nan_to_num(math.inf)
+        sums[:, 0] = means.sum(1)
+        sums[:, 1] = (variances / counts.clamp_min(1)).sum(1)
     if collective is not None:
         sums = collective.sum(sums)
     errors = {}
     for name, (total, variance_sum) in zip(names, sums.tolist()):
         if total <= 0:
             errors[name] = 0.0
-        elif rounds < 2:
+        elif len(history) < 2:
             errors[name] = math.inf
         else:
-            errors[name] = 0.5 * math.sqrt(variance_sum / rounds) / total  # log C = 0.5 log C^2
+            errors[name] = 0.5 * math.sqrt(variance_sum) / total  # log C = 0.5 log C^2
     return errors
+
+
+def _draw_weights(first_round: Tensor, collective: Collective | None = None) -> Tensor:
+    """Every chunk's share of the draws after ``FULL_ROUNDS``, from the first round's squared norms
+    ``(layers, chunks)``: its largest share of a layer's total (of all ranks' chunks), normalized over all
+    ranks' chunks. Neyman's allocation (draws in proportion to a chunk's noise) with the noise taken in
+    proportion to the chunk's norm. The first round's draws then stay out of the estimate: a chunk's number
+    of draws must not depend on the draws its mean is taken from (a chunk whose draws happened to be low
+    would get fewer draws, and keep its low mean: the estimate would be biased low)."""
+    totals = first_round.sum(1, keepdim=True)
+    if collective is not None:
+        totals = collective.sum(totals)
+    shares = (first_round / totals.clamp_min(1e-300)).amax(0)
+    total_share = shares.sum().reshape(1)
+    if collective is not None:
+        total_share = collective.sum(total_share)
+    return shares / total_share.clamp_min(1e-300)
+
+
+def _next_draws(weights: Tensor, counts: Tensor, step: int, remaining: int, all_chunks: int) -> list[int]:
+    """The chunks to draw in the ``step``-th round after ``FULL_ROUNDS``, a chunk as many times as it gets
+    draws: up to ``2^(step - 1)`` times ``all_chunks`` (all ranks') in all, its ``weights`` share of them (at
+    least one), less the draws it has (``counts``; where that leaves none, the next step's), and at most
+    ``remaining`` in all (shared in proportion)."""
+    chunks = len(counts)
+    extra = torch.zeros_like(counts)
+    while remaining > 0 and not extra.any() and step < 64:  # 2^63 draws: no budget gets there
+        wanted = (weights * (2.0 ** (step - 1) * all_chunks)).ceil().clamp_min(1)
+        extra = (wanted - counts).clamp_min(0)
+        step += 1
+    requested = float(extra.sum())
+    if requested > remaining:
+        shares = extra * (remaining / requested)
+        extra = shares.floor()
+        leftover = remaining - int(extra.sum())
+        extra[(shares - extra).argsort(descending=True)[:leftover]] += 1
+    return torch.arange(chunks).repeat_interleave(extra.long()).tolist()
+
+
+class _ChunkSums:
+    """The draws' squared norms per channel (``"channel"``) and per input slice (``"slices"``) of every
+    layer, summed per chunk where chunks may be drawn unequally often (``per_chunk``), else over all chunks;
+    and every chunk's number of draws."""
+
+    def __init__(self, chunks: int, per_chunk: bool) -> None:
+        self.per_chunk = per_chunk
+        self.counts = torch.zeros(chunks, dtype=torch.float64)
+        self.tables: dict[str, dict[str, Tensor]] = {"channel": {}, "slices": {}}
+
+    def add(self, table: str, name: str, values: Tensor, rows: list[int]) -> None:
+        """Add the norms ``values`` ``(draws, entries)`` of the chunks ``rows`` to layer ``name``'s sums."""
+        store = self.tables[table]
+        if self.per_chunk:
+            if name not in store:
+                store[name] = values.new_zeros(len(self.counts), values.shape[1])
+            store[name].index_add_(0, torch.tensor(rows, device=values.device), values)
+        else:
+            total = values.sum(0)
+            store[name] = store[name] + total if name in store else total
+
+    def count(self, rows: list[int]) -> None:
+        """One more draw of each chunk in ``rows`` (a chunk drawn twice is there twice)."""
+        self.counts += torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=len(self.counts)).double()
+
+    def merged(self, other: _ChunkSums) -> _ChunkSums:
+        """These sums and ``other``'s (of other rounds of the same chunks) together."""
+        joined = _ChunkSums(len(self.counts), self.per_chunk)
+        joined.counts = self.counts + other.counts
+        for table, store in self.tables.items():
+            for name, value in store.items():
+                extra = other.tables[table].get(name)
+                joined.tables[table][name] = value if extra is None else value + extra
+        return joined
+
+    def draws(self) -> int:
+        """The draws made, over all chunks."""
+        return int(self.counts.sum())
+
+    def mean_over_chunks(self, table: str, name: str, collective: Collective | None = None) -> Tensor:
+        """The sum over the chunks (of all ranks) of each chunk's mean norms, on the CPU."""
+        value = self.tables[table][name]
+        if self.per_chunk:
+            local = (value / self.counts.to(value).clamp_min(1).unsqueeze(1)).sum(0)
+        else:  # every chunk was drawn in every round
+            local = value / self.counts.max().clamp_min(1).item()
+        return (collective.sum(local) if collective is not None else local).cpu()

@@ -4,7 +4,7 @@ measure a model (``StrategyRefused``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,8 +28,9 @@ class GradientNormStrategy(Protocol):
 
     description: str  # how the norms are computed, as the report says it
 
-    def rounds(self) -> Iterator[DrawNorms]:
-        """One round: the norms of every draw, in order, under fresh noise (in groups of consecutive draws)."""
+    def rounds(self, draws: Sequence[int] | None = None) -> Iterator[DrawNorms]:
+        """One round: the norms of every draw (``draws``: of those draws only, by index, in that order), in
+        order, under fresh noise (in groups of consecutive draws)."""
         ...
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch.func import functional_call, vmap
 from torch.func import grad as gradient_of
 
 from ..context import PassContext
-from ..inputs import Batch, batch_size, floating_tensors, map_tensors, split_batch
+from ..inputs import Batch, batch_size, floating_tensors, map_tensors, select_batch, split_batch
 from .chunks import OneChunkAtATime
 from .norms import BLOCK_FLOATS, DrawNorms
 from .strategy import NoiseDraws
@@ -50,14 +50,18 @@ class Vectorized:
         swapped = {self.qualified[name]: weight for name, weight in weights.items()}
         return functional_call(self.loss, swapped, (batch, noise))
 
-    def rounds(self, strict: bool = False) -> Iterator[DrawNorms]:
-        """One round, a block of samples at a time. A block the vectorized pass fails on (a sample taking
-        another path) is done by the fallback, a draw at a time (``strict``: the failure is raised)."""
-        draws = self.draws
-        for start in range(0, self.count, self.block):
-            samples = split_batch(draws.context.batch, start, min(start + self.block, self.count))
-            count = batch_size(samples)
-            noise = draws.noise(self.output_shapes, count)
+    def rounds(self, draws: Sequence[int] | None = None, strict: bool = False) -> Iterator[DrawNorms]:
+        """One round (``draws``: of those samples only, by index, in that order), a block of samples at a
+        time. A block the vectorized pass fails on (a sample taking another path) is done by the fallback, a
+        draw at a time (``strict``: the failure is raised)."""
+        noise_draws, indices = self.draws, list(range(self.count)) if draws is None else list(draws)
+        for start in range(0, len(indices), self.block):
+            rows = indices[start : start + self.block]
+            batch = noise_draws.context.batch
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            samples = split_batch(batch, rows[0], rows[0] + len(rows)) if contiguous else select_batch(batch, rows)
+            count = len(rows)
+            noise = noise_draws.noise(self.output_shapes, count)
             stacked = [
                 torch.stack([n[k] for n in noise]).to(device=self.device, dtype=self.dtype)
                 for k in range(len(self.output_shapes))
@@ -70,10 +74,10 @@ class Vectorized:
             except Exception:
                 if strict:
                     raise
-                yield from (self.fallback.norms(sample) for sample in range(start, start + count))
+                yield from (self.fallback.norms(sample) for sample in rows)
                 continue
             yield DrawNorms.concatenated(
-                [draws.gradient_norms([grads[name][i] for name in draws.names]) for i in range(count)]
+                [noise_draws.gradient_norms([grads[name][i] for name in noise_draws.names]) for i in range(count)]
             )
 
     def close(self) -> None:
