@@ -186,7 +186,9 @@ def measure_change_rates(
                 else:
                     if weights is None:
                         weights = _draw_weights(history[0][1], collective)
-                    drawn = _next_draws(weights, sums.counts, rounds + 1 - FULL_ROUNDS, remaining, all_chunks)
+                    drawn = _next_draws(
+                        weights, sums.counts, rounds + 1 - FULL_ROUNDS, remaining, all_chunks, collective
+                    )
                     more = len(drawn)
                 if (collective.total(more) if collective is not None else more) == 0:
                     break  # the budget is spent
@@ -288,7 +290,8 @@ def _log_errors(
 
     Each chunk's noise variance is estimated across its own draws, and its mean's variance is that over
     its number of draws; with one round the error is unknown (inf). ``one_draw_floor``: a chunk drawn
-    once has the layer's median relative variance (over the chunks drawn more) times its mean squared. A
+    once has the relative variance of the chunks drawn more (pooled: their variances over their squared
+    means, summed) times its mean squared. A
     layer no gradient reaches has rate 0 exactly (error 0). With a ``collective``, the chunks of all ranks
     count.
     """
@@ -296,10 +299,13 @@ def _log_errors(
     sums = torch.zeros(len(names), 2, dtype=torch.float64)
     if history:
         counts, means, variances = _chunk_statistics(history, chunks)
-        if one_draw_floor:
-            relative = torch.where((counts >= 2) & (means > 0), variances / means.square().clamp_min(1e-300), math.nan)
-            typical = relative.nanmedian(dim=1).values.nan_to_num(math.inf).unsqueeze(1)
-            variances = torch.where(counts == 1, typical * means.square(), variances).nan_to_num(math.inf)
+        if one_draw_floor:  # the relative variance of the chunks drawn more often (of all ranks), pooled
+            several = counts >= 2
+            pooled = torch.stack([(variances * several).sum(1), (means.square() * several).sum(1)], dim=1)
+            if collective is not None:
+                pooled = collective.sum(pooled)
+            typical = torch.where(pooled[:, 1] > 0, pooled[:, 0] / pooled[:, 1].clamp_min(1e-300), math.inf)
+            variances = torch.where(counts == 1, typical.unsqueeze(1) * means.square(), variances)
         sums[:, 0] = means.sum(1)
         sums[:, 1] = (variances / counts.clamp_min(1)).sum(1)
     if collective is not None:
@@ -332,24 +338,41 @@ def _draw_weights(first_round: Tensor, collective: Collective | None = None) -> 
     return shares / total_share.clamp_min(1e-300)
 
 
-def _next_draws(weights: Tensor, counts: Tensor, step: int, remaining: int, all_chunks: int) -> list[int]:
+def _next_draws(
+    weights: Tensor,
+    counts: Tensor,
+    step: int,
+    remaining: int,
+    all_chunks: int,
+    collective: Collective | None = None,
+) -> list[int]:
     """The chunks to draw in the ``step``-th round after ``FULL_ROUNDS``, a chunk as many times as it gets
     draws: up to ``2^(step - 1)`` times ``all_chunks`` (all ranks') in all, its ``weights`` share of them (at
-    least one), less the draws it has (``counts``; where that leaves none, the next step's), and at most
-    ``remaining`` in all (shared in proportion)."""
-    chunks = len(counts)
+    least one), less the draws it has (``counts``; where that leaves none on any rank, the next step's), and
+    at most the ``remaining`` draws of all ranks in all (shared in proportion, rounded down). With a
+    collective, the budget is that of all ranks together: a rank whose samples weigh most takes draws the
+    others do not need."""
+
+    def over_ranks(value: float) -> float:
+        return float(collective.sum(torch.tensor([value], dtype=torch.float64))[0]) if collective else value
+
+    budget = over_ranks(remaining)
     extra = torch.zeros_like(counts)
-    while remaining > 0 and not extra.any() and step < 64:  # 2^63 draws: no budget gets there
+    while budget > 0 and step < 64:  # 2^63 draws: no budget gets there
         wanted = (weights * (2.0 ** (step - 1) * all_chunks)).ceil().clamp_min(1)
         extra = (wanted - counts).clamp_min(0)
+        requested = over_ranks(float(extra.sum()))
+        if requested > 0:
+            break
         step += 1
-    requested = float(extra.sum())
-    if requested > remaining:
-        shares = extra * (remaining / requested)
+    else:
+        return []
+    if requested > budget:
+        shares = extra * (budget / requested)
         extra = shares.floor()
-        leftover = remaining - int(extra.sum())
+        leftover = math.floor(float(shares.sum()) + 1e-9) - int(extra.sum())
         extra[(shares - extra).argsort(descending=True)[:leftover]] += 1
-    return torch.arange(chunks).repeat_interleave(extra.long()).tolist()
+    return torch.arange(len(counts)).repeat_interleave(extra.long()).tolist()
 
 
 class _ChunkSums:
