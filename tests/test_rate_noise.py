@@ -15,6 +15,7 @@ from torch import nn
 
 import magicinit
 from conftest import noise_rates
+from magicinit._core.rates import measure
 from magicinit._core.rates.measure import ONE_ROUND_MIN_DRAWS, _next_draws
 
 
@@ -109,3 +110,12 @@ def test_the_draws_after_the_full_rounds_follow_the_weights_within_the_budget() 
     capped = _next_draws(heavy, ones, step=3, remaining=10, all_chunks=8)
     assert len(capped) == 10 and capped.count(0) >= 7
     assert _next_draws(heavy, ones, step=3, remaining=0, all_chunks=8) == []
+
+
+def test_samples_that_weigh_alike_keep_whole_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # drawing in proportion to equal weights gains nothing: every round draws every sample (one kept forward)
+    torch.manual_seed(0)
+    model = _plain(4)
+    monkeypatch.setattr(measure, "_next_draws", lambda *a: pytest.fail("drew some samples only"))
+    diagnosis = magicinit.diagnose(model, torch.randn(64, 3, 6, 6), seed=0, rate_precision=1e-3, rate_max_rounds=4)
+    assert diagnosis.draws == 4 * 64
