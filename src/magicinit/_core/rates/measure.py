@@ -18,16 +18,18 @@ error from above (it counts the differences between samples too), and where
 the bound already meets the target no second round is made.
 
 The samples rarely weigh alike: on some models one sample holds half of a
-layer's squared gradient norm (``bench/rate_noise.py``), and a draw of a sample
-that holds a thousandth barely moves the error. From the third round on, only
-the draws that still matter are made: each chunk keeps its own mean (the
-estimate is the sum of the chunks' means, whatever their numbers of draws),
-and a chunk is drawn again while its draws are fewer than the allocation that
-would meet the target at the least total (Neyman's: proportional to the
-chunk's standard deviation) for some layer not yet at the target. A chunk's
-variance, measured from few draws, is taken as at least the layer's median
-relative variance times its mean squared, so that a chunk is not dropped
-because its first draws happened to agree.
+layer's squared gradient norm (``bench/rate_noise.py --part shares``), and a
+draw of a sample that holds a thousandth barely moves the error. Where, after
+two rounds of every chunk, some layer misses the target and the first round's
+weights are unequal enough to pay (``UNEQUAL_GAIN``), later rounds draw each
+chunk in proportion to its first-round weight (``_draw_weights``), several
+times in a round, the total doubling each round (``_next_draws``); each chunk
+keeps its own mean (the estimate is the sum of the chunks' means, whatever
+their numbers of draws), and the first round stays out of the estimate, so
+that no chunk's number of draws depends on the draws its mean is taken from.
+A chunk drawn once after it takes the pooled relative variance of the chunks
+drawn more often. ``rate_max_rounds`` bounds the draws: that many rounds'
+worth, over all ranks.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def measure_change_rates(
                 # after one round, its draws' bound; after more, the noise measured between a chunk's draws (once
                 # only the chunks that matter are drawn, of the rounds after the first: see _draw_weights)
                 if rounds == 1:
-                    errors = _one_round_log_errors(names, history, chunks, collective)
+                    errors = _one_round_log_errors(names, history, collective)
                 elif weights is None:
                     errors = _log_errors(names, history, chunks, collective)
                 else:
@@ -243,7 +245,7 @@ def _single_sample_batch_norm(context: PassContext) -> MagicInitError | None:
 
 
 def _one_round_log_errors(
-    names: list[str], history: list[tuple[Tensor, Tensor]], chunks: int, collective: Collective | None = None
+    names: list[str], history: list[tuple[Tensor, Tensor]], collective: Collective | None = None
 ) -> dict[str, float]:
     """An upper bound of the standard error of ``log C`` due to the noise after one round (``history``: one
     round, every chunk drawn once), from the spread of its draws; inf with fewer than
@@ -360,16 +362,12 @@ def _next_draws(
     at most the ``remaining`` draws of all ranks in all (shared in proportion, rounded down). With a
     collective, the budget is that of all ranks together: a rank whose samples weigh most takes draws the
     others do not need."""
-
-    def over_ranks(value: float) -> float:
-        return float(collective.sum(torch.tensor([value], dtype=torch.float64))[0]) if collective else value
-
-    budget = over_ranks(remaining)
+    budget = collective.total(remaining) if collective is not None else remaining
     extra = torch.zeros_like(counts)
     while budget > 0 and step < 64:  # 2^63 draws: no budget gets there
         wanted = (weights * (2.0 ** (step - 1) * all_chunks)).ceil().clamp_min(1)
-        extra = (wanted - counts).clamp_min(0)
-        requested = over_ranks(float(extra.sum()))
+        extra = (wanted - counts).clamp_min(0)  # whole numbers
+        requested = collective.total(int(extra.sum())) if collective is not None else int(extra.sum())
         if requested > 0:
             break
         step += 1
