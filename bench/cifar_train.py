@@ -679,8 +679,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [row for row in args.rows if row not in family.rows]
     if unknown:
         parser.error(f"--rows {unknown}: not rows of --family {args.family}; it has {list(family.rows)}")
-    longer = f"_steps{args.steps}" if args.steps and args.steps != family.steps else ""  # its own JSON and section
     args.steps = args.steps or family.steps
+    other_steps = other_steps_than_the_family(args)  # before --quick sets its own: its own JSON and section
     if args.quick:
         args.train_count, args.validation_count, args.test_count, args.init_samples = 1_000, 256, 256, 64
         args.steps, args.seeds, args.lrs, args.max_extensions = 12, args.seeds[:1], [0.01, 0.03], 0
@@ -689,6 +689,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         quick_dir.mkdir(exist_ok=True)
         args.output = args.output or quick_dir / f"cifar_{args.family.replace('-', '_')}_results.json"
         args.results = args.results or quick_dir / "RESULTS.md"
+    longer = f"_steps{other_steps}" if other_steps else ""
     args.output = args.output or BENCH / f"cifar_{args.family.replace('-', '_')}{longer}_results.json"
     args.results = args.results or BENCH / "RESULTS.md"
     return args
@@ -735,10 +736,17 @@ def main(argv: Sequence[str] | None = None, data: Dataset | None = None) -> Benc
     return bench
 
 
+def other_steps_than_the_family(args: argparse.Namespace) -> int | None:
+    """The run's steps where they are not its family's default (``--steps``; None for ``--quick``), which
+    give it a JSON and a RESULTS section of its own, beside the default run's."""
+    return None if args.quick or args.steps == FAMILIES[args.family].steps else args.steps
+
+
 def heading(args: argparse.Namespace) -> str:
-    """The heading of the family's section of RESULTS.md; a run of other than the family's steps (``--steps``)
-    has a section of its own, beside the default one (as it has its own JSON)."""
-    steps = "" if args.quick or args.steps == FAMILIES[args.family].steps else f" --steps {args.steps}"
+    """The heading of the family's section of RESULTS.md (``other_steps_than_the_family``: a section of its
+    own)."""
+    other_steps = other_steps_than_the_family(args)
+    steps = f" --steps {other_steps}" if other_steps else ""
     return f"## bench/cifar_train.py --family {args.family}{steps}"
 
 

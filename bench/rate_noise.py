@@ -144,13 +144,32 @@ def layer_noise(samples: list[dict[str, Tensor]]) -> list[list[LayerNoise]]:
     return tables
 
 
+def rademacher(shape: torch.Size, generator: torch.Generator) -> Tensor:
+    """Entries of -1 or +1 with equal odds (drawn here, not by the library: the checks are independent)."""
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
+def after_part1(name: str, count: int) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
+    """The zoo model ``name`` after Part 1 on ``count`` of its inputs (what Part 2 measures rates on), in eval
+    mode; the inputs; and the weights of its convolution and linear layers by layer name."""
+    model_spec = spec(name)
+    model = build(model_spec)
+    inputs = model_spec.inputs(count)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        magicinit.init_(model, inputs, between=False, seed=0)
+    model.eval()
+    layers = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    return model, inputs, {n: m.weight for n, m in model.named_modules() if isinstance(m, layers)}
+
+
 def drawn_std(model: nn.Module, sample: Tensor, weight: Tensor, draws: int, seed: int) -> float:
     """Per-draw relative std of ``||dL/dW||^2`` from ``draws`` real Rademacher draws (independent of ``A``)."""
     generator = torch.Generator().manual_seed(seed)
     output = model(sample[None]).flatten()
     values = []
     for _ in range(draws):
-        noise = torch.randint(0, 2, output.shape, generator=generator).float() * 2 - 1
+        noise = rademacher(output.shape, generator)
         (grad,) = torch.autograd.grad(output, [weight], noise, retain_graph=True)
         values.append(float(grad.double().square().sum()))
     return statistics.stdev(values) / statistics.fmean(values)
@@ -164,7 +183,7 @@ def sample_shares(model: nn.Module, inputs: Tensor, weights: dict[str, Tensor], 
     for index in range(len(inputs)):
         output = model(inputs[index : index + 1]).flatten()
         for _ in range(draws):
-            noise = torch.randint(0, 2, output.shape, generator=generator).float() * 2 - 1
+            noise = rademacher(output.shape, generator)
             grads = torch.autograd.grad(output, list(weights.values()), noise, retain_graph=True)
             means[:, index] += torch.stack([g.double().square().sum() for g in grads]) / draws
     return means / means.sum(1, keepdim=True).clamp_min(1e-300)
@@ -173,14 +192,7 @@ def sample_shares(model: nn.Module, inputs: Tensor, weights: dict[str, Tensor], 
 def shares_row(name: str, args: argparse.Namespace) -> str:
     """One model's row of the shares table: over its layers, the median and the largest share of the
     heaviest sample, and the median number of samples it takes to hold half a layer's total."""
-    model_spec = spec(name)
-    model = build(model_spec)
-    inputs = model_spec.inputs(args.share_samples)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        magicinit.init_(model, inputs, between=False, seed=0)
-    model.eval()
-    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    model, inputs, weights = after_part1(name, args.share_samples)
     shares = sample_shares(model, inputs, weights, args.share_draws, seed=3)
     heaviest = shares.amax(1)
     ordered = shares.sort(dim=1, descending=True).values.cumsum(1)
@@ -194,19 +206,12 @@ def shares_row(name: str, args: argparse.Namespace) -> str:
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     """One model: Part 1 on ``args.init_samples`` zoo inputs, then the Gram matrices of ``args.samples``
     of them, the noise table and the independent check on the worst layer."""
-    model_spec = spec(name)
-    model = build(model_spec)
-    inputs = model_spec.inputs(args.init_samples)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        magicinit.init_(model, inputs, between=False, seed=0)  # Part 1: what Part 2 measures rates on
-    model.eval()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    model, inputs, every_weight = after_part1(name, args.init_samples)
     with torch.no_grad():
         outputs = model(inputs[:1]).numel()
     limit = args.max_jacobian_gb * 2**30 / 4 / outputs
-    weights = {n: m.weight for n, m in layers.items() if m.weight.numel() <= limit}
-    left_out = sorted(set(layers) - set(weights))
+    weights = {n: weight for n, weight in every_weight.items() if weight.numel() <= limit}
+    left_out = sorted(set(every_weight) - set(weights))
     started = time.perf_counter()
     samples = [gram_matrices(model, inputs[i], weights) for i in range(args.samples)]
     seconds = time.perf_counter() - started
