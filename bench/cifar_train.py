@@ -41,7 +41,8 @@ Protocol (all defaults; see ``--help``), one network family per invocation (``--
 * Reported per (family, depth): row, chosen rate (and ``edge`` where the search ended with it at an edge),
   test accuracy at the end and at 3/4 (mean over seeds ± half the range), init seconds, train seconds per
   run; the rows within noise of the best (one of their seeds at or above the best row's worst seed); and whether the
-  rows rank alike at 3/4 and at the end (Kendall's tau of the two orders).
+  rows rank alike at 3/4 and at the end (Kendall's tau of the two orders; the pairs of rows that swap, and of
+  those the ones whose seeds do not overlap at 3/4 or at the end: a swap within the seeds' spread is a tie).
 
 The JSON holds every run (loss curve every ``LOSS_EVERY`` steps, accuracies, rate, seed, divergence, init
 time, the magicinit report's notes and warnings) and the machine; it is rewritten after every run, and
@@ -545,6 +546,24 @@ def kendall_tau(first: Sequence[float], second: Sequence[float]) -> float:
     return agree / len(pairs)
 
 
+def _apart(first: Sequence[float], second: Sequence[float]) -> bool:
+    """Whether two rows' seeds do not overlap (every seed of one above every seed of the other)."""
+    return min(first) > max(second) or min(second) > max(first)
+
+
+def swapped_pairs(
+    ends: dict[str, list[float]], early: dict[str, list[float]]
+) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Pairs of rows whose means order differently at 3/4 and at the end: the number of pairs, the
+    swapped ones, and those of them whose seeds do not overlap at 3/4 or at the end (a conclusion drawn
+    at one point that the other contradicts; swaps within the seeds' spread at both are ties)."""
+    rows = list(ends)
+    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :]]
+    swapped = [(a, b) for a, b in pairs if (_mean(ends[a]) - _mean(ends[b])) * (_mean(early[a]) - _mean(early[b])) < 0]
+    apart = [(a, b) for a, b in swapped if _apart(ends[a], ends[b]) or _apart(early[a], early[b])]
+    return len(pairs), swapped, apart
+
+
 def tables(bench: Bench) -> str:
     """The markdown tables of every depth (see the module docstring)."""
     args = bench.args
@@ -586,10 +605,23 @@ def tables(bench: Bench) -> str:
             same = [r for r in sorted(rows, key=lambda r: -_mean(ends[r]))] == [
                 r for r in sorted(rows, key=lambda r: -_mean(early[r]))
             ]
+            pairs, swapped, apart = swapped_pairs(ends, early)
+            if not swapped:
+                swaps = "no pair of rows swaps"
+            elif not apart:
+                swaps = (
+                    f"{len(swapped)} of {pairs} pairs of rows swap, each within the seeds' spread at 3/4 and at "
+                    "the end (the order holds beyond that spread)"
+                )
+            else:
+                swaps = (
+                    f"{len(swapped)} of {pairs} pairs of rows swap, {len(apart)} of them with seeds apart at 3/4 "
+                    "or at the end: " + "; ".join(f"{a} / {b}" for a, b in apart)
+                )
             lines += [
                 f"Best at the end: {best}. Within noise of it (a seed at or above its worst seed): "
                 f"{', '.join(within)}. Rows ranked at 3/4 and at the end: Kendall's tau {tau:.2f}, same order: "
-                f"{'yes' if same else 'no'}.",
+                f"{'yes' if same else 'no'}; {swaps}.",
                 "",
             ]
         for label, grid in bench.grids.items():

@@ -17,7 +17,7 @@ pytest.importorskip("lsuv")  # bench/train.py, which cifar_train.py imports from
 import cifar_train
 import magicinit
 from cifar_nets import caffenet_cifar, resnet20, vit
-from cifar_train import adaptive_grid, kendall_tau
+from cifar_train import adaptive_grid, kendall_tau, swapped_pairs
 from magicinit.tools.nets import plain_cnn
 from results_file import replace_section
 from train import Dataset
@@ -61,6 +61,17 @@ def test_the_grid_extends_while_the_best_rate_is_at_an_edge() -> None:
 def test_kendall_tau() -> None:
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
     assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def test_swapped_pairs_tell_ties_from_ranking_changes() -> None:
+    ends = {"a": [0.30, 0.32], "b": [0.31, 0.33], "c": [0.20, 0.21]}
+    early = {"a": [0.29, 0.30], "b": [0.27, 0.28], "c": [0.10, 0.12]}
+    pairs, swapped, apart = swapped_pairs(ends, early)
+    assert pairs == 3 and swapped == [("a", "b")]  # b passes a: apart at 3/4 (0.27-0.28 below 0.29-0.30)
+    assert apart == [("a", "b")]
+    early["b"] = [0.28, 0.295]  # overlapping seeds at 3/4 and at the end: a tie, not a change of ranking
+    assert swapped_pairs(ends, early)[1:] == ([("a", "b")], [])
+    assert swapped_pairs(ends, ends) == (3, [], [])
 
 
 NETS = {

@@ -14,6 +14,7 @@ from torch import nn
 
 import magicinit
 from conftest import assert_untouched, state_copy
+from magicinit._core.between import FLOAT64_CHECK_SAMPLES, FUNCTION_CHECK_SAMPLES
 
 
 class Thresholded(nn.Module):
@@ -34,6 +35,8 @@ class Thresholded(nn.Module):
             hidden = hidden * (hidden > 0)
         elif self.how == "numpy":  # a comparison made outside torch: no trace sees it
             hidden = hidden * torch.from_numpy((hidden.detach().numpy() < self.threshold).astype(np.float32))
+        elif self.how == "numpy-soft":  # a smooth gate made outside torch: any rescaling changes every sample
+            hidden = hidden * torch.from_numpy(np.tanh(hidden.detach().numpy()))
         return self.head(self.second(hidden).relu())
 
 
@@ -76,11 +79,11 @@ def test_a_comparison_with_zero_leaves_the_scale_free() -> None:
 
 def test_a_threshold_crossed_only_beyond_the_checked_samples_is_caught_on_all_samples_and_undone() -> None:
     data = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
-    data[:32] *= 0.3  # the float64 check's samples never reach the threshold
+    data[:FUNCTION_CHECK_SAMPLES] *= 0.3  # the float64 and first own-precision checks never see it crossed
     model = _initialized("numpy", data, threshold=3.0)
     with torch.no_grad():
         crossing = (model.first(data) >= 3.0).any(1)
-    assert not crossing[:32].any() and crossing.sum() >= 5  # the premise: only later samples cross it
+    assert not crossing[:FUNCTION_CHECK_SAMPLES].any() and crossing.sum() >= 5  # premise: only later samples cross
     saved = state_copy(model)
     with pytest.warns(RuntimeWarning, match=r"on all init samples.*first operation whose result changed is mul"):
         report = magicinit.rescale_(model, data, seed=0)
@@ -92,12 +95,26 @@ def test_a_threshold_crossed_only_beyond_the_checked_samples_is_caught_on_all_sa
 
 def test_a_failed_float64_check_names_the_first_operation_that_changed() -> None:
     data = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
-    model = _initialized("numpy", data, threshold=0.5)
+    model = _initialized("numpy-soft", data)
     saved = state_copy(model)
     with pytest.warns(RuntimeWarning, match=r"float64 copy.*first operation whose result changed is mul"):
         report = magicinit.rescale_(model, data, seed=0)
     assert_untouched(model, saved)
     assert not any("not recognized. Please report" in note for note in report.notes)
+
+
+def test_a_threshold_crossed_beyond_the_float64_samples_is_caught_in_the_models_own_precision() -> None:
+    data = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    data[:FLOAT64_CHECK_SAMPLES] *= 0.05  # the float64 check's samples stay far below the threshold
+    model = _initialized("numpy", data, threshold=0.5)
+    with torch.no_grad():
+        assert model.first(data[:FLOAT64_CHECK_SAMPLES]).abs().max() < 0.2  # the premise
+        assert (model.first(data[:FUNCTION_CHECK_SAMPLES]) >= 0.5).any()  # later checked samples cross it
+    saved = state_copy(model)
+    with pytest.warns(RuntimeWarning, match=r"in the model's own precision.*first operation whose result changed"):
+        report = magicinit.rescale_(model, data, seed=0)
+    assert_untouched(model, saved)
+    assert report.output_change == 0.0
 
 
 def _lrn_net(alpha: float) -> nn.Sequential:

@@ -186,7 +186,8 @@ def _apply_scales(
     return factors, changed
 
 
-FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked in a float64 copy of the model
+FUNCTION_CHECK_SAMPLES = 32  # samples on which the rescaling is checked first, in the model's own precision
+FLOAT64_CHECK_SAMPLES = 2  # the first of those, on which it is checked in a float64 copy of the model
 EXACT_TOLERANCE = 1e-9  # relative output change allowed in the float64 check
 FLOAT64_CHECK_MAX_BYTES = 2 * 1024**3  # larger models are checked in their own precision instead
 
@@ -202,17 +203,20 @@ def _change_in_float64(
     """Relative output change the rescaling causes in a float64 copy of the model.
 
     In exact arithmetic a correct scale analysis changes nothing, so this
-    separates a wrong analysis (an O(1) change) from the rounding of deep
-    float32 networks (which alone can exceed 1e-4), on the first
-    ``FUNCTION_CHECK_SAMPLES`` samples of ``probe``. Returns the change and the
-    inputs for the checks that follow: ``probe``, or a jittered copy of those samples where the
+    separates a wrong analysis (an O(1) change on nearly every sample) from the
+    rounding of deep float32 networks (which alone can exceed 1e-4), on the first
+    ``FLOAT64_CHECK_SAMPLES`` samples of ``probe`` (float64 forwards are several
+    times slower than float32 ones on a CPU; a change on a few samples only is
+    the later checks' to find, on all of them). Returns the change and the
+    inputs for the checks that follow: ``probe``, or a jittered copy of it where the
     network's outputs on ``probe`` are cancelled down to rounding (init data
     with one sample, or constant data, makes Part 1 fit biases that cancel them
     exactly). In that case the change on ``probe`` is measured against the
     outputs' size on the jittered inputs, and the change there counts too. The
     change is None when no float64 copy can be made (too large, or not
-    copyable); the model itself is not touched. Third: the float64 copy's outputs on those inputs before the
-    rescaling (None without a copy), from which the model's own rounding is measured.
+    copyable); the model itself is not touched. Third: the float64 copy's outputs before the
+    rescaling on the first ``FLOAT64_CHECK_SAMPLES`` of the returned inputs (None without a copy), from
+    which the model's own rounding is measured.
     """
     model, forward = context.model, context.forward
     if 8 * sum(p.numel() for p in model.parameters()) > FLOAT64_CHECK_MAX_BYTES:
@@ -220,8 +224,7 @@ def _change_in_float64(
     twin = _float64_twin(model)
     if twin is None:
         return None, probe, None
-    head = split_batch(probe, 0, FUNCTION_CHECK_SAMPLES)
-    probe64 = cast_floating(head, torch.float64)
+    probe64 = cast_floating(split_batch(probe, 0, FLOAT64_CHECK_SAMPLES), torch.float64)
     try:
         reference = _outputs(twin, probe64, forward)
     except MagicInitError:  # the forward casts (x.float()) or refuses float64: check in the model's precision
@@ -236,8 +239,8 @@ def _change_in_float64(
     # large relative to cancelled outputs becomes small; a wrong analysis stays large
     # there, and must also pass on the jittered inputs themselves (on a second twin: the
     # first one is rescaled).
-    jittered = jitter_floating(head, seed=0)
-    jittered64 = cast_floating(jittered, torch.float64)
+    jittered = jitter_floating(probe, seed=0)
+    jittered64 = cast_floating(split_batch(jittered, 0, FLOAT64_CHECK_SAMPLES), torch.float64)
     original = _float64_twin(model)
     try:
         assert original is not None  # the first copy succeeded
@@ -547,9 +550,10 @@ def _apply_exactly(
     whether it was kept (else the model is as it was, ``result.reverted`` is set and a warning names
     the cause).
 
-    Checked three times: in a float64 copy on the first ``FUNCTION_CHECK_SAMPLES`` init samples (a
-    wrong analysis; ``_change_in_float64``), in the model's own precision on those, and on all init
-    samples, where the change may exceed the first samples' rounding by ``ROUNDING_MARGIN`` at most: an
+    Checked three times: in a float64 copy on the first ``FLOAT64_CHECK_SAMPLES`` init samples (a
+    wrong analysis; ``_change_in_float64``), in the model's own precision on the first
+    ``FUNCTION_CHECK_SAMPLES`` (against the rounding measured on the float64 ones), and on all init
+    samples, where the change may exceed the first samples' by ``ROUNDING_MARGIN`` at most: an
     operation that selects by value (a threshold crossed in one sample only) is caught there. A
     rescaling undone names the first operation whose result changed (``changed_operation``).
     """
@@ -575,9 +579,14 @@ def _apply_exactly(
     if collective is not None:  # every rank takes part in the all-sample check's reductions, or none
         beyond_probe = bool(collective.total(int(beyond_probe)))
     reference = _outputs(model, checked, forward)
-    # the model's own rounding on the checked samples: its outputs against the float64 copy's (inf: not measured)
-    comparable = outputs64 is not None and _same_shapes(outputs64, reference)
-    rounding = function_change(outputs64, reference) if outputs64 is not None and comparable else math.inf
+    # the model's own rounding on the first checked samples: its outputs against the float64 copy's (inf: not
+    # measured)
+    rounding = math.inf
+    if outputs64 is not None:
+        own = reference
+        if batch_size(checked) > FLOAT64_CHECK_SAMPLES:
+            own = _outputs(model, split_batch(checked, 0, FLOAT64_CHECK_SAMPLES), forward)
+        rounding = function_change(outputs64, own) if _same_shapes(outputs64, own) else math.inf
     rounding = collective.max(rounding) if collective is not None else rounding
     reference_all = _outputs(model, context.batch, forward) if beyond_probe else None
     snapshot = ModelSnapshot(model)  # every check below undoes the rescaling through it
