@@ -112,6 +112,8 @@ class ZooRow:
     seconds: dict[str, float] = field(default_factory=dict)  # that copy's Report.seconds
     between_seconds: dict[str, float] = field(default_factory=dict)  # and Report.between_seconds
     rate_draws: int | None = None  # noise draws of one change-rate measurement
+    rate_errors: tuple[float, float] | None = None  # the rates' standard errors in log C: (worst, median) layer's
+    rate_precision: float | None = None  # the precision asked (rate_precision)
     samples_used: int | None = None
     input: str = IMAGES.format(count=SAMPLES)
     error: str | None = None  # init_ (or the model) failed: the exception, and nothing else is filled in
@@ -129,6 +131,13 @@ def rate_draws(report: Report) -> int | None:
     approximate mode "... per measurement": it measures again in its scale rounds); None where none was made."""
     draws = [int(n) for note in report.notes for n in re.findall(r"change rates from (\d+) noise draws", note)]
     return max(draws) if draws else None
+
+
+def rate_errors(report: Report) -> tuple[float, float] | None:
+    """The standard errors of the measured rates (before Part 2) in ``log C``: the worst layer's and the
+    median layer's (the upper median); None where no rate was measured."""
+    errors = sorted(layer.rate_before_log_error for layer in report.layers if layer.rate_before_log_error is not None)
+    return (errors[-1], errors[len(errors) // 2]) if errors else None
 
 
 def summarize(
@@ -166,6 +175,8 @@ def summarize(
         seconds=dict(report.seconds),
         between_seconds=dict(report.between_seconds),
         rate_draws=rate_draws(report),
+        rate_errors=rate_errors(report),
+        rate_precision=report.settings.get("rate_precision"),
         samples_used=report.settings.get("samples_used"),
     )
 
@@ -324,20 +335,25 @@ def time_table(rows: list[ZooRow]) -> str:
     lines = [
         "| model | mode | init_ / forward | "
         + " | ".join(columns)
-        + " | most of the time | forward ms | rate draws per measurement |",
-        "|---|---|---|" + "---|" * len(columns) + "---|---|---|",
+        + " | most of the time | forward ms | rate draws per measurement | rate error worst / median (asked) |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 3))
+            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 4))
             continue
         stages = stage_forwards(row)
         total = sum(stages.values())
         figures = " | ".join(f"{stages[c]:.1f}" if c in stages else "-" for c in columns)
         milliseconds = "-" if row.forward_seconds is None else f"{1000 * row.forward_seconds:.1f}"
         draws = "-" if row.rate_draws is None else str(row.rate_draws)
+        errors = "-"
+        if row.rate_errors is not None:
+            errors = f"{row.rate_errors[0]:.3f} / {row.rate_errors[1]:.3f}"
+            errors += f" ({row.rate_precision:g})" if row.rate_precision is not None else ""
         lines.append(
-            f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} | {draws} |"
+            f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} | {draws} "
+            f"| {errors} |"
         )
     return "\n".join(lines)
 
@@ -473,7 +489,10 @@ def section_text(
         "restores, Part 2's bookkeeping, the API around the stopwatch). Rate draws: the change-rate "
         "measurement's noise draws per measurement (two rounds of every sample at least, unless the first "
         "round's bound meets the precision; later rounds draw the samples that weigh most); exact mode measures once, "
-        "approximate mode again in its scale rounds (the rounds of the approximate table). "
+        "approximate mode again in its scale rounds (the rounds of the approximate table). Rate error: the "
+        "standard error of the measured rates in log C (before Part 2; approximate mode's first measurement), "
+        "the worst layer's and the median layer's, against the precision asked (`rate_precision`): where the "
+        "draws' budget (`rate_max_rounds`) ran out first, the worst is above it. "
         + (
             f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "
             "benchmarks ran beside it), not absolute speeds."

@@ -136,6 +136,15 @@ def test_zoo_time_columns_add_up_to_init_over_forward(tiny_rows: tuple[zoo.ZooRo
         assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1) + 1e-9, line
         assert total == pytest.approx(row.init_over_forward, abs=0.05)
         assert "%" in cells[header.index("most of the time")]
+        # the rates' errors, worst and median layer's, beside the precision asked: as an init_ of the same
+        # model, inputs and seed reports them (the bench's copies are seeded alike)
+        report = magicinit.init_(
+            zoo_models.build(TINY), TINY.inputs(8), seed=0, scale_mode=row.scale_mode, across_normalization=True
+        )
+        errors = sorted(layer.rate_before_log_error for layer in report.layers if layer.rate_before_log_error)
+        worst, median = cells[header.index("rate error worst / median (asked)")].removesuffix(" (0.02)").split(" / ")
+        assert float(worst) == pytest.approx(errors[-1], abs=5e-4), line
+        assert float(median) == pytest.approx(errors[len(errors) // 2], abs=5e-4), line
 
 
 def test_zoo_tables_json_and_section(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow], tmp_path: Path) -> None:
