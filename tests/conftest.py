@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -297,3 +298,24 @@ def interrupt_the_second_rate_measurement(monkeypatch: pytest.MonkeyPatch) -> li
 
     monkeypatch.setattr(between, "measure_change_rates", interrupted_after_first)
     return calls
+
+
+@contextmanager
+def recording_later_rounds() -> Iterator[list[list[int]]]:
+    """Within it, the change-rate measurement's rounds after the second append the chunks they draw (with
+    repeats, in order) to the list it yields; the measurement itself is unchanged. A context manager, not a
+    fixture, so that spawned processes (``test_distributed``) use it too."""
+    from magicinit._core.rates import measure
+
+    drawn: list[list[int]] = []
+    original = measure._next_draws
+
+    def recording(*args: Any) -> list[int]:
+        drawn.append(original(*args))
+        return drawn[-1]
+
+    measure._next_draws = recording  # type: ignore[assignment]
+    try:
+        yield drawn
+    finally:
+        measure._next_draws = original

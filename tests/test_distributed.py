@@ -27,9 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import magicinit
-from conftest import plain_cnn, relative_change
+from conftest import plain_cnn, recording_later_rounds, relative_change
 from magicinit import MagicInitError
-from magicinit._core.rates import measure
 
 DEADLINE_S = 240
 SHARD_SIZES = {2: (24, 40), 3: (9, 30, 17)}  # unequal on purpose
@@ -135,13 +134,8 @@ def _check_part1_equals_one_process_on_the_union(rank: int, world: int) -> None:
     # often, over the ranks, which stop together; the rates agree with one process on the union within errors
     heavy = [shard.clone() for shard in shards]
     heavy[-1][:2] *= 8
-    later_rounds: list[list[int]] = []
-    original = measure._next_draws
-    measure._next_draws = lambda *a: later_rounds.append(original(*a)) or later_rounds[-1]  # type: ignore[assignment]
-    try:
+    with recording_later_rounds() as later_rounds:
         diagnosis = magicinit.diagnose(model, heavy[rank], seed=4, rate_precision=0.02, rate_max_rounds=6)
-    finally:
-        measure._next_draws = original
     _same_on_every_rank(diagnosis.to_dict(), world)
     assert later_rounds  # every rank made the later rounds
     if rank == world - 1:  # its two large samples drawn several times in a round

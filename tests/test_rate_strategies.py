@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import magicinit
-from conftest import affine_weights, noise_rates, plain_cnn, rescale_keeping_function
+from conftest import affine_weights, noise_rates, plain_cnn, recording_later_rounds, rescale_keeping_function
 from magicinit._core import samplers
 from magicinit._core.rates import choose, from_activations, measure, norms, strategy
 
@@ -107,11 +107,8 @@ def test_every_way_gives_the_same_rates_when_some_samples_are_drawn_more_often(m
     x[:2] *= 8
     magicinit.init_(model, x, seed=0, between=False)
     options = {"seed": 3, "rate_precision": 0.02, "rate_max_rounds": 8}
-    later_rounds: list[list[int]] = []
-    original = measure._next_draws
-    monkeypatch.setattr(measure, "_next_draws", lambda *a: later_rounds.append(original(*a)) or later_rounds[-1])
-    fast, description = _diagnosis_with_way(model, x, **options)
-    monkeypatch.setattr(measure, "_next_draws", original)
+    with recording_later_rounds() as later_rounds:
+        fast, description = _diagnosis_with_way(model, x, **options)
     assert description == "from site activations"
     assert any(len(set(drawn)) < len(drawn) < 16 * 8 for drawn in later_rounds)  # samples drawn several times
     assert {0, 1} <= set(later_rounds[0])  # the two large ones among them
