@@ -257,6 +257,20 @@ def _change_in_float64(
     return worst, jittered, reference_jittered
 
 
+def _rounding(context: PassContext, batch: Batch, own: list[Tensor]) -> float:
+    """The model's rounding on ``batch``: the relative distance of its outputs there (``own``) from those
+    of a float64 copy of it (inf where no copy runs), the worst rank's."""
+    rounding = math.inf
+    twin = _float64_twin(context.model)
+    if twin is not None:
+        try:
+            outputs64 = _outputs(twin, cast_floating(batch, torch.float64), context.forward)
+            rounding = function_change(outputs64, own) if _same_shapes(outputs64, own) else math.inf
+        except MagicInitError:
+            pass
+    return context.collective.max(rounding) if context.collective is not None else rounding
+
+
 def _float64_twin(model: nn.Module) -> nn.Module | None:
     """A float64 copy of ``model`` (None where it cannot be copied). Its floating parameters and buffers
     are converted while copying, so the float32 ones are never copied first."""
@@ -552,7 +566,8 @@ def _apply_exactly(
 
     Checked three times: in a float64 copy on the first ``FLOAT64_CHECK_SAMPLES`` init samples (a
     wrong analysis; ``_change_in_float64``), in the model's own precision on the first
-    ``FUNCTION_CHECK_SAMPLES`` (against the rounding measured on the float64 ones), and on all init
+    ``FUNCTION_CHECK_SAMPLES`` (against the rounding measured on the float64 ones, or where the change
+    exceeds what that explains, on all of those: a sample can be worse conditioned), and on all init
     samples, where the change may exceed the first samples' by ``ROUNDING_MARGIN`` at most: an
     operation that selects by value (a threshold crossed in one sample only) is caught there. A
     rescaling undone names the first operation whose result changed (``changed_operation``).
@@ -580,14 +595,13 @@ def _apply_exactly(
         beyond_probe = bool(collective.total(int(beyond_probe)))
     reference = _outputs(model, checked, forward)
     # the model's own rounding on the first checked samples: its outputs against the float64 copy's (inf: not
-    # measured)
-    rounding = math.inf
+    # measured); ``on_first`` where those are not all of them (on every rank, if on any)
+    rounding, on_first = math.inf, outputs64 is not None and batch_size(checked) > FLOAT64_CHECK_SAMPLES
     if outputs64 is not None:
-        own = reference
-        if batch_size(checked) > FLOAT64_CHECK_SAMPLES:
-            own = _outputs(model, split_batch(checked, 0, FLOAT64_CHECK_SAMPLES), forward)
+        own = _outputs(model, split_batch(checked, 0, FLOAT64_CHECK_SAMPLES), forward) if on_first else reference
         rounding = function_change(outputs64, own) if _same_shapes(outputs64, own) else math.inf
-    rounding = collective.max(rounding) if collective is not None else rounding
+    if collective is not None:
+        rounding, on_first = collective.max(rounding), bool(collective.total(int(on_first)))
     reference_all = _outputs(model, context.batch, forward) if beyond_probe else None
     snapshot = ModelSnapshot(model)  # every check below undoes the rescaling through it
     result.weight_factor, result.changed = _apply_scales(model, called, solution, graph)
@@ -613,6 +627,13 @@ def _apply_exactly(
     except OutputsChangedShape as changed:
         return undo(math.inf, "in the model's own precision", checked, current, cause=str(changed))
     allowed = _allowed_change(model, rounding)
+    if not result.function_change <= allowed and on_first:
+        # the first samples' rounding can understate the others' (a sample the forward is ill-conditioned
+        # on): before the rescaling is undone, the rounding is measured on every checked sample
+        snapshot.restore()
+        rounding = _rounding(context, checked, reference)
+        result.weight_factor, result.changed = _apply_scales(model, called, solution, graph)
+        allowed = _allowed_change(model, rounding)
     if not result.function_change <= allowed:  # a selection that rounding tips (top-k, NMS) changes it, too
         where = f"in the model's own precision, where its rounding explains {allowed:.1e}"
         return undo(result.function_change, where, checked, current)
