@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import re
 import statistics
@@ -135,8 +136,14 @@ def rate_draws(report: Report) -> int | None:
 
 def rate_errors(report: Report) -> tuple[float, float] | None:
     """The standard errors of the measured rates (before Part 2) in ``log C``: the worst layer's and the
-    median layer's (the upper median); None where no rate was measured."""
-    errors = sorted(layer.rate_before_log_error for layer in report.layers if layer.rate_before_log_error is not None)
+    median layer's (the upper median), over the layers with a positive, finite rate (a rate of 0, where no
+    gradient reaches the layer, e.g. behind timm's zero-initialized last batch norm of a residual branch,
+    is exact); None where no such rate was measured."""
+    errors = sorted(
+        layer.rate_before_log_error
+        for layer in report.layers
+        if layer.rate_before_log_error is not None and 0 < (layer.rate_before or 0) < math.inf
+    )
     return (errors[-1], errors[len(errors) // 2]) if errors else None
 
 
