@@ -87,6 +87,7 @@ TIME_COLUMNS: dict[str, tuple[str, ...]] = {
     "retrace": ("between:retrace",),
 }
 OTHER = "other"  # the rest of init_'s wall time: snapshots, restores, bookkeeping, Part 2's own, the API's
+TARGET_FORWARDS = 20.0  # issue 28's target for init_ / forward in exact mode; a row above it says why
 
 
 @dataclass
@@ -290,6 +291,35 @@ def dominant(row: ZooRow) -> str:
     return words
 
 
+def why_above_target(row: ZooRow) -> str:
+    """Why ``row``'s init_ took more than ``TARGET_FORWARDS`` forward passes, from its own measurements ("-"
+    where it did not): the stage that took most of it, and for the change rates what their noise asked. The
+    rates' noise error falls as one over the square root of the draws, so where the draws' budget ran out
+    with the worst layer's error ``e`` above the precision asked ``p``, reaching ``p`` would take about
+    ``(e / p)^2`` times the draws, and the rates' forward passes with them; where the precision was met, the
+    draws it took and the cost of one round of every sample say it."""
+    stages = stage_forwards(row)
+    if not stages or sum(stages.values()) <= TARGET_FORWARDS:
+        return "-"
+    stage, value = max(stages.items(), key=lambda item: item[1])
+    words = f"{stage}: {value:.0f} forwards"
+    if stage != "rates" or not row.rate_draws or not row.samples_used:
+        return words
+    rounds = row.rate_draws / row.samples_used  # per measurement, in draws of every sample
+    words += f" for {row.rate_draws} draws ({rounds:g} rounds of the {row.samples_used} samples"
+    words += ")" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds)"
+    if row.rate_errors is None or row.rate_precision is None:
+        return words
+    worst = row.rate_errors[0]
+    if worst > row.rate_precision:
+        factor = (worst / row.rate_precision) ** 2
+        return (
+            words + f"; the budget ran out at error {worst:.3f}: {row.rate_precision:g} would take about "
+            f"{factor * row.rate_draws:.0f} draws, {factor * value:.0f} forwards"
+        )
+    return words + f", which error {row.rate_precision:g} took"
+
+
 def spread(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -342,12 +372,13 @@ def time_table(rows: list[ZooRow]) -> str:
     lines = [
         "| model | mode | init_ / forward | "
         + " | ".join(columns)
-        + " | most of the time | forward ms | rate draws per measurement | rate error worst / median (asked) |",
-        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|",
+        + " | most of the time | forward ms | rate draws per measurement | rate error worst / median (asked) "
+        + f"| above {TARGET_FORWARDS:g} forwards: why |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 4))
+            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 5))
             continue
         stages = stage_forwards(row)
         total = sum(stages.values())
@@ -360,7 +391,7 @@ def time_table(rows: list[ZooRow]) -> str:
             errors += f" ({row.rate_precision:g})" if row.rate_precision is not None else ""
         lines.append(
             f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} | {draws} "
-            f"| {errors} |"
+            f"| {errors} | {why_above_target(row)} |"
         )
     return "\n".join(lines)
 
@@ -499,7 +530,10 @@ def section_text(
         "approximate mode again in its scale rounds (the rounds of the approximate table). Rate error: the "
         "standard error of the measured rates in log C (before Part 2; approximate mode's first measurement), "
         "the worst layer's and the median layer's, against the precision asked (`rate_precision`): where the "
-        "draws' budget (`rate_max_rounds`) ran out first, the worst is above it. "
+        "draws' budget (`rate_max_rounds`) ran out first, the worst is above it. Above "
+        f"{TARGET_FORWARDS:g} forwards (issue 28's target), the last column says why from the row's own figures: the "
+        "stage that took most, and for the rates the draws the noise asked; where the budget ran out, the draws "
+        "and forwards the precision asked would take (the error falls as one over the square root of the draws). "
         + (
             f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "
             "benchmarks ran beside it), not absolute speeds."

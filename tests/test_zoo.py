@@ -9,6 +9,7 @@ zoo") tabulates what each model gets; ``bench/zoo.py`` regenerates that table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -149,6 +150,38 @@ def test_zoo_time_columns_add_up_to_init_over_forward(tiny_rows: tuple[zoo.ZooRo
         worst, median = cells[header.index("rate error worst / median (asked)")].removesuffix(" (0.02)").split(" / ")
         assert float(worst) == pytest.approx(errors[-1], abs=5e-4), line
         assert float(median) == pytest.approx(errors[len(errors) // 2], abs=5e-4), line
+
+
+def test_a_row_above_the_target_says_why_from_its_own_figures(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow]) -> None:
+    exact = tiny_rows[0]
+    # 40 forwards, 30 of them the rates': their 128 draws left the worst layer at 0.1 against 0.02 asked, so the
+    # precision would take (0.1 / 0.02)^2 = 25 times the draws and the rates' forwards
+    slow = dataclasses.replace(
+        exact,
+        forward_seconds=0.5,
+        init_seconds=20.0,
+        seconds={"data": 0.0, "trace": 0.5, "within": 1.0},
+        between_seconds={"rates": 15.0, "solve": 0.0, "checks": 2.5},
+        rate_draws=128,
+        samples_used=8,
+        rate_errors=(0.1, 0.05),
+        rate_precision=0.02,
+    )
+    assert zoo.stage_forwards(slow)["rates"] == pytest.approx(30.0)
+    why = zoo.why_above_target(slow)
+    assert why.startswith("rates: 30 forwards for 128 draws (16 rounds of the 8 samples)")
+    assert why.endswith("the budget ran out at error 0.100: 0.02 would take about 3200 draws, 750 forwards")
+    met = dataclasses.replace(slow, rate_errors=(0.019, 0.01))
+    assert zoo.why_above_target(met).endswith("(16 rounds of the 8 samples), which error 0.02 took")
+    # another stage ahead of the rates: that stage; at or below the target: nothing to explain
+    checked = dataclasses.replace(slow, between_seconds={"rates": 5.0, "solve": 0.0, "checks": 12.5})
+    assert zoo.why_above_target(checked) == "checks: 25 forwards"
+    assert zoo.why_above_target(dataclasses.replace(slow, init_seconds=10.0, between_seconds={"rates": 7.0})) == "-"
+    table = zoo.time_table([slow, exact])
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[-1] == "above 20 forwards: why"
+    cells = [cell.strip() for cell in table.splitlines()[2].strip("|").split("|")]
+    assert len(cells) == len(header) and cells[-1] == why
 
 
 def test_zoo_tables_json_and_section(tiny_rows: tuple[zoo.ZooRow, zoo.ZooRow], tmp_path: Path) -> None:
