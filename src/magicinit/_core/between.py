@@ -85,6 +85,12 @@ def function_change(reference: list[Tensor], current: list[Tensor]) -> float:
     return _difference(reference, current) / norm if norm > 0 else _difference(reference, current)
 
 
+def _relative_distance(reference: list[Tensor], current: list[Tensor]) -> float:
+    """The relative distance of two lists of outputs (``function_change``), inf where they differ in number
+    or shape (beyond any rounding)."""
+    return function_change(reference, current) if _same_shapes(reference, current) else math.inf
+
+
 def output_scale(reference: list[Tensor], current: list[Tensor], collective: Collective | None = None) -> float:
     """The global factor ``g`` that brings ``reference`` closest to ``current`` (``current ~ g * reference``),
     over every process's outputs."""
@@ -265,7 +271,7 @@ def _rounding(context: PassContext, batch: Batch, own: list[Tensor]) -> float:
     if twin is not None:
         try:
             outputs64 = _outputs(twin, cast_floating(batch, torch.float64), context.forward)
-            rounding = function_change(outputs64, own) if _same_shapes(outputs64, own) else math.inf
+            rounding = _relative_distance(outputs64, own)
         except MagicInitError:
             pass
     return context.collective.max(rounding) if context.collective is not None else rounding
@@ -336,7 +342,7 @@ def _warn_not_kept(
     not repeatable (a random operation), else ``operation`` (the first call whose result changed:
     ``changed_operation``), else rounding in an ill-conditioned forward; returns what it said."""
     first, second = (_outputs(context.model, probe, context.forward) for _ in range(2))
-    randomness = function_change(first, second) if _same_shapes(first, second) else math.inf
+    randomness = _relative_distance(first, second)
     if cause is not None:
         pass
     elif randomness > 0:
@@ -599,7 +605,7 @@ def _apply_exactly(
     rounding, on_first = math.inf, outputs64 is not None and batch_size(checked) > FLOAT64_CHECK_SAMPLES
     if outputs64 is not None:
         own = _outputs(model, split_batch(checked, 0, FLOAT64_CHECK_SAMPLES), forward) if on_first else reference
-        rounding = function_change(outputs64, own) if _same_shapes(outputs64, own) else math.inf
+        rounding = _relative_distance(outputs64, own)
     if collective is not None:
         rounding, on_first = collective.max(rounding), bool(collective.total(int(on_first)))
     reference_all = _outputs(model, context.batch, forward) if beyond_probe else None
