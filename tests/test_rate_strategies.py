@@ -4,6 +4,7 @@ k-means sampler settles early without losing its clusters."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -422,3 +423,71 @@ def test_the_agreement_check_ignores_only_totals_at_float32_rounding_level() -> 
     assert not choose._agree(draw_norms(large=1.4e7, rounding=2.0e-7, small=1.5), batched)  # 1e-7 of the largest
     assert not choose._agree(draw_norms(large=1.6e7, rounding=2.0e-7, small=1.0), batched)
     assert 2.0e-7 < choose.ROUNDING_LEVEL * 1.4e7 < 1.0  # "small" is above the level, "rounding" below
+
+
+class TiedLanguageModel(nn.Module):
+    """A language model whose output layer is its input embedding's table (as T5's and GPT-2's are), with a
+    padding row, a token repeated within a sample, and a second lookup of the table by ``torch.embedding``.
+    Part 2 can rescale its two hidden layers against each other; the tied table stays fixed, and its rate is
+    measured with theirs."""
+
+    def __init__(self, vocabulary: int = 17, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width, padding_idx=0)
+        self.first, self.second = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + 0.5 * torch.embedding(self.embed.weight, tokens.flip(1))
+        return self.head(torch.relu(self.second(torch.relu(self.first(h)))))
+
+
+def _tokens(count: int, length: int = 6, vocabulary: int = 17) -> torch.Tensor:
+    tokens = torch.randint(1, vocabulary, (count, length), generator=torch.Generator().manual_seed(4))
+    tokens[:, -2:] = 0  # padding: its row gets no gradient from these positions
+    tokens[:, 1] = tokens[:, 0]  # a token read twice in one sample: its row gets both gradients
+    return tokens
+
+
+def _rates_with_way(model: nn.Module, tokens: torch.Tensor) -> tuple[dict[str, float], str]:
+    """The rates ``init_`` measured before Part 2 (of the tied table too, which it holds fixed) on a copy of
+    ``model``, and the way they were computed."""
+    chosen = []
+    original = measure.choose_strategy
+
+    def recording(*args: object) -> tuple[object, str]:
+        chosen_strategy, description = original(*args)
+        chosen.append(description)
+        return chosen_strategy, description
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "choose_strategy", recording)
+        report = magicinit.init_(copy.deepcopy(model), tokens, seed=3, within=False, rate_precision=0.05)
+    return {layer.name: layer.rate_before for layer in report.layers if layer.rate_before is not None}, chosen[0]
+
+
+def test_a_table_tied_to_an_embedding_lookup_is_measured_from_site_activations(monkeypatch) -> None:
+    """The tied table's norms from site activations (the lookups' per-sample gradients added to the linear
+    map's) equal those of one sample at a time, which takes plain autograd gradients of the parameters."""
+    torch.manual_seed(0)
+    model, tokens = TiedLanguageModel(), _tokens(10)
+    magicinit.init_(model, tokens, seed=0, between=False)
+    fast, description = _rates_with_way(model, tokens)
+    assert description == "from site activations"
+    with monkeypatch.context() as patch:
+        _forced(patch, "loop")
+        reference, other = _rates_with_way(model, tokens)
+    assert other.startswith("one sample at a time")
+    assert set(fast) == {"first", "second", "head"}
+    for name, rate in fast.items():  # the same noise: equal up to float32 rounding
+        assert rate > 0 and rate == pytest.approx(reference[name], rel=1e-4), name
+
+
+@pytest.mark.parametrize("option", ["max_norm", "scale_grad_by_freq"])
+def test_an_embedding_lookup_that_renormalizes_or_weighs_by_frequency_is_measured_another_way(option: str) -> None:
+    model, tokens = TiedLanguageModel(), _tokens(6)
+    setattr(model.embed, option, 1.0 if option == "max_norm" else True)
+    magicinit.init_(model, tokens, seed=0, between=False)
+    rates, description = _rates_with_way(model, tokens)
+    assert "head" in rates and f"an embedding lookup with {option}" in description

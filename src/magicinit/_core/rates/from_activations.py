@@ -8,7 +8,9 @@ each sample give its norms directly: for a linear map on one vector per sample `
 the sample's positions where they are few against the channels (``norms.gram_norms``), else the sample's
 gradient ``g^T x`` is formed, for a block of samples at a time (a convolution's by one weight-gradient call
 with the samples as extra groups). It needs every weight to be a plain parameter used only as the weight of
-linear maps, matrix products and convolutions (checked at every call of the recorded forward: else
+linear maps, matrix products and convolutions, or (tied to a linear map's weight, as a language model's
+output layer is to its input embedding) as the table of an embedding lookup, whose per-sample gradient adds
+each position's output gradient to the row it read (checked at every call of the recorded forward: else
 ``StrategyRefused``), and the samples not to interact (checked by ``choose.choose_strategy`` on the first
 and the last sample, against the same norms of each sample run alone). That the per-site formulas equal the
 per-sample gradients is the tests' job (``tests/test_rate_strategies.py``).
@@ -115,8 +117,49 @@ class _SiteRecord:
     input: Tensor
 
 
+@dataclass
+class _LookupRecord:
+    """One embedding lookup in a measured weight in the batched forward: the indices it read (one row per
+    sample first) and the row whose gradient it leaves at zero (``padding_idx``; None: none)."""
+
+    name: str
+    indices: Tensor
+    padding_idx: int | None
+
+
+def _embedding_lookup(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor, int | None] | None:
+    """The table, the indices and the padding row of an embedding lookup (``F.embedding`` or
+    ``torch.embedding``); None where ``func`` is neither. ``StrategyRefused`` where the lookup renormalizes
+    the table (``max_norm``) or scales its gradient by the indices' frequencies in the batch
+    (``scale_grad_by_freq``: a sample's gradient then depends on the other samples)."""
+    if func is F.embedding:
+        indices, table = call_argument(args, kwargs, (0, "input")), call_argument(args, kwargs, (1, "weight"))
+        padding = call_argument(args, kwargs, (2, "padding_idx"), None)
+        max_norm = call_argument(args, kwargs, (3, "max_norm"), None)
+        by_frequency = call_argument(args, kwargs, (5, "scale_grad_by_freq"), False)
+    elif func is torch.embedding:
+        table, indices = call_argument(args, kwargs, (0, "weight")), call_argument(args, kwargs, (1, "indices"))
+        padding = call_argument(args, kwargs, (2, "padding_idx"), -1)
+        padding = None if padding == -1 else padding  # torch.embedding's "none"
+        max_norm, by_frequency = None, call_argument(args, kwargs, (3, "scale_grad_by_freq"), False)
+    else:
+        return None
+    if not isinstance(table, Tensor) or not isinstance(indices, Tensor):
+        return None
+    if max_norm is not None or by_frequency:
+        option = "max_norm" if max_norm is not None else "scale_grad_by_freq"
+        raise StrategyRefused(f"an embedding lookup with {option}")
+    if padding is not None and padding < 0:
+        padding += table.shape[0]
+    return table, indices, padding
+
+
 def _call_weakly(
-    method: weakref.WeakMethod[Callable[[_SiteRecord, Tensor], None]], record: _SiteRecord, grad: Tensor
+    method: weakref.WeakMethod[Callable[[_SiteRecord | _LookupRecord, Tensor], None]],
+    record: _SiteRecord | _LookupRecord,
+    grad: Tensor,
 ) -> None:
     """A gradient hook's body: ``method(record, grad)`` while its object lives. The hooks sit in the kept
     graph, which the object holds: a strong reference back would make a cycle that keeps the graph alive
@@ -129,10 +172,15 @@ def _call_weakly(
 class _SiteCapture(CallInterceptor):
     """Records the affine calls of the measured weights, and hooks their outputs' gradients."""
 
-    def __init__(self, index: UnitIndex, names: dict[int, str], on_gradient: Callable[[_SiteRecord, Tensor], None]):
+    def __init__(
+        self,
+        index: UnitIndex,
+        names: dict[int, str],
+        on_gradient: Callable[[_SiteRecord | _LookupRecord, Tensor], None],
+    ):
         super().__init__(index)
         self.names, self.on_gradient = names, weakref.WeakMethod(on_gradient)
-        self.records: list[_SiteRecord] = []
+        self.records: list[_SiteRecord | _LookupRecord] = []
         self.zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # the leaves the backward is asked for
 
     def _measured_name(self, tensor: Tensor) -> str | None:
@@ -170,9 +218,19 @@ class _SiteCapture(CallInterceptor):
         """Run the call; record it where it is an affine call of a measured weight (its output then carries
         the gradient hook), and refuse any other use of a measured weight."""
         output = func(*args, **kwargs)
+        carried = isinstance(output, Tensor) and output.requires_grad and output.is_floating_point()
+        lookup = _embedding_lookup(func, args, kwargs) if site is None else None
+        if lookup is not None:
+            table, indices, padding = lookup
+            name = self._measured_name(table)
+            self._refuse_other_uses(func, (args, kwargs), output, skip=table if name is not None and carried else None)
+            if name is None or not carried:
+                return output  # not a measured weight (or no gradient reaches it here)
+            if view_base(table) is not None:
+                raise StrategyRefused(f"'{name}' is used through a view")
+            return self._hooked(output, _LookupRecord(name, indices.detach(), padding))
         weight = None if site is None else site.weight
         name = None if weight is None else self._measured_name(weight)
-        carried = isinstance(output, Tensor) and output.requires_grad and output.is_floating_point()
         self._refuse_other_uses(func, (args, kwargs), output, skip=weight if name is not None and carried else None)
         if site is None or weight is None or name is None:
             return output  # not an affine call of a measured weight (skipped or frozen)
@@ -184,16 +242,21 @@ class _SiteCapture(CallInterceptor):
         if not isinstance(layer_input, Tensor) or layer_input.dim() < (2 if site.adapter is not CONV else weight.dim()):
             raise StrategyRefused(f"'{name}' reads an input without a sample dimension")
         if carried:
-            record = _SiteRecord(name, site, layer_input.detach())
-            self.records.append(record)
-            # The output handed on gets "+ 0" from one scalar leaf, and the backward is asked for that leaf's
-            # gradient only: it then reaches every site's output and no further (no weight or input gradient
-            # is kept), and the hook sees the output's gradient even if the forward later changes it in place.
-            key = (output.dtype, output.device)
-            if key not in self.zeros:
-                self.zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            output = output + self.zeros[key]
-            output.register_hook(functools.partial(_call_weakly, self.on_gradient, record))
+            output = self._hooked(output, _SiteRecord(name, site, layer_input.detach()))
+        return output
+
+    def _hooked(self, output: Tensor, record: _SiteRecord | _LookupRecord) -> Tensor:
+        """Record a use of a measured weight, and hand on its ``output`` with the hook that reads its gradient.
+
+        The output handed on gets "+ 0" from one scalar leaf, and the backward is asked for that leaf's
+        gradient only: it then reaches every site's output and no further (no weight or input gradient is
+        kept), and the hook sees the output's gradient even if the forward later changes it in place."""
+        self.records.append(record)
+        key = (output.dtype, output.device)
+        if key not in self.zeros:
+            self.zeros[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        output = output + self.zeros[key]
+        output.register_hook(functools.partial(_call_weakly, self.on_gradient, record))
         return output
 
 
@@ -237,9 +300,14 @@ class FromActivations:
         layouts: dict[str, set[tuple[int, int]]] = {}
         for record in capture.records:
             sites[record.name] = sites.get(record.name, 0) + 1
-            layouts.setdefault(record.name, set()).add((id(record.site.adapter), record.site.groups))
+            if isinstance(record, _SiteRecord):
+                layouts.setdefault(record.name, set()).add((id(record.site.adapter), record.site.groups))
         if any(len(found) > 1 for found in layouts.values()):
             raise StrategyRefused("a weight is used by affine maps of different layouts")
+        for record in capture.records:  # a lookup's rows are the output channels of a linear map's weight only
+            adapter, groups = self.draws.layouts[record.name]
+            if isinstance(record, _LookupRecord) and (adapter is not LINEAR or groups != 1):
+                raise StrategyRefused(f"'{record.name}' is read by an embedding lookup and is not a linear map's")
         for name, uses in sites.items():
             if uses > 1 and self.count * self.draws.units[name].tensor(context.model).numel() > 4 * BLOCK_FLOATS:
                 raise StrategyRefused(f"'{name}' is used at {uses} sites and is too large to hold per sample")
@@ -296,12 +364,37 @@ class FromActivations:
 
     # per site, from the input x and the output gradient g of every sample
 
-    def _on_gradient(self, record: _SiteRecord, grad: Tensor) -> None:
+    def _on_gradient(self, record: _SiteRecord | _LookupRecord, grad: Tensor) -> None:
         try:
-            self._site_norms(record, grad)
+            if isinstance(record, _LookupRecord):
+                self._lookup_norms(record, grad)
+            else:
+                self._site_norms(record, grad)
         except Exception as error:  # raised after the backward, as StrategyRefused: then another strategy is taken
             reason = str(error) if isinstance(error, StrategyRefused) else f"{type(error).__name__}: {error}"
             self.problem = self.problem or reason
+
+    def _lookup_norms(self, record: _LookupRecord, grad: Tensor) -> None:
+        """An embedding lookup's per-sample gradients of its table: each position's output gradient added to
+        the row it read (none to the padding row), as filters ``(samples, 1, rows, width)``."""
+        indices, name, n = record.indices, record.name, self.count
+        if indices.shape[0] != n or grad.shape[0] != n:
+            raise StrategyRefused(f"'{name}' is looked up with indices whose first dimension is not the samples")
+        rows, width = self.draws.units[name].tensor(self.draws.context.model).shape[:2]
+        per_position = grad.reshape(n, -1, width)
+        indices = indices.reshape(n, -1).to(grad.device)
+        if record.padding_idx is not None:
+            per_position = per_position * (indices != record.padding_idx).unsqueeze(-1).to(per_position.dtype)
+
+        def gradients() -> Iterator[tuple[slice, Tensor]]:
+            for block in sample_blocks(n, rows * width):
+                count = block.stop - block.start
+                offsets = torch.arange(count, device=grad.device).unsqueeze(1) * rows
+                filters = per_position.new_zeros(count * rows, width)
+                filters.index_add_(0, (indices[block] + offsets).flatten(), per_position[block].reshape(-1, width))
+                yield block, filters.reshape(count, 1, rows, width)
+
+        self._per_sample_gradients(name, gradients(), self.sites[name] > 1, self.draws.slices.get(name))
 
     def _site_norms(self, record: _SiteRecord, grad: Tensor) -> None:
         x, site, name, n = record.input, record.site, record.name, self.count
