@@ -172,3 +172,55 @@ def test_a_longer_run_has_its_own_json_and_section(tmp_path: Path) -> None:
         replace_section(results, cifar_train.heading(args), f"{cifar_train.heading(args)}\n\n{text}\n")
     written = results.read_text()
     assert "short again" in written and "long" in written and "short\n" not in written
+
+
+def test_recomputed_bn_statistics_are_the_data_s_and_have_their_own_json_and_section() -> None:
+    # one batch of 100 images: the recomputed running mean and variance are that batch's, so the copy in eval
+    # mode computes what the net computes on that batch in training mode (up to the running variance's n - 1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics far from the data's, as a lagging average's can be
+            module.running_mean.fill_(3.0)
+            module.running_var.fill_(50.0)
+    images = torch.randn(100, 3, 8, 8) * 2 + 1
+    recomputed = cifar_train.with_recomputed_bn_statistics(net, images)
+    assert recomputed is not net and float(net[1].running_mean[0]) == 3.0 and net[1].momentum == 0.1  # untouched
+    with torch.no_grad():
+        expected = net.train()(images)
+        got, stale = recomputed.eval()(images), net.eval()(images)
+    assert torch.allclose(got, expected, rtol=0.02, atol=0.02)
+    assert not torch.allclose(stale, expected, rtol=0.5, atol=0.5)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert cifar_train.with_recomputed_bn_statistics(plain, images) is plain
+
+    args = cifar_train.parse_args(["--family", "resnet-bn", "--recompute-bn-statistics"])
+    default = cifar_train.parse_args(["--family", "resnet-bn"])
+    assert args.output.name == "cifar_resnet_bn_bnstats_results.json"
+    assert default.output.name == "cifar_resnet_bn_results.json"
+    assert cifar_train.heading(args) == "## bench/cifar_train.py --family resnet-bn --recompute-bn-statistics"
+    assert "bn_statistics" in cifar_train.Bench(args, args.output).settings()
+    assert "bn_statistics" not in cifar_train.Bench(default, default.output).settings()  # older JSONs resume
+
+
+def test_a_run_with_recomputed_bn_statistics_evaluates_the_recomputed_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fake_cifar()
+    torch.manual_seed(0)
+    model = plain_cnn(3, 8, in_channels=3, classes=10, batch_norm=True)
+    evaluated: list[torch.Tensor] = []  # the first batch norm's running mean of every net evaluated
+    original = cifar_train.evaluate
+
+    def recording(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        norm = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+        evaluated.append(norm.running_mean.clone())
+        return original(net, images, labels)
+
+    monkeypatch.setattr(cifar_train, "evaluate", recording)
+    run = cifar_train.Run("plain", 3, "kaiming normal", 0, 0.1, 0.0, 4, "")
+    cifar_train.train_run(run, model, data, 4, recompute_bn_statistics=True)  # trains ``model`` in place
+    assert len(evaluated) == 4  # validation and test, at 3/4 and at the end
+    recomputed = cifar_train.with_recomputed_bn_statistics(model, data.train[0])
+    norm = next(m for m in recomputed.modules() if isinstance(m, nn.BatchNorm2d))
+    own = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.equal(evaluated[-1], norm.running_mean) and torch.equal(evaluated[-2], norm.running_mean)
+    assert not torch.allclose(own.running_mean, norm.running_mean)  # the model's own running average differs
