@@ -194,6 +194,56 @@ def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(
         torch.testing.assert_close(tensor, slow.state_dict()[name], rtol=1e-4, atol=1e-6)
 
 
+class Squeeze(nn.Module):
+    """1x1 convolutions on one position per sample, as in a squeeze-excitation block: the first reads a
+    concatenation of two pooled branches (per-slice norms), the second its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 1)
+        self.reduce, self.expand = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        pooled = torch.cat([torch.relu(self.left(h)).mean((2, 3), keepdim=True), self.right(h).amax((2, 3), True)], 1)
+        return self.head(torch.relu(self.expand(torch.relu(self.reduce(pooled)))).flatten(1))
+
+
+def test_one_by_one_convolutions_on_one_position_get_the_same_rescaling_either_way(monkeypatch) -> None:
+    """The squeeze-excitation convolutions' norms from one vector per sample (no gradient formed) equal the
+    loop's per-sample gradients: rates, rescaling and weights."""
+    one_vector: list[str] = []
+    original = from_activations.FromActivations._one_vector_norms
+
+    def counting(self: object, name: str, *args: object) -> None:
+        one_vector.append(name)
+        original(self, name, *args)  # type: ignore[arg-type]
+
+    torch.manual_seed(1)
+    x = torch.randn(12, 3, 5, 5)
+    fast = Squeeze()
+    with torch.no_grad():
+        fast.left.weight.mul_(4.0)  # one slice of the concatenation far from the other
+    slow = Squeeze()
+    slow.load_state_dict(fast.state_dict())
+    with monkeypatch.context() as patch:
+        patch.setattr(from_activations.FromActivations, "_one_vector_norms", counting)
+        report = rescale_keeping_function(fast, x, seed=5, rate_precision=0.05)
+    assert any("from site activations" in note for note in report.notes)
+    assert {"reduce", "expand"} <= set(one_vector)
+    with monkeypatch.context() as patch:
+        _forced(patch, "loop")
+        looped = rescale_keeping_function(slow, x, seed=5, rate_precision=0.05)
+    assert any(layer.weight_scale not in (None, 1.0) for layer in report.layers)
+    for ours, theirs in zip(report.layers, looped.layers):  # the same noise: equal up to float32 rounding
+        assert ours.rate_before == pytest.approx(theirs.rate_before, rel=1e-5), ours.name
+        assert ours.weight_scale == pytest.approx(theirs.weight_scale, rel=1e-4), ours.name
+    for name, tensor in fast.state_dict().items():
+        torch.testing.assert_close(tensor, slow.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
 def test_the_estimate_agrees_with_rates_measured_here() -> None:
     torch.manual_seed(2)
     model, x = plain_cnn(6, width=8), torch.randn(32, 3, 8, 8)

@@ -407,6 +407,11 @@ class FromActivations:
         if site.adapter is CONV:
             weight, groups = site.weight, site.groups
             positions, outputs = grad[0].numel() // weight.shape[0], weight.shape[0] // groups
+            if not shared and groups == 1 and positions == 1 and x[0].numel() == weight.shape[1] == weight[0].numel():
+                # one input and one output position (a squeeze-excitation block's 1x1 convolutions): a linear map
+                # on one vector per sample
+                self._one_vector_norms(name, grad.reshape(n, -1), x.reshape(n, -1), sizes)
+                return
             if (
                 not shared
                 and weight.dim() in (3, 4)
@@ -440,12 +445,8 @@ class FromActivations:
                 sizes,
             )
             return
-        if rows_in.shape[1] == 1 and not shared:  # one vector per sample: no per-sample gradient to form
-            g_squared = rows_out[:, 0].double().square()
-            x_squared = rows_in[:, 0].double().square()
-            self._add(self.channel, name, g_squared * x_squared.sum(1, keepdim=True))
-            if sizes is not None:
-                self._add(self.slice_sums, name, g_squared.sum(1, keepdim=True) * sum_over_slices(x_squared, sizes))
+        if rows_in.shape[1] == 1 and not shared:
+            self._one_vector_norms(name, rows_out[:, 0], rows_in[:, 0], sizes)
             return
 
         def gradients() -> Iterator[tuple[slice, Tensor]]:
@@ -454,6 +455,15 @@ class FromActivations:
                 yield block, torch.einsum("nto,nti->noi", rows_out[block], rows_in[block]).unsqueeze(1)
 
         self._per_sample_gradients(name, gradients(), shared, sizes)
+
+    def _one_vector_norms(self, name: str, grad: Tensor, x: Tensor, sizes: tuple[int, ...] | None) -> None:
+        """The norms of a weight applied to one vector per sample, ``x`` ``(n, in)`` with output gradient
+        ``grad`` ``(n, out)``: the per-sample gradient ``g x^T`` has ``||g_i x||^2 = g_i^2 ||x||^2`` (no gradient
+        to form), and a slice of input channels ``s`` ``sum_i g_i^2 ||x_s||^2``."""
+        g_squared, x_squared = grad.double().square(), x.double().square()
+        self._add(self.channel, name, g_squared * x_squared.sum(1, keepdim=True))
+        if sizes is not None:
+            self._add(self.slice_sums, name, g_squared.sum(1, keepdim=True) * sum_over_slices(x_squared, sizes))
 
     @staticmethod
     def _conv_gradients(site: SiteCall, x: Tensor, grad: Tensor) -> Iterator[tuple[slice, Tensor]]:
