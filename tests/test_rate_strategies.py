@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ import magicinit
 from conftest import affine_weights, noise_rates, plain_cnn, recording_later_rounds, rescale_keeping_function
 from magicinit._core import samplers
 from magicinit._core.rates import choose, from_activations, measure, norms, strategy
+
+Result = TypeVar("Result")
 
 
 class Mixed(nn.Module):
@@ -59,9 +63,9 @@ def _forced(monkeypatch: pytest.MonkeyPatch, way: str) -> None:
         monkeypatch.setattr(from_activations.FromActivations, "_forward", refuse)
 
 
-def _diagnosis_with_way(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[magicinit.Diagnosis, str]:
-    """``magicinit.diagnose`` and the way its rates were computed (as ``choose_strategy`` described it)."""
-    chosen = []
+def _with_ways(call: Callable[[], Result]) -> tuple[Result, list[str]]:
+    """``call()`` and the ways its rate measurements were computed (as ``choose_strategy`` described them)."""
+    chosen: list[str] = []
     original = measure.choose_strategy
 
     def recording(*args: object) -> tuple[object, str]:
@@ -71,8 +75,14 @@ def _diagnosis_with_way(model: nn.Module, x: torch.Tensor, **options: object) ->
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(measure, "choose_strategy", recording)
-        diagnosis = magicinit.diagnose(model, x, **options)
-    return diagnosis, chosen[-1]
+        result = call()
+    return result, chosen
+
+
+def _diagnosis_with_way(model: nn.Module, x: torch.Tensor, **options: object) -> tuple[magicinit.Diagnosis, str]:
+    """``magicinit.diagnose`` and the way its rates were computed."""
+    diagnosis, ways = _with_ways(lambda: magicinit.diagnose(model, x, **options))
+    return diagnosis, ways[-1]
 
 
 @pytest.mark.slow
@@ -173,25 +183,35 @@ def test_slices_of_a_concatenation_get_the_same_rescaling_either_way(
         return original(rows_out, rows_in, sizes)
 
     torch.manual_seed(1)
-    x = torch.randn(shape)
+    _rescaled_both_ways(monkeypatch, net, torch.randn(shape), (from_activations, "gram_norms", counting))
+    assert len(set(through_gram)) == gram_sites, through_gram
+
+
+def _rescaled_both_ways(
+    monkeypatch: pytest.MonkeyPatch, net: Callable[[], nn.Module], x: torch.Tensor, patched: tuple[object, str, object]
+) -> magicinit.Report:
+    """Rescale ``net()`` (its ``left`` weight times 4: one slice of a concatenation far from the other) from
+    site activations, with ``patched`` (an object, an attribute, its replacement) in place, and a copy of it
+    one sample at a time; check that rates, rescaling and weights agree (the same noise: up to float32
+    rounding), and return the first's report."""
     fast = net()
     with torch.no_grad():
-        fast.left.weight.mul_(4.0)  # one slice of the concatenation far from the other
+        fast.left.weight.mul_(4.0)
     slow = net()
     slow.load_state_dict(fast.state_dict())
     with monkeypatch.context() as patch:
-        patch.setattr(from_activations, "gram_norms", counting)
+        patch.setattr(*patched)
         report = rescale_keeping_function(fast, x, seed=5, rate_precision=0.05)
     assert any("from site activations" in note for note in report.notes)
-    assert len(set(through_gram)) == gram_sites, through_gram
     with monkeypatch.context() as patch:
         _forced(patch, "loop")
         looped = rescale_keeping_function(slow, x, seed=5, rate_precision=0.05)
-    for ours, theirs in zip(report.layers, looped.layers):  # the same noise: equal up to float32 rounding
+    for ours, theirs in zip(report.layers, looped.layers):
         assert ours.rate_before == pytest.approx(theirs.rate_before, rel=1e-5), ours.name
         assert ours.weight_scale == pytest.approx(theirs.weight_scale, rel=1e-4), ours.name
     for name, tensor in fast.state_dict().items():
         torch.testing.assert_close(tensor, slow.state_dict()[name], rtol=1e-4, atol=1e-6)
+    return report
 
 
 class Squeeze(nn.Module):
@@ -222,26 +242,10 @@ def test_one_by_one_convolutions_on_one_position_get_the_same_rescaling_either_w
         original(self, name, *args)  # type: ignore[arg-type]
 
     torch.manual_seed(1)
-    x = torch.randn(12, 3, 5, 5)
-    fast = Squeeze()
-    with torch.no_grad():
-        fast.left.weight.mul_(4.0)  # one slice of the concatenation far from the other
-    slow = Squeeze()
-    slow.load_state_dict(fast.state_dict())
-    with monkeypatch.context() as patch:
-        patch.setattr(from_activations.FromActivations, "_one_vector_norms", counting)
-        report = rescale_keeping_function(fast, x, seed=5, rate_precision=0.05)
-    assert any("from site activations" in note for note in report.notes)
+    patched = (from_activations.FromActivations, "_one_vector_norms", counting)
+    report = _rescaled_both_ways(monkeypatch, Squeeze, torch.randn(12, 3, 5, 5), patched)
     assert {"reduce", "expand"} <= set(one_vector)
-    with monkeypatch.context() as patch:
-        _forced(patch, "loop")
-        looped = rescale_keeping_function(slow, x, seed=5, rate_precision=0.05)
     assert any(layer.weight_scale not in (None, 1.0) for layer in report.layers)
-    for ours, theirs in zip(report.layers, looped.layers):  # the same noise: equal up to float32 rounding
-        assert ours.rate_before == pytest.approx(theirs.rate_before, rel=1e-5), ours.name
-        assert ours.weight_scale == pytest.approx(theirs.weight_scale, rel=1e-4), ours.name
-    for name, tensor in fast.state_dict().items():
-        torch.testing.assert_close(tensor, slow.state_dict()[name], rtol=1e-4, atol=1e-6)
 
 
 def test_the_estimate_agrees_with_rates_measured_here() -> None:
@@ -503,18 +507,10 @@ def _tokens(count: int, length: int = 6, vocabulary: int = 17) -> torch.Tensor:
 def _rates_with_way(model: nn.Module, tokens: torch.Tensor) -> tuple[dict[str, float], str]:
     """The rates ``init_`` measured before Part 2 (of the tied table too, which it holds fixed) on a copy of
     ``model``, and the way they were computed."""
-    chosen = []
-    original = measure.choose_strategy
-
-    def recording(*args: object) -> tuple[object, str]:
-        chosen_strategy, description = original(*args)
-        chosen.append(description)
-        return chosen_strategy, description
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(measure, "choose_strategy", recording)
-        report = magicinit.init_(copy.deepcopy(model), tokens, seed=3, within=False, rate_precision=0.05)
-    return {layer.name: layer.rate_before for layer in report.layers if layer.rate_before is not None}, chosen[0]
+    report, ways = _with_ways(
+        lambda: magicinit.init_(copy.deepcopy(model), tokens, seed=3, within=False, rate_precision=0.05)
+    )
+    return {layer.name: layer.rate_before for layer in report.layers if layer.rate_before is not None}, ways[0]
 
 
 def test_a_table_tied_to_an_embedding_lookup_is_measured_from_site_activations(monkeypatch) -> None:
