@@ -357,18 +357,16 @@ def with_recomputed_bn_statistics(model: nn.Module, images: Tensor) -> nn.Module
     the equal-weight average (``momentum=None``) over ``BN_STATISTICS_BATCHES`` batches of ``BATCH_SIZE`` of a
     fixed shuffle of them, in training mode without gradients; ``model`` itself where it has no batch norm
     with running statistics."""
-    norms = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-    ]
-    if not norms:
+
+    def averaging(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    if not averaging(model):
         return model
     copied = copy.deepcopy(model)
-    for module in copied.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.reset_running_stats()
-            module.momentum = None
+    for norm in averaging(copied):
+        norm.reset_running_stats()
+        norm.momentum = None
     copied.train()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
