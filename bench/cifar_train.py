@@ -765,8 +765,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         quick_dir.mkdir(exist_ok=True)
         args.output = args.output or quick_dir / f"cifar_{args.family.replace('-', '_')}_results.json"
         args.results = args.results or quick_dir / "RESULTS.md"
-    longer = (f"_steps{other_steps}" if other_steps else "") + ("_bnstats" if args.recompute_bn_statistics else "")
-    args.output = args.output or BENCH / f"cifar_{args.family.replace('-', '_')}{longer}_results.json"
+    own = (f"_steps{other_steps}" if other_steps else "") + ("_bnstats" if args.recompute_bn_statistics else "")
+    args.output = args.output or BENCH / f"cifar_{args.family.replace('-', '_')}{own}_results.json"
     args.results = args.results or BENCH / "RESULTS.md"
     return args
 

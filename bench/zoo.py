@@ -284,11 +284,16 @@ def dominant(row: ZooRow) -> str:
     stage, value = max(stages.items(), key=lambda item: item[1])
     words = f"{stage} {100 * value / total:.0f} %"
     if stage == "rates" and row.rate_draws and row.samples_used:
-        words += f" ({row.rate_draws} draws on {row.samples_used} samples"
-        words += ")" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds)"
+        words += f" ({row.rate_draws} draws on {row.samples_used} samples{_per_measurement(row)})"
     elif stage in ("checks", "retrace", "solve") and row.scale_mode == "approximate":
         words += f" ({row.rounds} scale rounds)"
     return words
+
+
+def _per_measurement(row: ZooRow) -> str:
+    """What the rates' draws of ``row`` are counted over: nothing to add in exact mode (one measurement), in
+    approximate mode each measurement of its scale rounds."""
+    return "" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds"
 
 
 def why_above_target(row: ZooRow) -> str:
@@ -297,7 +302,7 @@ def why_above_target(row: ZooRow) -> str:
     rates' noise error falls as one over the square root of the draws, so where the draws' budget ran out
     with the worst layer's error ``e`` above the precision asked ``p``, reaching ``p`` would take about
     ``(e / p)^2`` times the draws, and the rates' forward passes with them; where the precision was met, the
-    draws it took and the cost of one round of every sample say it."""
+    draws it took say it."""
     stages = stage_forwards(row)
     if not stages or sum(stages.values()) <= TARGET_FORWARDS:
         return "-"
@@ -306,8 +311,7 @@ def why_above_target(row: ZooRow) -> str:
     if stage != "rates" or not row.rate_draws or not row.samples_used:
         return words
     rounds = row.rate_draws / row.samples_used  # per measurement, in draws of every sample
-    words += f" for {row.rate_draws} draws ({rounds:g} rounds of the {row.samples_used} samples"
-    words += ")" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds)"
+    words += f" for {row.rate_draws} draws ({rounds:g} rounds of the {row.samples_used} samples{_per_measurement(row)})"
     if row.rate_errors is None or row.rate_precision is None:
         return words
     worst = row.rate_errors[0]

@@ -220,22 +220,16 @@ class _SiteCapture(CallInterceptor):
         output = func(*args, **kwargs)
         carried = isinstance(output, Tensor) and output.requires_grad and output.is_floating_point()
         lookup = _embedding_lookup(func, args, kwargs) if site is None else None
-        if lookup is not None:
-            table, indices, padding = lookup
-            name = self._measured_name(table)
-            self._refuse_other_uses(func, (args, kwargs), output, skip=table if name is not None and carried else None)
-            if name is None or not carried:
-                return output  # not a measured weight (or no gradient reaches it here)
-            if view_base(table) is not None:
-                raise StrategyRefused(f"'{name}' is used through a view")
-            return self._hooked(output, _LookupRecord(name, indices.detach(), padding))
-        weight = None if site is None else site.weight
+        weight = lookup[0] if lookup is not None else None if site is None else site.weight
         name = None if weight is None else self._measured_name(weight)
         self._refuse_other_uses(func, (args, kwargs), output, skip=weight if name is not None and carried else None)
-        if site is None or weight is None or name is None:
-            return output  # not an affine call of a measured weight (skipped or frozen)
+        if weight is None or name is None or (lookup is not None and not carried):
+            return output  # not a use of a measured weight (skipped or frozen), or one no gradient reaches
         if view_base(weight) is not None:
             raise StrategyRefused(f"'{name}' is used through a view")
+        if lookup is not None:
+            return self._hooked(output, _LookupRecord(name, lookup[1].detach(), lookup[2]))
+        assert site is not None  # (weight is a site's)
         if site.adapter not in (LINEAR, MATMUL, CONV):
             raise StrategyRefused(f"'{name}' is used by {getattr(func, '__name__', func)}")
         layer_input = site.input
@@ -302,12 +296,10 @@ class FromActivations:
             sites[record.name] = sites.get(record.name, 0) + 1
             if isinstance(record, _SiteRecord):
                 layouts.setdefault(record.name, set()).add((id(record.site.adapter), record.site.groups))
+            elif self.draws.layouts[record.name] != (LINEAR, 1):  # a lookup's rows: a linear map's output channels
+                raise StrategyRefused(f"'{record.name}' is read by an embedding lookup and is not a linear map's")
         if any(len(found) > 1 for found in layouts.values()):
             raise StrategyRefused("a weight is used by affine maps of different layouts")
-        for record in capture.records:  # a lookup's rows are the output channels of a linear map's weight only
-            adapter, groups = self.draws.layouts[record.name]
-            if isinstance(record, _LookupRecord) and (adapter is not LINEAR or groups != 1):
-                raise StrategyRefused(f"'{record.name}' is read by an embedding lookup and is not a linear map's")
         for name, uses in sites.items():
             if uses > 1 and self.count * self.draws.units[name].tensor(context.model).numel() > 4 * BLOCK_FLOATS:
                 raise StrategyRefused(f"'{name}' is used at {uses} sites and is too large to hold per sample")
