@@ -58,7 +58,9 @@ fast, and one evaluation can land far from the net's accuracy (a ResNet-20 with 
 kaiming normal seed 1 at 0.03 read 43.5 % at 3/4 and 26.8 % at the end, 44.9 and 39.8 with the statistics
 recomputed; torch's default seed 0 at 0.01 read 23.9 and 44.9, recomputed 40.2 and 46.1). It changes only
 the evaluations (training is the same run), has its own JSON (``..._bnstats_results.json``) and section, and
-leaves nets without batch norm as they are.
+leaves nets without batch norm as they are; ``--runs-without-batch-norm-from`` takes their runs from the
+JSON of the same settings evaluated with the running averages, so that only the nets with batch norm train
+again (``--family plain``: the batch-norm twin alone).
 
 Run from the repository root::
 
@@ -352,19 +354,20 @@ class _EvaluateAt(nn.Module):
         return self.model(x)
 
 
+def batch_norms_with_running_statistics(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch norms of ``net`` that keep running statistics (those that eval mode uses)."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def with_recomputed_bn_statistics(model: nn.Module, images: Tensor) -> nn.Module:
     """A copy of ``model`` whose batch norms' running statistics are recomputed from ``images``: reset, then
     the equal-weight average (``momentum=None``) over ``BN_STATISTICS_BATCHES`` batches of ``BATCH_SIZE`` of a
     fixed shuffle of them, in training mode without gradients; ``model`` itself where it has no batch norm
     with running statistics."""
-
-    def averaging(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-        return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-    if not averaging(model):
+    if not batch_norms_with_running_statistics(model):
         return model
     copied = copy.deepcopy(model)
-    for norm in averaging(copied):
+    for norm in batch_norms_with_running_statistics(copied):
         norm.reset_running_stats()
         norm.momentum = None
     copied.train()
@@ -460,6 +463,9 @@ class Bench:
     runs: dict[tuple[int, str, int, float], Run] = field(default_factory=dict)
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     init_errors: dict[str, str] = field(default_factory=dict)
+    # ``--runs-without-batch-norm-from``: the JSON the runs of nets without batch norm were taken from, its
+    # machine facts, and the rows and number of runs taken
+    copied: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         keys = (
@@ -487,6 +493,7 @@ class Bench:
             self.runs[run.key()] = run
         self.grids = stored.get("grids", {})
         self.init_errors = stored.get("init_errors", {})
+        self.copied = stored.get("copied", {})
 
     def write(self) -> None:
         """The JSON, one run per line, replaced whole."""
@@ -497,9 +504,60 @@ class Bench:
                 "machine": machine_facts(commit=self.args.commit),
                 "grids": self.grids,
                 "init_errors": self.init_errors,
+                **({"copied": self.copied} if self.copied else {}),
             },
             {"runs": [asdict(run) for run in self.runs.values()]},
         )
+
+
+def copy_runs_without_batch_norm(bench: Bench, source: Path) -> None:
+    """Take into ``bench`` (a ``--recompute-bn-statistics`` run) the runs, grids and failures of the rows of
+    ``source`` whose nets have no batch norm with running statistics. ``source`` is the JSON of the same
+    settings evaluated with the running averages; the option evaluates those nets as they are (training is
+    the same run), so their runs are the ones it would make, up to the floating-point order of the machine
+    they were made on (rerun on another CPU, a run's accuracy moves within the seeds' spread). Runs ``bench``
+    holds already are kept."""
+    args = bench.args
+    family = FAMILIES[args.family]
+    settings = {key: value for key, value in bench.settings().items() if key != "bn_statistics"}
+    stored = stored_runs(source, settings)
+    if stored is None:
+        raise SystemExit(f"--runs-without-batch-norm-from: {source} does not exist")
+    normalized: dict[tuple[int, bool], bool] = {}  # (depth, batch-norm twin) -> whether its net has batch norm
+
+    def without_batch_norm(depth: int, row: str) -> bool:
+        if row not in family.rows:
+            return False
+        twin = family.rows[row][1]
+        if (depth, twin) not in normalized:
+            normalized[depth, twin] = bool(batch_norms_with_running_statistics(family.build(depth, twin)))
+        return not normalized[depth, twin]
+
+    taken: set[str] = set()
+    count = 0
+    for record in stored["runs"]:
+        run = Run(**record)
+        if without_batch_norm(run.depth, run.init) and run.key() not in bench.runs:
+            bench.runs[run.key()] = run
+            taken.add(run.init)
+            count += 1
+    for label, grid in stored.get("grids", {}).items():
+        depth, row = label.split(", ", 1)
+        if without_batch_norm(int(depth.removeprefix("depth ")), row):
+            bench.grids.setdefault(label, grid)
+    for label, message in stored.get("init_errors", {}).items():
+        depth, row = label.split(", ", 1)
+        if without_batch_norm(int(depth.removeprefix("depth ")), row):
+            bench.init_errors.setdefault(label, message)
+    if count:
+        rows = sorted(taken | set(bench.copied.get("rows", [])), key=list(family.rows).index)
+        bench.copied = {
+            "source": source.name,
+            "machine": stored.get("machine", {}),
+            "rows": rows,
+            "runs": count + bench.copied.get("runs", 0),
+        }
+    bench.write()
 
 
 def run_family(args: argparse.Namespace, data: Dataset, bench: Bench) -> None:
@@ -746,6 +804,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="evaluate nets with batch norm after recomputing their running statistics from training images "
         "(its own JSON and section)",
     )
+    parser.add_argument(
+        "--runs-without-batch-norm-from",
+        type=Path,
+        metavar="JSON",
+        help="with --recompute-bn-statistics: take the runs of nets without batch norm from this JSON of the "
+        "same settings (the option evaluates them as they are)",
+    )
     parser.add_argument("--output", type=Path, help="the JSON file (default bench/cifar_<family>_results.json)")
     parser.add_argument("--results", type=Path, help="the markdown file (default bench/RESULTS.md)")
     args = parser.parse_args(argv)
@@ -755,6 +820,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [row for row in args.rows if row not in family.rows]
     if unknown:
         parser.error(f"--rows {unknown}: not rows of --family {args.family}; it has {list(family.rows)}")
+    if args.runs_without_batch_norm_from and not args.recompute_bn_statistics:
+        parser.error("--runs-without-batch-norm-from: only with --recompute-bn-statistics")
     args.steps = args.steps or family.steps
     other_steps = other_steps_than_the_family(args)  # before --quick sets its own: its own JSON and section
     if args.quick:
@@ -790,6 +857,8 @@ def main(argv: Sequence[str] | None = None, data: Dataset | None = None) -> Benc
     bench = Bench(args, args.output)
     if args.resume:
         bench.load()
+    if args.runs_without_batch_norm_from:
+        copy_runs_without_batch_norm(bench, args.runs_without_batch_norm_from)
     started = time.perf_counter()
     run_family(args, data, bench)
     minutes = (time.perf_counter() - started) / 60
@@ -847,6 +916,14 @@ def section_text(bench: Bench, how: str) -> str:
             f"from {BN_STATISTICS_BATCHES} batches of {BATCH_SIZE} training images in training mode (an equal-weight "
             "average)"
             if args.recompute_bn_statistics
+            else ""
+        )
+        + (
+            f". The {bench.copied['runs']} runs of the rows without batch norm ({', '.join(bench.copied['rows'])}) "
+            f"are those of `{bench.copied['source']}` (commit {bench.copied['machine'].get('commit', 'unknown')}), "
+            "taken with `--runs-without-batch-norm-from` (the option evaluates those nets as they are; made on "
+            "that commit's machine, whose floating-point order may differ)"
+            if bench.copied
             else ""
         )
         + ". Init s: the initialization's time; train s: one "

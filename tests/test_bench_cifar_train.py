@@ -12,8 +12,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-pytest.importorskip("lsuv")  # bench/train.py, which cifar_train.py imports from, wants the bench extra
-
 import cifar_train
 import magicinit
 from cifar_nets import caffenet_cifar, resnet20, vit
@@ -224,3 +222,47 @@ def test_a_run_with_recomputed_bn_statistics_evaluates_the_recomputed_copy(monke
     own = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert torch.equal(evaluated[-1], norm.running_mean) and torch.equal(evaluated[-2], norm.running_mean)
     assert not torch.allclose(own.running_mean, norm.running_mean)  # the model's own running average differs
+
+
+def test_runs_without_batch_norm_are_taken_from_the_running_average_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cifar_train, "estimate_seconds", lambda args, data: 0.0)
+    averages, recomputed, results = tmp_path / "plain.json", tmp_path / "plain_bnstats.json", tmp_path / "R.md"
+    argv = [
+        "--family", "plain", "--depths", "3", "--rows", "kaiming normal", "batch norm + kaiming",
+        "--lrs", "0.03", "0.1", "--max-extensions", "0", "--seeds", "0", "1", "--steps", "4",
+        "--init-samples", "32", "--results", str(results),
+    ]  # fmt: skip
+    first = cifar_train.main([*argv, "--output", str(averages)], data=fake_cifar())
+    trained: list[str] = []
+    original = cifar_train.train_run
+
+    def recording(run: cifar_train.Run, *rest: object) -> cifar_train.Run:
+        trained.append(run.init)
+        return original(run, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cifar_train, "train_run", recording)
+    copying = [*argv, "--recompute-bn-statistics", "--runs-without-batch-norm-from", str(averages)]
+    second = cifar_train.main([*copying, "--output", str(recomputed)], data=fake_cifar())
+    assert set(trained) == {"batch norm + kaiming"} and len(trained) == 3  # 2 grid rates, 1 more seed
+    kaiming = [key for key in first.runs if key[1] == "kaiming normal"]
+    assert len(kaiming) == 3 and all(second.runs[key] == first.runs[key] for key in kaiming)  # the same records
+    twin = [key for key in second.runs if key[1] == "batch norm + kaiming"]
+    assert len(twin) == 3 and set(second.runs) == set(kaiming) | set(twin)
+    grid = [key for key in twin if key[2] == 0]  # the same rates on seed 0 (the chosen one may differ)
+    assert all(second.runs[key].train_seconds != first.runs[key].train_seconds for key in grid)  # trained again
+    stored = json.loads(recomputed.read_text())
+    assert stored["copied"]["rows"] == ["kaiming normal"] and stored["copied"]["runs"] == 3
+    assert set(stored["grids"]) == {"depth 3, kaiming normal", "depth 3, batch norm + kaiming"}
+    assert "3 runs of the rows without batch norm (kaiming normal) are those of `plain.json`" in results.read_text()
+
+    # resumed, it trains nothing and still says where the runs came from
+    monkeypatch.setattr(cifar_train, "train_run", lambda *a: pytest.fail("trained again"))
+    cifar_train.main([*copying, "--output", str(recomputed), "--resume"], data=fake_cifar())
+    assert "are those of `plain.json`" in results.read_text()
+    # the source must have the same settings, and the option needs --recompute-bn-statistics
+    with pytest.raises(SystemExit, match="settings"):
+        cifar_train.main([*copying, "--steps", "5", "--output", str(tmp_path / "other.json")], data=fake_cifar())
+    with pytest.raises(SystemExit):
+        cifar_train.parse_args(["--family", "plain", "--runs-without-batch-norm-from", str(averages)])
