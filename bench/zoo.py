@@ -107,6 +107,7 @@ class ZooRow:
     output_change_beyond_scale: float | None = None
     approximated: int = 0
     rounds: int = 0
+    rate_measurements: int = 0  # Part 2's change-rate measurements (Report.rate_measurements)
     rate_way: str = "-"
     forward_seconds: float | None = None  # the median forward of the copy whose ratio is the median
     init_seconds: float | None = None  # that copy's init_
@@ -176,6 +177,7 @@ def summarize(
         output_change_beyond_scale=report.output_change_beyond_scale,
         approximated=len(report.approximated),
         rounds=report.scale_rounds,
+        rate_measurements=report.rate_measurements,
         rate_way=next((way for note in report.notes for way in RATE_WAYS if f"samples; {way}" in note), "-"),
         forward_seconds=seconds[0],
         init_seconds=seconds[1],
@@ -292,8 +294,11 @@ def dominant(row: ZooRow) -> str:
 
 def _per_measurement(row: ZooRow) -> str:
     """What the rates' draws of ``row`` are counted over: nothing to add in exact mode (one measurement), in
-    approximate mode each measurement of its scale rounds."""
-    return "" if row.scale_mode == "exact" else f" per measurement, {row.rounds} scale rounds"
+    approximate mode each of its measurements (before its scale rounds, and where the rounds' predicted rates
+    end)."""
+    if row.scale_mode == "exact":
+        return ""
+    return f" per measurement, {row.rate_measurements} measurements for {row.rounds} scale rounds"
 
 
 def why_above_target(row: ZooRow) -> str:
@@ -531,7 +536,8 @@ def section_text(
         "restores, Part 2's bookkeeping, the API around the stopwatch). Rate draws: the change-rate "
         "measurement's noise draws per measurement (two rounds of every sample at least, unless the first "
         "round's bound meets the precision; later rounds draw the samples that weigh most); exact mode measures once, "
-        "approximate mode again in its scale rounds (the rounds of the approximate table). Rate error: the "
+        "approximate mode before its scale rounds (the rounds of the approximate table) and again where their "
+        "predicted rates end (more often only where that measurement finds the prediction off). Rate error: the "
         "standard error of the measured rates in log C (before Part 2; approximate mode's first measurement), "
         "the worst layer's and the median layer's, against the precision asked (`rate_precision`): where the "
         "draws' budget (`rate_max_rounds`) ran out first, the worst is above it. Above "

@@ -32,6 +32,11 @@ from conftest import (
 )
 from magicinit import LayerStatus
 from magicinit._core import between as between_module
+from magicinit._core.graph import trace_graph
+from magicinit._core.inputs import default_forward
+from magicinit._core.rates import ChangeRates, squared_slice_norms
+from magicinit._core.sites import UnitIndex
+from magicinit._core.solve import log_rates_after, solve_scales
 from magicinit.tools.nets import caffenet, plain_cnn
 
 
@@ -284,6 +289,44 @@ def test_approximate_mode_equalizes_caffenet_across_lrn(small_caffenet) -> None:
     assert report.scale_rounds >= 1 and report.settings["scale_mode"] == "approximate"
 
 
+def test_approximate_rounds_are_predicted_and_measured_where_they_end(small_caffenet) -> None:
+    # between its rounds the rates are the steps' own predictions; the rates reported after are measured, and
+    # agree with a measurement made here
+    model, x = copy.deepcopy(small_caffenet[0]), small_caffenet[1]
+    weights = affine_weights(model)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, scale_mode="approximate")
+    after = noise_rates(model, x[:24], weights, seed=5)
+    assert report.scale_rounds >= 2 and not report.rates_after_predicted
+    assert 2 <= report.rate_measurements < report.scale_rounds + 1  # once before, once where the rounds ended
+    for name, rate in after.items():
+        assert report[name.rsplit(".", 1)[0]].rate_after == pytest.approx(rate, rel=0.1), name
+    assert geometric_spread(list(after.values())) <= 0.15, after
+    assert f"{report.rate_measurements} measurement(s)" in " ".join(report.notes)
+
+
+def test_a_prediction_the_measurement_finds_off_is_corrected_by_measured_rounds(
+    small_caffenet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a step's prediction that claims every rate equal: the predicted rounds stop at once, the measurement
+    # there finds the rates apart, and the rounds go on from it, measured, to rates that agree here too
+    model, x = copy.deepcopy(small_caffenet[0]), small_caffenet[1]
+    weights = affine_weights(model)
+    before = noise_rates(model, x[:24], weights)
+
+    def all_equal(graph, log_rates, *rest):  # type: ignore[no-untyped-def]
+        mean = sum(log_rates.values()) / len(log_rates)
+        return {name: mean for name in log_rates}
+
+    monkeypatch.setattr(between_module, "log_rates_after", all_equal)
+    report = magicinit.rescale_(model, x, seed=0, rate_precision=0.03, scale_mode="approximate")
+    after = noise_rates(model, x[:24], weights, seed=5)
+    assert geometric_spread(list(before.values())) > 0.5
+    assert geometric_spread(list(after.values())) <= 0.15, after
+    assert report.rate_measurements >= 3 and report.rate_measurements == report.scale_rounds + 1
+    for name, rate in after.items():
+        assert report[name.rsplit(".", 1)[0]].rate_after == pytest.approx(rate, rel=0.1), name
+
+
 def _tanh_net() -> nn.Sequential:
     """tanh on small inputs (nearly linear there): the first layer's weights are tiny."""
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -390,6 +433,70 @@ def test_concatenated_branches_get_scales_of_their_own_and_rates_agree() -> None
     assert report["2.expand1x1"].weight_scale != pytest.approx(report["2.expand3x3"].weight_scale, rel=0.05)
     ratio = _slice_norms(model[4].squeeze.weight, [8, 8]) / consumer_before
     assert float(ratio[0] / ratio[1]) != pytest.approx(1.0, rel=0.05)
+
+
+def test_the_rates_after_a_shorter_step_follow_the_slice_formula() -> None:
+    # approximate mode predicts its damped steps' rates: for the solve's own step they are its prediction; for
+    # half of it, half the change where a layer's input has one scale, and the slice formula's value (not half
+    # the change) where its input slices move apart
+    model = _fire_net()
+    graph = trace_graph(model, torch.randn(2, 3, 12, 12), default_forward, UnitIndex(model))
+    assert set(graph.input_parts) == {"4.squeeze", "6"}
+    log_rates = {layer: 0.7 * ((-1) ** i) * (i % 4) for i, layer in enumerate(graph.sites)}
+    shares = {"4.squeeze": ([0.8, 0.2], [0.3, 0.7]), "6": ([0.5, 0.5], [0.9, 0.1])}
+    full = solve_scales(graph, log_rates, slice_shares=shares)
+    assert log_rates_after(graph, log_rates, full, (), shares) == pytest.approx(full.predicted_log_rate, abs=1e-9)
+    half = full.damped(0.5)
+    after = log_rates_after(graph, log_rates, half, (), shares)
+    for layer, value in log_rates.items():
+        linear = value + 0.5 * (full.predicted_log_rate[layer] - value)
+        if layer not in shares:
+            assert after[layer] == pytest.approx(linear, abs=1e-9), layer
+            continue
+        gradient = torch.tensor(shares[layer][0], dtype=torch.float64)
+        weight = torch.tensor(shares[layer][1], dtype=torch.float64)
+        parts = torch.tensor(half.input_part_rho[layer], dtype=torch.float64)
+        out = half.rho_out[layer]
+        formula = value + 0.5 * math.log(float((gradient / gradient.sum() * torch.exp(2 * (parts - out))).sum()))
+        formula -= 0.5 * math.log(float((weight / weight.sum() * torch.exp(2 * (out - parts))).sum()))
+        assert after[layer] == pytest.approx(formula, abs=1e-9), layer
+    moved_apart = [layer for layer in shares if max(half.input_part_rho[layer]) - min(half.input_part_rho[layer]) > 0.1]
+    assert moved_apart and any(
+        after[layer] != pytest.approx(log_rates[layer] + 0.5 * (full.predicted_log_rate[layer] - log_rates[layer]))
+        for layer in moved_apart
+    )
+
+
+def test_a_predicted_step_divides_each_input_slice_s_gradient_by_its_factor_squared() -> None:
+    # the next round's solve takes its slice shares from the predicted rates: a step that multiplies a
+    # slice's weights by f divides the gradient there by f, for every noise draw (the function is kept)
+    model = _uneven(_fire_net(), seed=3).eval()  # (its dropout off)
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    index = UnitIndex(model)
+    graph = trace_graph(model, x[:2], default_forward, index)
+    log_rates = {layer: 0.5 * i for i, layer in enumerate(graph.sites)}
+    half = solve_scales(graph, log_rates).damped(0.5)
+
+    def slice_gradients() -> dict[str, torch.Tensor]:
+        output = model(x)
+        noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
+        weights = {layer: model.get_submodule(layer).weight for layer in graph.input_parts}
+        grads = torch.autograd.grad(output, list(weights.values()), grad_outputs=noise)
+        return {
+            layer: squared_slice_norms(grad.double(), graph.input_parts[layer].sizes)
+            for layer, grad in zip(weights, grads)
+        }
+
+    before = slice_gradients()
+    between_module._apply_scales(model, {layer: index.units[layer] for layer in graph.sites}, half, graph)
+    after = slice_gradients()
+    rates = ChangeRates({layer: 1.0 for layer in graph.sites}, {}, {}, 1, before)
+    predicted = between_module._predicted_rates(rates, half, {}, {}).input_slice_gradient
+    assert any(
+        max(half.input_factors(layer) or [1.0]) / min(half.input_factors(layer) or [1.0]) > 1.1 for layer in before
+    )
+    for layer, gradient in after.items():
+        assert torch.allclose(predicted[layer], gradient, rtol=1e-4), layer
 
 
 def test_a_concatenation_read_by_anything_but_slice_wise_operations_keeps_one_scale() -> None:

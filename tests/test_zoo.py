@@ -173,6 +173,10 @@ def test_a_row_above_the_target_says_why_from_its_own_figures(tiny_rows: tuple[z
     assert why.endswith("the budget ran out at error 0.100: 0.02 would take about 3200 draws, 750 forwards")
     met = dataclasses.replace(slow, rate_errors=(0.019, 0.01))
     assert zoo.why_above_target(met).endswith("(16 rounds of the 8 samples), which error 0.02 took")
+    approximate = dataclasses.replace(met, scale_mode="approximate", rounds=3, rate_measurements=2)
+    assert "(16 rounds of the 8 samples per measurement, 2 measurements for 3 scale rounds)" in (
+        zoo.why_above_target(approximate)
+    )
     # another stage ahead of the rates: that stage; at or below the target: nothing to explain
     checked = dataclasses.replace(slow, between_seconds={"rates": 5.0, "solve": 0.0, "checks": 12.5})
     assert zoo.why_above_target(checked) == "checks: 25 forwards"

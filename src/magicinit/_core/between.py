@@ -35,7 +35,7 @@ from .operations import HomogeneityTest, compensate_normalization
 from .rates import ChangeRates, measure_change_rates, squared_slice_norms
 from .safety import ModelSnapshot
 from .sites import UnitIndex, WeightUnit
-from .solve import ScaleSolution, can_change_rates, solve_scales
+from .solve import ScaleSolution, can_change_rates, log_rates_after, solve_scales
 
 
 def _norm(tensors: list[Tensor]) -> float:
@@ -131,6 +131,8 @@ class BetweenResult:
         normalizations: normalization modules whose ``eps`` (and running statistics) were
             compensated, with the factor their input was scaled by.
         rounds: rescaling rounds made.
+        measurements: change-rate measurements made (approximate mode predicts the rates between its rounds
+            and measures where the predicted rounds end).
     """
 
     before: ChangeRates | None
@@ -148,6 +150,7 @@ class BetweenResult:
     approximated: dict[str, float] = field(default_factory=dict)
     normalizations: dict[str, float] = field(default_factory=dict)
     rounds: int = 0
+    measurements: int = 0
     after_predicted: bool = False  # ``after`` was predicted from the exact factors, not measured
     limited: str | None = None  # what stopped the approximate rounds short, if anything did
     graph: LayerGraph | None = None  # the graph of the last round, where it differs from the session's
@@ -217,8 +220,13 @@ def _change_in_float64(
     inputs for the checks that follow: ``probe``, or a jittered copy of it where the
     network's outputs on ``probe`` are cancelled down to rounding (init data
     with one sample, or constant data, makes Part 1 fit biases that cancel them
-    exactly). In that case the change on ``probe`` is measured against the
-    outputs' size on the jittered inputs, and the change there counts too. The
+    exactly). Cancelled outputs are looked for where the float64 change exceeds
+    ``EXACT_TOLERANCE``, or where the model's own outputs are further from the
+    float64 copy's than its checks allow (``_rounding_beyond_the_checks``;
+    there, the outputs must also be under ``CANCELLED`` of their size on the
+    jittered inputs: a selection that rounding tips is judged on ``probe``). In
+    that case the change on ``probe`` is measured against the outputs' size on
+    the jittered inputs, and the change there counts too. The
     change is None when no float64 copy can be made (too large, or not
     copyable); the model itself is not touched. Third: the float64 copy's outputs before the
     rescaling on the first ``FLOAT64_CHECK_SAMPLES`` of the returned inputs (None without a copy), from
@@ -239,7 +247,10 @@ def _change_in_float64(
     rescaled = _outputs(twin, probe64, forward)
     check_output_shapes(reference, rescaled, context.collective)
     change = function_change(reference, rescaled)
-    if change <= EXACT_TOLERANCE:
+    settled = change <= EXACT_TOLERANCE and not _rounding_beyond_the_checks(context, probe, reference)
+    if context.collective is not None:  # every rank goes on to the jittered inputs or none (collective checks)
+        settled = context.collective.total(int(not settled)) == 0
+    if settled:
         return change, probe, reference
     # Measured against the size the outputs have on other inputs, a change that is only
     # large relative to cancelled outputs becomes small; a wrong analysis stays large
@@ -260,7 +271,22 @@ def _change_in_float64(
     check_output_shapes(reference_jittered, rescaled_jittered, context.collective)
     elsewhere = function_change(reference_jittered, rescaled_jittered)
     worst = math.nan if math.isnan(change_here) or math.isnan(elsewhere) else max(change_here, elsewhere)
+    if change <= EXACT_TOLERANCE and not _norm(reference) < CANCELLED * _norm(reference_jittered):
+        return worst, probe, reference  # not cancelled (rounding tips a selection): the checks judge ``probe``
     return worst, jittered, reference_jittered
+
+
+def _rounding_beyond_the_checks(context: PassContext, probe: Batch, reference64: list[Tensor]) -> bool:
+    """Whether the model's outputs on the first ``FLOAT64_CHECK_SAMPLES`` of ``probe`` are further from its
+    float64 copy's (``reference64``) than the checks in its own precision allow (``_allowed_change``): outputs
+    cancelled down to rounding are (a float64 copy may cancel them differently, and change nothing), and so
+    are outputs that a selection tips (top-k, NMS)."""
+    own = _outputs(context.model, split_batch(probe, 0, FLOAT64_CHECK_SAMPLES), context.forward)
+    rounding = _relative_distance(reference64, own)
+    return not rounding <= _allowed_change(context.model, rounding)
+
+
+CANCELLED = 1e-3  # outputs smaller than this share of their size on jittered inputs are cancelled down to rounding
 
 
 def _rounding(context: PassContext, batch: Batch, own: list[Tensor]) -> float:
@@ -461,7 +487,7 @@ def equalize_between(
     log_rates, excluded = _log_rates(before, called, fixed)
     with context.stopwatch.stage("solve"):
         solution = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, before))
-    result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded)
+    result = BetweenResult(before, None, unchanged, list(log_rates), excluded=excluded, measurements=1)
     with context.stopwatch.stage("checks"):
         kept = _apply_exactly(context, called, graph, solution, result)
     if kept:
@@ -481,8 +507,10 @@ def _set_rates_after(
     assert result.before is not None
     if result.changed and context.scaling.verify:
         result.after = _measure(context, called, graph, "magicinit: rates after")
+        result.measurements += 1
     elif result.changed:
-        result.after, result.after_predicted = _predicted_rates(result.before, solution, log_rates), True
+        predicted = solution.predicted_log_rate
+        result.after, result.after_predicted = _predicted_rates(result.before, solution, predicted, log_rates), True
     else:
         result.after = result.before
 
@@ -531,7 +559,7 @@ def _no_worse_than_exact(
         return approximate
     unchanged = {name: 1.0 for name in called}
     result = BetweenResult(approximate.before, None, unchanged, list(log_rates), excluded=excluded)
-    result.graph, result.exact_instead = graph, True
+    result.graph, result.exact_instead, result.measurements = graph, True, approximate.measurements
     if solution is not None:
         with warnings.catch_warnings():  # its warning would say the model was left as it was: the note says why not
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -691,22 +719,31 @@ def _changed_operation_in_float64(
         return None
 
 
-def _predicted_rates(before: ChangeRates, solution: ScaleSolution, log_rates: dict[str, float]) -> ChangeRates:
-    """The rates after an exact rescaling, from those before: the solve's prediction for the layers
-    it equalized (exact: ``log C`` moves by ``2 (rho_in - rho_out)``, or by the slice formula); the
-    others keep their rates (fixed layers keep input and output scales; a rate of 0 or inf stays).
-    The errors are those of the measurement before; per-channel rates move by the layer's factor."""
+def _predicted_rates(
+    before: ChangeRates, solution: ScaleSolution, predicted: dict[str, float], log_rates: dict[str, float]
+) -> ChangeRates:
+    """The rates once ``solution`` is applied, from those ``before`` (``log_rates``, their logarithms) and the
+    log-rates it ``predicted`` for the layers it equalized (``log C`` moves by ``2 (rho_in - rho_out)``, or
+    by the slice formula); the others keep their rates (fixed layers keep input and output scales; a rate
+    of 0 or inf stays). The errors are those of the measurement before; per-channel rates move by the
+    layer's factor, and a slice's squared gradient norm by its input factor's inverse squared (its weight
+    is multiplied by that factor, its gradient divided)."""
     rate, channel_rate = dict(before.rate), dict(before.channel_rate)
-    for name, predicted in solution.predicted_log_rate.items():
-        factor = math.exp(predicted - log_rates[name])
+    for name, value in predicted.items():
+        factor = math.exp(value - log_rates[name])
         rate[name] = before.rate[name] * factor
         channel_rate[name] = before.channel_rate[name] * factor
+    slice_gradient = dict(before.input_slice_gradient)
+    for name, gradient in slice_gradient.items():
+        factors = solution.input_factors(name)
+        if factors is not None:
+            slice_gradient[name] = gradient / torch.tensor(factors, dtype=gradient.dtype).square()
     return ChangeRates(
         rate,
         dict(before.log_error),
         channel_rate,
         before.draws,
-        dict(before.input_slice_gradient),
+        slice_gradient,
         before.method,
         before.rounds,
     )
@@ -774,13 +811,18 @@ def _rms_deviation(log_rates: dict[str, float]) -> float:
 def _equalize_approximately(
     context: PassContext, called: dict[str, WeightUnit], fixed: set[str], index: UnitIndex
 ) -> BetweenResult:
-    """Part 2 in ``"approximate"`` mode: rounds of trace, measure, solve and damped application.
+    """Part 2 in ``"approximate"`` mode: rounds of trace, solve and damped application, measured where they end.
 
     Each round traces the graph again on the first init samples, tying the
-    operations that are homogeneous there within the tolerance, measures the
-    rates, solves, and applies the solution scaled down (the paper's damping)
-    so that no tied operation's input moves by more than the factors it was
-    tested at; a round that made the rates agree less halves the next step.
+    operations that are homogeneous there within the tolerance, solves for the
+    rates, and applies the solution scaled down (the paper's damping) so that
+    no tied operation's input moves by more than the factors it was tested at.
+    The rates are measured before the first round; after a round they are the
+    step's own prediction (``solve.log_rates_after``, as exact mode predicts
+    its rates after), and where the predicted rounds stop they are measured.
+    If that measurement is off the target, the rounds go on from it, measured
+    after every round; a measured round that made the rates agree less halves
+    the next step.
     A step that would move the outputs on those samples by more than the
     tolerance beyond one global factor is undone and halved (three times at
     most), so the operations' small deviations cannot add up past it. It stops
@@ -811,36 +853,59 @@ def _equalize_approximately(
         result.nothing_to_do, result.graph = NOTHING_FREE, graph
         return result
     rates = result.before = _measure(context, called, graph, "magicinit: rates before")
+    result.measurements = 1
     if _no_gradient(rates):
         result.before, result.nothing_to_do, result.graph = None, NO_GRADIENT, graph
         return result
     total = dict(unchanged)
     step, target = 1.0, 3 * context.rates.precision
-    for _ in range(options.max_rounds):
+    predicted = False  # ``rates`` are the last step's prediction, not a measurement
+    trusted = True  # steps are predicted until a measurement finds a prediction off target
+    while True:
         log_rates, result.excluded = _log_rates(rates, called, fixed)
         result.equalized = list(log_rates)
         spread_now = _rms_deviation(log_rates)
-        if _worst_deviation(log_rates) <= target or not can_change_rates(graph, log_rates, fixed):
-            break
-        if result.rounds and not graph.approximated:
-            break  # every relation is exact: the first solve predicted these rates, more rounds chase noise
-        with stopwatch.stage("solve"):
-            full = solve_scales(graph, log_rates, fixed=fixed, slice_shares=_slice_shares(model, called, graph, rates))
-        solution = full
-        if spread_now - _rms_deviation(solution.predicted_log_rate) <= context.rates.precision:
-            break  # what is left is the graph's, not the last step's
-        largest = max(solution.approximated_rho.values(), default=0.0)
-        limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
-        solution = solution.damped(min(step, limit / largest) if largest > 0 else step)
-        with stopwatch.stage("checks"):
-            applied = _apply_within_budget(context, called, solution, graph, probe, reference)
-        if applied is None:
-            result.limited = (
-                f"a further step would change the output by more than scale_tolerance={options.tolerance:g} "
-                "beyond a global factor"
-            )
-            break
-        solution, factors, changed = applied
+        stop = (
+            _worst_deviation(log_rates) <= target
+            or not can_change_rates(graph, log_rates, fixed)
+            # every relation exact: the first solve predicted these rates, more rounds chase noise
+            or (result.rounds > 0 and not graph.approximated)
+            or result.rounds == options.max_rounds
+        )
+        solution = full = None
+        if not stop:
+            with stopwatch.stage("solve"):
+                shares = _slice_shares(model, called, graph, rates)
+                full = solve_scales(graph, log_rates, fixed=fixed, slice_shares=shares)
+            # what is left is the graph's, not the last step's
+            stop = spread_now - _rms_deviation(full.predicted_log_rate) <= context.rates.precision
+        if full is not None and not stop:
+            largest = max(full.approximated_rho.values(), default=0.0)
+            limit = min(math.log(factor) if factor > 1 else -math.log(factor) for factor in test.factors)
+            with stopwatch.stage("checks"):
+                damped = full.damped(min(step, limit / largest) if largest > 0 else step)
+                applied = _apply_within_budget(context, called, damped, graph, probe, reference)
+            if applied is None:
+                result.limited = (
+                    f"a further step would change the output by more than scale_tolerance={options.tolerance:g} "
+                    "beyond a global factor"
+                )
+                stop = True
+            else:
+                solution, factors, changed = applied
+        if stop or solution is None or full is None:
+            if not predicted:
+                break
+            # the rounds ended on a prediction: measure where they are, and go on from the measurement if the
+            # prediction was off (every later round measured)
+            rates = _measure(context, called, graph, f"magicinit: rates after round {result.rounds}")
+            result.measurements += 1
+            predicted = trusted = False
+            measured, result.excluded = _log_rates(rates, called, fixed)
+            result.equalized = list(measured)
+            if _worst_deviation(measured) <= target or result.limited or result.rounds == options.max_rounds:
+                break
+            continue
         for description, deviation in graph.approximated.items():
             result.approximated[description] = max(deviation, result.approximated.get(description, 0.0))
         for name, factor in _normalization_factors(solution).items():
@@ -851,17 +916,24 @@ def _equalize_approximately(
         if not graph.approximated and not options.verify and _same_step(solution, full):
             # every relation exact and the full step taken: the solve's prediction is the rates after it, as in
             # exact mode (a second measurement would only add its noise); verify_rates=True measures them
-            rates, result.after_predicted = _predicted_rates(rates, full, log_rates), True
+            rates = _predicted_rates(rates, full, full.predicted_log_rate, log_rates)
+            result.after_predicted, predicted = True, False
             break
+        taken = log_rates_after(graph, log_rates, solution, fixed, shares)
         graph = trace()
         called = {name: unit for name, unit in called.items() if name in graph.sites}
-        rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
-        if _rms_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
-            step /= 2
-    else:  # no break: every round allowed was made
-        log_rates = _log_rates(rates, called, fixed)[0]
-        if options.max_rounds and _worst_deviation(log_rates) > target:
-            result.limited = f"scale_max_rounds={options.max_rounds} rounds were made, the rates still apart"
+        if trusted:  # the step's own prediction (the homogeneity test bounds how far it can be off)
+            rates, predicted = _predicted_rates(rates, solution, taken, log_rates), True
+        else:
+            rates = _measure(context, called, graph, f"magicinit: rates, round {result.rounds}")
+            result.measurements += 1
+            if _rms_deviation(_log_rates(rates, called, fixed)[0]) > spread_now:
+                step /= 2
+    log_rates = _log_rates(rates, called, fixed)[0]
+    if options.max_rounds and result.rounds == options.max_rounds and _worst_deviation(log_rates) > target:
+        result.limited = result.limited or (
+            f"scale_max_rounds={options.max_rounds} rounds were made, the rates still apart"
+        )
     result.weight_factor, result.after, result.graph = total, rates, graph
     with stopwatch.stage("checks"):
         _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)

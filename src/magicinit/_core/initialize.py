@@ -535,6 +535,7 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     }
     report.approximated = dict(between.approximated)
     report.scale_rounds = between.rounds
+    report.rate_measurements = between.measurements
     report.rate_spread_before = _spread(between.before.rate, between.equalized)
     if between.after is not None:
         report.rate_spread_after = _spread(between.after.rate, between.equalized)
@@ -543,7 +544,8 @@ def _add_between_facts(report: Report, between: BetweenResult, settings: dict[st
     if settings.get("scale_mode") == "approximate" and not between.exact_instead:
         report.notes.append(
             f"scale_mode='approximate': {between.rounds} rescaling round(s), change rates from "
-            f"{between.before.draws} noise draws per measurement ({between.before.method}); the output changed by "
+            f"{between.before.draws} noise draws per measurement, {between.measurements} measurement(s) "
+            f"({between.before.method}); the output changed by "
             f"{between.change_beyond_scale:.1e} (relative) beyond a global factor of {between.output_scale:.4g}"
         )
         if between.approximated:

@@ -110,6 +110,7 @@ class Report:
     output_scale: float | None = None  # global factor of that change (1 in exact mode)
     output_change_beyond_scale: float | None = None  # relative change once that factor is taken out
     scale_rounds: int = 0  # Part 2's rescaling rounds
+    rate_measurements: int = 0  # Part 2's change-rate measurements (approximate mode predicts between its rounds)
     rates_after_predicted: bool = False  # rate_after from the exact factors, not a second measurement
     # per normalization module whose input Part 2 rescaled: {"input_factor": ..., "eps": its new eps}
     normalizations: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -185,13 +185,10 @@ def _log_rates_after(
             values[row] += 2.0 * (in_value - out_value)
             coefficients = [(in_column, 2.0), (out_column, -2.0)]
         else:
-            gradient_share, weight_share = shares[layer]
             located = [at(part) for part in graph.input_parts[layer].parts]
             part_values = torch.tensor([v for v, _ in located], dtype=torch.float64)
-            gradient_terms = gradient_share * torch.exp(2.0 * (part_values - out_value))
-            weight_terms = weight_share * torch.exp(2.0 * (out_value - part_values))
-            values[row] += 0.5 * (torch.log(gradient_terms.sum()) - torch.log(weight_terms.sum()))
-            d_parts = gradient_terms / gradient_terms.sum() + weight_terms / weight_terms.sum()
+            change, d_parts = _sliced_change(part_values, out_value, shares[layer])
+            values[row] += change
             coefficients = [(column, float(d)) for (_, column), d in zip(located, d_parts)]
             coefficients.append((out_column, -2.0))
         for column, coefficient in coefficients:
@@ -261,3 +258,40 @@ def _null_space(matrix: Tensor) -> Tensor:
     _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
     rank = int((singular > 1e-10 * max(float(singular.max()), 1.0)).sum())
     return vh[rank:].T
+
+
+def _sliced_change(part_values: Tensor, out_value: float, shares: tuple[Tensor, Tensor]) -> tuple[float, Tensor]:
+    """The log-rate change of a layer whose input slices move by the log-scales ``part_values`` and its output
+    by ``out_value`` (``solve_scales``' slice formula, from the slices' gradient and weight ``shares``), and
+    its derivative in each slice's log-scale."""
+    gradient_share, weight_share = shares
+    gradient_terms = gradient_share * torch.exp(2.0 * (part_values - out_value))
+    weight_terms = weight_share * torch.exp(2.0 * (out_value - part_values))
+    change = 0.5 * float(torch.log(gradient_terms.sum()) - torch.log(weight_terms.sum()))
+    return change, gradient_terms / gradient_terms.sum() + weight_terms / weight_terms.sum()
+
+
+def log_rates_after(
+    graph: LayerGraph,
+    log_rates: dict[str, float],
+    solution: ScaleSolution,
+    fixed: Iterable[str] = (),
+    slice_shares: dict[str, tuple[list[float], list[float]]] | None = None,
+) -> dict[str, float]:
+    """The log-rates of the layers of ``log_rates`` once ``solution`` is applied, by the relations
+    ``solve_scales`` solves with (the same ``fixed`` and ``slice_shares``): for a solve's own solution its
+    ``predicted_log_rate``, and for a damped one (``ScaleSolution.damped``) what that shorter step gives,
+    which is not a fraction of the full step's change where a layer's input slices move apart."""
+    fixed = frozenset(fixed)
+    after = {}
+    for layer, value in log_rates.items():
+        if layer not in graph.sites:
+            continue
+        out_value = solution.rho_out[layer]
+        if layer in graph.input_parts and layer not in fixed:
+            shares = _shares(graph.input_parts[layer], (slice_shares or {}).get(layer))
+            parts = torch.tensor(solution.input_part_rho[layer], dtype=torch.float64)
+            after[layer] = value + _sliced_change(parts, out_value, shares)[0]
+        else:
+            after[layer] = value + 2.0 * (solution.rho_in[layer] - out_value)
+    return after
