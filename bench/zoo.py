@@ -288,7 +288,7 @@ def dominant(row: ZooRow) -> str:
     if stage == "rates" and row.rate_draws and row.samples_used:
         words += f" ({row.rate_draws} draws on {row.samples_used} samples{_per_measurement(row)})"
     elif stage in ("checks", "retrace", "solve") and row.scale_mode == "approximate":
-        words += f" ({row.rounds} scale rounds)"
+        words += f" ({row.rounds} scale round{'s' if row.rounds != 1 else ''})"
     return words
 
 
@@ -298,7 +298,8 @@ def _per_measurement(row: ZooRow) -> str:
     end)."""
     if row.scale_mode == "exact":
         return ""
-    return f" per measurement, {row.rate_measurements} measurements for {row.rounds} scale rounds"
+    measurements = f"{row.rate_measurements} measurement{'s' if row.rate_measurements != 1 else ''}"
+    return f" per measurement, {measurements} for {row.rounds} scale round{'s' if row.rounds != 1 else ''}"
 
 
 def why_above_target(row: ZooRow) -> str:

@@ -177,6 +177,8 @@ def test_a_row_above_the_target_says_why_from_its_own_figures(tiny_rows: tuple[z
     assert "(16 rounds of the 8 samples per measurement, 2 measurements for 3 scale rounds)" in (
         zoo.why_above_target(approximate)
     )
+    once = dataclasses.replace(approximate, rounds=1, rate_measurements=1)
+    assert "per measurement, 1 measurement for 1 scale round)" in zoo.why_above_target(once)
     # another stage ahead of the rates: that stage; at or below the target: nothing to explain
     checked = dataclasses.replace(slow, between_seconds={"rates": 5.0, "solve": 0.0, "checks": 12.5})
     assert zoo.why_above_target(checked) == "checks: 25 forwards"
