@@ -35,13 +35,15 @@ def synchronize(device: torch.device) -> None:
 
 def replace_section(results: Path, heading: str, section: str) -> None:
     """Replace the section of ``results`` that starts at the line ``heading`` (a whole ``## `` line, so
-    ``## bench/train.py`` does not match ``## bench/train.py --experiment kmeans``) by ``section``, or append it."""
+    ``## bench/train.py`` does not match ``## bench/train.py --experiment kmeans``) by ``section``, or append it;
+    one blank line separates it from the section that follows, however ``section`` ends."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     line = "\n" + heading + "\n"
     if line in "\n" + text:
         start = ("\n" + text).index(line)
         following = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[following + 1 :] if following >= 0 else "")
+        rest = section.rstrip("\n") + "\n\n" + text[following + 1 :] if following >= 0 else section
+        text = text[:start] + rest
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)

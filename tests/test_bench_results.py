@@ -25,3 +25,6 @@ def test_a_heading_matches_its_whole_line_only(tmp_path: Path) -> None:
     assert "kmeans table" not in text and "k2" in text and "new table" in text and "zoo table" in text
     replace_section(results, "## bench/train.py --experiment beta", "## bench/train.py --experiment beta\n\nb\n")
     assert results.read_text().endswith("zoo table\n\n## bench/train.py --experiment beta\n\nb\n")
+    # a section that ends without a blank line keeps one before the next heading
+    replace_section(results, "## bench/train.py", "## bench/train.py\n\nnewer table\n")
+    assert "newer table\n\n## bench/zoo.py" in results.read_text()
