@@ -25,7 +25,8 @@ Protocol (all defaults; see ``--help``), one network family per invocation (``--
 * Rows: torch default, kaiming normal (fan-in, relu), orthogonal (relu gain), ``lsuv`` (the PyPI package,
   its defaults), magicinit gaussian Part 1 alone (``between=False``), magicinit gaussian Parts 1+2, kmeans
   Parts 1+2 (``"kmeans"``, the authors' construction), zca Parts 1+2, and for plain nets and the ResNet the
-  batch-norm twin with kaiming normal. Every magicinit init uses 256 random training images and the run's
+  batch-norm twin with kaiming normal and with magicinit's defaults (``batch norm + magicinit``: Part 2
+  leaves the layers before a batch norm alone). Every magicinit init uses 256 random training images and the run's
   seed. The init is computed once per (depth, row, seed) and copied for every learning rate. An init that
   raises is recorded (``init_errors`` in the JSON) and its row is left out.
 * Training: ``magicinit.tools.demo.train``: SGD, momentum 0.9, no weight decay, batch 128, a constant
@@ -149,6 +150,7 @@ def _magicinit(**options: Any) -> InitFn:
 
 
 _LAST_INIT_NOTES: list[str] = []  # what the last magicinit init warned and noted
+BATCH_NORM_MAGICINIT = "batch norm + magicinit"  # magicinit's defaults on the batch-norm twin
 
 
 def _common_rows(twin: bool, **magic: Any) -> dict[str, tuple[InitFn, bool]]:
@@ -165,6 +167,7 @@ def _common_rows(twin: bool, **magic: Any) -> dict[str, tuple[InitFn, bool]]:
     }
     if twin:
         rows[BATCH_NORM_TWIN] = (_baseline("kaiming"), True)
+        rows[BATCH_NORM_MAGICINIT] = (_magicinit(**magic), True)
     return rows
 
 

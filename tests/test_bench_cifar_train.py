@@ -235,6 +235,15 @@ def test_runs_without_batch_norm_are_taken_from_the_running_average_json(
         "--init-samples", "32", "--results", str(results),
     ]  # fmt: skip
     first = cifar_train.main([*argv, "--output", str(averages)], data=fake_cifar())
+    # magicinit on the batch-norm twin: a net with batch norm, which magicinit initialized (Part 1 took time)
+    magic_twin = cifar_train.main(
+        [*argv[:5], cifar_train.BATCH_NORM_MAGICINIT, *argv[7:], "--output", str(tmp_path / "twin.json")],
+        data=fake_cifar(),
+    )
+    assert {key[1] for key in magic_twin.runs} == {"batch norm + magicinit"}
+    assert all(run.init_seconds > 0 and run.init_notes is not None for run in magic_twin.runs.values())
+    built = cifar_train.FAMILIES["plain"].build(3, cifar_train.FAMILIES["plain"].rows["batch norm + magicinit"][1])
+    assert cifar_train.batch_norms_with_running_statistics(built)
     trained: list[str] = []
     original = cifar_train.train_run
 
