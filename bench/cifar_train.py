@@ -544,14 +544,11 @@ def copy_runs_without_batch_norm(bench: Bench, source: Path) -> None:
             bench.runs[run.key()] = run
             taken.add(run.init)
             count += 1
-    for label, grid in stored.get("grids", {}).items():
-        depth, row = label.split(", ", 1)
-        if without_batch_norm(int(depth.removeprefix("depth ")), row):
-            bench.grids.setdefault(label, grid)
-    for label, message in stored.get("init_errors", {}).items():
-        depth, row = label.split(", ", 1)
-        if without_batch_norm(int(depth.removeprefix("depth ")), row):
-            bench.init_errors.setdefault(label, message)
+    for table, into in ((stored.get("grids", {}), bench.grids), (stored.get("init_errors", {}), bench.init_errors)):
+        for label, entry in table.items():  # labels "depth D, row"
+            depth, row = label.split(", ", 1)
+            if without_batch_norm(int(depth.removeprefix("depth ")), row):
+                into.setdefault(label, entry)
     if count:
         rows = sorted(taken | set(bench.copied.get("rows", [])), key=list(family.rows).index)
         bench.copied = {
