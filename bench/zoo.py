@@ -276,6 +276,11 @@ def stage_forwards(row: ZooRow) -> dict[str, float]:
     return {column: seconds / row.forward_seconds for column, seconds in stages.items()}
 
 
+def _largest(stages: dict[str, float]) -> tuple[str, float]:
+    """The stage that took most forward passes, and how many."""
+    return max(stages.items(), key=lambda item: item[1])
+
+
 def dominant(row: ZooRow) -> str:
     """The stage that took most of ``row``'s init_, with its share, and for the change rates the rounds
     (noise draws over samples), for approximate mode's checks and retrace the scale rounds."""
@@ -283,12 +288,12 @@ def dominant(row: ZooRow) -> str:
     if not stages:
         return "-"
     total = sum(stages.values())
-    stage, value = max(stages.items(), key=lambda item: item[1])
+    stage, value = _largest(stages)
     words = f"{stage} {100 * value / total:.0f} %"
     if stage == "rates" and row.rate_draws and row.samples_used:
         words += f" ({row.rate_draws} draws on {row.samples_used} samples{_per_measurement(row)})"
     elif stage in ("checks", "retrace", "solve") and row.scale_mode == "approximate":
-        words += f" ({row.rounds} scale round{'s' if row.rounds != 1 else ''})"
+        words += f" ({_counted(row.rounds, 'scale round')})"
     return words
 
 
@@ -298,8 +303,13 @@ def _per_measurement(row: ZooRow) -> str:
     end)."""
     if row.scale_mode == "exact":
         return ""
-    measurements = f"{row.rate_measurements} measurement{'s' if row.rate_measurements != 1 else ''}"
-    return f" per measurement, {measurements} for {row.rounds} scale round{'s' if row.rounds != 1 else ''}"
+    measurements = _counted(row.rate_measurements, "measurement")
+    return f" per measurement, {measurements} for {_counted(row.rounds, 'scale round')}"
+
+
+def _counted(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless one ("1 scale round", "2 scale rounds")."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def why_above_target(row: ZooRow) -> str:
@@ -312,7 +322,7 @@ def why_above_target(row: ZooRow) -> str:
     stages = stage_forwards(row)
     if not stages or sum(stages.values()) <= TARGET_FORWARDS:
         return "-"
-    stage, value = max(stages.items(), key=lambda item: item[1])
+    stage, value = _largest(stages)
     words = f"{stage}: {value:.0f} forwards"
     if stage != "rates" or not row.rate_draws or not row.samples_used:
         return words
