@@ -47,6 +47,7 @@ Output: the tables on stdout, and the family's section of ``bench/RESULTS.md``. 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -111,6 +112,7 @@ class ZooRow:
     rate_way: str = "-"
     forward_seconds: float | None = None  # the median forward of the copy whose ratio is the median
     init_seconds: float | None = None  # that copy's init_
+    kaiming_seconds: float | None = None  # torch_init_seconds of that copy
     scale_mode: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)  # that copy's Report.seconds
     between_seconds: dict[str, float] = field(default_factory=dict)  # and Report.between_seconds
@@ -154,9 +156,9 @@ def summarize(
     report: Report,
     caught: list[warnings.WarningMessage],
     ratio: float,
-    seconds: tuple[float | None, float | None] = (None, None),
+    seconds: tuple[float | None, float | None, float | None] = (None, None, None),
 ) -> ZooRow:
-    """The table row of one model's report; ``seconds``: (forward, init_) of the median copy."""
+    """The table row of one model's report; ``seconds``: (forward, init_, kaiming_normal_) of the median copy."""
     ops: Counter = Counter()
     for layer in report.layers:
         for reason in (layer.input_scale_fixed_by, layer.output_scale_fixed_by):
@@ -181,6 +183,7 @@ def summarize(
         rate_way=next((way for note in report.notes for way in RATE_WAYS if f"samples; {way}" in note), "-"),
         forward_seconds=seconds[0],
         init_seconds=seconds[1],
+        kaiming_seconds=seconds[2],
         scale_mode=str(report.settings.get("scale_mode", "exact")),
         seconds=dict(report.seconds),
         between_seconds=dict(report.between_seconds),
@@ -189,6 +192,34 @@ def summarize(
         rate_precision=report.settings.get("rate_precision"),
         samples_used=report.settings.get("samples_used"),
     )
+
+
+AFFINE_MODULES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def torch_init_seconds(model: nn.Module, device: torch.device) -> float:
+    """Seconds ``torch.nn.init`` takes to initialize the convolution and linear layers of a copy of ``model``
+    (``kaiming_normal_`` of every weight, zeros for every bias; synchronized): what a user's usual init costs,
+    against which init_'s fixed costs (drawing, copying and checking large weights) are read."""
+    twin = copy.deepcopy(model)
+    layers = [module for module in twin.modules() if isinstance(module, AFFINE_MODULES)]
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for module in layers:
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    synchronize(device)
+    return time.perf_counter() - started
 
 
 def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -230,6 +261,7 @@ def measure(
                     synchronize(device)
                     forwards.append(time.perf_counter() - started)
                 forward_seconds = statistics.median(forwards)
+            kaiming_seconds = torch_init_seconds(model, device)
             model.train()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -251,9 +283,11 @@ def measure(
                 model_spec.name, 0, 0, 0, 0, Counter(), None, None, [], float("nan"), scale_mode=scale_mode,
                 input=model_spec.input_words.format(count=samples), error=message,
             )  # fmt: skip
-        timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds, report, caught))
-    ratio, forward_seconds, init_seconds, report, caught = sorted(timings, key=lambda t: t[0])[(len(timings) - 1) // 2]
-    row = summarize(model_spec.name, report, caught, ratio, (forward_seconds, init_seconds))
+        timings.append((init_seconds / forward_seconds, forward_seconds, init_seconds, kaiming_seconds, report, caught))
+    ratio, forward_seconds, init_seconds, kaiming_seconds, report, caught = sorted(timings, key=lambda t: t[0])[
+        (len(timings) - 1) // 2
+    ]
+    row = summarize(model_spec.name, report, caught, ratio, (forward_seconds, init_seconds, kaiming_seconds))
     row.input = model_spec.input_words.format(count=samples)
     return row
 
@@ -325,6 +359,9 @@ def why_above_target(row: ZooRow) -> str:
     stage, value = _largest(stages)
     words = f"{stage}: {value:.0f} forwards"
     if stage != "rates" or not row.rate_draws or not row.samples_used:
+        kaiming = kaiming_forwards(row)
+        if kaiming is not None and stage != "trace":  # the stages that draw, copy or check every weight
+            words += f" (kaiming_normal_ of the same layers alone: {kaiming:.1f})"
         return words
     rounds = row.rate_draws / row.samples_used  # per measurement, in draws of every sample
     words += f" for {row.rate_draws} draws ({rounds:g} rounds of the {row.samples_used} samples{_per_measurement(row)})"
@@ -338,6 +375,13 @@ def why_above_target(row: ZooRow) -> str:
             f"{factor * row.rate_draws:.0f} draws, {factor * value:.0f} forwards"
         )
     return words + f", which error {row.rate_precision:g} took"
+
+
+def kaiming_forwards(row: ZooRow) -> float | None:
+    """``row``'s ``kaiming_normal_`` time in forward passes (None where it was not measured)."""
+    if row.kaiming_seconds is None or not row.forward_seconds:
+        return None
+    return row.kaiming_seconds / row.forward_seconds
 
 
 def spread(value: float | None) -> str:
@@ -392,25 +436,28 @@ def time_table(rows: list[ZooRow]) -> str:
     lines = [
         "| model | mode | init_ / forward | "
         + " | ".join(columns)
-        + " | most of the time | forward ms | rate draws per measurement | rate error worst / median (asked) "
-        + f"| above {TARGET_FORWARDS:g} forwards: why |",
-        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|",
+        + " | most of the time | forward ms | kaiming_normal_ / forward | rate draws per measurement "
+        + f"| rate error worst / median (asked) | above {TARGET_FORWARDS:g} forwards: why |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 5))
+            lines.append(f"| {row.name} | {row.scale_mode} | failed: {row.error} |" + " - |" * (len(columns) + 6))
             continue
         stages = stage_forwards(row)
         total = sum(stages.values())
         figures = " | ".join(f"{stages[c]:.1f}" if c in stages else "-" for c in columns)
         milliseconds = "-" if row.forward_seconds is None else f"{1000 * row.forward_seconds:.1f}"
         draws = "-" if row.rate_draws is None else str(row.rate_draws)
+        kaiming = kaiming_forwards(row)
+        kaiming_words = "-" if kaiming is None else f"{kaiming:.1f}"
         errors = "-"
         if row.rate_errors is not None:
             errors = f"{row.rate_errors[0]:.3f} / {row.rate_errors[1]:.3f}"
             errors += f" ({row.rate_precision:g})" if row.rate_precision is not None else ""
         lines.append(
-            f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} | {draws} "
+            f"| {row.name} | {row.scale_mode} | {total:.1f} | {figures} | {dominant(row)} | {milliseconds} "
+            f"| {kaiming_words} | {draws} "
             f"| {errors} | {why_above_target(row)} |"
         )
     return "\n".join(lines)
@@ -554,7 +601,10 @@ def section_text(
         "draws' budget (`rate_max_rounds`) ran out first, the worst is above it. Above "
         f"{TARGET_FORWARDS:g} forwards (issue 28's target), the last column says why from the row's own figures: the "
         "stage that took most, and for the rates the draws the noise asked; where the budget ran out, the draws "
-        "and forwards the precision asked would take (the error falls as one over the square root of the draws). "
+        "and forwards the precision asked would take (the error falls as one over the square root of the draws); "
+        "for another stage, what torch.nn.init's kaiming_normal_ of the same convolution and linear layers takes "
+        "alone (timed on a copy of the model after its forward): drawing that many weights is a fixed cost that "
+        "init_ pays too, and on few small inputs it can exceed a forward. "
         + (
             f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "
             "benchmarks ran beside it), not absolute speeds."

@@ -137,6 +137,9 @@ def test_zoo_time_columns_add_up_to_init_over_forward(tiny_rows: tuple[zoo.ZooRo
         assert abs(sum(parts) - total) <= 0.05 * (len(parts) + 1) + 1e-9, line
         assert total == pytest.approx(row.init_over_forward, abs=0.05)
         assert "%" in cells[header.index("most of the time")]
+        assert row.kaiming_seconds is not None and row.kaiming_seconds > 0
+        kaiming = float(cells[header.index("kaiming_normal_ / forward")])
+        assert kaiming == pytest.approx(row.kaiming_seconds / row.forward_seconds, abs=0.05)
         # the rates' errors, worst and median layer's, beside the precision asked: as an init_ of the same
         # model, inputs and seed reports them (the bench's copies are seeded alike)
         report = magicinit.init_(
@@ -180,8 +183,13 @@ def test_a_row_above_the_target_says_why_from_its_own_figures(tiny_rows: tuple[z
     once = dataclasses.replace(approximate, rounds=1, rate_measurements=1)
     assert "per measurement, 1 measurement for 1 scale round)" in zoo.why_above_target(once)
     # another stage ahead of the rates: that stage; at or below the target: nothing to explain
-    checked = dataclasses.replace(slow, between_seconds={"rates": 5.0, "solve": 0.0, "checks": 12.5})
+    checked = dataclasses.replace(
+        slow, between_seconds={"rates": 5.0, "solve": 0.0, "checks": 12.5}, kaiming_seconds=None
+    )
     assert zoo.why_above_target(checked) == "checks: 25 forwards"
+    # with torch.nn.init's time of the same layers measured, that stage's row gives it for comparison
+    timed = dataclasses.replace(checked, kaiming_seconds=1.5)
+    assert zoo.why_above_target(timed) == "checks: 25 forwards (kaiming_normal_ of the same layers alone: 3.0)"
     assert zoo.why_above_target(dataclasses.replace(slow, init_seconds=10.0, between_seconds={"rates": 7.0})) == "-"
     table = zoo.time_table([slow, exact])
     header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
@@ -238,3 +246,21 @@ def test_zoo_families_and_the_hugging_face_section(monkeypatch: pytest.MonkeyPat
     text = results.read_text()
     assert "## bench/zoo.py --family hf\n" in text and "Not run: transformers not installed (models: t5, llama)" in text
     assert json.loads(out.read_text())["not_run"] == "transformers not installed"
+
+
+def test_torch_init_seconds_times_a_copy_and_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = zoo_models.build(TINY)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    initialized: list[tuple[int, ...]] = []
+    original = nn.init.kaiming_normal_
+
+    def counting(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        assert all(tensor is not p for p in model.parameters())  # a copy's weights, never the model's
+        initialized.append(tuple(tensor.shape))
+        return original(tensor)
+
+    monkeypatch.setattr(nn.init, "kaiming_normal_", counting)
+    assert zoo.torch_init_seconds(model, torch.device("cpu")) > 0
+    affine = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert affine and initialized == [tuple(m.weight.shape) for m in affine]  # every convolution and linear weight
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
