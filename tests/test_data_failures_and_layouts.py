@@ -4,6 +4,7 @@ dtype, and sequence-first layouts (``sample_dim``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -204,8 +205,79 @@ def test_labels_follow_the_sequences_and_a_mask_laid_out_otherwise_is_an_error()
 
     saved = state_copy(encoder)
     mask = torch.zeros(SEQUENCES, LENGTH, dtype=torch.bool)  # (N, L), as torch takes key padding masks
-    with pytest.raises(MagicInitError, match=r"sample_dim=1: batch 0 holds a tensor of shape \(8, 10\)"):
+    with pytest.raises(MagicInitError, match=r"batch 0 holds at \[1\] a tensor of shape \(8, 10\) .*\(sample_dim=1\)"):
         magicinit.init_(encoder, (_sequences(), mask), sample_dim=1, seed=0)
     with pytest.raises(MagicInitError, match=r"sample_dim=2: the data holds a tensor of shape \(8, 10\)"):
         magicinit.init_(encoder, mask.float(), sample_dim=2, seed=0)
     assert_untouched(encoder, saved)
+
+
+def _variable_length_batches() -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Two batches as a DataLoader with a collate_fn that leaves sequences of their own lengths in a list
+    gives them: (4 sequences (L_i, 6), 4 labels)."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ([torch.randn(length, 6, generator=generator) for length in lengths], torch.arange(4))
+        for lengths in ((7, 5, 9, 6), (8, 4, 7, 5))
+    ]
+
+
+def test_tensors_that_do_not_share_the_sample_count_are_an_error_naming_the_entry() -> None:
+    # a list of sequences of their own lengths was cut along time and joined across batches (its first
+    # sequence's length taken as the sample count), the model fed other sequences without a word
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    saved = state_copy(model)
+    named = r"batch 0 holds at \[0\]\[1\] a tensor of shape \(5, 6\) .* \(at \[0\]\[0\], shape \(7, 6\)\) has 7 samples"
+    with pytest.raises(MagicInitError, match=named + ".*collate_fn"):
+        magicinit.init_(model, _variable_length_batches(), forward=lambda m, b: m(torch.cat(b[0])), seed=0)
+    assert_untouched(model, saved)
+    # a tensor that is not per sample (a graph's edge list beside its node features), at the top of a dict
+    nodes, edges = torch.randn(10, 6), torch.randint(0, 10, (2, 30))
+    with pytest.raises(MagicInitError, match=r"holds at \['edges'\] a tensor of shape \(2, 30\) .*forward=lambda"):
+        magicinit.init_(model, {"nodes": nodes, "edges": edges}, forward=lambda m, b: m(b["nodes"]), seed=0)
+    assert_untouched(model, saved)
+    # labels beside the images, a 0-dimensional tensor (not per sample) among them: as before
+    images = torch.randn(6, 6)
+    report = magicinit.init_(model, (images, torch.arange(6), torch.tensor(2.0)), seed=0, between=False)
+    assert report.settings["samples_used"] == 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBatch:
+    """A batch as a dataclass (a frozen one: it is rebuilt, never written): images, labels, a name."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    source: str = "synthetic"
+
+
+def test_dataclass_batches_are_capped_joined_chunked_and_cast_like_dicts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        ImageBatch(torch.randn(16, 3, 8, 8, generator=generator, dtype=torch.float64), torch.arange(16) + 16 * i)
+        for i in range(4)
+    ]
+    model = _small_cnn()
+    seen: list[int] = []  # samples per call, counted here from the model's own input
+    hook = model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    labels: list[torch.Tensor] = []
+
+    def forward(net: nn.Module, batch: ImageBatch) -> torch.Tensor:
+        assert isinstance(batch, ImageBatch) and batch.source == "synthetic"
+        assert batch.image.dtype == torch.float32 and batch.image.shape[0] == batch.label.shape[0]
+        labels.append(batch.label)
+        return net(batch.image)
+
+    try:
+        capped = magicinit.init_(model, batches, forward=forward, samples=10, seed=0)
+        assert capped.settings["samples_used"] == 10 and max(seen) == 10 and min(seen) < 10  # capped, and chunked
+        assert torch.equal(max(labels, key=len), torch.arange(10))
+        seen.clear(), labels.clear()
+        joined = magicinit.init_(model, batches, forward=forward, samples=40, seed=0, between=False)
+        assert joined.settings["samples_used"] == 40 and max(seen) == 40  # across three batches
+        assert torch.equal(max(labels, key=len), torch.arange(40))
+        seen.clear()
+        alone = magicinit.init_(model, batches[1], forward=forward, seed=0, between=False)  # one batch, not a loader
+        assert alone.settings["samples_used"] == 16 and max(seen) == 16
+    finally:
+        hook.remove()

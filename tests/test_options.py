@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import magicinit
-from conftest import plain_cnn
+from conftest import assert_same_state, plain_cnn, state_copy
 from magicinit import MagicInitError
 from magicinit._core.options import (
     DEFAULTS,
@@ -105,6 +105,25 @@ def test_options_check_every_value_and_name_the_keyword() -> None:
         Options.from_keywords({"sampels": 3})
     assert Options.from_keywords({"samples": 12}).samples == 12
     assert Options.from_keywords({}) == DEFAULTS
+
+
+def test_a_forward_that_cannot_take_model_and_batch_is_refused_by_name_before_anything_runs() -> None:
+    model = plain_cnn(3)
+    saved = state_copy(model)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    # it was called, and its TypeError read as the model rejecting the init data
+    refused = r"forward=<function .*: must take two positional arguments, \(model, batch\)"
+    with pytest.raises(MagicInitError, match=refused):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), forward=lambda net: net)
+    with pytest.raises(MagicInitError, match=r"missing a required argument: 'scale'"):
+        magicinit.rescale_(model, torch.randn(8, 3, 8, 8), forward=lambda net, batch, scale: net(batch * scale))
+    assert not calls
+    assert_same_state(model, saved)
+    # defaults after the two, *args, and callables whose signature cannot be read are taken
+    for forward in (lambda net, batch, scale=1.0: net(batch * scale), lambda *args: args[0](args[1])):
+        magicinit.init_(model, torch.randn(8, 3, 8, 8), forward=forward, seed=0, between=False)
+    assert Options.from_keywords({"forward": max}).forward is max
 
 
 def _lrn_net_with_rates_far_apart() -> nn.Sequential:

@@ -317,3 +317,18 @@ def test_kmeans_in_the_signal_coordinates_finds_the_centroids_of_the_full_whiten
         centroids = samplers._minibatch_kmeans(points, 4, request)
         filters[signal_only] = centroids @ whitening.transform[:, : points.shape[-1]]
     torch.testing.assert_close(filters[True], filters[False], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("filters", "refusal"),
+    [
+        (float("nan"), r"layer '0': the sampler returned filters with NaN or Inf values"),
+        (1e38, r"layer '0': its output .* not finite .* the filters the sampler drew \(largest magnitude 1e\+38\)"),
+    ],
+)
+def test_a_sampler_whose_filters_are_not_finite_or_overflow_is_named(filters: float, refusal: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(magicinit.MagicInitError, match=refusal):
+        magicinit.init_(model, torch.randn(16, 3, 8, 8), sampler=lambda request: torch.full(request.shape, filters))
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import magicinit
-from conftest import assert_no_trace, assert_untouched, plain_cnn, state_copy
+from conftest import assert_no_trace, assert_unit_channels, assert_untouched, plain_cnn, state_copy
 from magicinit import MagicInitError
 from magicinit._core import safety
 
@@ -339,6 +339,32 @@ def test_calls_under_no_grad_or_inference_mode_work(mode) -> None:
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     assert all(not torch.is_inference(p) for p in model.parameters())
+
+
+def test_a_call_inside_autocast_initializes_the_weights_its_caller_then_computes_with() -> None:
+    # autocast keeps the low-precision copy of every weight it casts until its region ends: magicinit's
+    # passes used to compute with the weights as they were before it wrote them (Part 1's channel means
+    # 10 off), and the caller's next forward in the region too
+    x = torch.randn(32, 3, 8, 8)
+    reference = plain_cnn(4)
+    expected = magicinit.init_(reference, x, seed=0)
+    model = plain_cnn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)  # the caller's forward, before: autocast holds its casts of the weights
+        report = magicinit.init_(model, x, seed=0)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region goes on
+        inside = model(x).float()
+    assert report.to_dict()["layers"] == expected.to_dict()["layers"]  # the passes ran as without autocast
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(x).float()  # a new region casts the weights as they are now
+    assert torch.equal(inside, fresh)  # the caller's region computed with the weights magicinit wrote
+    within_only = plain_cnn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        within_only(x)
+        report = magicinit.init_(within_only, x, seed=0, between=False)
+    assert_unit_channels(within_only, x, report)  # Part 1's targets, measured here with hooks, in float32
 
 
 # --- 5. precision extremes -------------------------------------------------------------------------------

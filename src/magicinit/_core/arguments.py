@@ -9,6 +9,7 @@ that reports stay JSON-able.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable
@@ -123,9 +124,22 @@ def sampler(name: str, value: Any) -> Any:
 
 
 def optional_callable(name: str, value: Any) -> Any:
-    """None, or a callable."""
-    if value is not None and not callable(value):
+    """None, or a callable that takes two positional arguments, ``(model, batch)`` (one whose signature
+    cannot be read is taken as it is)."""
+    if value is None:
+        return value
+    if not callable(value):
         raise _refuse(name, value, "must be None or a callable(model, batch) -> output")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin or an extension type without a readable signature
+        return value
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        raise _refuse(
+            name, value, f"must take two positional arguments, (model, batch), as lambda model, batch: ... ({error})"
+        ) from None
     return value
 
 

@@ -14,12 +14,12 @@ from .options import DEFAULTS, DIAGNOSE_SEED, Options
 from .rates import measure_change_rates
 from .report import Diagnosis, LayerDiagnosis
 from .safety import guarded
-from .session import original_module, outside_inference_mode, start_session
+from .session import original_module, outside_caller_modes, start_session
 from .stats import coefficient_of_variation
 from .within import first_site_moments
 
 
-@outside_inference_mode
+@outside_caller_modes
 def diagnose(
     model: nn.Module,
     data: Tensor | Iterable[Batch],

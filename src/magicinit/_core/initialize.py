@@ -21,7 +21,7 @@ from .options import DEFAULTS, Options
 from .report import LayerReport, LayerStatus, Report
 from .safety import evaluating, guarded
 from .samplers import Sampler, get_sampler
-from .session import Session, original_module, outside_inference_mode, start_session
+from .session import Session, original_module, outside_caller_modes, start_session
 from .sites import refreshed
 from .stopwatch import Stopwatch
 from .within import (
@@ -37,7 +37,7 @@ CALL = "call"  # the stopwatch's stage around a whole call: its own time is the 
 OTHER = "other"
 
 
-@outside_inference_mode
+@outside_caller_modes
 def init_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
@@ -145,7 +145,7 @@ def init_(
     return _initialize(model, data, options)
 
 
-@outside_inference_mode
+@outside_caller_modes
 def rescale_(
     model: nn.Module,
     data: Tensor | Iterable[Batch],

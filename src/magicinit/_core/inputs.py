@@ -1,9 +1,9 @@
 """Turning what the user passes as ``data`` into one batch of model input.
 
-A *batch* is a tensor, or a tuple/list/dict of batches (a DataLoader's
+A *batch* is a tensor, or a tuple/list/dict/dataclass of batches (a DataLoader's
 ``(images, labels)`` pair, say). Every tensor holds its samples along
 ``sample_dim`` (a 1-dimensional tensor, a vector of labels, along its only
-dimension); a 0-dimensional tensor is not per sample. A list or tuple of
+dimension), all of them as many; a 0-dimensional tensor is not per sample. A list or tuple of
 values that hold no tensor (a DataLoader's list of captions), one per sample,
 is split and joined with the samples; other non-tensor values are carried
 along unchanged (those of the first batch). All batches are concatenated, up
@@ -15,6 +15,7 @@ as the data was.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,15 +46,35 @@ def _rebuilt(container: tuple | list, items: list[Any]) -> tuple | list:
         return list(items) if isinstance(container, list) else tuple(items)
 
 
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _dataclass_fields(value: Any) -> dict[str, Any]:
+    """The values of a dataclass instance's fields, by name."""
+    return {item.name: getattr(value, item.name) for item in dataclasses.fields(value)}
+
+
+def _rebuilt_dataclass(container: Any, items: dict[str, Any]) -> Any:
+    """A shallow copy of the dataclass instance ``container`` with its fields set to ``items`` (frozen ones
+    too; ``__init__`` and ``__post_init__`` are not run again)."""
+    rebuilt = copy.copy(container)
+    for name, item in items.items():
+        object.__setattr__(rebuilt, name, item)
+    return rebuilt
+
+
 def map_tensors(fn: Callable[[Tensor], Any], batch: Batch) -> Batch:
-    """``batch`` with ``fn`` applied to every tensor in it (nested tuple/list/dict, their subclasses and
-    namedtuples keeping their type; other values kept)."""
+    """``batch`` with ``fn`` applied to every tensor in it (nested tuple/list/dict/dataclass, their subclasses
+    and namedtuples keeping their type; other values kept)."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, (tuple, list)):
         return _rebuilt(batch, [map_tensors(fn, item) for item in batch])
     if isinstance(batch, dict):
         return _rebuilt_dict(batch, {key: map_tensors(fn, value) for key, value in batch.items()})
+    if _is_dataclass_instance(batch):
+        return _rebuilt_dataclass(batch, {k: map_tensors(fn, v) for k, v in _dataclass_fields(batch).items()})
     return batch
 
 
@@ -97,17 +118,23 @@ def floating_tensors(obj: Any) -> Iterator[Tensor]:
 def all_tensors(obj: Any) -> Iterator[Tensor]:
     """Yield every tensor inside ``obj``: nested tuples, lists, dicts (Hugging Face's ``ModelOutput`` is
     one) and dataclass instances."""
+    return (tensor for _, tensor in tensor_entries(obj))
+
+
+def tensor_entries(obj: Any, where: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Yield every tensor inside ``obj`` (as ``all_tensors``, in the same order) with the entry that holds
+    it, written as indexing from ``obj`` (``where`` prefixed): ``[0]``, ``['mask']``, ``.image``."""
     if isinstance(obj, Tensor):
-        yield obj
+        yield where, obj
     elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from all_tensors(item)
+        for index, item in enumerate(obj):
+            yield from tensor_entries(item, f"{where}[{index}]")
     elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from all_tensors(value)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for item in dataclasses.fields(obj):
-            yield from all_tensors(getattr(obj, item.name))
+        for key, value in obj.items():
+            yield from tensor_entries(value, f"{where}[{key!r}]")
+    elif _is_dataclass_instance(obj):
+        for name, value in _dataclass_fields(obj).items():
+            yield from tensor_entries(value, f"{where}.{name}")
 
 
 def tensor_sample_dim(tensor: Tensor, sample_dim: int) -> int | None:
@@ -162,7 +189,8 @@ def batch_size(batch: Batch) -> int:
         if tensor.dim() > 0:
             return tensor.shape[0]
     raise MagicInitError(
-        "data: a batch holds no tensor with a sample dimension; pass tensors, or tuples/lists/dicts of tensors"
+        "data: a batch holds no tensor with a sample dimension; pass tensors (torch.from_numpy(array) for a "
+        "numpy array), or tuples/lists/dicts/dataclasses of tensors"
     )
 
 
@@ -208,6 +236,8 @@ def _samples_of(batch: Batch, of_tensor: Callable[[Tensor], Tensor], of_list: Ca
             return _rebuilt(value, [take(item) for item in value])
         if isinstance(value, dict):
             return _rebuilt_dict(value, {key: take(item) for key, item in value.items()})
+        if _is_dataclass_instance(value):
+            return _rebuilt_dataclass(value, {name: take(item) for name, item in _dataclass_fields(value).items()})
         return value
 
     return take(batch)
@@ -263,6 +293,20 @@ def _concat(batches: list[Batch], counts: list[int], indices: list[int], where: 
             first,
             {key: _concat([batch[key] for batch in batches], counts, indices, f"{where}[{key!r}]") for key in first},
         )
+    if _is_dataclass_instance(first):
+        if not all(type(batch) is type(first) for batch in batches):
+            raise MagicInitError(
+                f"{entry} is a {type(first).__name__} in the first batch but not in every batch; pass batches of "
+                "one structure"
+            )
+        fields = [_dataclass_fields(batch) for batch in batches]
+        return _rebuilt_dataclass(
+            first,
+            {
+                name: _concat([values[name] for values in fields], counts, indices, f"{where}.{name}")
+                for name in fields[0]
+            },
+        )
     return first
 
 
@@ -285,6 +329,8 @@ def _is_one_batch(data: Any, sample_dim: int = 0) -> bool:
     """
     if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and any(isinstance(t, Tensor) for t in data)):
         return True
+    if _is_dataclass_instance(data):
+        return True
     if not isinstance(data, list) or not data or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in data):
         return False
     first = samples_first(data[0], sample_dim)
@@ -303,18 +349,35 @@ def _is_one_batch(data: Any, sample_dim: int = 0) -> bool:
     return same_samples
 
 
-def _check_sample_counts(batch: Batch, count: int, sample_dim: int, index: int) -> None:
-    """With the samples along ``sample_dim`` (not 0), every tensor of batch ``index`` must hold ``count``
-    samples there: a tensor laid out otherwise (a key padding mask of shape ``(N, L)``) would be cut
-    along its other dimension."""
-    for tensor in all_tensors(batch):
+def _check_sample_counts(batch: Batch, sample_dim: int, index: int) -> None:
+    """Every tensor of batch ``index`` that is not 0-dimensional must hold as many samples along its sample
+    dimension (``tensor_sample_dim``) as the first: batches are split and joined along it, and a tensor
+    laid out otherwise (a list of sequences of their own lengths, a key padding mask of shape ``(N, L)``
+    with ``sample_dim=1``, a graph's edge list) would be cut along another dimension or joined with other
+    samples' pieces."""
+    first: tuple[str, Tensor, int] | None = None
+    for where, tensor in tensor_entries(batch):
         dim = tensor_sample_dim(tensor, sample_dim)
-        if dim is not None and tensor.shape[dim] != count:
-            raise MagicInitError(
-                f"sample_dim={sample_dim}: batch {index} holds a tensor of shape {tuple(tensor.shape)} whose "
-                f"dimension {dim} has {tensor.shape[dim]} entries, where its first tensor has {count} samples; "
+        if dim is None:
+            continue
+        if first is None:
+            first = (where, tensor, tensor.shape[dim])
+            continue
+        first_where, first_tensor, count = first
+        if tensor.shape[dim] != count:
+            layout = (
                 f"lay every tensor of the data out with its samples along dimension {sample_dim} (a vector of "
-                "labels along its only one), or pass the model's input alone"
+                "labels along its only one)"
+                if sample_dim != 0
+                else "stack or pad per-sample tensors into one tensor per entry (a collate_fn)"
+            )
+            raise MagicInitError(
+                f"data: batch {index} holds at {where or 'its top'} a tensor of shape {tuple(tensor.shape)} whose "
+                f"dimension {dim} has {tensor.shape[dim]} entries, where its first tensor (at "
+                f"{first_where or 'its top'}, shape {tuple(first_tensor.shape)}) has {count} samples "
+                f"(sample_dim={sample_dim}): every tensor of a batch is split and joined along its samples, so all "
+                f"must hold as many; {layout}, keep what is not per sample out of the data (build it in "
+                "forward=lambda model, batch: ...), or pass the model's input alone"
             )
 
 
@@ -364,10 +427,9 @@ def gather_batch(
             f"data: expected a tensor or an iterable of batches (a DataLoader), got {type(data).__name__}"
         ) from None
     for index, given in enumerate(iterator):
+        _check_sample_counts(given, sample_dim, index)
         batch = samples_first(given, sample_dim)
         size = batch_size(batch)
-        if sample_dim != 0:
-            _check_sample_counts(given, size, sample_dim, index)
         if size == 0:
             continue
         batch = split_batch(batch, 0, max_samples - sum(counts))

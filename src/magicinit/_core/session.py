@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,15 +51,31 @@ def original_module(model: Any) -> Any:
 Entry = TypeVar("Entry", bound=Callable[..., Any])
 
 
-def outside_inference_mode(entry: Entry) -> Entry:
-    """``entry`` (``init_``, ``diagnose``) run with inference mode off, whatever mode its caller is in: Part 2
-    needs autograd, which ``torch.inference_mode()`` switches off even inside ``torch.enable_grad()``.
-    (Inference tensors in the data are copied when the data is gathered.)"""
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "privateuseone")
+
+
+def outside_caller_modes(entry: Entry) -> Entry:
+    """``entry`` (``init_``, ``rescale_``, ``diagnose``) run with inference mode and autocast off, whatever
+    modes its caller is in. Part 2 needs autograd, which ``torch.inference_mode()`` switches off even inside
+    ``torch.enable_grad()`` (inference tensors in the data are copied when the data is gathered). Autocast
+    keeps one low-precision copy of every weight it casts until its region ends, so that after magicinit
+    writes a weight, its later calls would still compute with the weight as it was (Part 1 off target by
+    its whole correction); the passes compute in the model's own dtype instead, as its training step will
+    see the weights whether or not it runs under autocast. The caller's autocast cache is emptied after,
+    so that its own calls in the same region cast the weights magicinit wrote, not those cast before."""
 
     @functools.wraps(entry)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False):
-            return entry(*args, **kwargs)
+        autocast = [device_type for device_type in AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
+        try:
+            with contextlib.ExitStack() as modes:
+                modes.enter_context(torch.inference_mode(False))
+                for device_type in autocast:
+                    modes.enter_context(torch.autocast(device_type, enabled=False))
+                return entry(*args, **kwargs)
+        finally:
+            if autocast:
+                torch.clear_autocast_cache()
 
     return cast(Entry, run)
 
