@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 import magicinit
-from conftest import assert_no_trace, assert_unit_channels, assert_untouched, plain_cnn, state_copy
+from conftest import (
+    assert_no_trace,
+    assert_same_state,
+    assert_unit_channels,
+    assert_untouched,
+    plain_cnn,
+    state_copy,
+)
 from magicinit import MagicInitError
 from magicinit._core import safety
 
@@ -151,6 +158,7 @@ def test_ctrl_c_at_random_instants_never_leaves_hooks_or_a_half_initialized_mode
     for delay in np.random.default_rng(0).uniform(0.0, 1.25 * duration, size=40):
         model.load_state_dict(saved)
         timer = threading.Timer(float(delay), lambda: os.kill(os.getpid(), signal.SIGINT))
+        raised = False
         try:
             timer.start()
             magicinit.init_(model, x, seed=0)
@@ -159,12 +167,67 @@ def test_ctrl_c_at_random_instants_never_leaves_hooks_or_a_half_initialized_mode
         except KeyboardInterrupt:  # the one signal of this round: none can follow
             timer.join()
             interrupted += 1
+            raised = True
         assert_no_trace(model)
+        # a call that raised left the model as it was (even where the signal came after the passes, while
+        # the report was built); one that returned left it whole: never anything in between
+        expected = saved if raised else done
         state = model.state_dict()
-        untouched = all(torch.equal(state[name], saved[name]) for name in saved)
-        whole = all(torch.equal(state[name], done[name]) for name in done)
-        assert untouched or whole  # never anything in between
+        assert all(torch.equal(state[name], expected[name]) for name in expected), (delay, raised)
     assert interrupted >= 10  # most instants fall inside the call
+
+
+class Counted(nn.Module):
+    """A plain CNN with a weight-norm layer (its weight an attribute its hook recomputes) and a buffer its
+    forward updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm: deprecated, still used
+            self.head = nn.utils.weight_norm(nn.Linear(5, 4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(self.net(x))
+
+
+@pytest.mark.parametrize("entry", ["init_", "rescale_"])
+@pytest.mark.parametrize("where", ["while the report is built", "at the end of the buffers' restore"])
+def test_a_ctrl_c_after_the_passes_leaves_the_model_as_it_was(monkeypatch, entry: str, where: str) -> None:
+    from magicinit._core import initialize
+
+    model = Counted()
+    saved = state_copy(model)
+    weight = model.head.weight.detach().clone()  # the weight-norm hook's attribute, not in the state dict
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    if where == "while the report is built":
+
+        def interrupted_report(*args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(initialize, "_build_report", interrupted_report)
+    else:  # as a Ctrl-C that arrived while the buffers were put back is raised at the end (uninterrupted)
+        restore_buffers = safety.ModelSnapshot.restore_buffers
+
+        def then_interrupted(snapshot: safety.ModelSnapshot) -> None:
+            restore_buffers(snapshot)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safety.ModelSnapshot, "restore_buffers", then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(magicinit, entry)(model, torch.randn(16, 3, 8, 8), seed=0)
+    monkeypatch.undo()
+    assert_same_state(model, saved)
+    assert torch.equal(model.head.weight, weight)
+    assert hooks == {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    done = getattr(magicinit, entry)(model, torch.randn(16, 3, 8, 8), seed=0)  # the same call, left alone
+    assert done.rate_spread_after is not None and not all(
+        torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items() if name != "calls"
+    )
 
 
 def test_uninterrupted_hands_a_deferred_ctrl_c_to_the_previous_handler(ctrl_c) -> None:

@@ -19,10 +19,10 @@ from .inputs import Batch, batch_size, split_batch
 from .operations import normalization_eps
 from .options import DEFAULTS, Options
 from .report import LayerReport, LayerStatus, Report
-from .safety import evaluating, guarded
+from .safety import ModelSnapshot, evaluating, guarded, restored_after_the_passes
 from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_caller_modes, start_session
-from .sites import refreshed
+from .sites import WeightUnit, refreshed
 from .stopwatch import Stopwatch
 from .within import (
     FEW_VALUES_PER_CHANNEL,
@@ -185,40 +185,54 @@ def rescale_(
 
 
 def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Options) -> Report:
-    """Parts 1 and 2 as ``options`` say (checked), and the report."""
+    """Parts 1 and 2 as ``options`` say (checked), and the report. Whatever ends the call with an exception,
+    ``KeyboardInterrupt`` included, leaves the model as it was: after the passes too (a Ctrl-C deferred
+    while buffers are put back, or arriving while the report is built), the model is put back from the
+    snapshot the passes started from (``restored_after_the_passes``)."""
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     chosen_sampler = get_sampler(options.sampler)
     stopwatch = Stopwatch()
-    with stopwatch.stage(CALL):  # its own time: the snapshots and restores, bookkeeping
-        session = start_session(model, data, options, stopwatch)
-        within_results: dict[str, WithinLayerResult] = {}
-        between_result = None
-        # buffers put back at the end
-        with refreshed(model, session.all_units.values()), guarded(model) as snapshot:
-            session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
-            if options.within:
-                with stopwatch.stage("within"):
-                    within_results = normalize_within(
-                        session.context,
-                        session.index,
-                        session.units,
-                        chosen_sampler,
-                        beta=options.beta,
-                        patch_budget_bytes=int(options.patch_budget_mb * 2**20),
-                    )
-                    # what the report gives as "after": the output with the final Part 1 weights, where it may
-                    # differ from what each layer gave at its own normalization (a bias shared with a later layer)
-                    if after_may_differ(within_results):
-                        remeasure_after(session.context, session.index, session.units, within_results)
-            if options.between:
-                with stopwatch.stage("between"):
-                    constant = {name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()}
-                    between_result = _between(session, constant)
-                    # running statistics Part 2 scaled on purpose stay; every other buffer is put back
-                    # (safety.guarded)
-                    snapshot.keep_buffers_of(model.get_submodule(name) for name in between_result.normalizations)
-    settings = {**options.settings(), **_count_samples(session)}
-    return _build_report(session, settings, within_results, between_result, stopwatch)
+    snapshot: ModelSnapshot | None = None  # of the model before the passes, once they start
+    units: list[WeightUnit] = []
+    try:
+        with stopwatch.stage(CALL):  # its own time: the snapshots and restores, bookkeeping
+            session = start_session(model, data, options, stopwatch)
+            units = list(session.all_units.values())
+            within_results: dict[str, WithinLayerResult] = {}
+            between_result = None
+            # buffers put back at the end
+            with refreshed(model, units), guarded(model) as snapshot:
+                session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
+                if options.within:
+                    with stopwatch.stage("within"):
+                        within_results = normalize_within(
+                            session.context,
+                            session.index,
+                            session.units,
+                            chosen_sampler,
+                            beta=options.beta,
+                            patch_budget_bytes=int(options.patch_budget_mb * 2**20),
+                        )
+                        # what the report gives as "after": the output with the final Part 1 weights, where it may
+                        # differ from what each layer gave at its own normalization (a bias shared with a later
+                        # layer)
+                        if after_may_differ(within_results):
+                            remeasure_after(session.context, session.index, session.units, within_results)
+                if options.between:
+                    with stopwatch.stage("between"):
+                        constant = {
+                            name for name, r in within_results.items() if len(r.zero_variance) == r.scale.numel()
+                        }
+                        between_result = _between(session, constant)
+                        # running statistics Part 2 scaled on purpose stay; every other buffer is put back
+                        # (safety.guarded)
+                        snapshot.keep_buffers_of(model.get_submodule(name) for name in between_result.normalizations)
+        settings = {**options.settings(), **_count_samples(session)}
+        return _build_report(session, settings, within_results, between_result, stopwatch)
+    except BaseException:
+        if snapshot is not None:
+            restored_after_the_passes(model, snapshot, units)
+        raise
 
 
 def _seconds(stopwatch: Stopwatch) -> tuple[dict[str, float], dict[str, float]]:

@@ -17,13 +17,16 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .operations import NormalizationConstants
+
+if TYPE_CHECKING:
+    from .sites import WeightUnit
 
 # how deep ``HeldGraphs`` looks into the dicts, lists and tuples a module keeps as attributes
 ATTRIBUTE_DEPTH = 4
@@ -241,6 +244,17 @@ def guarded(model: nn.Module) -> Iterator[ModelSnapshot]:
             snapshot.restore()
             raise
         snapshot.restore_buffers()
+
+
+def restored_after_the_passes(model: nn.Module, snapshot: ModelSnapshot, units: Iterable[WeightUnit]) -> None:
+    """Put ``model`` back from ``snapshot`` (every parameter, buffer and eps, bit for bit) and recompute the
+    reparametrized weights of ``units`` from it, with Ctrl-C deferred: for an exception that ends a call
+    after ``guarded`` has let its block's changes stand (the model's modes and flags are back by then). A
+    model ``guarded`` already put back is unchanged by it."""
+    with uninterrupted(), torch.no_grad():
+        snapshot.restore()
+        for unit in units:
+            unit.refresh_(model)
 
 
 class Hooks:
