@@ -19,7 +19,7 @@ from .inputs import Batch, batch_size, split_batch
 from .operations import normalization_eps
 from .options import DEFAULTS, Options
 from .report import LayerReport, LayerStatus, Report
-from .safety import ModelSnapshot, evaluating, guarded, restored_after_the_passes
+from .safety import ModelSnapshot, evaluating, guarded, restore_after_the_passes
 from .samplers import Sampler, get_sampler
 from .session import Session, original_module, outside_caller_modes, start_session
 from .sites import WeightUnit, refreshed
@@ -188,7 +188,7 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
     """Parts 1 and 2 as ``options`` say (checked), and the report. Whatever ends the call with an exception,
     ``KeyboardInterrupt`` included, leaves the model as it was: after the passes too (a Ctrl-C deferred
     while buffers are put back, or arriving while the report is built), the model is put back from the
-    snapshot the passes started from (``restored_after_the_passes``)."""
+    snapshot the passes started from (``restore_after_the_passes``)."""
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     chosen_sampler = get_sampler(options.sampler)
     stopwatch = Stopwatch()
@@ -231,7 +231,7 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
         return _build_report(session, settings, within_results, between_result, stopwatch)
     except BaseException:
         if snapshot is not None:
-            restored_after_the_passes(model, snapshot, units)
+            restore_after_the_passes(model, snapshot, units)
         raise
 
 

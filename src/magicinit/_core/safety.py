@@ -246,7 +246,7 @@ def guarded(model: nn.Module) -> Iterator[ModelSnapshot]:
         snapshot.restore_buffers()
 
 
-def restored_after_the_passes(model: nn.Module, snapshot: ModelSnapshot, units: Iterable[WeightUnit]) -> None:
+def restore_after_the_passes(model: nn.Module, snapshot: ModelSnapshot, units: Iterable[WeightUnit]) -> None:
     """Put ``model`` back from ``snapshot`` (every parameter, buffer and eps, bit for bit) and recompute the
     reparametrized weights of ``units`` from it, with Ctrl-C deferred: for an exception that ends a call
     after ``guarded`` has let its block's changes stand (the model's modes and flags are back by then). A
