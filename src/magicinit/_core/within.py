@@ -258,11 +258,6 @@ class _WithinPass(CallInterceptor):
             raise MagicInitError(
                 f"layer '{unit.name}': the sampler returned filters of shape {got}, expected {tuple(current.shape)}"
             )
-        if filters.is_floating_point() and not bool(torch.isfinite(filters).all()):
-            raise MagicInitError(
-                f"layer '{unit.name}': the sampler returned filters with NaN or Inf values; a sampler must return "
-                "finite filters (docs/guide.md, 'A data-driven sampler of your own')"
-            )
         drawn = adapter.from_filters(filters.to(device=weight.device, dtype=weight.dtype), weight.shape, groups)
         if unit.kind == "prune":  # pruned entries stay zero
             drawn = drawn * getattr(self.context.model.get_submodule(unit.owner), f"{unit.attribute}_mask")
@@ -302,6 +297,12 @@ class _WithinPass(CallInterceptor):
                 if torch.finfo(output.dtype).bits < 32
                 else "check the layer's input (an earlier operation of the forward may overflow) and its weights"
             )
+            # looked at only here: a check of every drawn weight costs more than a forward on a large layer
+            if not bool(torch.isfinite(drawn).all()):
+                raise MagicInitError(
+                    f"layer '{name}': the sampler returned filters with NaN or Inf values; a sampler must return "
+                    "finite filters (docs/guide.md, 'A data-driven sampler of your own')"
+                )
             largest = float(drawn.detach().abs().max()) if drawn.numel() else 0.0
             raise MagicInitError(
                 f"layer '{name}': its output on the init data is not finite (overflow in {output.dtype}?) with the "
