@@ -663,3 +663,35 @@ def test_approximate_mode_predicts_the_rates_after_a_round_where_nothing_was_app
     measured = magicinit.diagnose(model, x, seed=5)
     rates = [layer.rate for layer in measured.layers]
     assert max(rates) / min(rates) < 1.3  # equal up to the noise of one measurement (errors of a few percent)
+
+
+class _ShiftedThenNormalized(nn.Module):
+    """Images shifted (which fixes their scale), then a local response normalization that is homogeneous on
+    them within the tolerance, then a ReLU chain at uneven rates: approximate mode treats the LRN as
+    homogeneous, but no scale it may change reaches the LRN's input (as a detector's image transform)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+        for _ in range(4):
+            layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        self.lrn = nn.LocalResponseNorm(3, alpha=1e-4)
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.lrn(x - 0.5))
+
+
+def test_approximate_mode_predicts_the_rates_where_no_step_moves_an_approximated_input() -> None:
+    # every relation the round used is exact (the LRN's input keeps its scale), so its prediction is the rates
+    # after it, as in exact mode: no second measurement (there was one, ending on its noise: spread 1.024)
+    model, x = _ShiftedThenNormalized(), torch.randn(128, 3, 6, 6)
+    report = magicinit.init_(model, x, seed=0, scale_mode="approximate")
+    assert "local_response_norm in 'lrn'" in report.approximated and report.scale_rounds == 1
+    assert report.rates_after_predicted and report.rate_measurements == 1
+    assert report.rate_spread_before is not None and report.rate_spread_before > 2
+    # the prediction agrees with a measurement made here, layer by layer, within the noise
+    own = noise_rates(model, x, affine_weights(model), rounds=8, seed=21)
+    for layer in report.layers:
+        assert layer.rate_after == pytest.approx(own[layer.name], rel=0.15), layer.name

@@ -819,7 +819,9 @@ def _equalize_approximately(
     no tied operation's input moves by more than the factors it was tested at.
     The rates are measured before the first round; after a round they are the
     step's own prediction (``solve.log_rates_after``, as exact mode predicts
-    its rates after), and where the predicted rounds stop they are measured.
+    its rates after), and where the predicted rounds stop they are measured,
+    unless no round moved the input of an operation treated as homogeneous
+    (every relation the rounds used was exact: the prediction is the rates).
     If that measurement is off the target, the rounds go on from it, measured
     after every round; a measured round that made the rates agree less halves
     the next step.
@@ -828,8 +830,8 @@ def _equalize_approximately(
     most), so the operations' small deviations cannot add up past it. It stops
     when every log-rate is within three times the rate precision of their mean,
     when the solve predicts less agreement gained than the rate precision (in
-    the root-mean-square spread it minimizes), after one round if no operation
-    was treated as homogeneous (the rescaling was exact), when no scale is free, when
+    the root-mean-square spread it minimizes), after one round if it moved the
+    input of no operation treated as homogeneous (the rescaling was exact), when no scale is free, when
     the output budget allows no step, or after ``max_rounds``.
     """
     model, collective, options = context.model, context.collective, context.scaling
@@ -861,6 +863,7 @@ def _equalize_approximately(
     step, target = 1.0, 3 * context.rates.precision
     predicted = False  # ``rates`` are the last step's prediction, not a measurement
     trusted = True  # steps are predicted until a measurement finds a prediction off target
+    exact_rounds = True  # no round so far moved the input of an operation treated as homogeneous: exact predictions
     while True:
         log_rates, result.excluded = _log_rates(rates, called, fixed)
         result.equalized = list(log_rates)
@@ -868,8 +871,8 @@ def _equalize_approximately(
         stop = (
             _worst_deviation(log_rates) <= target
             or not can_change_rates(graph, log_rates, fixed)
-            # every relation exact: the first solve predicted these rates, more rounds chase noise
-            or (result.rounds > 0 and not graph.approximated)
+            # every relation the rounds used exact: the first solve predicted these rates, more rounds chase noise
+            or (result.rounds > 0 and exact_rounds)
             or result.rounds == options.max_rounds
         )
         solution = full = None
@@ -896,6 +899,11 @@ def _equalize_approximately(
         if stop or solution is None or full is None:
             if not predicted:
                 break
+            if exact_rounds and not options.verify:
+                # every relation the rounds used exact (a step the output budget shortened, say): the prediction
+                # is the rates after them, as in exact mode; verify_rates=True measures them
+                result.after_predicted = True
+                break
             # the rounds ended on a prediction: measure where they are, and go on from the measurement if the
             # prediction was off (every later round measured)
             rates = _measure(context, called, graph, f"magicinit: rates after round {result.rounds}")
@@ -908,14 +916,16 @@ def _equalize_approximately(
             continue
         for description, deviation in graph.approximated.items():
             result.approximated[description] = max(deviation, result.approximated.get(description, 0.0))
+        exact_round = not _moves_an_approximated_input(solution)
+        exact_rounds = exact_rounds and exact_round
         for name, factor in _normalization_factors(solution).items():
             result.normalizations[name] = result.normalizations.get(name, 1.0) * factor
         total = {name: total[name] * factors.get(name, 1.0) for name in total}
         result.changed |= changed
         result.rounds += 1
-        if not graph.approximated and not options.verify and _same_step(solution, full):
-            # every relation exact and the full step taken: the solve's prediction is the rates after it, as in
-            # exact mode (a second measurement would only add its noise); verify_rates=True measures them
+        if exact_round and not options.verify and _same_step(solution, full):
+            # every relation it used exact and the full step taken: the solve's prediction is the rates after it,
+            # as in exact mode (a second measurement would only add its noise); verify_rates=True measures them
             rates = _predicted_rates(rates, full, full.predicted_log_rate, log_rates)
             result.after_predicted, predicted = True, False
             break
@@ -938,6 +948,13 @@ def _equalize_approximately(
     with stopwatch.stage("checks"):
         _record_output_change(result, reference, _outputs(model, probe, context.forward), collective)
     return result
+
+
+def _moves_an_approximated_input(solution: ScaleSolution) -> bool:
+    """Whether ``solution`` changes the input scale of an operation treated as homogeneous on the data (whose
+    relation is approximate): where it changes none (no such operation, or one fed by the model's input, as a
+    detector's transform), every relation it uses is exact, and so are the rates it predicts."""
+    return any(rho != 0.0 for rho in solution.approximated_rho.values())
 
 
 def _same_step(taken: ScaleSolution, solved: ScaleSolution) -> bool:
