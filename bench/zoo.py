@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import platform
@@ -219,7 +220,9 @@ def torch_init_seconds(model: nn.Module, device: torch.device) -> float:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     synchronize(device)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    del twin, layers
+    return seconds
 
 
 def build(name: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -237,7 +240,8 @@ def measure(
     samples: int = SAMPLES,
 ) -> ZooRow:
     """Initialize the model and time ``init_`` against one eval-mode forward pass (the median of
-    ``FORWARD_REPEATS``) timed just before it; with ``repeats`` > 1, on that many fresh copies of the model (the
+    ``FORWARD_REPEATS``) timed just before it (and ``torch_init_seconds`` after it); with ``repeats`` > 1, on that
+    many fresh copies of the model (the
     same seeds, so the same report), and the row of the median copy by ratio (the lower middle one for an even
     count). ``model_spec``: a ``ModelSpec`` or a torchvision name; ``inputs``: the init data (default: the spec's
     of ``samples`` samples, on ``device``, default the CPU). A failure of the model or of ``init_`` is a row with
@@ -261,7 +265,7 @@ def measure(
                     synchronize(device)
                     forwards.append(time.perf_counter() - started)
                 forward_seconds = statistics.median(forwards)
-            kaiming_seconds = torch_init_seconds(model, device)
+            gc.collect()  # earlier models' garbage: no collection inside init_'s stages
             model.train()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -277,6 +281,9 @@ def measure(
                 )
                 synchronize(device)
                 init_seconds = time.perf_counter() - started
+            # after init_ (a copy made before it would change what init_ finds in memory): the time does not
+            # depend on the weights' values
+            kaiming_seconds = torch_init_seconds(model, device)
         except Exception as error:  # a row that says why, and the run goes on
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             return ZooRow(
@@ -603,7 +610,7 @@ def section_text(
         "stage that took most, and for the rates the draws the noise asked; where the budget ran out, the draws "
         "and forwards the precision asked would take (the error falls as one over the square root of the draws); "
         "for another stage, what torch.nn.init's kaiming_normal_ of the same convolution and linear layers takes "
-        "alone (timed on a copy of the model after its forward): drawing that many weights is a fixed cost that "
+        "alone (timed on a copy of the model after its init_): drawing that many weights is a fixed cost that "
         "init_ pays too, and on few small inputs it can exceed a forward. "
         + (
             f"These figures are ratios within one run on a shared machine ({threads} thread(s); other "
