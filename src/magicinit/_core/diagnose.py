@@ -60,7 +60,7 @@ def diagnose(
     options = Options.from_keywords({**keywords, "include_frozen": True})
     model = original_module(model)  # a torch.compile'd model shares its parameters with the module it wraps
     session = start_session(model, data, options)  # its tracing pass leaves the model as it was
-    with guarded(model):  # and so do the later ones: their forwards' buffer updates are put back too
+    with guarded(model, session.snapshot):  # and so do the later ones: their forwards' buffer updates are put back
         notes = check_attention_layout(session.context, options.sample_dim, stacklevel=4)
         moments, layouts = first_site_moments(session.context, session.index, session.units)
         called = {name: unit for name, unit in session.units.items() if name in moments}

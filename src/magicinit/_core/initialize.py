@@ -201,7 +201,7 @@ def _initialize(model: nn.Module, data: Tensor | Iterable[Batch], options: Optio
             within_results: dict[str, WithinLayerResult] = {}
             between_result = None
             # buffers put back at the end
-            with refreshed(model, units), guarded(model) as snapshot:
+            with refreshed(model, units), guarded(model, session.snapshot) as snapshot:
                 session.notes.extend(check_attention_layout(session.context, options.sample_dim, stacklevel=5))
                 if options.within:
                     with stopwatch.stage("within"):

@@ -215,11 +215,12 @@ def evaluating(model: nn.Module) -> Iterator[ModelFlags]:
 
 
 @contextmanager
-def observing(model: nn.Module) -> Iterator[None]:
+def observing(model: nn.Module, snapshot: ModelSnapshot | None = None) -> Iterator[None]:
     """Run a pass that only looks at ``model`` (the tracing pass) in eval mode: when it ends, however it
-    ends, every parameter, buffer and eps is as it was (``ModelSnapshot``), whatever its forward changed
-    (a counter or statistics kept in buffers), and so are the modes and flags (``evaluating``)."""
-    snapshot = ModelSnapshot(model)
+    ends, every parameter, buffer and eps is as it was (``ModelSnapshot``; ``snapshot``, of the model as it
+    is now, where given), whatever its forward changed (a counter or statistics kept in buffers), and so are
+    the modes and flags (``evaluating``)."""
+    snapshot = ModelSnapshot(model) if snapshot is None else snapshot
     with evaluating(model):
         try:
             yield
@@ -228,15 +229,17 @@ def observing(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def guarded(model: nn.Module) -> Iterator[ModelSnapshot]:
-    """Run a block on ``model`` in eval mode; on any exception restore every tensor.
+def guarded(model: nn.Module, snapshot: ModelSnapshot | None = None) -> Iterator[ModelSnapshot]:
+    """Run a block on ``model`` in eval mode; on any exception restore every tensor (from ``snapshot``, of
+    the model as it is when the block starts, where given: the tracing pass's, which a call shares so
+    that it copies every parameter once, not twice).
 
     Flags (mode, ``requires_grad``) are restored in every case, and so are the
     buffers, but those of the modules the block named (``ModelSnapshot.keep_buffers_of``):
     a forward may update buffers of its own (a counter, even in eval mode), which
     magicinit's forwards must not leave behind. Exceptions include ``KeyboardInterrupt``.
     """
-    snapshot = ModelSnapshot(model)
+    snapshot = ModelSnapshot(model) if snapshot is None else snapshot
     with evaluating(model):
         try:
             yield snapshot

@@ -22,7 +22,7 @@ from .errors import MagicInitError
 from .graph import LayerGraph, trace_graph
 from .inputs import Batch, ForwardFn, all_tensors, default_forward, forward_in_data_layout, gather_batch, split_batch
 from .options import Options
-from .safety import observing
+from .safety import ModelSnapshot, observing
 from .sites import UnitIndex, WeightUnit
 from .stopwatch import Stopwatch
 from .torch_internals import (
@@ -119,6 +119,8 @@ class Session:
             used at an affine site, and those of affine modules the forward never called.
         index: the model's weight units and how to recognize them in a call.
         graph: the traced graph.
+        snapshot: every parameter, buffer and eps of the model as the call found it (taken for the tracing
+            pass, which leaves the model so; ``safety.guarded`` restores from it too).
         notes: things to tell the user.
     """
 
@@ -128,6 +130,7 @@ class Session:
     all_units: dict[str, WeightUnit]
     index: UnitIndex
     graph: LayerGraph
+    snapshot: ModelSnapshot
     notes: list[str] = field(default_factory=list)
 
 
@@ -320,7 +323,8 @@ def start_session(
         scaling=scaling,
         stopwatch=stopwatch,
     )
-    return Session(context, units, excluded, all_units, index, gathered.graph, gathered.notes + _user_hooks(model))
+    notes = gathered.notes + _user_hooks(model)
+    return Session(context, units, excluded, all_units, index, gathered.graph, gathered.snapshot, notes)
 
 
 # torch's own forward pre-hooks that recompute a weight (weight_norm, prune, spectral_norm): not the user's
@@ -369,6 +373,7 @@ class _Gathered:
     batch: Batch
     graph: LayerGraph
     notes: list[str]
+    snapshot: ModelSnapshot  # the model as it was before the tracing pass, and is again after it
 
 
 def _gather_and_trace(
@@ -391,22 +396,30 @@ def _gather_and_trace(
     with stopwatch.stage("data"):
         batch = gather_batch(data, samples, weight.device, weight.dtype, sample_dim)
     with stopwatch.stage("trace"):
-        graph, notes = _trace(model, split_batch(batch, 0, PROBE_SAMPLES), forward, index, across_normalization)
-    return _Gathered(batch, graph, notes)
+        snapshot = ModelSnapshot(model)
+        probe = split_batch(batch, 0, PROBE_SAMPLES)
+        graph, notes = _trace(model, probe, forward, index, across_normalization, snapshot)
+    return _Gathered(batch, graph, notes, snapshot)
 
 
 def _trace(
-    model: nn.Module, probe: Batch, forward: ForwardFn, index: UnitIndex, across_normalization: bool = False
+    model: nn.Module,
+    probe: Batch,
+    forward: ForwardFn,
+    index: UnitIndex,
+    across_normalization: bool = False,
+    snapshot: ModelSnapshot | None = None,
 ) -> tuple[LayerGraph, list[str]]:
     """The graph, traced on ``probe`` in eval mode, and notes. The model is left as it was, whatever
-    the forward changes in it (a counter kept in a buffer): ``safety.observing``.
+    the forward changes in it (a counter kept in a buffer): ``safety.observing``, from ``snapshot`` (of the
+    model as it is now) where given.
 
     If tracing fails, the model runs on ``probe`` as it is: an error there is
     the data's (or the model's). If it runs, the tracing is tried again: a forward
     that fails on its first call alone is said to be one; an error that only the
     tracing mode brings about is said to be magicinit's.
     """
-    with observing(model), torch.no_grad():
+    with observing(model, snapshot), torch.no_grad():
         try:
             return trace_graph(model, probe, forward, index, across_normalization=across_normalization), []
         except Exception as exc:
