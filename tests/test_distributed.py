@@ -202,6 +202,16 @@ def _check_errors_reach_every_rank(rank: int, world: int) -> None:
         magicinit.diagnose(model, shard)
     with pytest.raises(MagicInitError, match="passed different seeds"):
         magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=rank)
+    # other options that differ: every rank names them, before any collective could wait (a sampler that
+    # gathers patches on one rank only, or Part 2 on one rank only, used to hang until the group's timeout;
+    # another beta left the ranks apart without a word)
+    for options in ({"beta": 0.1 * rank}, {"between": rank == 0}, {"sampler": "pca" if rank else "gaussian"}):
+        name = next(iter(options))
+        named = rf"rank {rank} of the process group passed {name}=.* other values of {name}"
+        with pytest.raises(MagicInitError, match=named):
+            magicinit.init_(model, torch.randn(8, 3, 8, 8), seed=0, **options)
+    # each rank's own cap on its samples may differ
+    magicinit.init_(_model(), torch.randn(8, 3, 8, 8), seed=0, samples=4 + rank, between=False)
     assert _checksum(model) == saved
     # an explicit group of all ranks, and seed=None (rank 0 draws the seed for all)
     group = dist.new_group(list(range(world)))

@@ -27,7 +27,8 @@ data-driven sampler needs, which ``Collective`` provides.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, Union, runtime_checkable
+import hashlib
+from typing import Any, Literal, Protocol, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -151,6 +152,23 @@ class Collective:
             )
         return agreed
 
+    def same_options(self, options: dict[str, Any]) -> None:
+        """Raise on every rank, naming them, if the ranks passed different ``options`` (by keyword, compared
+        by their ``repr``): ranks that normalize to another ``beta`` end apart, and ranks that take other
+        passes (``between``, a data-driven ``sampler``) wait on each other's collectives until the process
+        group's timeout."""
+        names = sorted(options)
+        digests = torch.tensor([_digest(repr(options[name])) for name in names], dtype=torch.int64)
+        every_rank = self.gather(digests)
+        differing = [name for index, name in enumerate(names) if len({int(d[index]) for d in every_rank}) > 1]
+        if differing:
+            mine = ", ".join(f"{name}={options[name]!r}" for name in differing)
+            raise MagicInitError(
+                f"rank {self.rank} of the process group passed {mine}, and another rank other values of "
+                f"{', '.join(differing)}; pass the same options on every rank (the data, samples, sample_dim, "
+                "forward and progress may differ)"
+            )
+
     def agree(self, error: MagicInitError | None) -> None:
         """Raise on every rank if any rank had ``error`` (so that no rank waits for the others)."""
         failed = self.gather(torch.tensor([0.0 if error is None else 1.0]))
@@ -162,6 +180,11 @@ class Collective:
                 f"rank(s) {bad} of the process group failed before initializing (their error says why: no "
                 "samples, or data the model rejects); every rank needs init data the model accepts"
             )
+
+
+def _digest(text: str) -> int:
+    """A 64-bit digest of ``text``, the same in every process (``hash`` of a str is not)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
 
 
 def resolve_process_group(process_group: ProcessGroupArg) -> Collective | None:

@@ -290,6 +290,8 @@ def start_session(
     skip = check_skip_names(model, options.skip)
     index = UnitIndex(model, protected=_protected_parameters(model, skip, include_frozen))
     collective = resolve_process_group(options.process_group)
+    if collective is not None:  # before anything waits on the other ranks: the options they decide by agree
+        collective.same_options(_options_every_rank_shares(options))
     checked_forward = forward_in_data_layout(guard_forward(options.forward or default_forward), options.sample_dim)
     error, gathered = None, None
     stopwatch = Stopwatch() if stopwatch is None else stopwatch
@@ -356,6 +358,20 @@ def _user_hooks(model: nn.Module) -> list[str]:
         "of each layer's own output, so a hook that changes a module's output changes what the layers after it "
         "see (remove such hooks while initializing)"
     ]
+
+
+# recorded options each rank may set for itself: its own data's cap and layout (its forward and progress bar
+# are not recorded)
+RANK_OWN_OPTIONS = frozenset({"samples", "sample_dim"})
+
+
+def _options_every_rank_shares(options: Options) -> dict[str, Any]:
+    """The options that must be the same on every rank: those the report records (the sampler by name), but
+    ``RANK_OWN_OPTIONS`` and the seed (compared with its own message: ``Collective.shared_seed``), and which
+    weights are left alone (``skip``, ``include_frozen``)."""
+    own = RANK_OWN_OPTIONS | {"seed"}
+    shared = {name: value for name, value in options.settings().items() if name not in own}
+    return {**shared, "skip": tuple(options.skip), "include_frozen": options.include_frozen}
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:
