@@ -430,6 +430,82 @@ def test_a_call_inside_autocast_initializes_the_weights_its_caller_then_computes
     assert_unit_channels(within_only, x, report)  # Part 1's targets, measured here with hooks, in float32
 
 
+class AutocastInside(nn.Module):
+    """A net whose forward enters autocast itself (as ``@torch.autocast`` on a forward does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16, 5)
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_a_forward_that_enters_autocast_itself_inside_the_callers_region_sees_the_written_weights() -> None:
+    # the caller's region keeps the cache of the forward's own regions alive between magicinit's passes: a
+    # later pass used to compute with the weights as an earlier one saw them (channel means 0.25 and 5.9)
+    x = torch.randn(32, 3, 10, 10)
+    model = AutocastInside()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = magicinit.init_(model, x, seed=0, between=False)
+    means = {}
+    hooks = [
+        getattr(model, name).register_forward_hook(
+            lambda module, args, output, name=name: means.__setitem__(
+                name, float(output.float().transpose(0, 1).reshape(output.shape[1], -1).mean(1).abs().max())
+            )
+        )
+        for name in "abc"
+    ]
+    with torch.no_grad():
+        model(x)  # measured here, as the model computes (in bfloat16)
+    for hook in hooks:
+        hook.remove()
+    assert all(entry.status == "initialized" for entry in report.layers)
+    assert max(means.values()) < 0.05, means  # bfloat16's rounding, not a stale weight
+
+
+def test_autocast_enabled_answers_on_torch_before_2_4(monkeypatch) -> None:
+    from magicinit._core import session
+
+    def without_argument(*args: object) -> bool:  # torch < 2.4: no device type; it answers for CUDA
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return False
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (torch's own autocast asks with a device type)
+        monkeypatch.setattr(torch, "is_autocast_enabled", without_argument)
+        assert session.autocast_enabled("cpu") and not session.autocast_enabled("cuda")
+        monkeypatch.undo()
+    monkeypatch.setattr(torch, "is_autocast_enabled", without_argument)
+    assert not session.autocast_enabled("cpu") and not session.autocast_enabled("xpu")
+
+
+class LazyCounter(nn.Module):
+    """A plain CNN that registers a call counter on its first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "calls" not in self._buffers:
+            self.register_buffer("calls", torch.zeros(()))
+        self.calls += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("entry", ["init_", "diagnose"])
+def test_a_buffer_the_first_forward_registers_is_put_back_as_the_tracing_pass_left_it(entry: str) -> None:
+    # the call's one snapshot is taken before the tracing pass registers it: it is recorded when the passes
+    # start (the passes' 10 forwards were left in it)
+    model = LazyCounter()
+    getattr(magicinit, entry)(model, torch.randn(8, 3, 8, 8), seed=0)
+    assert float(model.calls) == 1.0
+
+
 # --- 5. precision extremes -------------------------------------------------------------------------------
 
 

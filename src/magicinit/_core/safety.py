@@ -157,17 +157,27 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.tensors = {name: t.detach().clone() for name, t in model.named_parameters(remove_duplicate=True)}
-        copies: dict[int, torch.Tensor] = {}  # one copy of a buffer several modules share
+        self.tensors: dict[str, torch.Tensor] = {}
         self.buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
-        for module in model.modules():
-            for name, tensor in module._buffers.items():
-                if tensor is not None:
-                    if id(tensor) not in copies:
-                        copies[id(tensor)] = tensor.detach().clone()
-                    self.buffers.append((module, name, tensor, copies[id(tensor)]))
+        self.record_new_tensors()
         self.normalization_constants = NormalizationConstants(model)
         self.kept: set[nn.Module] = set()
+
+    def record_new_tensors(self) -> None:
+        """Copy every parameter and buffer the snapshot does not hold yet: all of them when it is taken; later,
+        those the model has gained since (a forward that registers a buffer on its first call, in the tracing
+        pass), so that they are put back too. A buffer several modules share is copied once."""
+        for name, parameter in self.model.named_parameters(remove_duplicate=True):
+            if name not in self.tensors:
+                self.tensors[name] = parameter.detach().clone()
+        recorded = {(id(module), name) for module, name, _, _ in self.buffers}
+        copies = {id(tensor): saved for _, _, tensor, saved in self.buffers}
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and (id(module), name) not in recorded:
+                    if id(buffer) not in copies:
+                        copies[id(buffer)] = buffer.detach().clone()
+                    self.buffers.append((module, name, buffer, copies[id(buffer)]))
 
     def keep_buffers_of(self, modules: Iterable[nn.Module]) -> None:
         """Leave the buffers of ``modules`` as the block wrote them when ``restore_buffers`` runs
@@ -239,7 +249,10 @@ def guarded(model: nn.Module, snapshot: ModelSnapshot | None = None) -> Iterator
     a forward may update buffers of its own (a counter, even in eval mode), which
     magicinit's forwards must not leave behind. Exceptions include ``KeyboardInterrupt``.
     """
-    snapshot = ModelSnapshot(model) if snapshot is None else snapshot
+    if snapshot is None:
+        snapshot = ModelSnapshot(model)
+    else:  # taken before the tracing pass: what that pass added to the model is recorded now
+        snapshot.record_new_tensors()
     with evaluating(model):
         try:
             yield snapshot

@@ -54,6 +54,16 @@ Entry = TypeVar("Entry", bound=Callable[..., Any])
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "privateuseone")
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here (torch before 2.4 answers for the CPU and CUDA only)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: is_autocast_enabled() takes no argument and answers for CUDA
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+
+
 def outside_caller_modes(entry: Entry) -> Entry:
     """``entry`` (``init_``, ``rescale_``, ``diagnose``) run with inference mode and autocast off, whatever
     modes its caller is in. Part 2 needs autograd, which ``torch.inference_mode()`` switches off even inside
@@ -62,11 +72,13 @@ def outside_caller_modes(entry: Entry) -> Entry:
     writes a weight, its later calls would still compute with the weight as it was (Part 1 off target by
     its whole correction); the passes compute in the model's own dtype instead, as its training step will
     see the weights whether or not it runs under autocast. The caller's autocast cache is emptied after,
-    so that its own calls in the same region cast the weights magicinit wrote, not those cast before."""
+    so that its own calls in the same region cast the weights magicinit wrote, not those cast before (and
+    before every forward magicinit makes: ``guard_forward``, for a model whose forward enters autocast
+    itself)."""
 
     @functools.wraps(entry)
     def run(*args: Any, **kwargs: Any) -> Any:
-        autocast = [device_type for device_type in AUTOCAST_DEVICE_TYPES if torch.is_autocast_enabled(device_type)]
+        autocast = [device_type for device_type in AUTOCAST_DEVICE_TYPES if autocast_enabled(device_type)]
         try:
             with contextlib.ExitStack() as modes:
                 modes.enter_context(torch.inference_mode(False))
@@ -86,6 +98,9 @@ def guard_forward(forward: ForwardFn) -> ForwardFn:
     Part 2 gets gradients through it (``torch_internals.reentrant_checkpoints_run_plainly``)."""
 
     def call(model: nn.Module, batch: Batch) -> Any:
+        # a forward that enters autocast itself, inside the caller's region, would reuse the casts of the weights
+        # as an earlier pass saw them: the region's cache only empties when the outermost region ends
+        torch.clear_autocast_cache()
         try:
             with reentrant_checkpoints_run_plainly():
                 return forward(model, batch)
@@ -371,7 +386,8 @@ def _options_every_rank_shares(options: Options) -> dict[str, Any]:
     weights are left alone (``skip``, ``include_frozen``)."""
     own = RANK_OWN_OPTIONS | {"seed"}
     shared = {name: value for name, value in options.settings().items() if name not in own}
-    return {**shared, "skip": tuple(options.skip), "include_frozen": options.include_frozen}
+    skip = (options.skip,) if isinstance(options.skip, str) else options.skip
+    return {**shared, "skip": tuple(sorted(set(skip))), "include_frozen": options.include_frozen}
 
 
 def _generator(seed: int | None, collective: Collective | None) -> torch.Generator | None:
