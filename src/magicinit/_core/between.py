@@ -899,11 +899,6 @@ def _equalize_approximately(
         if stop or solution is None or full is None:
             if not predicted:
                 break
-            if exact_rounds and not options.verify:
-                # every relation the rounds used exact (a step the output budget shortened, say): the prediction
-                # is the rates after them, as in exact mode; verify_rates=True measures them
-                result.after_predicted = True
-                break
             # the rounds ended on a prediction: measure where they are, and go on from the measurement if the
             # prediction was off (every later round measured)
             rates = _measure(context, called, graph, f"magicinit: rates after round {result.rounds}")
@@ -923,13 +918,14 @@ def _equalize_approximately(
         total = {name: total[name] * factors.get(name, 1.0) for name in total}
         result.changed |= changed
         result.rounds += 1
-        if exact_round and not options.verify and _same_step(solution, full):
-            # every relation it used exact and the full step taken: the solve's prediction is the rates after it,
-            # as in exact mode (a second measurement would only add its noise); verify_rates=True measures them
-            rates = _predicted_rates(rates, full, full.predicted_log_rate, log_rates)
-            result.after_predicted, predicted = True, False
-            break
         taken = log_rates_after(graph, log_rates, solution, fixed, shares)
+        if exact_round and not options.verify:
+            # every relation the step used exact (the full step, or one the output budget shortened): its
+            # prediction is the rates after it, as in exact mode (a second measurement would only add its
+            # noise); verify_rates=True measures them
+            rates = _predicted_rates(rates, solution, taken, log_rates)
+            result.after_predicted = True
+            break
         graph = trace()
         called = {name: unit for name, unit in called.items() if name in graph.sites}
         if trusted:  # the step's own prediction (the homogeneity test bounds how far it can be off)
@@ -955,11 +951,6 @@ def _moves_an_approximated_input(solution: ScaleSolution) -> bool:
     relation is approximate): where it changes none (no such operation, or one fed by the model's input, as a
     detector's transform), every relation it uses is exact, and so are the rates it predicts."""
     return any(rho != 0.0 for rho in solution.approximated_rho.values())
-
-
-def _same_step(taken: ScaleSolution, solved: ScaleSolution) -> bool:
-    """Whether ``taken`` moves every scale as far as ``solved`` (no damping, no backtracking)."""
-    return (taken.rho_in, taken.rho_out, taken.input_part_rho) == (solved.rho_in, solved.rho_out, solved.input_part_rho)
 
 
 BACKTRACKING_STEPS = 4  # tries of one approximate step: the full (damped) step, then halves
