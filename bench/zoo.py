@@ -68,6 +68,7 @@ from torch import nn
 
 import magicinit
 from magicinit import Report
+from magicinit.tools.baselines import BASELINES
 from results_file import BENCH, commit, replace_section, synchronize
 from zoo_models import BUILT_IN, FAMILIES, IMAGES, SAMPLES, ModelSpec, default_models, hf_missing, spec
 from zoo_models import build as build_spec
@@ -195,33 +196,19 @@ def summarize(
     )
 
 
-AFFINE_MODULES = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-
 def torch_init_seconds(model: nn.Module, device: torch.device) -> float:
     """Seconds ``torch.nn.init`` takes to initialize the convolution and linear layers of a copy of ``model``
-    (``kaiming_normal_`` of every weight, zeros for every bias; synchronized): what a user's usual init costs,
-    against which init_'s fixed costs (drawing, copying and checking large weights) are read."""
+    (the ``kaiming`` baseline of ``magicinit.tools.baselines``: ``kaiming_normal_`` of every weight, zeros for
+    every bias; synchronized): what a user's usual init costs, against which init_'s fixed costs (drawing,
+    copying and checking large weights) are read."""
     twin = copy.deepcopy(model)
-    layers = [module for module in twin.modules() if isinstance(module, AFFINE_MODULES)]
     synchronize(device)
     started = time.perf_counter()
     with torch.no_grad():
-        for module in layers:
-            nn.init.kaiming_normal_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        BASELINES["kaiming"](twin)
     synchronize(device)
     seconds = time.perf_counter() - started
-    del twin, layers
+    del twin
     return seconds
 
 
